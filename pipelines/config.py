@@ -1,0 +1,304 @@
+"""The pipeline's configuration schema: one YAML file, one section per stage.
+
+This module is the single source of truth for every key a user can set. Unknown keys and bad
+values are errors that name the key (``train_vqvae.steps: Input should be greater than 0``).
+Model architecture keys are passed straight to the ``vq_core`` config dataclasses and validated
+by them, so a model knob is documented in exactly one place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+STAGES = ("train_vqvae", "tokenize", "train_prior", "sample", "evaluate")
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that does not fit the schema."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class GenerateSection(Section):
+    """A generated demo corpus of coloured shapes, one class per shape (see pipelines.demo_data)."""
+
+    images_per_class: int = Field(200, gt=0)
+    classes: list[str] = Field(default_factory=lambda: ["circle", "square", "triangle", "cross"])
+    image_size: int = Field(64, ge=8)
+    corrupt_files: int = Field(
+        0, ge=0, description="Broken files added to exercise bad-input handling."
+    )
+    seed: int = 0
+
+
+class DataSection(Section):
+    source: str = Field(
+        ..., description="Path or URL of the corpus (folder, .tar shards or Parquet)."
+    )
+    format: Literal["auto", "folder", "webdataset", "parquet"] = "auto"
+    image_size: int | tuple[int, int] = 64
+    channels: Literal[1, 3] = 3
+    holdout_fraction: float = Field(0.05, ge=0.0, lt=1.0)
+    on_bad_input: Literal["skip", "fail"] = "skip"
+    class_names: list[str] | None = Field(
+        None,
+        description="Names for integer labels (webdataset/parquet); a folder corpus uses its subfolders.",
+    )
+    image_column: str = "image"
+    label_column: str = "label"
+    key_column: str | None = None
+    generate: GenerateSection | None = None
+
+    @field_validator("image_size")
+    @classmethod
+    def _divisible_by_8(cls, v: int | tuple[int, int]) -> int | tuple[int, int]:
+        for side in (v,) if isinstance(v, int) else v:
+            if side <= 0 or side % 8:
+                raise ValueError(f"image sides must be positive multiples of 8, got {side}")
+        return v
+
+    @property
+    def size_hw(self) -> tuple[int, int]:
+        return (
+            (self.image_size, self.image_size)
+            if isinstance(self.image_size, int)
+            else tuple(self.image_size)
+        )
+
+
+def _model_config_class(kind: str):
+    # Imported lazily so that reading a config does not import torch.
+    if kind == "vqvae2":
+        from vq_core.vqvae import VQVAE2Config as cls
+    elif kind == "vqvae":
+        from vq_core.vqvae import VQVAEConfig as cls
+    elif kind == "dvae":
+        from vq_core.dvae import DiscreteVAEConfig as cls
+    elif kind == "pixelsnail":
+        from vq_core.pixelsnail import PixelSNAILConfig as cls
+    elif kind == "pixelcnn":
+        from vq_core.pixelcnn import GatedPixelCNNConfig as cls
+    else:  # pragma: no cover - guarded by Literal types
+        raise ConfigError(f"unknown model kind {kind!r}")
+    return cls
+
+
+def _check_model_keys(kind: str, params: dict[str, Any], where: str, derived: set[str]) -> None:
+    """Check ``params`` against the vq_core dataclass of ``kind``; ``derived`` keys are set by the pipeline."""
+    cls = _model_config_class(kind)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in params:
+        if key in derived:
+            raise ValueError(
+                f"{where}.{key} is set by the pipeline (from the data or the codes); remove it"
+            )
+        if key not in names:
+            allowed = ", ".join(sorted(names - derived))
+            raise ValueError(
+                f"{where}.{key} is not a {cls.__name__} field; expected one of: {allowed}"
+            )
+
+
+class TrainingKnobs(Section):
+    steps: int = Field(1000, gt=0)
+    batch_size: int = Field(32, gt=0, description="Per worker.")
+    lr: float = Field(3e-4, gt=0)
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP ranks).")
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    precision: Literal["fp32", "bf16"] = "fp32"
+    log_every: int = Field(20, gt=0)
+    eval_every: int = Field(200, gt=0)
+    checkpoint_every: int = Field(200, gt=0)
+    max_failures: int = Field(2, ge=0)
+    holdout_batches: int = Field(4, gt=0, description="Held-out batches per evaluation.")
+
+
+class TrainVQVAESection(TrainingKnobs):
+    kind: Literal["vqvae2", "vqvae", "dvae"] = "vqvae2"
+    model: dict[str, Any] = Field(
+        default_factory=dict, description="Fields of the vq_core model config."
+    )
+    grid_images: int = Field(16, gt=0, description="Held-out images in the reconstruction grid.")
+
+    @model_validator(mode="after")
+    def _check_model(self) -> TrainVQVAESection:
+        _check_model_keys(self.kind, self.model, "train_vqvae.model", {"in_channels"})
+        try:  # the dataclass validates values and names the field it rejects
+            _model_config_class(self.kind)(**self.model)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"train_vqvae.model: {err}") from None
+        return self
+
+
+class PriorSection(TrainingKnobs):
+    kind: Literal["pixelsnail", "pixelcnn"] = "pixelsnail"
+    model: dict[str, Any] = Field(
+        default_factory=dict, description="Fields of the vq_core prior config."
+    )
+
+
+_PRIOR_DERIVED = {
+    "num_codes",
+    "height",
+    "width",
+    "num_classes",
+    "condition_num_codes",
+    "condition_height",
+    "condition_width",
+}
+
+
+class TrainPriorSection(Section):
+    top: PriorSection = Field(default_factory=PriorSection)
+    bottom: PriorSection = Field(default_factory=lambda: PriorSection(model={"attention": False}))
+
+    @model_validator(mode="after")
+    def _check_models(self) -> TrainPriorSection:
+        for level in ("top", "bottom"):
+            section = getattr(self, level)
+            _check_model_keys(
+                section.kind, section.model, f"train_prior.{level}.model", _PRIOR_DERIVED
+            )
+        return self
+
+
+class TokenizeSection(Section):
+    batch_size: int = Field(64, gt=0, description="Images per encoder call.")
+    num_actors: int = Field(1, ge=1, description="Encoder actors (model replicas).")
+    cpus_per_actor: float = Field(1.0, gt=0)
+    gpus_per_actor: float = Field(0.0, ge=0)
+    shard_max_samples: int = Field(1000, gt=0)
+
+
+class RejectionSection(Section):
+    enabled: bool = False
+    keep_fraction: float = Field(0.5, gt=0, le=1.0)
+    classifier_steps: int = Field(300, gt=0)
+
+
+class SampleSection(Section):
+    classes: list[str] | None = Field(None, description="Class names to sample; all when unset.")
+    per_class: int = Field(16, gt=0)
+    batch_size: int = Field(16, gt=0)
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    temperature: float = Field(1.0, gt=0)
+    top_k: int | None = Field(None, ge=1)
+    top_p: float | None = Field(None, gt=0, le=1.0)
+    method: Literal["cached", "naive"] = "cached"
+    seed: int = 0
+    rejection: RejectionSection = Field(default_factory=RejectionSection)
+
+
+class EvaluateSection(Section):
+    enabled: bool = True
+    holdout_batches: int = Field(8, gt=0)
+    batch_size: int = Field(32, gt=0)
+    classifier_steps: int = Field(300, gt=0)
+    classifier_lr: float = Field(1e-3, gt=0)
+
+
+class RaySection(Section):
+    address: str | None = Field(
+        None, description="None starts a local Ray in-process; 'auto' joins a cluster."
+    )
+    num_cpus: int | None = Field(None, gt=0)
+    object_store_memory: int | None = Field(None, gt=0)
+
+
+class MLflowSection(Section):
+    tracking_uri: str | None = Field(None, description="Default: sqlite:///<output_dir>/mlflow.db.")
+    experiment: str = "vqpipe"
+    run_name: str | None = None
+
+
+class PipelineConfig(Section):
+    output_dir: str
+    seed: int = 0
+    data: DataSection
+    ray: RaySection = Field(default_factory=RaySection)
+    mlflow: MLflowSection = Field(default_factory=MLflowSection)
+    train_vqvae: TrainVQVAESection = Field(default_factory=TrainVQVAESection)
+    tokenize: TokenizeSection = Field(default_factory=TokenizeSection)
+    train_prior: TrainPriorSection = Field(default_factory=TrainPriorSection)
+    sample: SampleSection = Field(default_factory=SampleSection)
+    evaluate: EvaluateSection = Field(default_factory=EvaluateSection)
+
+    def stage_dir(self, stage: str) -> str:
+        from pipelines import storage
+
+        if stage not in STAGES:
+            raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
+        return storage.join(self.output_dir, stage)
+
+    def section_hash(self, *names: str) -> str:
+        """A stable hash of the named top-level sections, used to decide whether a stage is up to date."""
+        payload = {name: self.model_dump(mode="json")[name] for name in names}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _format_errors(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif "input" in e and e["type"] not in ("missing",):
+            msg = f"{msg} (got {e['input']!r})"
+        lines.append(f"  {where}: {msg}")
+    return "invalid configuration:\n" + "\n".join(lines)
+
+
+def apply_override(raw: dict[str, Any], assignment: str) -> None:
+    """Apply one ``key.sub=value`` override; the value is parsed as YAML (``3``, ``true``, ``[a, b]``)."""
+    if "=" not in assignment:
+        raise ConfigError(f"override {assignment!r} must look like key.sub=value")
+    dotted, value = assignment.split("=", 1)
+    keys = dotted.strip().split(".")
+    if not all(keys):
+        raise ConfigError(f"override {assignment!r} has an empty key")
+    node = raw
+    for k in keys[:-1]:
+        child = node.setdefault(k, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {assignment!r}: {k} is not a section")
+        node = child
+    node[keys[-1]] = yaml.safe_load(value)
+
+
+def parse_config(
+    raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()
+) -> PipelineConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"a configuration must be a mapping of sections, got {type(raw).__name__}"
+        )
+    raw = json.loads(json.dumps(raw))  # deep copy; YAML scalars only
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"configuration file {str(path)!r} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    return parse_config(raw or {}, overrides)

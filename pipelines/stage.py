@@ -1,0 +1,51 @@
+"""What every stage receives, and the Ray session the stages share."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+from pipelines.config import PipelineConfig
+from pipelines.tracking import TrackingContext
+
+log = logging.getLogger("vqpipe")
+
+
+@dataclass(frozen=True)
+class StageContext:
+    """A stage's inputs besides the config.
+
+    ``stage_dir`` is where the stage writes (``<output_dir>/<stage>``); ``fingerprint`` identifies the
+    stage's config and upstream outputs, so partial work left by an interrupted run with the same
+    fingerprint can be resumed (Ray Train run names, finished shards); ``tracking`` logs to the stage's
+    MLflow child run.
+    """
+
+    cfg: PipelineConfig
+    stage: str
+    stage_dir: str
+    fingerprint: str
+    tracking: TrackingContext
+
+
+def ensure_ray(cfg: PipelineConfig) -> None:
+    """Join the configured cluster, or start a local Ray in this process sized to the machine."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    # Workers import this project's packages; make sure they find the same code as the driver.
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    if cfg.ray.address:
+        log.info("joining Ray cluster at %s", cfg.ray.address)
+        ray.init(address=cfg.ray.address, log_to_driver=True)
+        return
+    num_cpus = cfg.ray.num_cpus or os.cpu_count() or 1
+    log.info("starting a local Ray with %d CPUs", num_cpus)
+    ray.init(
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        object_store_memory=cfg.ray.object_store_memory,
+        log_to_driver=True,
+    )

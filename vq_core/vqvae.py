@@ -1,0 +1,453 @@
+"""VQ-VAE (one level) and VQ-VAE-2 (two levels) autoencoders.
+
+Both models share the same small vocabulary of blocks: an Encoder made of stride-2 4x4 convs and a
+residual stack, a Decoder that mirrors it with transposed convs, and one VectorQuantizer per level.
+They also share one interface, which the tokenizer, the priors and the checkpoint module rely on:
+
+    model.levels            names of the code maps, coarsest first
+    model.codebook_sizes    K for each level
+    model.downsample        image size / code-map size for each level
+    model.code_shape(h, w)  (h', w') of each code map for an h x w image
+    model(x)                AutoencoderOutput (training and evaluation)
+    model.encode(x)         tuple of B x h' x w' long code maps, no autograd, no state change
+    model.decode_codes(c)   images from a tuple of code maps
+
+Layer names are part of the checkpoint format: renaming an attribute breaks old checkpoints.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vq_core.quantizer import QuantizerOutput, VectorQuantizer
+
+# Codes are written to disk as uint16 (see model notes, section 5), hence the upper bound.
+MAX_CODEBOOK_SIZE = 65536
+
+
+# -------------------------------------------------------------------------------------------------
+# Config validation helpers, shared by every autoencoder config in vq_core
+
+
+def check_positive_int(name: str, value: object, minimum: int = 1) -> None:
+    # bool is a subclass of int; True as a channel count is always a mistake.
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def check_codebook_size(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= MAX_CODEBOOK_SIZE:
+        raise ValueError(
+            f"{name} must be an integer in [2, {MAX_CODEBOOK_SIZE}] (codes are stored as uint16), "
+            f"got {value!r}"
+        )
+
+
+def check_quantizer_fields(config: VQVAEConfig | VQVAE2Config) -> None:
+    if not isinstance(config.beta, (int, float)) or config.beta < 0:
+        raise ValueError(f"beta must be a number >= 0, got {config.beta!r}")
+    if config.codebook_update not in ("ema", "loss"):
+        raise ValueError(f"codebook_update must be 'ema' or 'loss', got {config.codebook_update!r}")
+    if not isinstance(config.decay, (int, float)) or not 0.0 < config.decay < 1.0:
+        raise ValueError(f"decay must be in (0, 1), got {config.decay!r}")
+    if not isinstance(config.data_init, bool):
+        raise ValueError(f"data_init must be True or False, got {config.data_init!r}")
+    if not isinstance(config.dead_code_threshold, (int, float)) or config.dead_code_threshold < 0:
+        raise ValueError(f"dead_code_threshold must be >= 0, got {config.dead_code_threshold!r}")
+
+
+def check_network_fields(config) -> None:
+    check_positive_int("in_channels", config.in_channels)
+    # The first downsampling conv produces channels // 2 feature maps.
+    check_positive_int("channels", config.channels, minimum=2)
+    if config.channels % 2:
+        raise ValueError(f"channels must be even, got {config.channels}")
+    check_positive_int("res_blocks", config.res_blocks, minimum=0)
+    check_positive_int("res_channels", config.res_channels)
+    check_positive_int("embed_dim", config.embed_dim)
+
+
+# -------------------------------------------------------------------------------------------------
+# Configs and outputs
+
+
+@dataclass
+class VQVAEConfig:
+    """One-level VQ-VAE: codes at 1/4 of the image resolution."""
+
+    in_channels: int = 3
+    channels: int = 128
+    res_blocks: int = 2
+    res_channels: int = 32
+    embed_dim: int = 64
+    codebook_size: int = 512
+    beta: float = 0.25
+    codebook_update: str = "ema"
+    decay: float = 0.99
+    data_init: bool = True
+    dead_code_threshold: float = 1e-3
+
+    def __post_init__(self) -> None:
+        check_network_fields(self)
+        check_codebook_size("codebook_size", self.codebook_size)
+        check_quantizer_fields(self)
+
+
+@dataclass
+class VQVAE2Config:
+    """Two-level VQ-VAE-2: top codes at 1/8 and bottom codes at 1/4 of the image resolution."""
+
+    in_channels: int = 3
+    channels: int = 128
+    res_blocks: int = 2
+    res_channels: int = 32
+    embed_dim: int = 64
+    codebook_size_top: int = 512
+    codebook_size_bottom: int = 512
+    beta: float = 0.25
+    codebook_update: str = "ema"
+    decay: float = 0.99
+    data_init: bool = True
+    dead_code_threshold: float = 1e-3
+
+    def __post_init__(self) -> None:
+        check_network_fields(self)
+        check_codebook_size("codebook_size_top", self.codebook_size_top)
+        check_codebook_size("codebook_size_bottom", self.codebook_size_bottom)
+        check_quantizer_fields(self)
+
+
+@dataclass
+class AutoencoderOutput:
+    """What every autoencoder's forward returns.
+
+    loss is the scalar to back-propagate; terms are its (unweighted) parts for logging; stats are
+    detached diagnostics such as codebook perplexity and usage per level.
+    """
+
+    reconstruction: torch.Tensor
+    loss: torch.Tensor
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+# -------------------------------------------------------------------------------------------------
+# Building blocks
+
+
+class ResidualBlock(nn.Module):
+    """x + conv1x1(relu(conv3x3(relu(x)))): a narrow bottleneck keeps the block cheap."""
+
+    def __init__(self, channels: int, res_channels: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, res_channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(res_channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Not in-place: x is also the skip connection.
+        return x + self.conv2(F.relu(self.conv1(F.relu(x))))
+
+
+def residual_stack(channels: int, res_channels: int, res_blocks: int) -> nn.Sequential:
+    return nn.Sequential(*[ResidualBlock(channels, res_channels) for _ in range(res_blocks)])
+
+
+def _num_halvings(factor: int) -> int:
+    if factor not in (2, 4, 8):
+        raise ValueError(f"resampling factor must be 2, 4 or 8, got {factor}")
+    return factor.bit_length() - 1
+
+
+class Encoder(nn.Module):
+    """Stride-2 4x4 convs (each halves H and W), then a 3x3 conv and a residual stack."""
+
+    def __init__(
+        self, in_channels: int, channels: int, res_blocks: int, res_channels: int, downsample: int
+    ):
+        super().__init__()
+        steps = _num_halvings(downsample)
+        layers: list[nn.Module] = []
+        width = in_channels
+        for i in range(steps):
+            # Intermediate resolutions use half the width: they are the most expensive in memory.
+            out = channels if i == steps - 1 else channels // 2
+            layers += [nn.Conv2d(width, out, 4, stride=2, padding=1), nn.ReLU()]
+            width = out
+        self.down = nn.Sequential(*layers)
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.res = residual_stack(channels, res_channels, res_blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The residual stack ends on an addition; the final ReLU keeps features non-negative like
+        # every other layer output.
+        return F.relu(self.res(self.conv(self.down(x))))
+
+
+class Decoder(nn.Module):
+    """A 3x3 conv and a residual stack, then stride-2 transposed convs (each doubles H and W)."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        channels: int,
+        res_blocks: int,
+        res_channels: int,
+        upsample: int,
+    ):
+        super().__init__()
+        steps = _num_halvings(upsample)
+        self.conv = nn.Conv2d(in_channels, channels, 3, padding=1)
+        self.res = residual_stack(channels, res_channels, res_blocks)
+        layers: list[nn.Module] = []
+        width = channels
+        for i in range(steps):
+            last = i == steps - 1
+            out = out_channels if last else channels // 2
+            layers.append(nn.ConvTranspose2d(width, out, 4, stride=2, padding=1))
+            if not last:
+                layers.append(nn.ReLU())
+            width = out
+        self.up = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(F.relu(self.res(self.conv(x))))
+
+
+# -------------------------------------------------------------------------------------------------
+# Shared checks and loss pieces
+
+
+def check_images(x: torch.Tensor, in_channels: int, multiple: int) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"images must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"images must be B x C x H x W, got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"images must be a float tensor in [-1, 1], got dtype {x.dtype}")
+    if x.shape[1] != in_channels:
+        raise ValueError(
+            f"images have {x.shape[1]} channels, the model expects in_channels={in_channels}"
+        )
+    check_image_size(x.shape[2], x.shape[3], multiple)
+
+
+def check_image_size(height: int, width: int, multiple: int) -> None:
+    if height <= 0 or width <= 0 or height % multiple or width % multiple:
+        raise ValueError(
+            f"image size {height}x{width} is not supported: height and width must be positive "
+            f"multiples of {multiple}"
+        )
+
+
+def check_codes(
+    codes: tuple[torch.Tensor, ...],
+    levels: tuple[str, ...],
+    codebook_sizes: tuple[int, ...],
+) -> None:
+    if not isinstance(codes, (tuple, list)) or len(codes) != len(levels):
+        raise ValueError(
+            f"expected a tuple of {len(levels)} code maps {levels}, got "
+            f"{type(codes).__name__} of length {len(codes) if hasattr(codes, '__len__') else '?'}"
+        )
+    for name, size, c in zip(levels, codebook_sizes, codes):
+        if not isinstance(c, torch.Tensor) or c.dim() != 3 or c.dtype != torch.long:
+            shape = tuple(c.shape) if isinstance(c, torch.Tensor) else type(c).__name__
+            dtype = c.dtype if isinstance(c, torch.Tensor) else None
+            raise ValueError(
+                f"{name} codes must be a B x h x w torch.long tensor, got {shape} ({dtype})"
+            )
+        # An out-of-range index becomes an opaque device-side assert on GPU; fail here instead.
+        if c.numel() and (int(c.min()) < 0 or int(c.max()) >= size):
+            raise ValueError(
+                f"{name} codes must lie in [0, {size}), got values in "
+                f"[{int(c.min())}, {int(c.max())}]"
+            )
+
+
+def reconstruction_loss(reconstruction: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    # Mean squared error in float32: under bf16 autocast the decoder output is bf16, and a bf16
+    # mean over millions of pixels loses most of its precision.
+    return F.mse_loss(reconstruction.float(), x.float())
+
+
+def add_quantizer_terms(
+    out: QuantizerOutput, level: str, terms: dict[str, torch.Tensor], stats: dict[str, torch.Tensor]
+) -> None:
+    terms[f"commitment/{level}"] = out.commitment
+    terms[f"codebook/{level}"] = out.codebook_loss
+    stats[f"perplexity/{level}"] = out.perplexity
+    stats[f"usage/{level}"] = out.usage
+
+
+def make_quantizer(num_codes: int, config: VQVAEConfig | VQVAE2Config) -> VectorQuantizer:
+    return VectorQuantizer(
+        num_codes,
+        config.embed_dim,
+        beta=config.beta,
+        update=config.codebook_update,
+        decay=config.decay,
+        data_init=config.data_init,
+        dead_code_threshold=config.dead_code_threshold,
+    )
+
+
+def quantize_for_inference(quantizer: VectorQuantizer, z: torch.Tensor) -> torch.Tensor:
+    """Codes of z (B x D x H x W) without touching the quantizer's training state.
+
+    Calling quantizer(z) in train mode would update the EMA statistics and might restart codes;
+    encoding must leave the model exactly as it was, whatever its mode.
+    """
+    b, d, h, w = z.shape
+    flat = z.permute(0, 2, 3, 1).reshape(b * h * w, d)
+    return quantizer.nearest(flat).view(b, h, w)
+
+
+# -------------------------------------------------------------------------------------------------
+# Models
+
+
+class VQVAE(nn.Module):
+    """One-level VQ-VAE (van den Oord et al., 2017): image -> codes at 1/4 -> image."""
+
+    config_class = VQVAEConfig
+    levels: tuple[str, ...] = ("codes",)
+    downsample: tuple[int, ...] = (4,)
+
+    def __init__(self, config: VQVAEConfig):
+        super().__init__()
+        if not isinstance(config, VQVAEConfig):
+            raise TypeError(f"VQVAE expects a VQVAEConfig, got {type(config).__name__}")
+        self.config = config
+        c = config
+        self.encoder = Encoder(c.in_channels, c.channels, c.res_blocks, c.res_channels, 4)
+        self.pre_quantize = nn.Conv2d(c.channels, c.embed_dim, 1)
+        self.quantizers = nn.ModuleDict({"codes": make_quantizer(c.codebook_size, c)})
+        self.decoder = Decoder(
+            c.embed_dim, c.in_channels, c.channels, c.res_blocks, c.res_channels, 4
+        )
+
+    @property
+    def codebook_sizes(self) -> tuple[int, ...]:
+        return (self.config.codebook_size,)
+
+    def code_shape(self, height: int, width: int) -> tuple[tuple[int, int], ...]:
+        check_image_size(height, width, 4)
+        return ((height // 4, width // 4),)
+
+    def forward(self, x: torch.Tensor) -> AutoencoderOutput:
+        check_images(x, self.config.in_channels, 4)
+        q = self.quantizers["codes"](self.pre_quantize(self.encoder(x)))
+        reconstruction = self.decoder(q.quantized)
+        terms = {"reconstruction": reconstruction_loss(reconstruction, x)}
+        stats: dict[str, torch.Tensor] = {}
+        add_quantizer_terms(q, "codes", terms, stats)
+        loss = terms["reconstruction"] + q.loss
+        return AutoencoderOutput(reconstruction, loss, terms, stats)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        check_images(x, self.config.in_channels, 4)
+        with torch.inference_mode():
+            codes = quantize_for_inference(
+                self.quantizers["codes"], self.pre_quantize(self.encoder(x))
+            )
+        # Inference tensors cannot be saved for backward, and a prior's embedding layer saves its
+        # indices: return an ordinary tensor so code maps can feed training directly.
+        return (codes.clone(),)
+
+    @torch.no_grad()
+    def decode_codes(self, codes: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        check_codes(codes, self.levels, self.codebook_sizes)
+        q = self.quantizers["codes"].lookup(codes[0])
+        return self.decoder(q)
+
+
+class VQVAE2(nn.Module):
+    """Two-level VQ-VAE-2 (Razavi et al., 2019): top codes at 1/8 condition bottom codes at 1/4."""
+
+    config_class = VQVAE2Config
+    levels: tuple[str, ...] = ("top", "bottom")
+    downsample: tuple[int, ...] = (8, 4)
+
+    def __init__(self, config: VQVAE2Config):
+        super().__init__()
+        if not isinstance(config, VQVAE2Config):
+            raise TypeError(f"VQVAE2 expects a VQVAE2Config, got {type(config).__name__}")
+        self.config = config
+        c = config
+        d = c.embed_dim
+        self.encoder_bottom = Encoder(c.in_channels, c.channels, c.res_blocks, c.res_channels, 4)
+        self.encoder_top = Encoder(c.channels, c.channels, c.res_blocks, c.res_channels, 2)
+        self.pre_quantize_top = nn.Conv2d(c.channels, d, 1)
+        # Brings the quantised top map back to 1/4 so it can inform the bottom quantiser: the
+        # bottom codes then only need to store what the top codes could not.
+        self.decoder_top = Decoder(d, d, c.channels, c.res_blocks, c.res_channels, 2)
+        self.pre_quantize_bottom = nn.Conv2d(c.channels + d, d, 1)
+        self.quantizers = nn.ModuleDict(
+            {
+                "top": make_quantizer(c.codebook_size_top, c),
+                "bottom": make_quantizer(c.codebook_size_bottom, c),
+            }
+        )
+        self.upsample_top = nn.ConvTranspose2d(d, d, 4, stride=2, padding=1)
+        self.decoder = Decoder(2 * d, c.in_channels, c.channels, c.res_blocks, c.res_channels, 4)
+
+    @property
+    def codebook_sizes(self) -> tuple[int, ...]:
+        return (self.config.codebook_size_top, self.config.codebook_size_bottom)
+
+    def code_shape(self, height: int, width: int) -> tuple[tuple[int, int], ...]:
+        check_image_size(height, width, 8)
+        return ((height // 8, width // 8), (height // 4, width // 4))
+
+    def _decode(self, quantized_top: torch.Tensor, quantized_bottom: torch.Tensor) -> torch.Tensor:
+        return self.decoder(torch.cat([self.upsample_top(quantized_top), quantized_bottom], dim=1))
+
+    def forward(self, x: torch.Tensor) -> AutoencoderOutput:
+        check_images(x, self.config.in_channels, 8)
+        features_bottom = self.encoder_bottom(x)
+        features_top = self.encoder_top(features_bottom)
+        q_top = self.quantizers["top"](self.pre_quantize_top(features_top))
+        guide = self.decoder_top(q_top.quantized)
+        z_bottom = self.pre_quantize_bottom(torch.cat([guide, features_bottom], dim=1))
+        q_bottom = self.quantizers["bottom"](z_bottom)
+        reconstruction = self._decode(q_top.quantized, q_bottom.quantized)
+
+        terms = {"reconstruction": reconstruction_loss(reconstruction, x)}
+        stats: dict[str, torch.Tensor] = {}
+        add_quantizer_terms(q_top, "top", terms, stats)
+        add_quantizer_terms(q_bottom, "bottom", terms, stats)
+        loss = terms["reconstruction"] + q_top.loss + q_bottom.loss
+        return AutoencoderOutput(reconstruction, loss, terms, stats)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        check_images(x, self.config.in_channels, 8)
+        with torch.inference_mode():
+            features_bottom = self.encoder_bottom(x)
+            z_top = self.pre_quantize_top(self.encoder_top(features_bottom))
+            top = quantize_for_inference(self.quantizers["top"], z_top)
+            guide = self.decoder_top(self.quantizers["top"].lookup(top))
+            z_bottom = self.pre_quantize_bottom(torch.cat([guide, features_bottom], dim=1))
+            bottom = quantize_for_inference(self.quantizers["bottom"], z_bottom)
+        # Ordinary tensors, not inference tensors: see VQVAE.encode.
+        return top.clone(), bottom.clone()
+
+    @torch.no_grad()
+    def decode_codes(self, codes: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        check_codes(codes, self.levels, self.codebook_sizes)
+        top, bottom = codes
+        if top.shape[0] != bottom.shape[0] or bottom.shape[1:] != (
+            2 * top.shape[1],
+            2 * top.shape[2],
+        ):
+            raise ValueError(
+                f"bottom codes must be twice the size of top codes with the same batch, got top "
+                f"{tuple(top.shape)} and bottom {tuple(bottom.shape)}"
+            )
+        quantized_top = self.quantizers["top"].lookup(top)
+        quantized_bottom = self.quantizers["bottom"].lookup(bottom)
+        return self._decode(quantized_top, quantized_bottom)
