@@ -35,10 +35,10 @@ def ensure_ray(cfg: PipelineConfig) -> None:
 
     if ray.is_initialized():
         return
-    # Workers import this project's packages; make sure they find the same code as the driver.
-    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    if cfg.ray.address:
-        log.info("joining Ray cluster at %s", cfg.ray.address)
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        # `ray job submit` sets RAY_ADDRESS for the driver; the cluster's size is its own.
+        log.info("joining Ray cluster at %s", address)
         ray.init(address=cfg.ray.address, log_to_driver=True)
         return
     num_cpus = cfg.ray.num_cpus or os.cpu_count() or 1

@@ -129,3 +129,25 @@ def remove_partials(uri: str) -> int:
             remove(f)
             removed += 1
     return removed
+
+
+def listing_fingerprint(uri: str) -> list[tuple[str, int, int]]:
+    """(relative path, size, mtime in seconds) of every file under ``uri`` (or of ``uri`` itself).
+
+    Stages hash this to notice a corpus that changed since they last ran.
+    """
+    fs, path = resolve(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.File:
+        infos = [info]
+    elif info.type == pafs.FileType.Directory:
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    else:
+        raise FileNotFoundError(f"{uri!r} does not exist")
+    rows = []
+    for i in infos:
+        if i.type != pafs.FileType.File or i.path.endswith(TMP_SUFFIX):
+            continue
+        mtime = int(i.mtime.timestamp()) if i.mtime is not None else 0
+        rows.append((i.path[len(path) :].lstrip("/"), int(i.size or 0), mtime))
+    return sorted(rows)

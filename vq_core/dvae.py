@@ -1,0 +1,205 @@
+"""DALL-E's discrete VAE (Ramesh et al., 2021): a categorical latent trained by Gumbel-softmax.
+
+The encoder predicts K logits per latent position instead of a vector to quantise. Training
+samples a relaxed one-hot from those logits (Gumbel-softmax), the decoder reads the matching soft
+mixture of code embeddings, and a KL term to the uniform prior keeps the codebook spread out. At
+inference the argmax code is taken, so the model tokenizes exactly like a VQ model and shares
+their interface (levels, codebook_sizes, downsample, code_shape, encode, decode_codes).
+
+The paper anneals the relaxation temperature from 1 toward 1/16 and ramps the KL weight up early
+in training; `gumbel_temperature` and `kl_weight_schedule` give those schedules as functions of the
+step, and forward() takes both values as arguments so a training loop can pass them in.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vq_core.vqvae import (
+    AutoencoderOutput,
+    Decoder,
+    Encoder,
+    check_codebook_size,
+    check_codes,
+    check_image_size,
+    check_images,
+    check_network_fields,
+    reconstruction_loss,
+)
+
+# -------------------------------------------------------------------------------------------------
+# Schedules (pure functions of the optimisation step)
+
+
+def gumbel_temperature(
+    step: int, *, start: float = 1.0, end: float = 1.0 / 16, anneal_steps: int = 150_000
+) -> float:
+    """Relaxation temperature at `step`: geometric decay from `start` to `end`, then constant.
+
+    Geometric rather than linear so that each halving of the temperature takes the same number
+    of steps; DALL-E anneals from 1 to 1/16 over its first 150,000 updates.
+    """
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    if anneal_steps <= 0:
+        raise ValueError(f"anneal_steps must be > 0, got {anneal_steps}")
+    if start <= 0 or end <= 0:
+        raise ValueError(f"temperatures must be > 0, got start={start}, end={end}")
+    progress = min(step / anneal_steps, 1.0)
+    return start * (end / start) ** progress
+
+
+def kl_weight_schedule(step: int, *, final: float, warmup_steps: int = 5000) -> float:
+    """KL weight at `step`: a half-cosine ramp from 0 to `final` over `warmup_steps`, then flat.
+
+    Starting at 0 lets the encoder first learn to use its codes for reconstruction; a strong
+    pull toward the uniform prior from step 0 tends to leave the logits uninformative.
+    """
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    if warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+    if final < 0:
+        raise ValueError(f"final KL weight must be >= 0, got {final}")
+    if warmup_steps == 0 or step >= warmup_steps:
+        return final
+    return final * 0.5 * (1.0 - math.cos(math.pi * step / warmup_steps))
+
+
+# -------------------------------------------------------------------------------------------------
+# Model
+
+
+@dataclass
+class DiscreteVAEConfig:
+    """dVAE hyper-parameters. temperature and kl_weight are the defaults used by forward()."""
+
+    in_channels: int = 3
+    channels: int = 128
+    res_blocks: int = 2
+    res_channels: int = 32
+    embed_dim: int = 64
+    codebook_size: int = 8192
+    downsample: int = 8
+    temperature: float = 1.0
+    # The reconstruction term is a per-pixel mean and the KL a per-position mean in nats (up to
+    # log K), so the weight that balances them is small.
+    kl_weight: float = 1e-3
+
+    def __post_init__(self) -> None:
+        check_network_fields(self)
+        check_codebook_size("codebook_size", self.codebook_size)
+        if self.downsample not in (4, 8):
+            raise ValueError(f"downsample must be 4 or 8, got {self.downsample!r}")
+        if not isinstance(self.temperature, (int, float)) or self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
+        if not isinstance(self.kl_weight, (int, float)) or self.kl_weight < 0:
+            raise ValueError(f"kl_weight must be >= 0, got {self.kl_weight!r}")
+
+
+def kl_to_uniform(logits: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of KL(q || uniform) in nats, for logits B x K x h x w.
+
+    KL(q || U) = sum_k q_k log q_k + log K = log K - H(q): the gap between q's entropy and the
+    largest possible one.
+    """
+    log_q = F.log_softmax(logits.float(), dim=1)
+    num_codes = logits.shape[1]
+    return (log_q.exp() * log_q).sum(dim=1).mean() + math.log(num_codes)
+
+
+def code_statistics(codes: torch.Tensor, num_codes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(perplexity, usage) of a batch of hard codes: exp(entropy of the histogram), fraction used."""
+    counts = torch.bincount(codes.flatten(), minlength=num_codes).float()
+    p = counts / counts.sum()
+    entropy = -(p * torch.log(p.clamp_min(1e-12))).sum()
+    return entropy.exp(), (counts > 0).float().mean()
+
+
+class DiscreteVAE(nn.Module):
+    """Encoder -> K logits per position -> (relaxed) one-hot -> code embeddings -> decoder."""
+
+    config_class = DiscreteVAEConfig
+    levels: tuple[str, ...] = ("codes",)
+
+    def __init__(self, config: DiscreteVAEConfig):
+        super().__init__()
+        if not isinstance(config, DiscreteVAEConfig):
+            raise TypeError(f"DiscreteVAE expects a DiscreteVAEConfig, got {type(config).__name__}")
+        self.config = config
+        c = config
+        self.encoder = Encoder(
+            c.in_channels, c.channels, c.res_blocks, c.res_channels, c.downsample
+        )
+        self.to_logits = nn.Conv2d(c.channels, c.codebook_size, 1)
+        self.codebook = nn.Embedding(c.codebook_size, c.embed_dim)
+        self.decoder = Decoder(
+            c.embed_dim, c.in_channels, c.channels, c.res_blocks, c.res_channels, c.downsample
+        )
+
+    @property
+    def codebook_sizes(self) -> tuple[int, ...]:
+        return (self.config.codebook_size,)
+
+    @property
+    def downsample(self) -> tuple[int, ...]:
+        return (self.config.downsample,)
+
+    def code_shape(self, height: int, width: int) -> tuple[tuple[int, int], ...]:
+        f = self.config.downsample
+        check_image_size(height, width, f)
+        return ((height // f, width // f),)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """B x K x h x w code logits of images x."""
+        check_images(x, self.config.in_channels, self.config.downsample)
+        return self.to_logits(self.encoder(x))
+
+    def _embed(self, weights: torch.Tensor) -> torch.Tensor:
+        # weights: B x K x h x w (one-hot or relaxed) -> B x D x h x w mixture of code vectors.
+        return torch.einsum("bkhw,kd->bdhw", weights, self.codebook.weight.to(weights.dtype))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        temperature: float | None = None,
+        kl_weight: float | None = None,
+    ) -> AutoencoderOutput:
+        """Training mode samples a Gumbel-softmax relaxation; eval mode uses the argmax codes,
+        so an evaluated reconstruction equals decode_codes(encode(x))."""
+        temperature = self.config.temperature if temperature is None else temperature
+        kl_weight = self.config.kl_weight if kl_weight is None else kl_weight
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        logits = self.logits(x).float()  # softmax and Gumbel noise in float32 under autocast
+        codes = logits.argmax(dim=1)
+        if self.training:
+            weights = F.gumbel_softmax(logits, tau=temperature, hard=False, dim=1)
+        else:
+            weights = F.one_hot(codes, self.config.codebook_size).permute(0, 3, 1, 2).float()
+        reconstruction = self.decoder(self._embed(weights))
+
+        terms = {
+            "reconstruction": reconstruction_loss(reconstruction, x),
+            "kl": kl_to_uniform(logits),
+        }
+        perplexity, usage = code_statistics(codes.detach(), self.config.codebook_size)
+        stats = {"perplexity/codes": perplexity, "usage/codes": usage}
+        loss = terms["reconstruction"] + kl_weight * terms["kl"]
+        return AutoencoderOutput(reconstruction, loss, terms, stats)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        with torch.inference_mode():
+            codes = self.logits(x).argmax(dim=1)
+        # Ordinary tensor, not an inference tensor, so it can feed a prior's training directly.
+        return (codes.clone(),)
+
+    @torch.no_grad()
+    def decode_codes(self, codes: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        check_codes(codes, self.levels, self.codebook_sizes)
+        return self.decoder(self.codebook(codes[0]).permute(0, 3, 1, 2))
