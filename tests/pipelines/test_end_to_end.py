@@ -1,0 +1,184 @@
+"""The whole pipeline on a tiny generated corpus: real local Ray, real shards, real MLflow store."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from jobs.cli import main as cli_main
+from pipelines.config import STAGES
+from pipelines.manifest import read_manifest
+from pipelines.runner import run_stages
+
+CLASSES = ["circle", "square", "triangle", "cross"]
+PER_CLASS = 6
+CORRUPT = 2
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(ray_local, tmp_path_factory):
+    """Run every stage once; return (config, manifests of the first run, manifests of a second run)."""
+    from tests.pipelines.conftest import tiny_raw_config
+
+    from pipelines.config import parse_config
+
+    root = tmp_path_factory.mktemp("e2e")
+    raw = tiny_raw_config(str(root / "out"), str(root / "corpus"))
+    raw["data"]["generate"] = {
+        "images_per_class": PER_CLASS,
+        "classes": CLASSES,
+        "image_size": 16,
+        "corrupt_files": CORRUPT,
+    }
+    cfg = parse_config(raw)
+    first = run_stages(cfg, run_name="first")
+    second = run_stages(cfg, run_name="second")
+    return cfg, first, second
+
+
+def test_every_stage_has_a_complete_manifest(pipeline_run):
+    cfg, first, _ = pipeline_run
+    assert list(first) == list(STAGES)
+    for stage in STAGES:
+        manifest = read_manifest(cfg.stage_dir(stage))
+        assert manifest is not None and manifest["complete"], stage
+        assert manifest["fingerprint"] == first[stage]["fingerprint"]
+    assert os.path.isfile(first["train_vqvae"]["checkpoint"])
+    assert os.path.isfile(first["train_vqvae"]["artifacts"]["reconstructions"])
+    for level in ("top", "bottom"):
+        prior = first["train_prior"]["priors"][level]
+        assert os.path.isfile(prior["checkpoint"])
+        assert np.isfinite(prior["heldout_bits_per_code"])
+    assert first["train_prior"]["priors"]["bottom"]["condition"] == "top"
+
+
+def test_tokenize_counts_every_valid_image_once(pipeline_run):
+    _, first, _ = pipeline_run
+    tok = first["tokenize"]
+    assert tok["samples"] == PER_CLASS * len(CLASSES)
+    assert tok["bad_inputs"]["count"] == CORRUPT
+    assert sum(s["samples"] for s in tok["shards"]) == tok["samples"]
+    assert tok["splits"]["train"] + tok["splits"]["holdout"] == tok["samples"]
+    assert tok["class_names"] == sorted(CLASSES)
+    assert tok["code_dtypes"] == {"top": "uint8", "bottom": "uint8"}  # K = 16
+
+
+def test_shards_read_back_with_tarfile_and_numpy(pipeline_run):
+    _, first, _ = pipeline_run
+    tok = first["tokenize"]
+    keys, labels = [], []
+    for shard in tok["shards"]:
+        with tarfile.open(shard["uri"]) as tar:
+            members = {m.name: m for m in tar.getmembers()}
+            for name in members:
+                if name.endswith(".top.npy"):
+                    key = name[: -len(".top.npy")]
+                    top = np.load(io.BytesIO(tar.extractfile(members[name]).read()))
+                    bottom = np.load(io.BytesIO(tar.extractfile(members[key + ".bottom.npy"]).read()))
+                    label = int(tar.extractfile(members[key + ".cls"]).read())
+                    assert top.shape == tuple(tok["code_shapes"]["top"]) and top.dtype == np.uint8
+                    assert bottom.shape == tuple(tok["code_shapes"]["bottom"])
+                    keys.append(key)
+                    labels.append(label)
+    assert len(keys) == len(set(keys)) == tok["samples"]
+    assert sorted(set(labels)) == list(range(len(CLASSES)))
+
+
+def test_shards_read_back_with_webdataset(pipeline_run):
+    import webdataset as wds
+
+    _, first, _ = pipeline_run
+    tok = first["tokenize"]
+    urls = [s["uri"] for s in tok["shards"]]
+    samples = list(wds.WebDataset(urls, shardshuffle=False).decode())
+    assert len(samples) == tok["samples"]
+    assert all(s["top.npy"].max() < 16 and s["bottom.npy"].max() < 16 for s in samples)
+
+
+def test_samples_per_class_on_disk(pipeline_run):
+    cfg, first, _ = pipeline_run
+    classes = first["sample"]["classes"]
+    assert sorted(classes) == sorted(CLASSES)
+    for name, info in classes.items():
+        pngs = [f for f in os.listdir(info["dir"]) if f.endswith(".png")]
+        assert len(pngs) == cfg.sample.per_class == info["count"], name
+        assert os.path.isfile(info["grid"])
+
+
+def test_mlflow_parent_and_stage_runs(pipeline_run):
+    cfg, first, _ = pipeline_run
+    client = MlflowClient(tracking_uri="sqlite:///" + os.path.join(cfg.output_dir, "mlflow.db"))
+    experiment = client.get_experiment_by_name(cfg.mlflow.experiment)
+    runs = client.search_runs([experiment.experiment_id], filter_string="tags.`vqpipe.kind` = 'pipeline'")
+    parents = {r.info.run_name: r for r in runs}
+    assert {"first", "second"} <= set(parents)
+    children = client.search_runs(
+        [experiment.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parents['first'].info.run_id}'"
+    )
+    by_stage = {r.data.tags["vqpipe.stage"]: r for r in children}
+    assert set(by_stage) == set(STAGES)
+    for stage, run in by_stage.items():
+        assert run.info.status == "FINISHED", stage
+        assert run.info.run_id == first[stage]["mlflow_run_id"]
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert "manifest.json" in artifacts, stage
+    vq = by_stage["train_vqvae"]
+    assert "train_vqvae.steps" in vq.data.params
+    assert any(k.startswith("holdout/") for k in vq.data.metrics)
+    history = client.get_metric_history(vq.info.run_id, "train/loss")
+    assert len(history) >= 2 and history[-1].step > history[0].step
+    prior_metrics = by_stage["train_prior"].data.metrics
+    assert any("bits_per_code" in k for k in prior_metrics)
+    assert by_stage["evaluate"].data.metrics
+
+
+def test_second_run_skips_every_stage(pipeline_run):
+    cfg, first, second = pipeline_run
+    for stage in STAGES:
+        assert second[stage]["fingerprint"] == first[stage]["fingerprint"]
+        assert second[stage]["mlflow_run_id"] == first[stage]["mlflow_run_id"], f"{stage} ran again"
+    client = MlflowClient(tracking_uri="sqlite:///" + os.path.join(cfg.output_dir, "mlflow.db"))
+    experiment = client.get_experiment_by_name(cfg.mlflow.experiment)
+    parent = client.search_runs([experiment.experiment_id], filter_string="attributes.run_name = 'second'")[0]
+    children = client.search_runs(
+        [experiment.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
+    assert children == []
+    assert all(parent.data.tags[f"vqpipe.{s}"] == "skipped" for s in STAGES)
+
+
+def test_changed_sample_config_reruns_only_sample_and_evaluate(pipeline_run, tmp_path):
+    cfg, first, _ = pipeline_run
+    changed = cfg.model_copy(deep=True)
+    changed.sample.temperature = 0.5
+    third = run_stages(changed, run_name="third")
+    for stage in ("train_vqvae", "tokenize", "train_prior"):
+        assert third[stage]["mlflow_run_id"] == first[stage]["mlflow_run_id"]
+    for stage in ("sample", "evaluate"):
+        assert third[stage]["mlflow_run_id"] != first[stage]["mlflow_run_id"]
+
+
+def test_cli_reports_config_errors(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(json.dumps({"output_dir": str(tmp_path), "data": {"source": "x"}, "tokenize": {"shards": 3}}))
+    assert cli_main(["tokenize", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "tokenize.shards: unknown key" in err
+
+
+def test_cli_stage_needs_its_upstream(tmp_path, capsys, ray_local):
+    corpus = tmp_path / "corpus" / "a"
+    corpus.mkdir(parents=True)
+    from PIL import Image
+
+    Image.new("RGB", (16, 16)).save(corpus / "x.png")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(json.dumps({"output_dir": str(tmp_path / "out"), "data": {"source": str(corpus.parent)}}))
+    assert cli_main(["train-prior", str(cfg)]) == 2
+    assert "run `vqpipe tokenize` first" in capsys.readouterr().err
