@@ -121,6 +121,14 @@ class TrainingKnobs(Section):
     checkpoint_every: int = Field(200, gt=0)
     max_failures: int = Field(2, ge=0)
     holdout_batches: int = Field(4, gt=0, description="Held-out batches per evaluation.")
+    fail_at_step: int | None = Field(
+        None,
+        gt=0,
+        description=(
+            "Fault injection for resume tests: the first attempt raises right after step N (put N "
+            "on a checkpoint to test resuming). Leave unset."
+        ),
+    )
 
 
 class TrainVQVAESection(TrainingKnobs):
@@ -129,10 +137,31 @@ class TrainVQVAESection(TrainingKnobs):
         default_factory=dict, description="Fields of the vq_core model config."
     )
     grid_images: int = Field(16, gt=0, description="Held-out images in the reconstruction grid.")
+    temperature_end: float = Field(
+        1.0 / 16,
+        gt=0,
+        description="dVAE only: Gumbel-softmax temperature reached at the end of the annealing "
+        "(it starts at model.temperature).",
+    )
+    temperature_anneal_steps: int | None = Field(
+        None, gt=0, description="dVAE only: steps of temperature annealing (default: all steps)."
+    )
+    kl_warmup_steps: int | None = Field(
+        None,
+        ge=0,
+        description="dVAE only: steps over which the KL weight ramps up to model.kl_weight "
+        "(default: a tenth of the steps).",
+    )
 
     @model_validator(mode="after")
     def _check_model(self) -> TrainVQVAESection:
         _check_model_keys(self.kind, self.model, "train_vqvae.model", {"in_channels"})
+        if self.kind != "dvae":
+            for name in ("temperature_anneal_steps", "kl_warmup_steps"):
+                if getattr(self, name) is not None:
+                    raise ValueError(
+                        f"train_vqvae.{name} only applies to kind 'dvae', got kind {self.kind!r}"
+                    )
         try:  # the dataclass validates values and names the field it rejects
             _model_config_class(self.kind)(**self.model)
         except (TypeError, ValueError) as err:
@@ -159,8 +188,14 @@ _PRIOR_DERIVED = {
 
 
 class TrainPriorSection(Section):
-    top: PriorSection = Field(default_factory=PriorSection)
-    bottom: PriorSection = Field(default_factory=lambda: PriorSection(model={"attention": False}))
+    top: PriorSection = Field(
+        default_factory=PriorSection,
+        description="Prior of the top codes, or of the only code map of a one-level model.",
+    )
+    bottom: PriorSection = Field(
+        default_factory=lambda: PriorSection(model={"attention": False}),
+        description="Prior of the bottom codes given the top codes (two-level models only).",
+    )
 
     @model_validator(mode="after")
     def _check_models(self) -> TrainPriorSection:
@@ -184,6 +219,12 @@ class RejectionSection(Section):
     enabled: bool = False
     keep_fraction: float = Field(0.5, gt=0, le=1.0)
     classifier_steps: int = Field(300, gt=0)
+    classifier_lr: float = Field(1e-3, gt=0, description="Adam learning rate of the classifier.")
+    max_images: int = Field(
+        4096,
+        gt=0,
+        description="Most real train images the classifier sees (a deterministic key-hash subset).",
+    )
 
 
 class SampleSection(Section):
@@ -197,6 +238,10 @@ class SampleSection(Section):
     top_p: float | None = Field(None, gt=0, le=1.0)
     method: Literal["cached", "naive"] = "cached"
     seed: int = 0
+    cpus_per_worker: float = Field(
+        1.0, gt=0, description="CPUs reserved by each sampling actor (fractions allowed)."
+    )
+    grid_images: int = Field(64, gt=0, description="Samples per class shown in its grid.")
     rejection: RejectionSection = Field(default_factory=RejectionSection)
 
 
@@ -206,6 +251,13 @@ class EvaluateSection(Section):
     batch_size: int = Field(32, gt=0)
     classifier_steps: int = Field(300, gt=0)
     classifier_lr: float = Field(1e-3, gt=0)
+    max_images: int = Field(
+        4096,
+        gt=0,
+        description="Most real images per split (train, holdout) used to train and test the "
+        "classifiers (a deterministic key-hash subset).",
+    )
+    grid_images: int = Field(8, gt=0, description="Held-out images in the reconstruction grid.")
 
 
 class RaySection(Section):

@@ -45,7 +45,9 @@ _PLAIN_TYPES = (str, int, float, bool, type(None), torch.dtype, torch.device, to
 def model_class(name: str) -> type[nn.Module]:
     """The model class registered under `name`."""
     if name not in MODEL_REGISTRY:
-        raise ValueError(f"unknown model {name!r}; known models: {', '.join(sorted(MODEL_REGISTRY))}")
+        raise ValueError(
+            f"unknown model {name!r}; known models: {', '.join(sorted(MODEL_REGISTRY))}"
+        )
     module_name, class_name = MODEL_REGISTRY[name].split(":")
     return getattr(importlib.import_module(module_name), class_name)
 
@@ -145,10 +147,25 @@ def _describe(path_or_buffer: PathOrBuffer) -> str:
     return f"<{type(path_or_buffer).__name__}>"
 
 
-def _read(path_or_buffer: PathOrBuffer, map_location: Any) -> Any:
+def _starts_like_zip(path_or_buffer: PathOrBuffer) -> bool:
+    # torch.save has written zip archives since torch 1.6, and so does save_checkpoint. Anything
+    # else would go to torch's legacy unpickler, whose errors say nothing useful about the file.
+    if isinstance(path_or_buffer, (str, os.PathLike)):
+        with open(path_or_buffer, "rb") as f:
+            head = f.read(4)
+    else:
+        position = path_or_buffer.tell()
+        head = path_or_buffer.read(4)
+        path_or_buffer.seek(position)
+    return head == b"PK\x03\x04"
+
+
+def _read(path_or_buffer: PathOrBuffer | bytes, map_location: Any) -> Any:
     if isinstance(path_or_buffer, (bytes, bytearray)):
         path_or_buffer = io.BytesIO(path_or_buffer)
     where = _describe(path_or_buffer)
+    if not _starts_like_zip(path_or_buffer):
+        raise ValueError(f"{where} is not a readable checkpoint file: not a torch.save archive")
     try:
         return torch.load(path_or_buffer, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
@@ -157,9 +174,9 @@ def _read(path_or_buffer: PathOrBuffer, map_location: Any) -> Any:
             f"{where} holds objects other than tensors and plain values; refusing to unpickle "
             f"them (checkpoints load with weights_only=True). Details: {e}"
         ) from e
-    except (RuntimeError, EOFError, OSError) as e:
-        if isinstance(e, FileNotFoundError):
-            raise
+    except Exception as e:
+        # A truncated or damaged archive fails in many places inside torch.load (RuntimeError,
+        # EOFError, ValueError from a seek, ...); all of them mean the same thing to the caller.
         raise ValueError(f"{where} is not a readable checkpoint file: {e}") from e
 
 
@@ -181,7 +198,9 @@ def _check_expected_config(name: str, stored: dict[str, Any], expected: dict[str
         elif _normalise(stored[key]) != _normalise(expected[key]):
             differences.append(f"{key}: expected {expected[key]!r}, checkpoint has {stored[key]!r}")
     if differences:
-        raise ValueError(f"{name} checkpoint config differs from the expected one: " + "; ".join(differences))
+        raise ValueError(
+            f"{name} checkpoint config differs from the expected one: " + "; ".join(differences)
+        )
 
 
 def _load_state(model: nn.Module, name: str, state_dict: dict[str, torch.Tensor]) -> None:

@@ -32,9 +32,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-# Bytes of the distance block the search holds at once. 64 MiB keeps the extra memory small
-# next to the activations of a real model, while rows stay many enough for an efficient matmul.
-_SEARCH_BLOCK_BYTES = 64 * 2**20
+# Bytes of the distance block the search holds at once, per device type. On a GPU, 128 MiB
+# keeps the extra memory small next to a model's activations while each matmul stays large
+# enough to fill the device. On a CPU, a block that stays in cache while argmin reads it back
+# is faster than a large one: the search is then bound by the matmul, not by memory traffic.
+_SEARCH_BLOCK_BYTES = {"cuda": 128 * 2**20}
+_SEARCH_BLOCK_BYTES_DEFAULT = 4 * 2**20
 
 # Noise added to data-initialised codes when the batch has fewer vectors than codes, relative
 # to the data's standard deviation: duplicates must differ, or they stay tied forever.
@@ -87,6 +90,23 @@ def _code_histogram_stats(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return entropy.exp(), (counts > 0).float().mean()
 
 
+class _StraightThrough(torch.autograd.Function):
+    """Returns z_q, and passes the gradient arriving at it unchanged to z_e.
+
+    The same function as z_e + sg(z_q - z_e), without the two passes over the map that the
+    subtraction and addition cost, and with the code values exactly. z_q receives no gradient
+    through this path: the codebook learns only from its own loss or the moving averages.
+    """
+
+    @staticmethod
+    def forward(ctx, z_e: torch.Tensor, z_q: torch.Tensor) -> torch.Tensor:
+        return z_q.view_as(z_q)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
 class VectorQuantizer(nn.Module):
     """Replaces each D-vector of a B x D x ... map by the nearest of num_codes code vectors.
 
@@ -95,7 +115,8 @@ class VectorQuantizer(nn.Module):
     codebook from the first training batch; dead_code_threshold > 0 re-seeds codes whose
     (bias-corrected) moving-average count per batch drops below it. chunk_size is the number
     of rows per block of the nearest-code search (None: chosen from the codebook size so a
-    block holds about 64 MiB of distances).
+    block holds about 4 MiB of distances on CPU, 128 MiB on GPU). seed drives the random
+    choices of data init and restarts (None: drawn from torch's global generator).
     """
 
     def __init__(
@@ -163,6 +184,8 @@ class VectorQuantizer(nn.Module):
             # Drawn from torch's global RNG so that torch.manual_seed makes runs repeatable.
             seed = int(torch.randint(0, 2**31 - 1, ()).item())
         self.register_buffer("rng_seed", torch.tensor(seed, dtype=torch.long))
+        # Per process, not saved: whether rank 0's state has been copied to this rank yet.
+        self._states_synced = False
 
     # ----------------------------------------------------------------------------------
     # public API
@@ -246,11 +269,15 @@ class VectorQuantizer(nn.Module):
         spatial = z_last.shape[:-1]
         flat = z_last.reshape(-1, self.dim).float()
 
+        if self.training and not self._states_synced and _world_size() > 1:
+            self._sync_state_from_rank0()
         if self.training and self.data_init and not bool(self.initialized):
             self._initialise_from_data(flat.detach())
 
         codes_flat = self.nearest(flat)
-        counts = torch.bincount(codes_flat, minlength=self.num_codes).float()
+        # index_add_ rather than bincount, which scans the codes for their range first.
+        counts = torch.zeros(self.num_codes, device=flat.device)
+        counts.index_add_(0, codes_flat, torch.ones_like(codes_flat, dtype=counts.dtype))
 
         if self.update == "loss":
             # Gradient flows into the codebook only through this lookup.
@@ -267,8 +294,12 @@ class VectorQuantizer(nn.Module):
         if self.training:
             self._update_codebook(flat.detach(), codes_flat, counts)
 
-        quantized_flat = flat + (z_q - flat).detach()
-        quantized = quantized_flat.to(z.dtype).reshape(*spatial, self.dim).movedim(-1, 1)
+        quantized = _StraightThrough.apply(flat, z_q)
+        quantized = quantized.to(z.dtype).reshape(*spatial, self.dim).movedim(-1, 1)
+        # Same memory layout as the input: a channels-last input (torch.channels_last) gets
+        # the channels-last result for free, a contiguous one pays one copy.
+        if z.is_contiguous():
+            quantized = quantized.contiguous()
         perplexity, usage = _code_histogram_stats(counts)
         return QuantizerOutput(
             quantized=quantized,
@@ -293,7 +324,9 @@ class VectorQuantizer(nn.Module):
     def _search_rows(self) -> int:
         if self.chunk_size is not None:
             return self.chunk_size
-        return max(1, _SEARCH_BLOCK_BYTES // (4 * self.num_codes))
+        device_type = self.code_vectors.device.type
+        block_bytes = _SEARCH_BLOCK_BYTES.get(device_type, _SEARCH_BLOCK_BYTES_DEFAULT)
+        return max(1, block_bytes // (4 * self.num_codes))
 
     def _bias_correction(self) -> float:
         # 1 - d^t: the weight the moving averages have accumulated after t updates.
@@ -357,14 +390,19 @@ class VectorQuantizer(nn.Module):
         self.num_updates.fill_(1)
         self.initialized.fill_(True)
 
+    @torch.no_grad()
+    def _sync_state_from_rank0(self) -> None:
+        # Ranks may have drawn different initial codebooks and seeds (no DDP wrapper, or
+        # different global seeds); from the first training step on they must agree exactly.
+        for tensor in [*self.parameters(), *self.buffers()]:
+            dist.broadcast(tensor.data, src=0)
+        self._states_synced = True
+
     def _shared_generator(self, stream: int) -> torch.Generator:
-        # Seeded by (seed, step, stream): reproducible on resume and, once rank 0's seed is
-        # shared, identical on every rank.
-        seed = self.rng_seed.clone()
-        if _world_size() > 1:
-            dist.broadcast(seed, src=0)
-        mixed = (int(seed) * 1_000_003 + int(self.num_updates) * 8 + stream) % (2**63 - 1)
-        return torch.Generator().manual_seed(mixed)
+        # Seeded by (seed, step, stream): reproducible on resume, and identical on every rank
+        # because the seed and step are.
+        mixed = int(self.rng_seed) * 1_000_003 + int(self.num_updates) * 8 + stream
+        return torch.Generator().manual_seed(mixed % (2**63 - 1))
 
     def _sample_global_rows(self, flat: torch.Tensor, count: int, stream: int) -> torch.Tensor:
         """count rows drawn at random from the concatenation (in rank order) of all ranks' rows.

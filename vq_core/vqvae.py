@@ -18,6 +18,7 @@ Layer names are part of the checkpoint format: renaming an attribute breaks old 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -60,7 +61,8 @@ def check_quantizer_fields(config: VQVAEConfig | VQVAE2Config) -> None:
         raise ValueError(f"dead_code_threshold must be >= 0, got {config.dead_code_threshold!r}")
 
 
-def check_network_fields(config) -> None:
+def check_network_fields(config: Any) -> None:
+    """Checks the encoder/decoder fields that every autoencoder config shares."""
     check_positive_int("in_channels", config.in_channels)
     # The first downsampling conv produces channels // 2 feature maps.
     check_positive_int("channels", config.channels, minimum=2)
@@ -89,7 +91,11 @@ class VQVAEConfig:
     codebook_update: str = "ema"
     decay: float = 0.99
     data_init: bool = True
-    dead_code_threshold: float = 1e-3
+    # Restart codes whose average assignments per batch fall below this. A code restarted or
+    # initialised from data starts at one per batch, so with decay 0.99 an unused code is
+    # re-seeded after about 230 steps; a much higher value would churn codes that are merely
+    # rare when batches hold fewer vectors than the codebook has codes.
+    dead_code_threshold: float = 0.1
 
     def __post_init__(self) -> None:
         check_network_fields(self)
@@ -112,7 +118,7 @@ class VQVAE2Config:
     codebook_update: str = "ema"
     decay: float = 0.99
     data_init: bool = True
-    dead_code_threshold: float = 1e-3
+    dead_code_threshold: float = 0.1  # see VQVAEConfig
 
     def __post_init__(self) -> None:
         check_network_fields(self)

@@ -1,0 +1,194 @@
+"""Cached versus naive sampling of the PixelSNAIL priors: same model, weights and seed.
+
+Cases:
+  top-32      top prior at 32x32: attention, class-conditional (small widths, see flags)
+  bottom-64   bottom prior at 64x64: no attention, conditioned on a 32x32 top map and the class
+  demo-top    the demo's top prior: 8x8, K=128, default widths
+  demo-bottom the demo's bottom prior: 16x16 conditioned on 8x8, K=128, default widths
+
+The naive sampler runs one full forward pass per position, so its cost per step is constant.
+When a whole naive run would exceed --naive-budget-s (or --naive-max-steps), it is timed over
+the first steps only and extrapolated to the whole map; the output says so. The naive steps
+that do run are checked against the cached sample: with the same seed they must draw the same
+codes.
+
+    python benchmarks/bench_sampling.py                 # all cases on the CPU
+    python benchmarks/bench_sampling.py --device cuda --batch 64
+    python benchmarks/bench_sampling.py --cases top-32 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass
+
+import torch
+
+from vq_core.pixelsnail import PixelSNAIL, PixelSNAILConfig
+from vq_core.sampling import draw_categorical, filter_logits, sample_codes
+
+CASES = ("top-32", "bottom-64", "demo-top", "demo-bottom")
+NUM_CLASSES = 4
+
+
+@dataclass
+class Timing:
+    seconds: float  # for the whole map (extrapolated when steps < positions)
+    steps: int  # positions actually run
+    positions: int
+    codes: torch.Tensor
+
+
+def build_config(case: str, args: argparse.Namespace) -> PixelSNAILConfig:
+    small = dict(
+        channels=args.channels,
+        num_blocks=args.num_blocks,
+        res_blocks=args.res_blocks,
+        num_heads=args.num_heads,
+        attention_channels=args.attention_channels,
+        condition_channels=args.condition_channels,
+        condition_res_blocks=1,
+    )
+    if case == "top-32":
+        return PixelSNAILConfig(args.codes, 32, 32, num_classes=NUM_CLASSES, **small)
+    if case == "bottom-64":
+        return PixelSNAILConfig(
+            args.codes, 64, 64, attention=False, num_classes=NUM_CLASSES,
+            condition_num_codes=args.codes, condition_height=32, condition_width=32, **small,
+        )  # fmt: skip
+    if case == "demo-top":
+        return PixelSNAILConfig(args.demo_codes, 8, 8, num_classes=NUM_CLASSES)
+    if case == "demo-bottom":
+        return PixelSNAILConfig(
+            args.demo_codes, 16, 16, attention=False, num_classes=NUM_CLASSES,
+            condition_num_codes=args.demo_codes, condition_height=8, condition_width=8,
+        )  # fmt: skip
+    raise ValueError(f"unknown case {case!r}; expected one of {CASES}")
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def make_generator(device: torch.device, seed: int) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def time_cached(prior, labels, condition, args, device) -> Timing:
+    synchronize(device)
+    start = time.perf_counter()
+    codes = sample_codes(
+        prior, args.batch, labels, condition, generator=make_generator(device, args.seed)
+    )
+    synchronize(device)
+    positions = codes.shape[1] * codes.shape[2]
+    return Timing(time.perf_counter() - start, positions, positions, codes)
+
+
+@torch.inference_mode()
+def time_naive(prior, labels, condition, args, device) -> Timing:
+    """The naive procedure of vq_core.sampling (a full forward pass, filter, draw per position),
+    stopped after --naive-max-steps steps or --naive-budget-s seconds."""
+    cfg = prior.config
+    positions = cfg.height * cfg.width
+    codes = torch.zeros(args.batch, cfg.height, cfg.width, dtype=torch.long, device=device)
+    generator = make_generator(device, args.seed)
+    synchronize(device)
+    start = time.perf_counter()
+    steps = 0
+    for p in range(min(positions, args.naive_max_steps)):
+        row, col = divmod(p, cfg.width)
+        logits = prior(codes, labels, condition)[:, :, row, col]
+        codes[:, row, col] = draw_categorical(filter_logits(logits), generator)
+        steps += 1
+        if time.perf_counter() - start > args.naive_budget_s:
+            break
+    synchronize(device)
+    elapsed = time.perf_counter() - start
+    return Timing(elapsed * positions / steps, steps, positions, codes)
+
+
+def run_case(case: str, args: argparse.Namespace, device: torch.device) -> None:
+    config = build_config(case, args)
+    torch.manual_seed(args.seed)
+    prior = PixelSNAIL(config).to(device).eval()
+    g = torch.Generator().manual_seed(args.seed)
+    labels = (torch.arange(args.batch) % NUM_CLASSES).to(device)
+    condition = None
+    if config.condition_num_codes:
+        shape = (args.batch, config.condition_height, config.condition_width)
+        condition = torch.randint(0, config.condition_num_codes, shape, generator=g).to(device)
+    with torch.inference_mode():  # warm-up: allocator, kernels, lazy initialisation
+        prior(torch.zeros(args.batch, config.height, config.width, dtype=torch.long, device=device),
+              labels, condition)  # fmt: skip
+
+    cached = time_cached(prior, labels, condition, args, device)
+    naive = time_naive(prior, labels, condition, args, device)
+
+    size = f"{config.height}x{config.width}"
+    params = sum(p.numel() for p in prior.parameters()) / 1e6
+    condition_size = "none"
+    if config.condition_num_codes:
+        condition_size = f"{config.condition_height}x{config.condition_width}"
+    print(
+        f"\n{case}: {size} codes, K={config.num_codes}, channels={config.channels}, "
+        f"blocks={config.num_blocks}x{config.res_blocks}, attention={config.attention}, "
+        f"condition={condition_size}, {params:.2f}M parameters, batch {args.batch}"
+    )
+    for name, timing in (("cached", cached), ("naive", naive)):
+        note = ""
+        if timing.steps < timing.positions:
+            note = f"  (extrapolated from {timing.steps} of {timing.positions} steps)"
+        rate = args.batch / timing.seconds
+        per_step = timing.seconds / timing.positions * 1e3
+        print(
+            f"  {name:7s} {timing.seconds:9.2f} s  {rate:9.3f} samples/s  "
+            f"{per_step:8.2f} ms/step{note}"
+        )
+    flat_cached, flat_naive = cached.codes.flatten(1), naive.codes.flatten(1)
+    same = torch.equal(flat_cached[:, : naive.steps], flat_naive[:, : naive.steps])
+    print(
+        f"  speedup {naive.seconds / cached.seconds:.1f}x; codes identical over the "
+        f"{naive.steps} naive steps: {'yes' if same else 'NO'}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
+    parser.add_argument("--batch", type=int, default=8, help="samples per run (default: 8)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--codes", type=int, default=512, help="K of top-32/bottom-64")
+    parser.add_argument("--demo-codes", type=int, default=128, help="K of the demo cases")
+    small = parser.add_argument_group("widths of top-32 and bottom-64")
+    small.add_argument("--channels", type=int, default=32)
+    small.add_argument("--num-blocks", type=int, default=2)
+    small.add_argument("--res-blocks", type=int, default=1)
+    small.add_argument("--num-heads", type=int, default=2)
+    small.add_argument("--attention-channels", type=int, default=32)
+    small.add_argument("--condition-channels", type=int, default=32)
+    naive = parser.add_argument_group("naive runs")
+    naive.add_argument("--naive-max-steps", type=int, default=1024)
+    naive.add_argument("--naive-budget-s", type=float, default=30.0)
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda requested but CUDA is not available")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(
+        f"device: {where}; torch {torch.__version__}; {torch.get_num_threads()} CPU threads; "
+        f"naive runs capped at {args.naive_max_steps} steps / {args.naive_budget_s:.0f} s"
+    )
+    for case in args.cases:
+        run_case(case, args, device)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,318 @@
+"""Benchmark the tokenize stage: Ray overhead, memory flatness and shard size.
+
+In one run on one machine:
+
+1. throughput of the tokenize stage (Ray Data read + decode tasks, an encoder actor, shard writer
+   tasks) against a plain single-process ``model.encode`` loop over the same images, already
+   decoded in memory, with the same model, batch size and thread count. The stage's steady state
+   is its marginal rate between the N and 10N runs, (10N - N) / (t_10N - t_N), so the fixed costs
+   (starting the actor, loading the model, the last shard's flush) cancel; whole-run rates are
+   shown too.
+2. peak resident memory of the driver and every Ray process (sampled with psutil) when tokenizing
+   N and 10N images: a streaming stage should need about the same at both sizes.
+3. bytes per image in the code shards against storing every code as int64 (8 bytes per code).
+
+    python -m benchmarks.bench_tokenize --images 2000 --scale 10
+
+The 10N corpus repeats the N generated images under new names (copying is much faster than
+drawing), which changes nothing for the stage: each file is read, decoded and encoded anew.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+
+import numpy as np
+import psutil
+import torch
+
+from pipelines import storage
+from pipelines.config import parse_config
+from pipelines.data import open_corpus
+from pipelines.demo_data import generate_corpus
+from pipelines.images import decode_image, to_model_input
+from pipelines.manifest import write_manifest
+from pipelines.shards import iter_code_samples, shard_bytes
+from pipelines.stage import StageContext, ensure_ray
+from pipelines.tokenize import run as run_tokenize
+from pipelines.tracking import TrackingContext
+from vq_core.checkpoint import save_checkpoint
+from vq_core.vqvae import VQVAE2, VQVAE2Config
+
+# The demo configuration's autoencoder (configs/demo.yaml) with the paper's codebook size, so the
+# bottom codes need uint16 as in a real run.
+MODEL = {
+    "channels": 64,
+    "res_blocks": 2,
+    "res_channels": 32,
+    "embed_dim": 32,
+    "codebook_size_top": 512,
+    "codebook_size_bottom": 512,
+}
+
+
+class PeakMemory:
+    """Samples the summed RSS of this process and all its descendants (Ray's included)."""
+
+    def __init__(self, interval: float = 0.1):
+        self.interval = interval
+        self.peak_total = 0
+        self.peak_single = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        me = psutil.Process()
+        while not self._stop.is_set():
+            total, single = 0, 0
+            for proc in [me, *me.children(recursive=True)]:
+                try:
+                    rss = proc.memory_info().rss
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    continue
+                total += rss
+                single = max(single, rss)
+            self.peak_total = max(self.peak_total, total)
+            self.peak_single = max(self.peak_single, single)
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def replicate_corpus(source: str, target: str, copies: int) -> int:
+    """Copy every image of ``source`` ``copies`` times under new names into ``target``."""
+    count = 0
+    for name in sorted(os.listdir(source)):
+        folder = os.path.join(source, name)
+        if name.startswith(".") or not os.path.isdir(folder):
+            continue
+        os.makedirs(os.path.join(target, name), exist_ok=True)
+        for file in sorted(os.listdir(folder)):
+            stem, ext = os.path.splitext(file)
+            for c in range(copies):
+                shutil.copyfile(
+                    os.path.join(folder, file), os.path.join(target, name, f"{stem}-{c:03d}{ext}")
+                )
+                count += 1
+    return count
+
+
+def make_config(workdir: str, corpus: str, args: argparse.Namespace, shard_max: int):
+    raw = {
+        "output_dir": os.path.join(workdir, "out-" + os.path.basename(corpus)),
+        "data": {"source": corpus, "image_size": args.image_size, "holdout_fraction": 0.05},
+        "ray": {"num_cpus": args.num_cpus},
+        "train_vqvae": {"kind": "vqvae2", "model": MODEL},
+        "tokenize": {
+            "batch_size": args.batch_size,
+            "num_actors": 1,
+            "cpus_per_actor": args.cpus_per_actor,
+            "shard_max_samples": shard_max,
+        },
+    }
+    return parse_config(raw)
+
+
+def install_autoencoder(cfg, model: VQVAE2, class_names: list[str]) -> None:
+    """Write the checkpoint and a complete train_vqvae manifest, as stage 1 would."""
+    vq_dir = cfg.stage_dir("train_vqvae")
+    storage.makedirs(vq_dir)
+    checkpoint = storage.join(vq_dir, "model.pt")
+    save_checkpoint(model, checkpoint)
+    height, width = cfg.data.size_hw
+    shapes = model.code_shape(height, width)
+    write_manifest(
+        vq_dir,
+        {
+            "stage": "train_vqvae",
+            "fingerprint": "benchmark",
+            "complete": True,
+            "mlflow_run_id": None,
+            "checkpoint": checkpoint,
+            "model": "vqvae2",
+            "levels": list(model.levels),
+            "codebook_sizes": dict(zip(model.levels, model.codebook_sizes)),
+            "code_shapes": {lvl: list(s) for lvl, s in zip(model.levels, shapes)},
+            "image_size": [height, width],
+            "channels": cfg.data.channels,
+            "class_names": class_names,
+            "steps": 0,
+            "metrics": {},
+            "artifacts": {},
+        },
+    )
+
+
+def run_stage(cfg, model: VQVAE2) -> dict:
+    """One tokenize run: manifest, wall time and peak memory."""
+    install_autoencoder(cfg, model, open_corpus(cfg.data).class_names)
+    stage_dir = cfg.stage_dir("tokenize")
+    ctx = StageContext(cfg, "tokenize", stage_dir, "benchmark", TrackingContext("", None))
+    with PeakMemory() as memory:
+        start = time.perf_counter()
+        manifest = run_tokenize(ctx)
+        wall = time.perf_counter() - start
+    return {
+        "manifest": manifest,
+        "wall": wall,
+        "run_ips": manifest["samples"] / wall,
+        "peak_total": memory.peak_total,
+        "peak_single": memory.peak_single,
+    }
+
+
+def int64_shard_bytes(manifest: dict) -> float:
+    """Bytes per image of the first shard rewritten with 8-byte codes, same container."""
+    samples = list(iter_code_samples([manifest["shards"][0]["uri"]]))
+    levels = manifest["levels"]
+    data = shard_bytes(
+        [s["key"] for s in samples],
+        [s["label"] for s in samples],
+        {lvl: np.stack([s[lvl] for s in samples]).astype(np.uint64) for lvl in levels},
+    )
+    return len(data) / len(samples)
+
+
+def run_baseline(corpus: str, cfg, model: VQVAE2, threads: int) -> float:
+    """Images/s of a plain inference loop over pre-decoded images (decoding not timed)."""
+    images = []
+    for root, _, files in os.walk(corpus):
+        for file in sorted(files):
+            if file.endswith(".png"):
+                with open(os.path.join(root, file), "rb") as f:
+                    images.append(decode_image(f.read(), cfg.data.size_hw, cfg.data.channels))
+    images = np.stack(images)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    batch = cfg.tokenize.batch_size
+    model.encode(to_model_input(images[:batch]))  # warm-up: allocator, kernels
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for i in range(0, len(images), batch):
+            codes = model.encode(to_model_input(images[i : i + batch]))
+            _ = [c.numpy().astype(np.uint16) for c in codes]
+    elapsed = time.perf_counter() - start
+    torch.set_num_threads(previous)
+    return len(images) / elapsed
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=2000, help="N, generated images")
+    parser.add_argument("--scale", type=int, default=10, help="the memory run uses scale x N")
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--cpus-per-actor", type=float, default=1.0)
+    parser.add_argument("--num-cpus", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--workdir", default=None, help="default: a temporary folder, removed")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+
+    workdir = args.workdir or tempfile.mkdtemp(prefix="bench-tokenize-")
+    try:
+        classes = ("circle", "square", "triangle", "cross")
+        small = os.path.join(workdir, "corpus-n")
+        generate_corpus(
+            small,
+            classes=classes,
+            images_per_class=max(1, args.images // len(classes)),
+            image_size=args.image_size,
+        )
+        large = os.path.join(workdir, "corpus-10n")
+        if not os.path.isdir(large):
+            replicate_corpus(small, large, args.scale)
+        warm = os.path.join(workdir, "corpus-warm")
+        generate_corpus(warm, classes=classes, images_per_class=16, image_size=args.image_size)
+
+        torch.manual_seed(0)
+        model = VQVAE2(VQVAE2Config(**MODEL)).eval()
+        n = args.images
+        cfg_small = make_config(workdir, small, args, shard_max=max(1, n // 10))
+        cfg_large = make_config(workdir, large, args, shard_max=max(1, n // 10))
+        cfg_warm = make_config(workdir, warm, args, shard_max=32)
+        ensure_ray(cfg_small)
+        from ray.data import DataContext
+
+        DataContext.get_current().enable_progress_bars = False
+
+        run_stage(cfg_warm, model)  # starts Ray's workers; not reported
+        stage_n = run_stage(cfg_small, model)
+        stage_10n = run_stage(cfg_large, model)
+        threads = max(1, int(args.cpus_per_actor))
+        baseline = run_baseline(small, cfg_small, model, threads)
+        int64_shard = int64_shard_bytes(stage_n["manifest"])
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    mib = 1024**2
+    m = stage_n["manifest"]
+    # The marginal rate between the two runs is the steady state: Ray's start, the actor's model
+    # load and the last shard's flush cost the same in both and cancel out.
+    extra_images = stage_10n["manifest"]["samples"] - m["samples"]
+    extra_time = stage_10n["wall"] - stage_n["wall"]
+    steady = extra_images / extra_time if extra_time > 0 else float("nan")
+    codes = sum(h * w for h, w in m["code_shapes"].values())
+    raw_codes = sum(
+        h * w * np.dtype(m["code_dtypes"][lvl]).itemsize for lvl, (h, w) in m["code_shapes"].items()
+    )
+    rows = [
+        ("images", f"{m['samples']}", f"{stage_10n['manifest']['samples']}"),
+        ("stage wall time (s)", f"{stage_n['wall']:.1f}", f"{stage_10n['wall']:.1f}"),
+        ("stage images/s, whole run", f"{stage_n['run_ips']:.0f}", f"{stage_10n['run_ips']:.0f}"),
+        ("stage images/s, steady (marginal N->10N)", "", f"{steady:.0f}"),
+        (f"plain loop images/s ({threads} thread)", f"{baseline:.0f}", ""),
+        ("overhead: plain / stage, steady", "", f"{baseline / steady:.2f}x"),
+        (
+            "overhead: plain / stage, whole run",
+            f"{baseline / stage_n['run_ips']:.2f}x",
+            f"{baseline / stage_10n['run_ips']:.2f}x",
+        ),
+        (
+            "peak RSS, all processes (MiB)",
+            f"{stage_n['peak_total'] / mib:.0f}",
+            f"{stage_10n['peak_total'] / mib:.0f}",
+        ),
+        (
+            "peak RSS, largest process (MiB)",
+            f"{stage_n['peak_single'] / mib:.0f}",
+            f"{stage_10n['peak_single'] / mib:.0f}",
+        ),
+        ("code bytes/image, stored dtypes", f"{raw_codes}", ""),
+        ("code bytes/image, int64", f"{8 * codes}", f"{8 * codes / raw_codes:.1f}x"),
+        (
+            "shard bytes/image (tar + npy headers)",
+            f"{m['metrics']['bytes_per_image']:.0f}",
+            f"{stage_10n['manifest']['metrics']['bytes_per_image']:.0f}",
+        ),
+        (
+            "shard bytes/image with int64 codes",
+            f"{int64_shard:.0f}",
+            f"{int64_shard / m['metrics']['bytes_per_image']:.1f}x",
+        ),
+    ]
+    print(
+        f"\ntokenize benchmark: {args.image_size}x{args.image_size} images, VQ-VAE-2 "
+        f"(channels {MODEL['channels']}, K {MODEL['codebook_size_top']}), batch {args.batch_size}, "
+        f"{args.cpus_per_actor:g} CPU per actor, {args.num_cpus} CPUs for Ray"
+    )
+    width = max(len(r[0]) for r in rows)
+    print(f"{'':{width}}  {'N':>10}  {f'{args.scale}N / ratio':>12}")
+    for name, a, b in rows:
+        print(f"{name:{width}}  {a:>10}  {b:>12}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,233 @@
+"""A generated class-conditional image corpus: one coloured shape per class.
+
+The demo needs data that anyone can make in seconds, that a small VQ-VAE-2 reconstructs well, and
+whose classes a prior can learn to tell apart: a sample of "triangle" should look like a triangle.
+Each image is one filled shape with a random colour, size, position and slight rotation on a random
+two-colour gradient background; the shape's colour is chosen to contrast with the background so
+the class is always visible.
+
+Layout (an image-folder corpus, readable by pipelines.data):
+
+    root/<class>/<index:05d>.png
+    root/<class>/broken-<n:03d>.png     # only with corrupt_files > 0: truncated or empty files
+    root/.vqpipe-corpus.json            # written last; marks the corpus complete
+
+Generation is deterministic per (seed, class, index) and idempotent: a complete corpus with the same
+parameters is left untouched, so its files (and the fingerprints of stages that read it) never change.
+An incomplete corpus, or one made with other parameters, is regenerated.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from pipelines import storage
+from pipelines.images import encode_png
+
+log = logging.getLogger("vqpipe")
+
+FORMAT = "vqpipe.demo_corpus/1"
+MARKER_NAME = ".vqpipe-corpus.json"
+# Shapes are drawn at this multiple of the output size and downsampled: smooth edges are easier
+# for a small autoencoder and look like real images rather than aliased masks.
+SUPERSAMPLE = 4
+_OWN_FILE = re.compile(r"^(\d{5}|broken-\d{3})\.png$")
+
+
+def _regular_polygon(sides: int, cx: float, cy: float, r: float, angle: float) -> list:
+    return [
+        (
+            cx + r * math.cos(angle + 2 * math.pi * k / sides),
+            cy + r * math.sin(angle + 2 * math.pi * k / sides),
+        )
+        for k in range(sides)
+    ]
+
+
+def _rotate(points: list, cx: float, cy: float, angle: float) -> list:
+    c, s = math.cos(angle), math.sin(angle)
+    return [(cx + c * (x - cx) - s * (y - cy), cy + s * (x - cx) + c * (y - cy)) for x, y in points]
+
+
+def _draw_circle(draw: ImageDraw.ImageDraw, cx, cy, r, angle, fill) -> None:
+    draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+
+
+def _draw_square(draw, cx, cy, r, angle, fill) -> None:
+    # Half-diagonal r, rotated at most a little so it never turns into the diamond class.
+    draw.polygon(_regular_polygon(4, cx, cy, r, math.pi / 4 + angle), fill=fill)
+
+
+def _draw_triangle(draw, cx, cy, r, angle, fill) -> None:
+    # Pointing up; the centroid sits slightly below the bounding-box centre, so shift it down.
+    draw.polygon(_regular_polygon(3, cx, cy + 0.2 * r, 1.1 * r, -math.pi / 2 + angle), fill=fill)
+
+
+def _draw_cross(draw, cx, cy, r, angle, fill) -> None:
+    w = 0.35 * r
+    arms = [
+        [(cx - r, cy - w), (cx + r, cy - w), (cx + r, cy + w), (cx - r, cy + w)],
+        [(cx - w, cy - r), (cx + w, cy - r), (cx + w, cy + r), (cx - w, cy + r)],
+    ]
+    for arm in arms:
+        draw.polygon(_rotate(arm, cx, cy, angle), fill=fill)
+
+
+def _draw_diamond(draw, cx, cy, r, angle, fill) -> None:
+    points = [(cx, cy - r), (cx + 0.7 * r, cy), (cx, cy + r), (cx - 0.7 * r, cy)]
+    draw.polygon(_rotate(points, cx, cy, angle), fill=fill)
+
+
+def _draw_ring(draw, cx, cy, r, angle, fill) -> None:
+    draw.ellipse((cx - r, cy - r, cx + r, cy + r), outline=fill, width=max(1, round(0.35 * r)))
+
+
+def _draw_star(draw, cx, cy, r, angle, fill) -> None:
+    points = []
+    for k in range(10):
+        radius = r if k % 2 == 0 else 0.45 * r
+        a = -math.pi / 2 + angle + math.pi * k / 5
+        points.append((cx + radius * math.cos(a), cy + radius * math.sin(a)))
+    draw.polygon(points, fill=fill)
+
+
+def _draw_hexagon(draw, cx, cy, r, angle, fill) -> None:
+    draw.polygon(_regular_polygon(6, cx, cy, r, angle), fill=fill)
+
+
+SHAPES = {
+    "circle": _draw_circle,
+    "square": _draw_square,
+    "triangle": _draw_triangle,
+    "cross": _draw_cross,
+    "diamond": _draw_diamond,
+    "ring": _draw_ring,
+    "star": _draw_star,
+    "hexagon": _draw_hexagon,
+}
+
+
+def _luma(rgb: np.ndarray) -> float:
+    return float(0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2])
+
+
+def render_image(shape: str, size: int, rng: np.random.Generator) -> np.ndarray:
+    """One uint8 size x size x 3 image of ``shape`` with random placement and colours."""
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; expected one of {sorted(SHAPES)}")
+    big = size * SUPERSAMPLE
+    # Background: a linear blend of two colours along a random direction.
+    start, end = rng.uniform(20, 235, size=(2, 3))
+    theta = rng.uniform(0, 2 * math.pi)
+    ys, xs = np.mgrid[0:big, 0:big] / max(big - 1, 1)
+    t = (np.cos(theta) * (xs - 0.5) + np.sin(theta) * (ys - 0.5)) / math.sqrt(0.5) + 0.5
+    t = np.clip(t, 0, 1)[:, :, None]
+    background = (1 - t) * start + t * end
+    # Shape colour: random hue, but far enough in brightness from the background's mean that the
+    # class is never camouflaged.
+    bg_luma = _luma(background.reshape(-1, 3).mean(0))
+    for _ in range(32):
+        colour = rng.uniform(0, 255, size=3)
+        if abs(_luma(colour) - bg_luma) > 70:
+            break
+    else:
+        colour = np.full(3, 0.0 if bg_luma > 127 else 255.0)
+    image = Image.fromarray(background.astype(np.uint8), mode="RGB")
+    draw = ImageDraw.Draw(image)
+    radius = rng.uniform(0.22, 0.38) * big
+    margin = radius * 1.05
+    cx = rng.uniform(margin, big - margin)
+    cy = rng.uniform(margin, big - margin)
+    angle = rng.uniform(-0.25, 0.25)  # about +-15 degrees: rotation varies, the class does not
+    SHAPES[shape](draw, cx, cy, radius, angle, tuple(int(v) for v in colour))
+    image = image.resize((size, size), Image.Resampling.LANCZOS)
+    return np.asarray(image, dtype=np.uint8)
+
+
+def _corrupt_bytes(index: int, valid_png: bytes) -> bytes:
+    # Alternate the two failures seen in real crawls: a truncated download and an empty file.
+    return valid_png[: max(16, len(valid_png) // 3)] if index % 2 == 0 else b""
+
+
+def _remove_own_files(root: str, classes: list[str]) -> None:
+    for name in classes:
+        folder = storage.join(root, name)
+        for uri in storage.list_files(folder, recursive=False):
+            if _OWN_FILE.match(uri.rsplit("/", 1)[-1]):
+                storage.remove(uri)
+
+
+def generate_corpus(
+    root: str,
+    classes: tuple[str, ...] | list[str] = ("circle", "square", "triangle", "cross"),
+    images_per_class: int = 200,
+    image_size: int = 64,
+    corrupt_files: int = 0,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Write the demo corpus under ``root`` (a local path or URL) unless it is already complete.
+
+    Returns a summary: root, classes, images (valid files), corrupt (keys of the broken files)
+    and generated (False when an existing complete corpus was kept).
+    """
+    classes = list(classes)
+    unknown = [c for c in classes if c not in SHAPES]
+    if unknown:
+        raise ValueError(f"unknown demo classes {unknown}; expected names from {sorted(SHAPES)}")
+    if not classes or len(set(classes)) != len(classes):
+        raise ValueError(f"classes must be a non-empty list of distinct names, got {classes}")
+    if images_per_class <= 0 or image_size < 8 or corrupt_files < 0:
+        raise ValueError(
+            f"need images_per_class > 0, image_size >= 8 and corrupt_files >= 0; got "
+            f"{images_per_class}, {image_size}, {corrupt_files}"
+        )
+    params = {
+        "format": FORMAT,
+        "classes": classes,
+        "images_per_class": images_per_class,
+        "image_size": image_size,
+        "corrupt_files": corrupt_files,
+        "seed": seed,
+    }
+    corrupt_keys = [f"{classes[i % len(classes)]}/broken-{i:03d}" for i in range(corrupt_files)]
+    summary = {
+        "root": root,
+        "classes": classes,
+        "images": images_per_class * len(classes),
+        "corrupt": corrupt_keys,
+    }
+    marker = storage.join(root, MARKER_NAME)
+    previous = None
+    if storage.exists(marker):
+        try:
+            previous = json.loads(storage.read_bytes(marker))
+        except json.JSONDecodeError:
+            previous = None
+    if previous == params:
+        return {**summary, "generated": False}
+
+    log.info("generating demo corpus at %s (%d images)", root, summary["images"])
+    if previous is not None:
+        storage.remove(marker)  # from here on the corpus is incomplete until rewritten
+    stale = set(classes) | set(previous.get("classes", []) if isinstance(previous, dict) else [])
+    _remove_own_files(root, sorted(stale))
+    for class_index, name in enumerate(classes):
+        for index in range(images_per_class):
+            # One generator per image: any image can be regenerated alone and the corpus does
+            # not depend on the order in which it is written.
+            rng = np.random.default_rng([seed, class_index, index])
+            png = encode_png(render_image(name, image_size, rng))
+            storage.write_bytes(storage.join(root, name, f"{index:05d}.png"), png)
+    for i, key in enumerate(corrupt_keys):
+        rng = np.random.default_rng([seed, 10_000 + i])
+        valid = encode_png(render_image(classes[i % len(classes)], image_size, rng))
+        storage.write_bytes(storage.join(root, f"{key}.png"), _corrupt_bytes(i, valid))
+    storage.write_bytes(marker, json.dumps(params, indent=2).encode())
+    return {**summary, "generated": True}

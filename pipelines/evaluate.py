@@ -1,0 +1,438 @@
+"""Stage 5: measure what the pipeline produced, and write a one-page report.
+
+On the held-out split of the corpus:
+
+- reconstruction: mean squared error of decode(encode(x)) on images in [-1, 1] (reconstructions
+  clipped to [-1, 1], as when they are saved), and PSNR on the [0, 1] scale, i.e.
+  10 log10(1 / (MSE / 4)) dB, over the first ``holdout_batches`` batches;
+- codebooks: usage (fraction of the K codes that occur) and perplexity (exp of the entropy of the
+  code histogram) per level, over every held-out code in the tokenize stage's shards, not per batch;
+- priors: negative log-likelihood of the held-out code maps in bits per code, beside log2(K), the
+  cost of a uniform guess.
+
+On the sample stage's images, the Classification Accuracy Score (CAS, Ravuri & Vinyals 2019): a
+classifier trained only on generated images, tested on real held-out images, reported beside the
+same classifier trained on real train images for the same number of steps, and beside that real
+classifier's accuracy on the generated images (does each sample look like its class?). Accuracies
+are among the sampled classes only, so sampling a subset of classes is still a fair comparison.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipelines import storage
+from pipelines.classifier import (
+    ClassifierConfig,
+    LabelledImages,
+    accuracy,
+    corpus_classifier,
+    labelled_images,
+    resize_images,
+    train_classifier,
+)
+from pipelines.manifest import read_manifest, require_manifest
+from pipelines.report import Figure, Report, Section, Table, write_report
+from pipelines.stage import StageContext, ensure_ray
+
+log = logging.getLogger("vqpipe")
+
+
+def psnr_from_mse(mse: float) -> float:
+    """PSNR in dB on the [0, 1] scale of an MSE measured on [-1, 1] images (which is 4x larger)."""
+    # Floor: a perfect reconstruction reads as 100 dB rather than infinity.
+    return 10.0 * math.log10(4.0 / max(mse, 4e-10))
+
+
+def histogram_stats(counts: np.ndarray) -> tuple[float, float, int]:
+    """(perplexity, usage, codes used) of a code histogram of length K."""
+    total = counts.sum()
+    used = int((counts > 0).sum())
+    if total == 0:
+        return math.nan, 0.0, 0
+    p = counts[counts > 0] / total
+    return float(np.exp(-(p * np.log(p)).sum())), used / len(counts), used
+
+
+@torch.inference_mode()
+def reconstruction_metrics(
+    autoencoder: torch.nn.Module, holdout: LabelledImages, batch_size: int, grid_images: int
+) -> tuple[dict[str, float], np.ndarray]:
+    """Held-out MSE and PSNR, and a grid of originals (top row) over reconstructions (bottom)."""
+    from pipelines.images import make_grid, to_uint8
+
+    device = next(autoencoder.parameters()).device
+    squared_error, values = 0.0, 0
+    shown_in, shown_out = [], []
+    for start in range(0, len(holdout), batch_size):
+        x = holdout.images[start : start + batch_size].to(device)
+        codes = autoencoder.encode(x)
+        reconstruction = autoencoder.decode_codes(codes).float().clamp(-1, 1)
+        squared_error += float(((reconstruction - x) ** 2).sum(dtype=torch.float64))
+        values += x.numel()
+        if sum(len(s) for s in shown_in) < grid_images:
+            shown_in.append(x.cpu())
+            shown_out.append(reconstruction.cpu())
+    mse = squared_error / values
+    n = min(grid_images, len(holdout))
+    originals = to_uint8(torch.cat(shown_in)[:n])
+    reconstructions = to_uint8(torch.cat(shown_out)[:n])
+    grid = make_grid(np.concatenate([originals, reconstructions]), nrow=n)
+    return {"holdout/mse": mse, "holdout/psnr": psnr_from_mse(mse), "holdout/images": len(holdout)}, grid
+
+
+@torch.inference_mode()
+def code_metrics(
+    code_dataset: Any,
+    levels: list[str],
+    codebook_sizes: dict[str, int],
+    priors: dict[str, tuple[torch.nn.Module, str | None]],
+    batch_size: int,
+    prior_batches: int,
+) -> dict[str, float]:
+    """Per level: usage and perplexity over every held-out code map; each prior's bits per code
+    over the first ``prior_batches`` batches."""
+    counts = {level: np.zeros(codebook_sizes[level], dtype=np.int64) for level in levels}
+    bits = {level: 0.0 for level in priors}
+    maps_scored, maps_seen = 0, 0
+    for batch_index, batch in enumerate(
+        code_dataset.iter_batches(batch_size=batch_size, batch_format="numpy")
+    ):
+        codes = {level: np.asarray(batch[level]).astype(np.int64) for level in levels}
+        for level in levels:
+            counts[level] += np.bincount(codes[level].ravel(), minlength=codebook_sizes[level])
+        n = len(batch["key"])
+        maps_seen += n
+        if batch_index >= prior_batches:
+            continue
+        labels = torch.as_tensor(np.asarray(batch["label"]).astype(np.int64))
+        for level, (prior, condition) in priors.items():
+            device = next(prior.parameters()).device
+            loss = prior.loss(
+                torch.from_numpy(codes[level]).to(device),
+                labels=labels.to(device) if prior.config.num_classes > 0 else None,
+                condition=torch.from_numpy(codes[condition]).to(device) if condition else None,
+            )
+            bits[level] += float(loss) * n  # every map has h*w codes: weight batches by maps
+        maps_scored += n
+    metrics: dict[str, float] = {"holdout/code_maps": maps_seen}
+    for level in levels:
+        perplexity, usage, used = histogram_stats(counts[level])
+        metrics[f"holdout/perplexity/{level}"] = perplexity
+        metrics[f"holdout/usage/{level}"] = usage
+        metrics[f"holdout/codes_used/{level}"] = used
+    for level in priors:
+        metrics[f"holdout/bits_per_code/{level}"] = bits[level] / maps_scored if maps_scored else math.nan
+    return metrics
+
+
+def generated_images(sample_manifest: dict[str, Any], class_names: list[str], shape: tuple[int, int, int], size: int) -> LabelledImages:
+    """The sample stage's PNGs, labelled with their requested class, resized to ``size``."""
+    from pipelines.images import decode_image, to_model_input
+
+    images, labels, keys = [], [], []
+    for name, entry in sample_manifest["classes"].items():
+        files = [f for f in storage.list_files(entry["dir"], recursive=False) if f.endswith(".png")]
+        if not files:
+            continue
+        pixels = np.stack([decode_image(storage.read_bytes(f), shape[:2], shape[2]) for f in files])
+        images.append(resize_images(to_model_input(pixels), size))
+        labels += [class_names.index(name)] * len(files)
+        keys += files
+    if not keys:
+        return LabelledImages(torch.empty(0), torch.empty(0, dtype=torch.long), [])
+    return LabelledImages(torch.cat(images), torch.tensor(labels, dtype=torch.long), keys)
+
+
+def classification_metrics(
+    ctx: StageContext, class_names: list[str], sample_manifest: dict[str, Any], shape: tuple[int, int, int]
+) -> tuple[dict[str, float], str | None]:
+    """CAS and its two reference accuracies; or no metrics and the reason they are missing."""
+    from pipelines.data import open_corpus
+
+    cfg = ctx.cfg.evaluate
+    unknown = [n for n in sample_manifest["classes"] if n not in class_names]
+    if len(class_names) < 2 or unknown:
+        return {}, "the samples are not labelled with the corpus' classes, so CAS does not apply"
+    input_size = ClassifierConfig(num_classes=len(class_names), in_channels=shape[2]).input_size
+    generated = generated_images(sample_manifest, class_names, shape, input_size)
+    sampled = sorted(set(generated.labels.tolist()))
+    if len(sampled) < 2:
+        return {}, "fewer than 2 classes were sampled; a classifier needs at least 2"
+    holdout = labelled_images(open_corpus(ctx.cfg.data).dataset("holdout"), cfg.max_images, size=input_size)
+    holdout = holdout.subset(np.isin(holdout.labels.numpy(), sampled))
+    if len(holdout) == 0:
+        return {}, "the held-out split has no images of the sampled classes"
+
+    log.info("evaluate: CAS classifier on %d generated images", len(generated))
+    on_generated = train_classifier(
+        generated.images,
+        generated.labels,
+        len(class_names),
+        steps=cfg.classifier_steps,
+        lr=cfg.classifier_lr,
+        seed=ctx.cfg.seed,
+    )
+    # The rejection classifier of the sample stage is this very model when the settings agree.
+    on_real = corpus_classifier(
+        ctx.cfg.data,
+        class_names,
+        steps=cfg.classifier_steps,
+        lr=cfg.classifier_lr,
+        seed=ctx.cfg.seed,
+        max_images=cfg.max_images,
+        cache_uri=storage.join(ctx.stage_dir, "classifier-real.pt"),
+        reuse_uris=(storage.join(ctx.cfg.stage_dir("sample"), "classifier.pt"),),
+    )
+    cas = accuracy(on_generated, holdout.images, holdout.labels, among=sampled)
+    real = accuracy(on_real, holdout.images, holdout.labels, among=sampled)
+    metrics = {
+        "cas/generated_to_real": cas,
+        "cas/real_to_real": real,
+        "cas/real_to_generated": accuracy(on_real, generated.images, generated.labels, among=sampled),
+        "cas/ratio": cas / real if real > 0 else math.nan,
+        "cas/generated_images": len(generated),
+        "cas/real_holdout_images": len(holdout),
+        "cas/classes": len(sampled),
+    }
+    return metrics, None
+
+
+def _load(uri: str, device: torch.device) -> torch.nn.Module:
+    from vq_core.checkpoint import load_checkpoint
+
+    return load_checkpoint(storage.read_bytes(uri), map_location=device)[0]
+
+
+def run(ctx: StageContext) -> dict[str, Any]:
+    from pipelines.data import open_corpus
+    from pipelines.shards import code_dataset
+
+    cfg = ctx.cfg.evaluate
+    vq = require_manifest(ctx.cfg.stage_dir("train_vqvae"), "train_vqvae")
+    tok = require_manifest(ctx.cfg.stage_dir("tokenize"), "tokenize")
+    prior_manifest = require_manifest(ctx.cfg.stage_dir("train_prior"), "train_prior")
+    sample_manifest = read_manifest(ctx.cfg.stage_dir("sample"))
+    if sample_manifest is not None and not sample_manifest.get("complete"):
+        sample_manifest = None
+    ensure_ray(ctx.cfg)
+    started = time.time()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    levels = list(vq["levels"])
+    class_names = list(vq.get("class_names") or [])
+    shape = (*vq["image_size"], vq["channels"])
+    notes: list[str] = []
+
+    log.info("evaluate: reconstruction on the held-out split")
+    autoencoder = _load(vq["checkpoint"], device)
+    holdout_ds = open_corpus(ctx.cfg.data).dataset("holdout")
+    holdout = labelled_images(holdout_ds, cfg.holdout_batches * cfg.batch_size)
+    metrics: dict[str, float] = {}
+    recon_grid = None
+    if len(holdout):
+        recon, recon_grid = reconstruction_metrics(autoencoder, holdout, cfg.batch_size, cfg.grid_images)
+        metrics.update(recon)
+    else:
+        notes.append("The held-out split is empty (data.holdout_fraction = 0): no reconstruction metrics.")
+
+    log.info("evaluate: codebooks and priors on the held-out code shards")
+    priors = {
+        level: (_load(entry["checkpoint"], device), entry.get("condition"))
+        for level, entry in prior_manifest["priors"].items()
+    }
+    codes = code_dataset(ctx.cfg.stage_dir("tokenize"), split="holdout")
+    # Which maps fall in the first holdout_batches batches must not depend on scheduling.
+    codes.context.execution_options.preserve_order = True
+    metrics.update(
+        code_metrics(
+            codes, levels, {k: int(v) for k, v in tok["codebook_sizes"].items()},
+            priors, cfg.batch_size, cfg.holdout_batches,
+        )
+    )
+    if metrics["holdout/code_maps"]:
+        metrics["holdout/bits_per_image"] = sum(
+            metrics[f"holdout/bits_per_code/{level}"] * math.prod(tok["code_shapes"][level])
+            for level in priors
+        )
+
+    cas_note = "the sample stage has not run"
+    if sample_manifest is not None:
+        log.info("evaluate: Classification Accuracy Score")
+        cas_metrics, cas_note = classification_metrics(ctx, class_names, sample_manifest, shape)
+        metrics.update(cas_metrics)
+    metrics["evaluate/seconds"] = time.time() - started
+    metrics = {k: float(v) for k, v in metrics.items()}
+    ctx.tracking.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)})
+
+    report = build_report(ctx, vq, tok, prior_manifest, sample_manifest, metrics, recon_grid, cas_note, notes)
+    uris = write_report(report, ctx.stage_dir)
+    for name, uri in uris.items():
+        ctx.tracking.log_bytes(storage.read_bytes(uri), f"report/{uri.rsplit('/', 1)[-1]}")
+    for section in report.sections:
+        for figure in section.figures:
+            ctx.tracking.log_bytes(figure.png, f"report/{figure.filename}")
+    return {
+        "metrics": metrics,
+        "report": uris["markdown"],
+        "report_html": uris["html"],
+        "levels": levels,
+        "cas_skipped": cas_note,
+    }
+
+
+# -------------------------------------------------------------------------------------------------
+# The report
+
+
+def _metric_table(metrics: dict[str, float], names: list[tuple[str, str]]) -> Table:
+    return Table(["metric", "value", "meaning"], [[k, metrics[k], meaning] for k, meaning in names if k in metrics])
+
+
+def build_report(
+    ctx: StageContext,
+    vq: dict[str, Any],
+    tok: dict[str, Any],
+    prior_manifest: dict[str, Any],
+    sample_manifest: dict[str, Any] | None,
+    metrics: dict[str, float],
+    recon_grid: np.ndarray | None,
+    cas_note: str | None,
+    notes: list[str],
+) -> Report:
+    from pipelines.images import encode_png
+
+    levels = list(vq["levels"])
+    shapes = ", ".join(f"{level} {h}x{w}" for level, (h, w) in ((lv, vq["code_shapes"][lv]) for lv in levels))
+    splits = ", ".join(f"{split} {n}" for split, n in tok["splits"].items())
+    summary = Section(
+        "Summary",
+        [
+            f"Autoencoder: {vq['model']} trained for {vq['steps']} steps on "
+            f"{vq['image_size'][0]}x{vq['image_size'][1]} images with {vq['channels']} channel(s); "
+            f"code maps: {shapes}.",
+            f"Corpus: {tok['samples']} images tokenized ({splits}), classes: "
+            f"{', '.join(vq.get('class_names') or []) or 'none (unconditional)'}.",
+            *notes,
+        ],
+    )
+
+    recon = Section(
+        "Reconstruction (held-out images)",
+        [
+            "MSE is measured on images scaled to [-1, 1], with reconstructions clipped to that range. "
+            "PSNR is on the [0, 1] scale: 10 log10(1 / (MSE / 4)) dB."
+        ],
+        _metric_table(
+            metrics,
+            [
+                ("holdout/mse", "mean squared error, images in [-1, 1]"),
+                ("holdout/psnr", "dB, [0, 1] scale"),
+                ("holdout/images", "held-out images measured"),
+            ],
+        ),
+    )
+    if recon_grid is not None:
+        recon.figures.append(
+            Figure("Held-out images (top) and their reconstructions (bottom)", "figures/reconstructions.png", encode_png(recon_grid))
+        )
+
+    codebooks = Section(
+        "Codebooks",
+        [
+            "Over every held-out code map "
+            f"({int(metrics.get('holdout/code_maps', 0))} maps). Usage is the fraction of codes that "
+            "occur; perplexity is exp(entropy) of the code histogram, the number of equally likely "
+            "codes with the same spread (at most K)."
+        ],
+        Table(
+            ["level", "K", "codes used", "usage", "perplexity"],
+            [
+                [
+                    level,
+                    int(tok["codebook_sizes"][level]),
+                    int(metrics.get(f"holdout/codes_used/{level}", 0)),
+                    metrics.get(f"holdout/usage/{level}", math.nan),
+                    metrics.get(f"holdout/perplexity/{level}", math.nan),
+                ]
+                for level in levels
+            ],
+        ),
+    )
+
+    prior_rows = []
+    for level in levels:
+        entry = prior_manifest["priors"].get(level)
+        if entry is None:
+            continue
+        k = int(tok["codebook_sizes"][level])
+        bits = metrics.get(f"holdout/bits_per_code/{level}", math.nan)
+        prior_rows.append(
+            [
+                level,
+                entry.get("kind", "?"),
+                entry.get("condition") or "-",
+                k,
+                math.log2(k),
+                bits,
+                bits / math.log2(k) if k > 1 else math.nan,
+                entry.get("heldout_bits_per_code", math.nan),
+            ]
+        )
+    priors = Section(
+        "Priors",
+        [
+            "Negative log-likelihood of the held-out code maps, in bits per code "
+            f"(first {ctx.cfg.evaluate.holdout_batches} batches of {ctx.cfg.evaluate.batch_size}). "
+            "log2(K) is what a uniform guess costs; a useful prior stays well below it."
+        ],
+        Table(
+            ["level", "prior", "conditioned on", "K", "log2 K", "bits/code", "bits / log2 K", "bits/code at training"],
+            prior_rows,
+        ),
+    )
+
+    samples = Section("Samples and Classification Accuracy Score")
+    if sample_manifest is not None:
+        settings = sample_manifest.get("settings", {})
+        samples.paragraphs.append(
+            f"{sample_manifest.get('samples', 0)} samples; settings: "
+            + ", ".join(f"{k}={v}" for k, v in settings.items() if k != "rejection")
+            + (", with classifier rejection" if settings.get("rejection", {}).get("enabled") else "")
+            + "."
+        )
+    if cas_note:
+        samples.paragraphs.append(f"CAS not computed: {cas_note}.")
+    else:
+        samples.paragraphs.append(
+            "CAS trains a classifier on generated images only and tests it on real held-out "
+            "images; the same classifier trained on real images for the same number of steps "
+            f"({ctx.cfg.evaluate.classifier_steps}) gives the reference. Accuracies are among the "
+            "sampled classes."
+        )
+        samples.table = _metric_table(
+            metrics,
+            [
+                ("cas/generated_to_real", "CAS: trained on samples, tested on real held-out images"),
+                ("cas/real_to_real", "reference: trained on real images, tested on real held-out images"),
+                ("cas/ratio", "CAS / reference"),
+                ("cas/real_to_generated", "real-trained classifier on the samples (class fidelity)"),
+            ],
+        )
+    if sample_manifest is not None:
+        for name, entry in sample_manifest["classes"].items():
+            if storage.exists(entry["grid"]):
+                samples.figures.append(
+                    Figure(f"samples: {name}", f"figures/grid-{name}.png", storage.read_bytes(entry["grid"]))
+                )
+
+    everything = Section(
+        "All metrics",
+        table=Table(["metric", "value"], [[k, v] for k, v in sorted(metrics.items())]),
+    )
+    return Report("Evaluation report", [summary, recon, codebooks, priors, samples, everything])

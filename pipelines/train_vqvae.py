@@ -1,0 +1,211 @@
+"""Stage 1: train the autoencoder (VQ-VAE-2, VQ-VAE or dVAE) on the image corpus with Ray Train.
+
+Writes ``<stage_dir>/model.pt`` (vq_core checkpoint format, extra: step, final metrics, image size,
+channels, class names) and ``<stage_dir>/reconstructions.png`` (held-out originals above their
+reconstructions), logs both to the stage's MLflow run, and returns the manifest body that
+tokenize and sample read.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+from torch import nn
+
+from pipelines import storage
+from pipelines.config import TrainVQVAESection
+from pipelines.data import open_corpus
+from pipelines.images import encode_png, make_grid, to_model_input, to_uint8
+from pipelines.stage import StageContext
+from pipelines.training import (
+    fit,
+    load_final_model,
+    publish_model,
+    run_trainer,
+    take_columns,
+    unwrap,
+)
+from vq_core.checkpoint import load_checkpoint, model_from_config
+from vq_core.dvae import code_statistics, gumbel_temperature, kl_weight_schedule
+
+log = logging.getLogger("vqpipe")
+
+# train_vqvae.kind -> the vq_core checkpoint registry name of the model class.
+MODEL_CLASSES = {"vqvae2": "VQVAE2", "vqvae": "VQVAE", "dvae": "DiscreteVAE"}
+
+MODEL_NAME = "model.pt"
+GRID_NAME = "reconstructions.png"
+
+
+def build_autoencoder(section: TrainVQVAESection, in_channels: int) -> nn.Module:
+    """A freshly initialised autoencoder of ``section.kind`` for images with ``in_channels``."""
+    return model_from_config(
+        MODEL_CLASSES[section.kind], {**section.model, "in_channels": in_channels}
+    )
+
+
+def dvae_schedule(section: TrainVQVAESection, config: Any, step: int) -> tuple[float, float]:
+    """(Gumbel temperature, KL weight) of a dVAE at ``step``: anneal the one, ramp up the other."""
+    anneal = section.temperature_anneal_steps or section.steps
+    warmup = section.kl_warmup_steps if section.kl_warmup_steps is not None else section.steps // 10
+    temperature = gumbel_temperature(
+        step, start=config.temperature, end=section.temperature_end, anneal_steps=anneal
+    )
+    return temperature, kl_weight_schedule(step, final=config.kl_weight, warmup_steps=warmup)
+
+
+def autoencoder_loss(section: TrainVQVAESection, config: Any):
+    """The training step's forward pass: images in, (loss, named scalars to log) out."""
+
+    def loss_fn(model: nn.Module, batch: dict[str, torch.Tensor], step: int):
+        x = to_model_input(batch["image"])
+        logs: dict[str, torch.Tensor] = {}
+        if section.kind == "dvae":
+            temperature, kl_weight = dvae_schedule(section, config, step)
+            out = model(x, temperature=temperature, kl_weight=kl_weight)
+            logs |= {
+                "train/temperature": x.new_tensor(temperature),
+                "train/kl_weight": x.new_tensor(kl_weight),
+            }
+        else:
+            out = model(x)
+        logs["train/loss"] = out.loss
+        logs |= {f"train/{k}": v for k, v in out.terms.items()}
+        logs |= {f"train/{k}": v for k, v in out.stats.items()}
+        return out.loss, logs
+
+    return loss_fn
+
+
+def evaluate_autoencoder(
+    model: nn.Module, device: torch.device, images: np.ndarray, batch_size: int
+) -> dict[str, float]:
+    """Held-out reconstruction MSE (images in [-1, 1]) and code usage/perplexity per level.
+
+    Usage and perplexity come from the code histogram of the whole held-out set, not a batch
+    average: a codebook that uses different codes in different batches is healthier than a
+    per-batch figure suggests.
+    """
+    squared_error, pixels = 0.0, 0
+    codes: list[list[torch.Tensor]] = [[] for _ in model.levels]
+    for start in range(0, len(images), batch_size):
+        x = to_model_input(images[start : start + batch_size]).to(device)
+        reconstruction = model(x).reconstruction.float()
+        squared_error += float(((reconstruction - x) ** 2).sum())
+        pixels += x.numel()
+        for level_codes, c in zip(codes, model.encode(x)):
+            level_codes.append(c.flatten().cpu())
+    metrics = {"holdout/mse": squared_error / max(pixels, 1)}
+    for level, num_codes, level_codes in zip(model.levels, model.codebook_sizes, codes):
+        perplexity, usage = code_statistics(torch.cat(level_codes), num_codes)
+        metrics[f"holdout/perplexity/{level}"] = float(perplexity)
+        metrics[f"holdout/usage/{level}"] = float(usage)
+    return metrics
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    section: TrainVQVAESection = config["section"]
+    torch.manual_seed(config["seed"])  # same initial weights on every rank
+    model = build_autoencoder(section, config["channels"])
+    evaluate_fn = None
+    if config["holdout"] is not None:
+        images = ray.get(config["holdout"])
+        evaluate_fn = partial(evaluate_autoencoder, images=images, batch_size=section.batch_size)
+    fit(
+        model,
+        autoencoder_loss(section, model.config),
+        section,
+        evaluate_fn=evaluate_fn,
+        tracking=config["tracking"],
+        channels_last=True,
+        checkpoint_extra=config["extra"],
+        seed=config["seed"],
+    )
+
+
+def reconstruction_grid(model: nn.Module, images: np.ndarray) -> np.ndarray:
+    """uint8 grid: the images in the first row, their reconstructions in the second."""
+    model = unwrap(model).eval()
+    with torch.no_grad():
+        reconstruction = model(to_model_input(images)).reconstruction
+    return make_grid(np.concatenate([images, to_uint8(reconstruction)]), nrow=len(images))
+
+
+def run(ctx: StageContext) -> dict[str, Any]:
+    cfg, section = ctx.cfg, ctx.cfg.train_vqvae
+    height, width = cfg.data.size_hw
+    corpus = open_corpus(cfg.data)
+    class_names = list(corpus.class_names)
+
+    eval_count = section.holdout_batches * section.batch_size
+    holdout = take_columns(
+        corpus.dataset("holdout"), max(eval_count, section.grid_images), ["image"]
+    )["image"]
+    if len(holdout) == 0:
+        log.warning(
+            "train_vqvae: the held-out split is empty (data.holdout_fraction=%s): no held-out "
+            "metrics; the reconstruction grid shows training images",
+            cfg.data.holdout_fraction,
+        )
+        grid_images = take_columns(corpus.dataset("train"), section.grid_images, ["image"])["image"]
+    else:
+        grid_images = holdout[: section.grid_images]
+
+    model_uri = storage.join(ctx.stage_dir, MODEL_NAME)
+    if storage.exists(model_uri):
+        # Written only after training finished: an earlier attempt died after that point.
+        log.info("train_vqvae: reusing the finished model at %s", model_uri)
+        model_bytes = storage.read_bytes(model_uri)
+        model, extra = load_checkpoint(model_bytes)
+    else:
+        loop_config = {
+            "section": section,
+            "channels": cfg.data.channels,
+            "holdout": ray.put(holdout[:eval_count]) if len(holdout) else None,
+            "tracking": ctx.tracking,
+            "seed": cfg.seed,
+            "extra": {"kind": section.kind},
+        }
+        result = run_trainer(
+            train_loop_per_worker,
+            loop_config,
+            name=f"train_vqvae-{ctx.fingerprint}",
+            stage_dir=ctx.stage_dir,
+            knobs=section,
+            datasets={"train": corpus.dataset("train").select_columns(["image"])},
+        )
+        model, extra = load_final_model(result)
+        extra |= {
+            "image_size": [height, width],
+            "channels": cfg.data.channels,
+            "class_names": class_names,
+        }
+        model_bytes = publish_model(model, model_uri, extra)
+    ctx.tracking.log_bytes(model_bytes, f"model/{MODEL_NAME}")
+
+    grid = reconstruction_grid(model, grid_images)
+    grid_uri = storage.join(ctx.stage_dir, GRID_NAME)
+    storage.write_bytes(grid_uri, encode_png(grid))
+    ctx.tracking.log_image(grid, GRID_NAME)
+
+    metrics = {k: v for k, v in extra.get("metrics", {}).items() if k != "step"}
+    code_shapes = model.code_shape(height, width)
+    log.info("train_vqvae: %d steps, %s", extra["step"], metrics)
+    return {
+        "checkpoint": model_uri,
+        "model": section.kind,
+        "levels": list(model.levels),
+        "codebook_sizes": dict(zip(model.levels, model.codebook_sizes)),
+        "code_shapes": {level: list(shape) for level, shape in zip(model.levels, code_shapes)},
+        "image_size": [height, width],
+        "channels": cfg.data.channels,
+        "class_names": class_names,
+        "steps": int(extra["step"]),
+        "metrics": metrics,
+        "artifacts": {"reconstructions": grid_uri},
+    }

@@ -1,0 +1,344 @@
+"""The training loop the two training stages share, on Ray Train.
+
+A stage supplies a model, a loss function and (optionally) a held-out evaluation; this module does
+everything else the same way for the autoencoder and for each prior:
+
+- driver side, ``run_trainer`` builds the TorchTrainer from the stage's ``TrainingKnobs`` (workers,
+  CPUs/GPUs, failures allowed, checkpoints kept) with a run name and storage path that make a second
+  run of the same job resume the first one;
+- worker side, ``fit`` reads like single-process PyTorch: prepare the model (DDP when there is more
+  than one worker), Adam, a step-based loop over epochs of this worker's data shard, metrics to
+  MLflow from rank 0, evaluation on rank 0, and ``ray.train.report`` with a checkpoint every
+  ``checkpoint_every`` steps and at the end.
+
+A Ray Train checkpoint is a folder with ``model.pt`` (the vq_core checkpoint format, so any
+checkpoint doubles as a usable model) and ``optimizer.pt`` (Adam's state). Resuming restores both and
+continues from the saved step; it does not restart the schedule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from torch import nn
+
+from pipelines import storage
+from pipelines.config import TrainingKnobs
+from pipelines.tracking import TrackingContext
+from vq_core.checkpoint import load_checkpoint, save_checkpoint
+
+log = logging.getLogger("vqpipe")
+
+MODEL_FILE = "model.pt"
+OPTIMIZER_FILE = "optimizer.pt"
+
+# loss_fn(model, batch, step) -> (loss to back-propagate, named scalars to log). `model` is what
+# prepare_model returned: call it (not its methods) so DDP sees the forward pass.
+LossFn = Callable[
+    [nn.Module, dict[str, torch.Tensor], int], tuple[torch.Tensor, dict[str, torch.Tensor]]
+]
+# evaluate_fn(bare model, device) -> named floats; runs on rank 0 only, in eval mode, without autograd.
+EvaluateFn = Callable[[nn.Module, torch.device], dict[str, float]]
+
+
+class InjectedFailure(RuntimeError):
+    """Raised by ``fail_at_step``: a stand-in for a lost worker in resume tests."""
+
+
+# -------------------------------------------------------------------------------------------------
+# Driver side
+
+
+def run_trainer(
+    train_loop_per_worker: Callable[[dict[str, Any]], None],
+    loop_config: dict[str, Any],
+    *,
+    name: str,
+    stage_dir: str,
+    knobs: TrainingKnobs,
+    datasets: Mapping[str, Any],
+):
+    """Run one Ray Train job and return its ``ray.train.Result`` (with a final checkpoint).
+
+    The run lives at ``<stage_dir>/ray/<name>``: running again with the same name after an
+    interruption makes Ray Train hand the latest checkpoint to the loop, which resumes from it.
+    """
+    ray_dir = storage.join(stage_dir, "ray")
+    if not storage.is_url(ray_dir):
+        ray_dir = os.path.abspath(ray_dir)  # Ray Train wants an absolute local path
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=knobs.num_workers,
+            use_gpu=knobs.use_gpu,
+            resources_per_worker={"CPU": knobs.cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=ray_dir,
+            failure_config=FailureConfig(max_failures=knobs.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+        datasets=dict(datasets),
+    )
+    log.info(
+        "%s: %d step(s) on %d worker(s), checkpoints under %s",
+        name,
+        knobs.steps,
+        knobs.num_workers,
+        ray_dir,
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"Ray Train run {name!r} finished without a checkpoint in {ray_dir}")
+    return result
+
+
+def load_final_model(result) -> tuple[nn.Module, dict[str, Any]]:
+    """The model of a finished run's last checkpoint and its extra (step, metrics, ...)."""
+    with result.checkpoint.as_directory() as directory:
+        model, extra = load_checkpoint(os.path.join(directory, MODEL_FILE))
+    return model, extra or {}
+
+
+def publish_model(model: nn.Module, uri: str, extra: dict[str, Any]) -> bytes:
+    """Write ``model`` in the vq_core checkpoint format to a path or URL, atomically; returns the bytes."""
+    buffer = io.BytesIO()
+    save_checkpoint(model, buffer, extra=extra)
+    data = buffer.getvalue()
+    storage.write_bytes(uri, data)
+    return data
+
+
+def take_columns(dataset, limit: int, columns: list[str]) -> dict[str, np.ndarray]:
+    """The first ``limit`` rows of a Ray dataset as one stacked numpy array per column.
+
+    Held-out data for evaluation is small, so it is read once on the driver and shipped to the
+    workers: every evaluation then scores the same examples, which keeps the curve comparable.
+    """
+    rows = dataset.select_columns(columns).limit(limit).take_all()
+    if not rows:
+        return {c: np.empty((0,)) for c in columns}
+    return {c: np.stack([np.asarray(r[c]) for r in rows]) for c in columns}
+
+
+# -------------------------------------------------------------------------------------------------
+# Worker side
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare model inside a DDP wrapper (checkpoints and evaluation use the bare model)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def _save(model: nn.Module, optimizer: torch.optim.Optimizer, directory: str, extra: dict) -> None:
+    save_checkpoint(unwrap(model), os.path.join(directory, MODEL_FILE), extra=extra)
+    torch.save(optimizer.state_dict(), os.path.join(directory, OPTIMIZER_FILE))
+
+
+def _restore(model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> int:
+    """Load the latest Ray Train checkpoint, if any, into model and optimizer; returns its step."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return 0
+    bare = unwrap(model)
+    with checkpoint.as_directory() as directory:
+        # The expected config guards against resuming from a run of a different model.
+        saved, extra = load_checkpoint(
+            os.path.join(directory, MODEL_FILE),
+            map_location=device,
+            expected_config=dataclasses.asdict(bare.config),
+        )
+        bare.load_state_dict(saved.state_dict())
+        optimizer.load_state_dict(
+            torch.load(
+                os.path.join(directory, OPTIMIZER_FILE), map_location=device, weights_only=True
+            )
+        )
+    return int(extra["step"])
+
+
+class _Window:
+    """Running means of the logged training scalars between two log points.
+
+    Sums stay on the device so a step never waits for a host copy; .item() happens once per window.
+    """
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+
+    def add(self, logs: Mapping[str, torch.Tensor]) -> None:
+        for k, v in logs.items():
+            v = v.detach().float()
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+        self.count += 1
+
+    def means(self) -> dict[str, float]:
+        out = {k: (v / self.count).item() for k, v in self.sums.items()} if self.count else {}
+        self.sums, self.count = {}, 0
+        return out
+
+
+def _finite(means: dict[str, float], step: int, lr: float) -> dict[str, float]:
+    bad = {k: v for k, v in means.items() if not np.isfinite(v)}
+    if bad:
+        raise FloatingPointError(
+            f"training diverged by step {step}: {bad}; try a lower lr (now {lr})"
+        )
+    return means
+
+
+def _due(step: int, every: int, last: int) -> bool:
+    return step % every == 0 or step == last
+
+
+def fit(
+    model: nn.Module,
+    loss_fn: LossFn,
+    knobs: TrainingKnobs,
+    *,
+    evaluate_fn: EvaluateFn | None = None,
+    tracking: TrackingContext | None = None,
+    metric_prefix: str = "",
+    dtypes: dict[str, torch.dtype] | None = None,
+    channels_last: bool = False,
+    checkpoint_extra: dict[str, Any] | None = None,
+    seed: int = 0,
+) -> None:
+    """Train ``model`` for ``knobs.steps`` optimizer steps on this worker's "train" dataset shard.
+
+    Call from a Ray Train ``train_loop_per_worker``. Every rank runs the same number of steps and
+    reports at the same steps (``ray.train.report`` is a barrier); rank 0 alone evaluates, logs to
+    MLflow and writes checkpoints. Metrics are logged as ``<metric_prefix><name>`` at the global step.
+    """
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    device = ray.train.torch.get_device()
+    on_gpu = device.type == "cuda"
+    bf16 = knobs.precision == "bf16" and on_gpu
+    if knobs.precision == "bf16" and not on_gpu and rank == 0:
+        log.warning("precision bf16 applies on GPU only; training in float32 on %s", device)
+    channels_last = channels_last and bf16  # pays off with bf16 tensor-core convolutions
+    tracking = tracking or TrackingContext(tracking_uri="", run_id=None)
+    if rank != 0:
+        tracking = TrackingContext(tracking_uri="", run_id=None)
+
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model = ray.train.torch.prepare_model(model)
+    optimizer = torch.optim.Adam(model.parameters(), lr=knobs.lr)
+    start_step = _restore(model, optimizer, device)
+    if start_step:
+        log.info("rank %d resumes at step %d of %d", rank, start_step, knobs.steps)
+        tracking.log_metrics({f"{metric_prefix}resumed_at_step": start_step}, step=start_step)
+    # Different noise per rank and per attempt (dropout, Gumbel), reproducible for a given run.
+    torch.manual_seed(seed + 1000 * rank + start_step)
+
+    shard = ray.train.get_dataset_shard("train")
+    window = _Window()
+    evaluation: dict[str, float] = {}
+    train_means: dict[str, float] = {}
+    step = start_step
+    window_started = time.perf_counter()
+    while step < knobs.steps:
+        batches = 0
+        for batch in shard.iter_torch_batches(
+            batch_size=knobs.batch_size,
+            dtypes=dtypes,
+            device=device,
+            local_shuffle_buffer_size=4 * knobs.batch_size,
+            local_shuffle_seed=seed + step,
+        ):
+            batches += 1
+            model.train()
+            if channels_last:
+                batch = {
+                    k: v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v
+                    for k, v in batch.items()
+                }
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                loss, logs = loss_fn(model, batch, step)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            window.add(logs)
+
+            if _due(step, knobs.log_every, knobs.steps):
+                seconds = (time.perf_counter() - window_started) / max(window.count, 1)
+                # Checked here rather than every step: a host sync per step would stall a GPU.
+                train_means = _finite(window.means(), step, knobs.lr)
+                tracking.log_metrics(
+                    {f"{metric_prefix}{k}": v for k, v in train_means.items()}
+                    | {f"{metric_prefix}seconds_per_step": seconds},
+                    step=step,
+                )
+                window_started = time.perf_counter()
+            paused = time.perf_counter()  # evaluation and checkpoints do not count as step time
+            if evaluate_fn is not None and rank == 0 and _due(step, knobs.eval_every, knobs.steps):
+                evaluation = _evaluate(model, evaluate_fn, device, bf16)
+                tracking.log_metrics(
+                    {f"{metric_prefix}{k}": v for k, v in evaluation.items()}, step=step
+                )
+            if _due(step, knobs.checkpoint_every, knobs.steps):
+                metrics = {"step": step, **train_means, **evaluation}
+                _report(model, optimizer, rank, metrics, checkpoint_extra or {})
+            window_started += time.perf_counter() - paused
+            if knobs.fail_at_step == step and start_step < step:
+                raise InjectedFailure(f"fault injected after step {step} (fail_at_step)")
+            if step >= knobs.steps:
+                break
+        if batches == 0:
+            raise ValueError(
+                f"the training data shard of rank {rank} yielded no batches; the training split "
+                f"is empty or smaller than the number of workers ({context.get_world_size()})"
+            )
+
+
+def _evaluate(
+    model: nn.Module, evaluate_fn: EvaluateFn, device: torch.device, bf16: bool
+) -> dict[str, float]:
+    # The bare model: a DDP forward on one rank alone would wait forever for the others.
+    bare = unwrap(model)
+    bare.eval()
+    try:
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            return {k: float(v) for k, v in evaluate_fn(bare, device).items()}
+    finally:
+        bare.train()
+
+
+def _report(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    rank: int,
+    metrics: dict[str, float],
+    extra: dict[str, Any],
+) -> None:
+    step = int(metrics["step"])
+    if rank != 0:
+        # Every rank must call report (it is a barrier); the weights are the same on all ranks.
+        ray.train.report(metrics, checkpoint=None)
+        return
+    with tempfile.TemporaryDirectory() as directory:
+        _save(model, optimizer, directory, {**extra, "step": step, "metrics": metrics})
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(directory),
+            checkpoint_dir_name=f"step-{step:08d}",
+        )

@@ -1,0 +1,209 @@
+"""The evaluate stage and the classifier behind CAS and rejection sampling."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from pipelines import evaluate, sample
+from pipelines.classifier import ImageClassifier, accuracy, train_classifier
+from pipelines.data import split_of
+from pipelines.images import to_model_input
+from pipelines.manifest import read_manifest, write_manifest
+from pipelines.shards import iter_code_samples, write_shard
+from pipelines.stage import StageContext
+from pipelines.tracking import Tracker
+from tests.pipelines.test_sample import CLASSES, make_context, write_upstream
+
+
+def read_folder_corpus(root: str) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(keys, uint8 images N x H x W x 3, labels) of a demo corpus, keyed as pipelines.data keys it."""
+    keys, images, labels = [], [], []
+    for label, name in enumerate(CLASSES):
+        for f in sorted(os.listdir(os.path.join(root, name))):
+            if f.endswith(".png"):
+                keys.append(f"{name}/{f[: -len('.png')]}")
+                images.append(np.asarray(Image.open(os.path.join(root, name, f)).convert("RGB")))
+                labels.append(label)
+    return keys, np.stack(images), np.array(labels)
+
+
+def write_tokenize(cfg) -> dict:
+    """Code shards of the whole corpus made with the untrained upstream autoencoder."""
+    from vq_core.checkpoint import load_checkpoint
+
+    vq = read_manifest(cfg.stage_dir("train_vqvae"))
+    model, _ = load_checkpoint(vq["checkpoint"])
+    keys, images, labels = read_folder_corpus(cfg.data.source)
+    codes = model.encode(to_model_input(images))
+    arrays = {level: c.numpy().astype(np.uint8) for level, c in zip(vq["levels"], codes)}
+    tok_dir = cfg.stage_dir("tokenize")
+    half = len(keys) // 2  # two shards, so the reader crosses a shard boundary
+    shards = [
+        write_shard(tok_dir, keys[s], labels[s], {k: v[s] for k, v in arrays.items()})
+        for s in (slice(0, half), slice(half, None))
+    ]
+    holdout = sum(split_of(k, cfg.data.holdout_fraction) == "holdout" for k in keys)
+    return write_manifest(
+        tok_dir,
+        {
+            "shards": shards,
+            "samples": len(keys),
+            "splits": {"train": len(keys) - holdout, "holdout": holdout},
+            "levels": vq["levels"],
+            "code_shapes": vq["code_shapes"],
+            "code_dtypes": {level: "uint8" for level in vq["levels"]},
+            "codebook_sizes": vq["codebook_sizes"],
+            "class_names": CLASSES,
+            "checkpoint": vq["checkpoint"],
+            "holdout_fraction": cfg.data.holdout_fraction,
+            "bad_inputs": {"count": 0, "keys": [], "table": None},
+            "stage": "tokenize",
+            "complete": True,
+        },
+    )
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> str:
+    from pipelines.demo_data import generate_corpus
+
+    root = str(tmp_path_factory.mktemp("corpus") / "shapes")
+    generate_corpus(root, classes=CLASSES, images_per_class=12, image_size=16, seed=2)
+    return root
+
+
+@pytest.fixture(scope="module")
+def evaluated(ray_local, corpus, tmp_path_factory):
+    """Every upstream stage faked with untrained tiny models, then the real evaluate stage."""
+    from tests.pipelines.conftest import tiny_raw_config
+
+    from pipelines.config import parse_config
+
+    root = tmp_path_factory.mktemp("evaluate")
+    cfg = parse_config(tiny_raw_config(str(root / "out"), corpus), ["sample.per_class=3", "sample.batch_size=6"])
+    write_upstream(cfg)
+    tok = write_tokenize(cfg)
+    sampled = sample.run(make_context(cfg))
+    write_manifest(cfg.stage_dir("sample"), {**sampled, "stage": "sample", "complete": True})
+
+    tracker = Tracker("sqlite:///" + str(root / "mlflow.db"), "test-evaluate")
+    with tracker.stage_run("evaluate") as tracking:
+        ctx = StageContext(cfg, "evaluate", cfg.stage_dir("evaluate"), "test", tracking)
+        manifest = evaluate.run(ctx)
+    return cfg, tok, manifest, tracker, tracking.run_id
+
+
+EXPECTED_METRICS = [
+    "holdout/mse",
+    "holdout/psnr",
+    "holdout/perplexity/top",
+    "holdout/perplexity/bottom",
+    "holdout/usage/top",
+    "holdout/usage/bottom",
+    "holdout/bits_per_code/top",
+    "holdout/bits_per_code/bottom",
+    "holdout/bits_per_image",
+    "cas/generated_to_real",
+    "cas/real_to_real",
+    "cas/real_to_generated",
+]
+
+
+def test_every_metric_present_and_finite(evaluated):
+    _, _, manifest, _, _ = evaluated
+    metrics = manifest["metrics"]
+    for name in EXPECTED_METRICS:
+        assert name in metrics, name
+        assert math.isfinite(metrics[name]), (name, metrics[name])
+    assert metrics["holdout/psnr"] == pytest.approx(10 * math.log10(4 / metrics["holdout/mse"]))
+    for name in ("cas/generated_to_real", "cas/real_to_real", "cas/real_to_generated"):
+        assert 0.0 <= metrics[name] <= 1.0, name
+    assert metrics["cas/generated_images"] == 3 * len(CLASSES)
+
+
+def test_untrained_priors_cost_about_log2_k_bits(evaluated):
+    _, _, manifest, _, _ = evaluated
+    for level in ("top", "bottom"):
+        # Near-uniform logits: close to log2(16) = 4 bits, far from 4 nats (5.8 bits) or 4 * h * w.
+        assert 3.0 < manifest["metrics"][f"holdout/bits_per_code/{level}"] < 5.0
+
+
+def test_codebook_stats_cover_every_held_out_code(evaluated):
+    cfg, tok, manifest, _, _ = evaluated
+    counts = {level: np.zeros(16, dtype=np.int64) for level in ("top", "bottom")}
+    maps = 0
+    for s in iter_code_samples([shard["uri"] for shard in tok["shards"]]):
+        if split_of(s["key"], cfg.data.holdout_fraction) == "holdout":
+            maps += 1
+            for level in counts:
+                counts[level] += np.bincount(np.asarray(s[level]).ravel(), minlength=16)
+    assert manifest["metrics"]["holdout/code_maps"] == maps == tok["splits"]["holdout"]
+    for level, c in counts.items():
+        p = c[c > 0] / c.sum()
+        assert manifest["metrics"][f"holdout/perplexity/{level}"] == pytest.approx(np.exp(-(p * np.log(p)).sum()))
+        assert manifest["metrics"][f"holdout/usage/{level}"] == pytest.approx((c > 0).sum() / 16)
+
+
+def test_report_files_mention_the_metrics(evaluated):
+    _, _, manifest, _, _ = evaluated
+    markdown = open(manifest["report"]).read()
+    html = open(manifest["report_html"]).read()
+    for text in (markdown, html):
+        for name in ("holdout/psnr", "cas/generated_to_real", "log2 K", "bits/code"):
+            assert name in text, name
+        assert f"{manifest['metrics']['holdout/mse']:.4g}" in text
+    assert html.count("data:image/png;base64,") == 1 + len(CLASSES)  # reconstructions + class grids
+    folder = os.path.dirname(manifest["report"])
+    for line in markdown.splitlines():
+        if line.startswith("!["):
+            assert os.path.isfile(os.path.join(folder, line.split("](")[1].rstrip(")"))), line
+
+
+def test_mlflow_run_has_metrics_and_report(evaluated):
+    _, _, manifest, tracker, run_id = evaluated
+    client = MlflowClient(tracker.tracking_uri)
+    logged = client.get_run(run_id).data.metrics
+    for name in EXPECTED_METRICS:
+        assert logged[name] == pytest.approx(manifest["metrics"][name]), name
+    artifacts = {a.path for a in client.list_artifacts(run_id, "report")}
+    assert {"report/report.md", "report/report.html"} <= artifacts
+
+
+def test_classifier_learns_the_demo_corpus(tmp_path):
+    from pipelines.demo_data import generate_corpus
+
+    generate_corpus(str(tmp_path / "train"), classes=CLASSES, images_per_class=40, image_size=32, seed=3)
+    generate_corpus(str(tmp_path / "test"), classes=CLASSES, images_per_class=10, image_size=32, seed=4)
+    _, train_images, train_labels = read_folder_corpus(str(tmp_path / "train"))
+    _, test_images, test_labels = read_folder_corpus(str(tmp_path / "test"))
+    model = train_classifier(
+        to_model_input(train_images), torch.from_numpy(train_labels), len(CLASSES), steps=120, seed=0
+    )
+    score = accuracy(model, to_model_input(test_images), torch.from_numpy(test_labels))
+    assert score > 0.6, score  # chance is 0.25
+
+
+def test_classifier_training_is_deterministic_and_among_restricts_predictions():
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(20, 3, 16, 16, generator=g) * 2 - 1
+    labels = torch.arange(20) % 3
+    a = train_classifier(images, labels, 3, steps=3, batch_size=8, seed=5)
+    b = train_classifier(images, labels, 3, steps=3, batch_size=8, seed=5)
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(pa, pb), name
+    assert isinstance(a, ImageClassifier)
+    # Restricted to one class, every prediction is that class.
+    assert accuracy(a, images, labels, among=[1]) == pytest.approx((labels == 1).float().mean().item())
+
+
+def test_histogram_stats_and_psnr_helpers():
+    perplexity, usage, used = evaluate.histogram_stats(np.array([5, 5, 0, 0]))
+    assert perplexity == pytest.approx(2.0) and usage == 0.5 and used == 2
+    assert evaluate.psnr_from_mse(4 * 0.01) == pytest.approx(20.0)  # MSE 0.01 on the [0, 1] scale

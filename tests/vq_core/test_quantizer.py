@@ -1,0 +1,330 @@
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vq_core.quantizer import QuantizerOutput, VectorQuantizer
+
+MODES = ["ema", "loss"]
+
+
+def _clustered_batch(
+    centres: torch.Tensor, n: int, spread: float, generator: torch.Generator
+) -> torch.Tensor:
+    """n vectors around randomly chosen centres, as an n x D x 1 x 1 map."""
+    which = torch.randint(0, centres.shape[0], (n,), generator=generator)
+    vectors = centres[which] + spread * torch.randn(n, centres.shape[1], generator=generator)
+    return vectors[:, :, None, None]
+
+
+# ------------------------------------------------------------------------------------------
+# shapes and contract
+
+
+@pytest.mark.parametrize("update", MODES)
+@pytest.mark.parametrize("shape", [(3, 8, 5, 7), (3, 8, 11), (6, 8)])
+def test_forward_shapes_and_codes_index_the_codebook(update, shape):
+    quantizer = VectorQuantizer(16, 8, update=update)
+    z = torch.randn(shape)
+    out = quantizer(z)
+    assert isinstance(out, QuantizerOutput)
+    assert out.quantized.shape == z.shape
+    assert out.codes.shape == (shape[0], *shape[2:])
+    assert out.codes.dtype == torch.long
+    for scalar in (out.loss, out.commitment, out.codebook_loss, out.perplexity, out.usage):
+        assert scalar.shape == ()
+    # The forward values are the code vectors themselves (in eval mode the codebook does not
+    # move after the lookup).
+    quantizer.eval()
+    out = quantizer(z)
+    torch.testing.assert_close(out.quantized, quantizer.lookup(out.codes))
+
+
+def test_output_keeps_the_input_memory_layout_and_dtype():
+    quantizer = VectorQuantizer(16, 8).eval()
+    z = torch.randn(2, 8, 4, 5)
+    assert quantizer(z).quantized.is_contiguous()
+    channels_last = z.to(memory_format=torch.channels_last)
+    out = quantizer(channels_last)
+    assert out.quantized.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out.quantized, quantizer(z).quantized)
+    half = quantizer(z.bfloat16())
+    assert half.quantized.dtype == torch.bfloat16
+    assert half.commitment.dtype == torch.float32
+
+
+def test_wrong_channel_count_names_value_and_expected_dim():
+    quantizer = VectorQuantizer(16, 8)
+    with pytest.raises(ValueError, match=r"expected 8 channels.*got 5"):
+        quantizer(torch.randn(2, 5, 4, 4))
+
+
+def test_lookup_rejects_bad_codes():
+    quantizer = VectorQuantizer(16, 8)
+    with pytest.raises(TypeError, match="torch.long"):
+        quantizer.lookup(torch.zeros(2, 3, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"\[0, 15\].*\[0, 16\]"):
+        quantizer.lookup(torch.tensor([[0, 16]]))
+
+
+def test_invalid_constructor_arguments():
+    with pytest.raises(ValueError, match="'kmeans'"):
+        VectorQuantizer(16, 8, update="kmeans")
+    with pytest.raises(ValueError, match="decay"):
+        VectorQuantizer(16, 8, decay=1.0)
+
+
+def test_statistics_of_a_known_assignment():
+    quantizer = VectorQuantizer(8, 2).eval()
+    quantizer.codebook.copy_(torch.arange(16.0).reshape(8, 2) * 10)
+    # Two vectors near code 0, two near code 3: perplexity 2, usage 2/8.
+    z = torch.tensor([[0.1, 0.0], [0.0, 0.2], [60.0, 70.0], [60.2, 70.0]])
+    out = quantizer(z)
+    assert out.codes.tolist() == [0, 0, 3, 3]
+    assert out.perplexity.item() == pytest.approx(2.0)
+    assert out.usage.item() == pytest.approx(0.25)
+    assert not out.perplexity.requires_grad and not out.usage.requires_grad
+
+
+# ------------------------------------------------------------------------------------------
+# gradients
+
+
+@pytest.mark.parametrize("update", MODES)
+def test_straight_through_passes_the_incoming_gradient_unchanged(update):
+    torch.manual_seed(0)
+    quantizer = VectorQuantizer(32, 4, update=update, beta=0.0)
+    z = torch.randn(2, 4, 3, 3, requires_grad=True)
+    incoming = torch.randn(2, 4, 3, 3)
+    out = quantizer(z)
+    (out.quantized * incoming).sum().backward()
+    torch.testing.assert_close(z.grad, incoming, rtol=0, atol=0)
+
+
+def test_loss_mode_gradients_match_hand_formulas():
+    torch.manual_seed(0)
+    beta = 0.7
+    quantizer = VectorQuantizer(6, 3, update="loss", beta=beta)
+    z = torch.randn(4, 3, 2, 2, requires_grad=True)
+    out = quantizer(z)
+    out.loss.backward()
+
+    flat = z.detach().movedim(1, -1).reshape(-1, 3)
+    codes = out.codes.reshape(-1)
+    chosen = quantizer.codebook.detach()[codes]
+    numel = flat.numel()
+    # Codebook term mean((e - sg(z))^2): d/de_k = sum over rows assigned to k of 2 (e_k - z) / numel,
+    # independent of beta.
+    expected_codebook_grad = torch.zeros(6, 3).index_add_(0, codes, 2 * (chosen - flat) / numel)
+    torch.testing.assert_close(quantizer.codebook.grad, expected_codebook_grad)
+    # Commitment term beta * mean((z - sg(e))^2) is the encoder's only gradient.
+    expected_encoder_grad = beta * 2 * (flat - chosen) / numel
+    torch.testing.assert_close(
+        z.grad, expected_encoder_grad.reshape(4, 2, 2, 3).movedim(-1, 1), rtol=1e-5, atol=1e-7
+    )
+    torch.testing.assert_close(out.commitment, F.mse_loss(flat, chosen))
+    torch.testing.assert_close(out.codebook_loss, F.mse_loss(chosen, flat))
+
+
+def test_ema_codebook_is_a_buffer_without_gradient():
+    quantizer = VectorQuantizer(16, 4, update="ema", beta=0.5)
+    assert list(quantizer.parameters()) == []
+    assert not quantizer.codebook.requires_grad
+    assert "code_vectors" in dict(quantizer.named_buffers())
+    z = torch.randn(2, 4, 3, 3, requires_grad=True)
+    out = quantizer(z)
+    assert out.codebook_loss.item() == 0.0
+    out.loss.backward()
+    flat = z.detach().movedim(1, -1).reshape(-1, 4)
+    # Pre-update code vectors: what forward looked up, reconstructed from the quantized values.
+    chosen = out.quantized.detach().movedim(1, -1).reshape(-1, 4)
+    expected = 0.5 * 2 * (flat - chosen) / flat.numel()
+    torch.testing.assert_close(z.grad.movedim(1, -1).reshape(-1, 4), expected)
+
+
+# ------------------------------------------------------------------------------------------
+# EMA update
+
+
+def test_one_ema_update_equals_hand_computed_reference():
+    decay, eps = 0.5, 0.1
+    quantizer = VectorQuantizer(4, 2, update="ema", decay=decay, epsilon=eps)
+    initial = torch.tensor([[0.0, 0.0], [4.0, 0.0], [0.0, 4.0], [10.0, 10.0]])
+    quantizer.codebook.copy_(initial)
+    quantizer.embed_sum.copy_(initial * (1 - decay))  # the construction-time pseudo-observation
+    z = torch.tensor([[1.0, 0.0], [0.0, 1.0], [5.0, 0.0], [3.0, 0.0], [0.0, 3.0]])
+
+    out = quantizer(z)
+    assert out.codes.tolist() == [0, 0, 1, 1, 2]  # code 3 unused
+
+    # Before: t = 1, N = 0.5 per code, m = 0.5 * e. Batch counts n = [2, 2, 1, 0],
+    # sums = [[1, 1], [8, 0], [0, 3], [0, 0]].
+    # After (d = 0.5): N = 0.5 N + 0.5 n, m = 0.5 m + 0.5 sums, t = 2.
+    counts = torch.tensor([1.25, 1.25, 0.75, 0.25])
+    sums = torch.tensor([[0.5, 0.5], [5.0, 0.0], [0.0, 2.5], [2.5, 2.5]])
+    torch.testing.assert_close(quantizer.cluster_size, counts)
+    torch.testing.assert_close(quantizer.embed_sum, sums)
+    assert quantizer.num_updates.item() == 2
+
+    correction = 1 - decay**2  # 0.75
+    counts_hat, sums_hat = counts / correction, sums / correction
+    total = counts_hat.sum()  # 14 / 3
+    smoothed = (counts_hat + eps) / (total + 4 * eps) * total
+    expected = sums_hat / smoothed[:, None]
+    torch.testing.assert_close(quantizer.codebook, expected)
+    # The unused code shrinks a little under the (large) smoothing instead of jumping away.
+    assert 0.5 * initial[3].norm() < quantizer.codebook[3].norm() <= initial[3].norm()
+
+
+def test_eval_mode_does_not_touch_the_codebook():
+    quantizer = VectorQuantizer(16, 4, data_init=True, dead_code_threshold=1.0).eval()
+    before = {k: v.clone() for k, v in quantizer.state_dict().items()}
+    quantizer(torch.randn(8, 4, 3, 3))
+    for key, value in quantizer.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_first_ema_steps_keep_unused_codes_bounded():
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
+    quantizer = VectorQuantizer(64, 8, update="ema")
+    # Data far from the tiny initial codebook: only a few codes get any vectors at first.
+    centres = 3.0 + torch.randn(4, 8, generator=gen)
+    data_norm = 0.0
+    for _ in range(5):
+        z = _clustered_batch(centres, 256, 0.1, gen)
+        data_norm = max(data_norm, z.norm(dim=1).max().item())
+        quantizer(z)
+        assert torch.isfinite(quantizer.codebook).all()
+        assert quantizer.codebook.norm(dim=1).max().item() <= 1.01 * data_norm
+
+
+def test_data_init_and_restarts_give_high_usage_on_clustered_data():
+    gen = torch.Generator().manual_seed(0)
+    num_clusters, dim = 32, 8
+    centres = 10.0 * torch.randn(num_clusters, dim, generator=gen)
+
+    def final_usage(**kwargs) -> float:
+        torch.manual_seed(0)
+        quantizer = VectorQuantizer(num_clusters, dim, **kwargs)
+        for _ in range(30):
+            quantizer(_clustered_batch(centres, 256, 0.1, gen))
+        quantizer.eval()
+        return quantizer(_clustered_batch(centres, 4096, 0.1, gen)).usage.item()
+
+    with_help = final_usage(data_init=True, dead_code_threshold=1.0)
+    assert with_help >= 0.9
+    # Without data init and restarts, codes that lose every vector early stay unused.
+    assert final_usage() < with_help
+
+
+@pytest.mark.parametrize("update", MODES)
+def test_dead_codes_are_reseeded_from_batch_vectors_and_counted(update):
+    torch.manual_seed(0)
+    quantizer = VectorQuantizer(16, 4, update=update, dead_code_threshold=1.0)
+    z = 5.0 + torch.randn(64, 4)
+    before = quantizer.codebook.detach().clone()
+    quantizer(z)
+    changed = ~(quantizer.codebook.detach() == before).all(dim=1)
+    assert quantizer.restarts > 0
+    # Each re-seeded code is exactly one of the batch's vectors (codes that kept their vectors
+    # moved to a mean instead).
+    reseeded = (quantizer.codebook.detach()[:, None, :] == z[None]).all(dim=2).any(dim=1)
+    assert reseeded.sum().item() == quantizer.restarts
+    assert (reseeded <= changed).all()
+    restarts_after_one = quantizer.restarts
+    quantizer(z)
+    assert quantizer.restarts >= restarts_after_one
+
+
+@pytest.mark.parametrize("update", MODES)
+def test_data_init_with_fewer_vectors_than_codes_gives_distinct_codes(update):
+    torch.manual_seed(0)
+    quantizer = VectorQuantizer(32, 4, update=update, data_init=True)
+    z = torch.randn(5, 4)
+    quantizer(z)
+    assert bool(quantizer.initialized)
+    codebook = quantizer.codebook.detach()
+    assert torch.unique(codebook, dim=0).shape[0] == 32
+    # Every code lies next to one of the five vectors.
+    assert torch.cdist(codebook, z).min(dim=1).values.max() < 0.2
+
+
+# ------------------------------------------------------------------------------------------
+# nearest-code search
+
+
+@pytest.mark.parametrize("chunk_size", [None, 7, 1000])
+def test_nearest_matches_brute_force(chunk_size):
+    gen = torch.Generator().manual_seed(0)
+    quantizer = VectorQuantizer(100, 16, chunk_size=chunk_size)
+    quantizer.codebook.copy_(torch.randn(100, 16, generator=gen))
+    flat = torch.randn(999, 16, generator=gen)
+    codes = quantizer.nearest(flat)
+    assert codes.shape == (999,) and codes.dtype == torch.long
+
+    distances = torch.cdist(flat.double(), quantizer.codebook.double())
+    best = distances.min(dim=1)
+    # Where two codes are (numerically) equally near either is right; elsewhere exact match.
+    top2 = distances.topk(2, dim=1, largest=False).values
+    clear = (top2[:, 1] - top2[:, 0]) > 1e-4
+    assert clear.float().mean() > 0.99
+    assert torch.equal(codes[clear], best.indices[clear])
+    chosen = distances.gather(1, codes[:, None]).squeeze(1)
+    torch.testing.assert_close(chosen, best.values, rtol=1e-5, atol=1e-5)
+
+
+def test_nearest_under_bfloat16_autocast_equals_float32():
+    gen = torch.Generator().manual_seed(0)
+    quantizer = VectorQuantizer(64, 8, chunk_size=13)
+    quantizer.codebook.copy_(torch.randn(64, 8, generator=gen))
+    z = torch.randn(4, 8, 6, 6, generator=gen)
+    reference = quantizer.nearest(z.movedim(1, -1).reshape(-1, 8))
+    quantizer.eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        codes = quantizer.nearest(z.movedim(1, -1).reshape(-1, 8))
+        out = quantizer(z)
+    assert torch.equal(codes, reference)
+    assert torch.equal(out.codes.reshape(-1), reference)
+
+
+def test_nearest_runs_without_autograd():
+    quantizer = VectorQuantizer(16, 4, update="loss")
+    codes = quantizer.nearest(torch.randn(10, 4, requires_grad=True))
+    assert not codes.requires_grad
+    assert quantizer.search_block_bytes() > 0
+
+
+# ------------------------------------------------------------------------------------------
+# checkpoints
+
+
+@pytest.mark.parametrize("update", MODES)
+def test_state_dict_round_trip_resumes_exactly(update):
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randn(32, 4, 2, 2, generator=gen) for _ in range(6)]
+    kwargs = dict(update=update, data_init=True, dead_code_threshold=2.0)
+
+    torch.manual_seed(0)
+    original = VectorQuantizer(16, 4, **kwargs)
+    for z in batches[:3]:
+        original(z)
+    buffer = io.BytesIO()
+    torch.save(original.state_dict(), buffer)
+    buffer.seek(0)
+
+    torch.manual_seed(123)  # a different initial codebook and seed, all overwritten by loading
+    resumed = VectorQuantizer(16, 4, **kwargs)
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    for key, value in original.state_dict().items():
+        assert torch.equal(resumed.state_dict()[key], value), key
+    assert resumed.restarts == original.restarts
+
+    for z in batches[3:]:
+        original(z)
+        resumed(z)
+    torch.testing.assert_close(resumed.codebook, original.codebook, rtol=0, atol=0)
+    if update == "ema":
+        assert torch.equal(resumed.embed_sum, original.embed_sum)
+        assert torch.equal(resumed.cluster_size, original.cluster_size)

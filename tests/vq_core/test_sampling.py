@@ -1,0 +1,300 @@
+"""Sampling: logit filtering, seeded draws, the causal convolution's footprints and step mode, and
+the cached sampler agreeing with the naive reference for every prior variant."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from vq_core.pixelcnn import GatedPixelCNN, GatedPixelCNNConfig
+from vq_core.pixelsnail import PixelSNAIL, PixelSNAILConfig
+from vq_core.sampling import (
+    CausalConv2d,
+    StepCache,
+    draw_categorical,
+    filter_logits,
+    sample_codes,
+)
+
+K, H, W = 7, 5, 6  # a non-square map, so rows and columns cannot be confused
+CONDITION = dict(num_classes=3, condition_num_codes=5, condition_height=5, condition_width=3)
+
+
+def snail(attention: bool, conditioned: bool, **overrides) -> PixelSNAIL:
+    fields = dict(
+        channels=16,
+        num_blocks=2,
+        res_blocks=1,
+        attention=attention,
+        num_heads=2,
+        attention_channels=8,
+        dropout=0.1,
+        condition_channels=8,
+        condition_res_blocks=1,
+    )
+    fields.update(CONDITION if conditioned else {})
+    fields.update(overrides)
+    return PixelSNAIL(PixelSNAILConfig(K, H, W, **fields))
+
+
+def pixelcnn(conditioned: bool, **overrides) -> GatedPixelCNN:
+    fields = dict(channels=16, num_layers=3, kernel_size=3, condition_channels=8)
+    fields.update(CONDITION if conditioned else {})
+    fields.update(overrides)
+    return GatedPixelCNN(GatedPixelCNNConfig(K, H, W, **fields))
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    """The models here are tiny: intra-op threads only add synchronisation, which costs a lot
+    on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+VARIANTS = {
+    "snail-attention": lambda: snail(True, False),
+    "snail-attention-class-condition": lambda: snail(True, True),
+    "snail-plain": lambda: snail(False, False),
+    "snail-plain-class-condition": lambda: snail(False, True),
+    "snail-class-only": lambda: snail(True, False, num_classes=3),
+    "pixelcnn": lambda: pixelcnn(False),
+    "pixelcnn-class-condition": lambda: pixelcnn(True),
+    "pixelcnn-condition-only": lambda: pixelcnn(
+        False, condition_num_codes=5, condition_height=5, condition_width=3
+    ),
+}
+
+
+def conditioning(prior, n: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    cfg = prior.config
+    labels = torch.randint(0, cfg.num_classes, (n,), generator=g) if cfg.num_classes else None
+    condition = None
+    if cfg.condition_num_codes:
+        shape = (n, cfg.condition_height, cfg.condition_width)
+        condition = torch.randint(0, cfg.condition_num_codes, shape, generator=g)
+    return labels, condition
+
+
+# --------------------------------------------------------------------------- filter_logits
+
+
+def test_temperature_divides_logits():
+    logits = torch.tensor([[1.0, -2.0, 0.5]])
+    assert torch.allclose(filter_logits(logits, temperature=2.0), logits / 2)
+
+
+def test_top_k_keeps_the_k_largest():
+    logits = torch.tensor([[0.1, 3.0, -1.0, 2.0], [5.0, 4.0, 3.0, 2.0]])
+    kept = filter_logits(logits, top_k=2).isfinite()
+    assert kept.tolist() == [[False, True, False, True], [True, True, False, False]]
+    assert filter_logits(logits, top_k=10).isfinite().all()  # k >= K keeps everything
+
+
+def test_top_p_keeps_the_smallest_nucleus():
+    probs = torch.tensor([[0.05, 0.5, 0.15, 0.3]])
+    logits = probs.log()
+    # Ranked 0.5, 0.3, 0.15, 0.05: 0.75 needs the two largest, 0.85 the three largest.
+    assert filter_logits(logits, top_p=0.75).isfinite().tolist() == [[False, True, False, True]]
+    assert filter_logits(logits, top_p=0.85).isfinite().tolist() == [[False, True, True, True]]
+    assert filter_logits(logits, top_p=1.0).isfinite().all()
+    assert filter_logits(logits, top_p=1e-9).isfinite().tolist() == [[False, True, False, False]]
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(temperature=0.0),
+        dict(temperature=-1.0),
+        dict(temperature=math.nan),
+        dict(temperature=math.inf),
+        dict(top_k=0),
+        dict(top_k=1.5),
+        dict(top_k=True),
+        dict(top_p=0.0),
+        dict(top_p=1.5),
+        dict(top_p=-0.1),
+    ],
+)
+def test_bad_filter_settings_raise_and_name_the_value(kwargs):
+    ((name, value),) = kwargs.items()
+    with pytest.raises(ValueError, match=name):
+        filter_logits(torch.zeros(1, 4), **kwargs)
+
+
+# --------------------------------------------------------------------------- draws
+
+
+def test_seeded_draws_are_reproducible_and_follow_the_distribution():
+    probs = torch.tensor([0.1, 0.6, 0.0, 0.3])
+    logits = probs.log().expand(20000, 4)
+    first = draw_categorical(logits, torch.Generator().manual_seed(3))
+    again = draw_categorical(logits, torch.Generator().manual_seed(3))
+    assert torch.equal(first, again)
+    assert first.dtype == torch.long
+    frequencies = torch.bincount(first, minlength=4).float() / len(first)
+    assert frequencies[2] == 0  # a -inf logit is never drawn
+    assert torch.allclose(frequencies, probs, atol=0.015)
+
+
+# --------------------------------------------------------------------------- CausalConv2d
+
+
+def expected_footprint(footprint: str, kh: int, kw: int, i: int, j: int) -> set[tuple[int, int]]:
+    rows = {
+        "vertical_strict": range(i - kh, i),
+        "vertical": range(i - kh + 1, i + 1),
+        "horizontal_strict": range(i - kh + 1, i + 1),
+        "horizontal": range(i - kh + 1, i + 1),
+    }[footprint]
+    cols = {
+        "vertical_strict": range(j - kw // 2, j + kw // 2 + 1),
+        "vertical": range(j - kw // 2, j + kw // 2 + 1),
+        "horizontal_strict": range(j - kw, j),
+        "horizontal": range(j - kw + 1, j + 1),
+    }[footprint]
+    return {(r, c) for r in rows for c in cols if 0 <= r < H and 0 <= c < W}
+
+
+@pytest.mark.parametrize("footprint", CausalConv2d.FOOTPRINTS)
+def test_causal_conv_reads_exactly_its_documented_footprint(footprint):
+    kh, kw = 2, 3
+    conv = CausalConv2d(1, 1, (kh, kw), footprint)
+    with torch.no_grad():
+        conv.weight.fill_(1.0)
+    for i in range(H):
+        for j in range(W):
+            x = torch.zeros(1, 1, H, W, requires_grad=True)
+            conv(x)[0, 0, i, j].backward()
+            read = {tuple(p) for p in x.grad[0, 0].nonzero().tolist()}
+            assert read == expected_footprint(footprint, kh, kw, i, j), (i, j)
+
+
+@pytest.mark.parametrize("footprint", CausalConv2d.FOOTPRINTS)
+def test_causal_conv_step_mode_matches_the_full_map(footprint):
+    conv = CausalConv2d(3, 4, (2, 3), footprint)
+    x = torch.randn(2, 3, H, W)
+    full = conv(x)
+    # One row at a time (as a vertical stack runs) and one position at a time (as a horizontal
+    # stack runs). A "vertical" layer reads row i to the right of j, so it only runs by rows.
+    rows, positions = StepCache(2, H, W), StepCache(2, H, W)
+    for i in range(H):
+        rows.row = i
+        region = rows.row_region
+        out = conv(x[:, :, i : i + 1], rows, region)
+        assert torch.allclose(out, full[:, :, i : i + 1], atol=1e-6)
+        for j in range(W if footprint != "vertical" else 0):
+            positions.row, positions.col = i, j
+            region = positions.position_region
+            out = conv(x[:, :, i : i + 1, j : j + 1], positions, region)
+            assert torch.allclose(out, full[:, :, i : i + 1, j : j + 1], atol=1e-6)
+
+
+# --------------------------------------------------------------------------- cached == naive
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_cached_sampling_matches_naive(variant):
+    torch.manual_seed(0)
+    prior = VARIANTS[variant]()
+    labels, condition = conditioning(prior, 3)
+    runs = {}
+    for method in ("naive", "cached"):
+        generator = torch.Generator().manual_seed(7)
+        runs[method] = sample_codes(
+            prior, 3, labels, condition, generator=generator, method=method, return_logits=True
+        )
+    (naive_codes, naive_logits), (cached_codes, cached_logits) = runs["naive"], runs["cached"]
+    assert cached_logits.shape == (3, H * W, K)
+    assert torch.allclose(cached_logits, naive_logits, atol=1e-4, rtol=0)
+    assert torch.equal(cached_codes, naive_codes)
+    # The samples are not degenerate: the draws actually varied.
+    assert naive_codes.unique().numel() > 1
+
+
+def test_sampling_is_reproducible_with_a_seeded_generator():
+    prior = snail(True, True)
+    labels, condition = conditioning(prior, 4)
+
+    def draw(seed: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(seed)
+        return prior.sample(4, labels, condition, generator=generator)
+
+    first = draw(1)
+    assert first.shape == (4, H, W) and first.dtype == torch.long
+    assert ((first >= 0) & (first < K)).all()
+    assert torch.equal(first, draw(1))
+    assert not torch.equal(first, draw(2))
+
+
+@pytest.mark.parametrize("method", ["cached", "naive"])
+@pytest.mark.parametrize("greedy", [dict(top_k=1), dict(top_p=1e-6)])
+def test_top_k_one_and_tiny_top_p_are_greedy(method, greedy):
+    prior = pixelcnn(True)
+    labels, condition = conditioning(prior, 2)
+    codes, logits = sample_codes(
+        prior,
+        2,
+        labels,
+        condition,
+        generator=torch.Generator().manual_seed(0),
+        method=method,
+        return_logits=True,
+        **greedy,
+    )
+    assert torch.equal(codes.flatten(1), logits.argmax(dim=-1))
+    # Greedy decoding ignores the random draws entirely.
+    other = sample_codes(
+        prior, 2, labels, condition, generator=torch.Generator().manual_seed(99), **greedy
+    )
+    assert torch.equal(codes, other)
+
+
+def test_temperature_moves_samples_towards_the_mode():
+    prior = pixelcnn(False)
+
+    def run(temperature: float):
+        generator = torch.Generator().manual_seed(0)
+        return sample_codes(
+            prior, 2, temperature=temperature, generator=generator, return_logits=True
+        )
+
+    warm, warm_logits = run(1.0)
+    cold, cold_logits = run(1e-4)
+    assert not torch.equal(warm.flatten(1), warm_logits.argmax(dim=-1))
+    assert torch.equal(cold.flatten(1), cold_logits.argmax(dim=-1))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(method="fast"), "method"),
+        (dict(temperature=0.0), "temperature"),
+        (dict(top_k=0), "top_k"),
+        (dict(top_p=2.0), "top_p"),
+    ],
+)
+def test_bad_sampling_arguments_raise(kwargs, match):
+    prior = pixelcnn(False)
+    with pytest.raises(ValueError, match=match):
+        prior.sample(2, **kwargs)
+    with pytest.raises(ValueError, match="n "):
+        prior.sample(0)
+
+
+def test_sampling_runs_in_eval_mode_and_restores_training_mode():
+    prior = snail(True, False, dropout=0.5)
+    prior.train()
+    generator = torch.Generator().manual_seed(0)
+    a = prior.sample(2, generator=generator)
+    assert prior.training
+    prior.eval()
+    b = prior.sample(2, generator=torch.Generator().manual_seed(0))
+    assert not prior.training
+    # Dropout was off in both runs, so they agree.
+    assert torch.equal(a, b)
