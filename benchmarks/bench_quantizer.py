@@ -37,24 +37,28 @@ def _synchronize(device: torch.device) -> None:
 
 
 def median_seconds(
-    step: Callable[[], None], device: torch.device, warmup: int, repeats: int
-) -> tuple[float, float]:
-    """Median wall-clock and process CPU seconds per call.
+    steps: dict[str, Callable[[], None]], device: torch.device, warmup: int, repeats: int
+) -> dict[str, tuple[float, float]]:
+    """Median wall-clock and process CPU seconds per call of each step.
 
-    CPU time (all threads) is the steadier figure on a machine shared with other jobs: it
-    does not count the time the process spent waiting for a core.
+    The steps take turns, one call each per round, so that a change in the machine's load
+    during the run hits all of them alike. CPU time (all threads) is the steadier figure on a
+    machine shared with other jobs: it leaves out the time spent waiting for a core.
     """
-    for _ in range(warmup):
-        step()
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
     _synchronize(device)
-    wall, cpu = [], []
+    wall: dict[str, list[float]] = {name: [] for name in steps}
+    cpu: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(repeats):
-        start, start_cpu = time.perf_counter(), time.process_time()
-        step()
-        _synchronize(device)
-        wall.append(time.perf_counter() - start)
-        cpu.append(time.process_time() - start_cpu)
-    return statistics.median(wall), statistics.median(cpu)
+        for name, step in steps.items():
+            start, start_cpu = time.perf_counter(), time.process_time()
+            step()
+            _synchronize(device)
+            wall[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - start_cpu)
+    return {name: (statistics.median(wall[name]), statistics.median(cpu[name])) for name in steps}
 
 
 def _release_free_heap() -> None:
@@ -106,7 +110,9 @@ def peak_extra_bytes(step: Callable[[], None], device: torch.device) -> int | No
 
 
 def our_step(num_codes: int, z: torch.Tensor, chunk_size: int | None) -> tuple[Callable, int]:
-    quantizer = VectorQuantizer(num_codes, z.shape[1], update="ema", decay=0.99)
+    quantizer = VectorQuantizer(
+        num_codes, z.shape[1], update="ema", decay=0.99, chunk_size=chunk_size
+    )
     quantizer = quantizer.to(z.device).train()
     grad = torch.randn_like(z)
 
@@ -115,9 +121,8 @@ def our_step(num_codes: int, z: torch.Tensor, chunk_size: int | None) -> tuple[C
         out = quantizer(z)
         ((out.quantized * grad).sum() + out.loss).backward()
 
-    if chunk_size is not None:
-        quantizer.chunk_size = chunk_size
-    return step, quantizer.search_block_bytes()
+    num_vectors = z.numel() // z.shape[1]
+    return step, quantizer.search_block_bytes(num_vectors)
 
 
 def library_step(num_codes: int, z: torch.Tensor) -> Callable | None:
@@ -211,16 +216,16 @@ def main(argv: list[str] | None = None) -> None:
         wall: dict[str, float] = {}
         cpu: dict[str, float] = {}
         peaks: dict[str, int | None] = {}
-        for name, step in steps.items():
-            if step is None:
-                continue
-            wall[name], cpu[name] = median_seconds(step, device, args.warmup, args.repeats)
+        runnable = {name: step for name, step in steps.items() if step is not None}
+        timings = median_seconds(runnable, device, args.warmup, args.repeats)
+        for name, step in runnable.items():
+            wall[name], cpu[name] = timings[name]
             seconds[name] = wall[name] if args.clock == "wall" else cpu[name]
             peaks[name] = peak_extra_bytes(step, device)
 
         for name in steps:
             if name not in seconds:
-                print(f"{num_codes:>6} {name:<10} {'skipped (not installed)':>30}")
+                print(f"{num_codes:>6} {name:<10} {'skipped':>9}")
                 continue
             ratio_lib = ratio_mm = ""
             if name == "ours":

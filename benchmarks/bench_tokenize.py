@@ -57,32 +57,83 @@ MODEL = {
 }
 
 
-class PeakMemory:
-    """Samples the summed RSS of this process and all its descendants (Ray's included)."""
+ROLES = ("encoder actor", "other Ray workers", "driver", "Ray services")
+
+
+def _role(proc: psutil.Process, driver_pid: int) -> str:
+    if proc.pid == driver_pid:
+        return "driver"
+    title = " ".join(proc.cmdline())
+    if "CodeEncoder" in title:
+        return "encoder actor"  # decode (fused into the actor by Ray) + encode
+    if title.startswith("ray::"):
+        return "other Ray workers"  # read tasks, shard writers, idle pool
+    return "Ray services"  # GCS, raylet, agents, monitors
+
+
+class ProcessMonitor:
+    """Samples this process and all its descendants (Ray's included): peak RSS and CPU time.
+
+    CPU seconds are robust where wall time is not: on a shared machine other jobs slow a run
+    down, but they do not add to the CPU time its own processes consume. CPU is attributed to
+    roles by process title, so the encoder actor's share can be set against the plain loop.
+    """
 
     def __init__(self, interval: float = 0.1):
         self.interval = interval
         self.peak_total = 0
         self.peak_single = 0
+        self.peak_processes = 0
+        self._driver = os.getpid()
+        self._cpu_start: dict[int, float] = {}
+        self._cpu_last: dict[int, float] = {}
+        self._roles: dict[int, str] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
-    def _sample(self) -> None:
+    @staticmethod
+    def _processes() -> list[psutil.Process]:
         me = psutil.Process()
-        while not self._stop.is_set():
-            total, single = 0, 0
-            for proc in [me, *me.children(recursive=True)]:
-                try:
-                    rss = proc.memory_info().rss
-                except (psutil.NoSuchProcess, psutil.AccessDenied):
-                    continue
-                total += rss
-                single = max(single, rss)
-            self.peak_total = max(self.peak_total, total)
-            self.peak_single = max(self.peak_single, single)
-            self._stop.wait(self.interval)
+        return [me, *me.children(recursive=True)]
 
-    def __enter__(self) -> PeakMemory:
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self._measure()
+            self._stop.wait(self.interval)
+        self._measure()
+
+    def _measure(self) -> None:
+        total, single = 0, 0
+        procs = self._processes()
+        for proc in procs:
+            try:
+                with proc.oneshot():
+                    rss = proc.memory_info().rss
+                    cpu = sum(proc.cpu_times()[:2])
+                    if self._roles.get(proc.pid) != "encoder actor":
+                        self._roles[proc.pid] = _role(proc, self._driver)
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+            total += rss
+            single = max(single, rss)
+            self._cpu_last[proc.pid] = cpu
+        if total > self.peak_total:
+            self.peak_total, self.peak_processes = total, len(procs)
+        self.peak_single = max(self.peak_single, single)
+
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU seconds spent during the run, per role."""
+        out = dict.fromkeys(ROLES, 0.0)
+        for pid, last in self._cpu_last.items():
+            out[self._roles[pid]] += last - self._cpu_start.get(pid, 0.0)
+        return out
+
+    def __enter__(self) -> ProcessMonitor:
+        for proc in self._processes():
+            try:
+                self._cpu_start[proc.pid] = sum(proc.cpu_times()[:2])
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
         self._thread.start()
         return self
 
@@ -160,7 +211,7 @@ def run_stage(cfg, model: VQVAE2) -> dict:
     install_autoencoder(cfg, model, open_corpus(cfg.data).class_names)
     stage_dir = cfg.stage_dir("tokenize")
     ctx = StageContext(cfg, "tokenize", stage_dir, "benchmark", TrackingContext("", None))
-    with PeakMemory() as memory:
+    with ProcessMonitor() as memory:
         start = time.perf_counter()
         manifest = run_tokenize(ctx)
         wall = time.perf_counter() - start
@@ -170,6 +221,10 @@ def run_stage(cfg, model: VQVAE2) -> dict:
         "run_ips": manifest["samples"] / wall,
         "peak_total": memory.peak_total,
         "peak_single": memory.peak_single,
+        "peak_processes": memory.peak_processes,
+        "cpu_per_image": {
+            role: seconds / manifest["samples"] for role, seconds in memory.cpu_seconds().items()
+        },
     }
 
 
@@ -185,27 +240,32 @@ def int64_shard_bytes(manifest: dict) -> float:
     return len(data) / len(samples)
 
 
-def run_baseline(corpus: str, cfg, model: VQVAE2, threads: int) -> float:
-    """Images/s of a plain inference loop over pre-decoded images (decoding not timed)."""
+def decode_corpus(corpus: str, cfg) -> np.ndarray:
+    """Every PNG of a folder corpus decoded as the stage decodes it: uint8 N x H x W x C."""
     images = []
     for root, _, files in os.walk(corpus):
         for file in sorted(files):
             if file.endswith(".png"):
                 with open(os.path.join(root, file), "rb") as f:
                     images.append(decode_image(f.read(), cfg.data.size_hw, cfg.data.channels))
-    images = np.stack(images)
+    return np.stack(images)
+
+
+def run_baseline(
+    images: np.ndarray, model: VQVAE2, batch: int, threads: int
+) -> tuple[float, float]:
+    """(images/s, CPU seconds per image) of a plain single-process inference loop."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
-    batch = cfg.tokenize.batch_size
     model.encode(to_model_input(images[:batch]))  # warm-up: allocator, kernels
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     with torch.inference_mode():
         for i in range(0, len(images), batch):
             codes = model.encode(to_model_input(images[i : i + batch]))
             _ = [c.numpy().astype(np.uint16) for c in codes]
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - start_cpu
     torch.set_num_threads(previous)
-    return len(images) / elapsed
+    return len(images) / elapsed, cpu / len(images)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -247,11 +307,19 @@ def main(argv: list[str] | None = None) -> None:
 
         DataContext.get_current().enable_progress_bars = False
 
+        threads = max(1, int(args.cpus_per_actor))
+        load_before = os.getloadavg()[0]
+        images = decode_corpus(small, cfg_small)
+        # The plain loop runs before and after the stage runs, and the two are averaged, so a
+        # change in the machine's load during the benchmark affects both sides alike.
+        before = run_baseline(images, model, args.batch_size, threads)
         run_stage(cfg_warm, model)  # starts Ray's workers; not reported
         stage_n = run_stage(cfg_small, model)
         stage_10n = run_stage(cfg_large, model)
-        threads = max(1, int(args.cpus_per_actor))
-        baseline = run_baseline(small, cfg_small, model, threads)
+        after = run_baseline(images, model, args.batch_size, threads)
+        load_after = os.getloadavg()[0]
+        baseline = (before[0] + after[0]) / 2
+        baseline_cpu = (before[1] + after[1]) / 2
         int64_shard = int64_shard_bytes(stage_n["manifest"])
     finally:
         if args.workdir is None:
@@ -272,9 +340,28 @@ def main(argv: list[str] | None = None) -> None:
         ("images", f"{m['samples']}", f"{stage_10n['manifest']['samples']}"),
         ("stage wall time (s)", f"{stage_n['wall']:.1f}", f"{stage_10n['wall']:.1f}"),
         ("stage images/s, whole run", f"{stage_n['run_ips']:.0f}", f"{stage_10n['run_ips']:.0f}"),
-        ("stage images/s, steady (marginal N->10N)", "", f"{steady:.0f}"),
+        ("stage images/s, steady (marginal)", "", f"{steady:.0f}"),
         (f"plain loop images/s ({threads} thread)", f"{baseline:.0f}", ""),
         ("overhead: plain / stage, steady", "", f"{baseline / steady:.2f}x"),
+        *[
+            (
+                f"CPU ms/image, {role}",
+                f"{1000 * stage_n['cpu_per_image'][role]:.2f}",
+                f"{1000 * stage_10n['cpu_per_image'][role]:.2f}",
+            )
+            for role in ROLES
+        ],
+        (
+            "CPU ms/image, stage total",
+            f"{1000 * sum(stage_n['cpu_per_image'].values()):.2f}",
+            f"{1000 * sum(stage_10n['cpu_per_image'].values()):.2f}",
+        ),
+        (f"CPU ms/image, plain loop ({threads} thread)", f"{1000 * baseline_cpu:.2f}", ""),
+        (
+            "CPU overhead: encoder actor / plain",
+            f"{stage_n['cpu_per_image']['encoder actor'] / baseline_cpu:.2f}x",
+            f"{stage_10n['cpu_per_image']['encoder actor'] / baseline_cpu:.2f}x",
+        ),
         (
             "overhead: plain / stage, whole run",
             f"{baseline / stage_n['run_ips']:.2f}x",
@@ -284,6 +371,11 @@ def main(argv: list[str] | None = None) -> None:
             "peak RSS, all processes (MiB)",
             f"{stage_n['peak_total'] / mib:.0f}",
             f"{stage_10n['peak_total'] / mib:.0f}",
+        ),
+        (
+            "processes at the peak",
+            f"{stage_n['peak_processes']}",
+            f"{stage_10n['peak_processes']}",
         ),
         (
             "peak RSS, largest process (MiB)",
@@ -306,7 +398,8 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"\ntokenize benchmark: {args.image_size}x{args.image_size} images, VQ-VAE-2 "
         f"(channels {MODEL['channels']}, K {MODEL['codebook_size_top']}), batch {args.batch_size}, "
-        f"{args.cpus_per_actor:g} CPU per actor, {args.num_cpus} CPUs for Ray"
+        f"{args.cpus_per_actor:g} CPU per actor, {args.num_cpus} CPUs for Ray; machine load "
+        f"{load_before:.1f} before, {load_after:.1f} after on {os.cpu_count()} cores"
     )
     width = max(len(r[0]) for r in rows)
     print(f"{'':{width}}  {'N':>10}  {f'{args.scale}N / ratio':>12}")

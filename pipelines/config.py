@@ -247,9 +247,16 @@ class SampleSection(Section):
 
 class EvaluateSection(Section):
     enabled: bool = True
-    holdout_batches: int = Field(8, gt=0)
+    holdout_batches: int = Field(
+        8,
+        gt=0,
+        description="Held-out batches for the reconstruction error and the priors' bits per code "
+        "(codebook usage and perplexity always cover every held-out code).",
+    )
     batch_size: int = Field(32, gt=0)
-    classifier_steps: int = Field(300, gt=0)
+    classifier_steps: int = Field(
+        300, gt=0, description="Training steps of each CAS classifier (on samples, on real images)."
+    )
     classifier_lr: float = Field(1e-3, gt=0)
     max_images: int = Field(
         4096,

@@ -70,7 +70,8 @@ def sanitize_key(raw: str) -> str:
     WebDataset splits a member name at the first dot of its last component into key and
     extension, so ``img.v2`` would become key ``img`` with extension ``v2.png``. Dots there become
     underscores, and because that could make two names equal (``a.b`` and ``a_b``), a short hash of
-    the original name is appended whenever anything had to change.
+    the original name is appended whenever a dot was replaced. Dots in folder names are harmless
+    and kept; backslashes become "/", and empty, "." and ".." components are dropped.
     """
     parts = [p for p in raw.replace("\\", "/").split("/") if p not in ("", ".", "..")]
     if not parts:
@@ -86,7 +87,7 @@ def _unit_hash(key: str) -> float:
 
 
 def split_of(key: str, fraction: float) -> str:
-    """ "holdout" for a deterministic ``fraction`` of keys, "train" for the rest.
+    """Return "holdout" for a deterministic ``fraction`` of keys and "train" for the rest.
 
     The split is a function of the key alone, so it is the same in every stage and every run,
     and images added to a corpus later never move existing ones between splits.
@@ -96,26 +97,23 @@ def split_of(key: str, fraction: float) -> str:
     return "holdout" if _unit_hash(key) < fraction else "train"
 
 
+def _key_hash(key: str) -> int:
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big")
+
+
 def key_hashes(keys: Iterable[str]) -> np.ndarray:
     """64-bit hashes of keys as a sorted uint64 array: a compact set for ``skip_keys``.
 
     Eight bytes a key instead of a Python string: a million finished keys ship to every reader
     task as 8 MB. The chance that any two of a million keys collide is below 1e-7.
     """
-    hashes = np.fromiter(
-        (int.from_bytes(hashlib.blake2b(k.encode(), digest_size=8).digest(), "big") for k in keys),
-        dtype=np.uint64,
-    )
-    return np.unique(hashes)
+    return np.unique(np.fromiter((_key_hash(k) for k in keys), dtype=np.uint64))
 
 
 def _contains(sorted_hashes: np.ndarray, keys: list[str]) -> np.ndarray:
     if len(sorted_hashes) == 0 or not keys:
         return np.zeros(len(keys), dtype=bool)
-    probe = np.array(
-        [int.from_bytes(hashlib.blake2b(k.encode(), digest_size=8).digest(), "big") for k in keys],
-        dtype=np.uint64,
-    )
+    probe = np.array([_key_hash(k) for k in keys], dtype=np.uint64)
     pos = np.clip(np.searchsorted(sorted_hashes, probe), 0, len(sorted_hashes) - 1)
     return sorted_hashes[pos] == probe
 

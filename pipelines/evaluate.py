@@ -84,7 +84,11 @@ def reconstruction_metrics(
     originals = to_uint8(torch.cat(shown_in)[:n])
     reconstructions = to_uint8(torch.cat(shown_out)[:n])
     grid = make_grid(np.concatenate([originals, reconstructions]), nrow=n)
-    return {"holdout/mse": mse, "holdout/psnr": psnr_from_mse(mse), "holdout/images": len(holdout)}, grid
+    return {
+        "holdout/mse": mse,
+        "holdout/psnr": psnr_from_mse(mse),
+        "holdout/images": len(holdout),
+    }, grid
 
 
 @torch.inference_mode()
@@ -128,11 +132,15 @@ def code_metrics(
         metrics[f"holdout/usage/{level}"] = usage
         metrics[f"holdout/codes_used/{level}"] = used
     for level in priors:
-        metrics[f"holdout/bits_per_code/{level}"] = bits[level] / maps_scored if maps_scored else math.nan
+        metrics[f"holdout/bits_per_code/{level}"] = (
+            bits[level] / maps_scored if maps_scored else math.nan
+        )
     return metrics
 
 
-def generated_images(sample_manifest: dict[str, Any], class_names: list[str], shape: tuple[int, int, int], size: int) -> LabelledImages:
+def generated_images(
+    sample_manifest: dict[str, Any], class_names: list[str], shape: tuple[int, int, int], size: int
+) -> LabelledImages:
     """The sample stage's PNGs, labelled with their requested class, resized to ``size``."""
     from pipelines.images import decode_image, to_model_input
 
@@ -151,7 +159,10 @@ def generated_images(sample_manifest: dict[str, Any], class_names: list[str], sh
 
 
 def classification_metrics(
-    ctx: StageContext, class_names: list[str], sample_manifest: dict[str, Any], shape: tuple[int, int, int]
+    ctx: StageContext,
+    class_names: list[str],
+    sample_manifest: dict[str, Any],
+    shape: tuple[int, int, int],
 ) -> tuple[dict[str, float], str | None]:
     """CAS and its two reference accuracies; or no metrics and the reason they are missing."""
     from pipelines.data import open_corpus
@@ -165,7 +176,9 @@ def classification_metrics(
     sampled = sorted(set(generated.labels.tolist()))
     if len(sampled) < 2:
         return {}, "fewer than 2 classes were sampled; a classifier needs at least 2"
-    holdout = labelled_images(open_corpus(ctx.cfg.data).dataset("holdout"), cfg.max_images, size=input_size)
+    holdout = labelled_images(
+        open_corpus(ctx.cfg.data).dataset("holdout"), cfg.max_images, size=input_size
+    )
     holdout = holdout.subset(np.isin(holdout.labels.numpy(), sampled))
     if len(holdout) == 0:
         return {}, "the held-out split has no images of the sampled classes"
@@ -195,7 +208,9 @@ def classification_metrics(
     metrics = {
         "cas/generated_to_real": cas,
         "cas/real_to_real": real,
-        "cas/real_to_generated": accuracy(on_real, generated.images, generated.labels, among=sampled),
+        "cas/real_to_generated": accuracy(
+            on_real, generated.images, generated.labels, among=sampled
+        ),
         "cas/ratio": cas / real if real > 0 else math.nan,
         "cas/generated_images": len(generated),
         "cas/real_holdout_images": len(holdout),
@@ -236,23 +251,31 @@ def run(ctx: StageContext) -> dict[str, Any]:
     metrics: dict[str, float] = {}
     recon_grid = None
     if len(holdout):
-        recon, recon_grid = reconstruction_metrics(autoencoder, holdout, cfg.batch_size, cfg.grid_images)
+        recon, recon_grid = reconstruction_metrics(
+            autoencoder, holdout, cfg.batch_size, cfg.grid_images
+        )
         metrics.update(recon)
     else:
-        notes.append("The held-out split is empty (data.holdout_fraction = 0): no reconstruction metrics.")
+        notes.append(
+            "The held-out split is empty (data.holdout_fraction = 0): no reconstruction metrics."
+        )
 
     log.info("evaluate: codebooks and priors on the held-out code shards")
     priors = {
         level: (_load(entry["checkpoint"], device), entry.get("condition"))
         for level, entry in prior_manifest["priors"].items()
     }
-    codes = code_dataset(ctx.cfg.stage_dir("tokenize"), split="holdout")
+    codes = code_dataset(tok, split="holdout")
     # Which maps fall in the first holdout_batches batches must not depend on scheduling.
     codes.context.execution_options.preserve_order = True
     metrics.update(
         code_metrics(
-            codes, levels, {k: int(v) for k, v in tok["codebook_sizes"].items()},
-            priors, cfg.batch_size, cfg.holdout_batches,
+            codes,
+            levels,
+            {k: int(v) for k, v in tok["codebook_sizes"].items()},
+            priors,
+            cfg.batch_size,
+            cfg.holdout_batches,
         )
     )
     if metrics["holdout/code_maps"]:
@@ -270,9 +293,11 @@ def run(ctx: StageContext) -> dict[str, Any]:
     metrics = {k: float(v) for k, v in metrics.items()}
     ctx.tracking.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)})
 
-    report = build_report(ctx, vq, tok, prior_manifest, sample_manifest, metrics, recon_grid, cas_note, notes)
+    report = build_report(
+        ctx, vq, tok, prior_manifest, sample_manifest, metrics, recon_grid, cas_note, notes
+    )
     uris = write_report(report, ctx.stage_dir)
-    for name, uri in uris.items():
+    for uri in uris.values():
         ctx.tracking.log_bytes(storage.read_bytes(uri), f"report/{uri.rsplit('/', 1)[-1]}")
     for section in report.sections:
         for figure in section.figures:
@@ -291,7 +316,10 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
 
 def _metric_table(metrics: dict[str, float], names: list[tuple[str, str]]) -> Table:
-    return Table(["metric", "value", "meaning"], [[k, metrics[k], meaning] for k, meaning in names if k in metrics])
+    return Table(
+        ["metric", "value", "meaning"],
+        [[k, metrics[k], meaning] for k, meaning in names if k in metrics],
+    )
 
 
 def build_report(
@@ -308,7 +336,9 @@ def build_report(
     from pipelines.images import encode_png
 
     levels = list(vq["levels"])
-    shapes = ", ".join(f"{level} {h}x{w}" for level, (h, w) in ((lv, vq["code_shapes"][lv]) for lv in levels))
+    shapes = ", ".join(
+        f"{level} {h}x{w}" for level, (h, w) in ((lv, vq["code_shapes"][lv]) for lv in levels)
+    )
     splits = ", ".join(f"{split} {n}" for split, n in tok["splits"].items())
     summary = Section(
         "Summary",
@@ -339,7 +369,11 @@ def build_report(
     )
     if recon_grid is not None:
         recon.figures.append(
-            Figure("Held-out images (top) and their reconstructions (bottom)", "figures/reconstructions.png", encode_png(recon_grid))
+            Figure(
+                "Held-out images (top) and their reconstructions (bottom)",
+                "figures/reconstructions.png",
+                encode_png(recon_grid),
+            )
         )
 
     codebooks = Section(
@@ -388,11 +422,20 @@ def build_report(
         "Priors",
         [
             "Negative log-likelihood of the held-out code maps, in bits per code "
-            f"(first {ctx.cfg.evaluate.holdout_batches} batches of {ctx.cfg.evaluate.batch_size}). "
+            f"(up to {ctx.cfg.evaluate.holdout_batches * ctx.cfg.evaluate.batch_size} maps). "
             "log2(K) is what a uniform guess costs; a useful prior stays well below it."
         ],
         Table(
-            ["level", "prior", "conditioned on", "K", "log2 K", "bits/code", "bits / log2 K", "bits/code at training"],
+            [
+                "level",
+                "prior",
+                "conditioned on",
+                "K",
+                "log2 K",
+                "bits/code",
+                "bits / log2 K",
+                "bits/code in train_prior",
+            ],
             prior_rows,
         ),
     )
@@ -403,7 +446,11 @@ def build_report(
         samples.paragraphs.append(
             f"{sample_manifest.get('samples', 0)} samples; settings: "
             + ", ".join(f"{k}={v}" for k, v in settings.items() if k != "rejection")
-            + (", with classifier rejection" if settings.get("rejection", {}).get("enabled") else "")
+            + (
+                ", with classifier rejection"
+                if settings.get("rejection", {}).get("enabled")
+                else ""
+            )
             + "."
         )
     if cas_note:
@@ -418,17 +465,30 @@ def build_report(
         samples.table = _metric_table(
             metrics,
             [
-                ("cas/generated_to_real", "CAS: trained on samples, tested on real held-out images"),
-                ("cas/real_to_real", "reference: trained on real images, tested on real held-out images"),
+                (
+                    "cas/generated_to_real",
+                    "CAS: trained on samples, tested on real held-out images",
+                ),
+                (
+                    "cas/real_to_real",
+                    "reference: trained on real images, tested on real held-out images",
+                ),
                 ("cas/ratio", "CAS / reference"),
-                ("cas/real_to_generated", "real-trained classifier on the samples (class fidelity)"),
+                (
+                    "cas/real_to_generated",
+                    "real-trained classifier on the samples (class fidelity)",
+                ),
             ],
         )
     if sample_manifest is not None:
         for name, entry in sample_manifest["classes"].items():
             if storage.exists(entry["grid"]):
                 samples.figures.append(
-                    Figure(f"samples: {name}", f"figures/grid-{name}.png", storage.read_bytes(entry["grid"]))
+                    Figure(
+                        f"samples: {name}",
+                        f"figures/grid-{name}.png",
+                        storage.read_bytes(entry["grid"]),
+                    )
                 )
 
     everything = Section(

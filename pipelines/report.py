@@ -103,7 +103,9 @@ def render_html(report: Report) -> str:
         parts.append(f"<h2>{e(section.heading)}</h2>")
         parts += [f"<p>{e(p)}</p>" for p in section.paragraphs]
         if section.table is not None:
-            parts.append("<table><tr>" + "".join(f"<th>{e(c)}</th>" for c in section.table.columns) + "</tr>")
+            parts.append(
+                "<table><tr>" + "".join(f"<th>{e(c)}</th>" for c in section.table.columns) + "</tr>"
+            )
             for row in section.table.rows:
                 cells = "".join(
                     f'<td class="num">{e(format_value(c))}</td>'

@@ -21,6 +21,7 @@ Output layout (``<stage_dir>``)::
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import heapq
 import json
@@ -97,7 +98,9 @@ def plan_batches(
         label = class_names.index(name) if class_names else -1
         for index, start in enumerate(range(0, draws_per_class, batch_size)):
             count = min(batch_size, draws_per_class - start)
-            batches.append(SampleBatch(name, label, index, start, count, batch_seed(seed, name, index)))
+            batches.append(
+                SampleBatch(name, label, index, start, count, batch_seed(seed, name, index))
+            )
     return batches
 
 
@@ -116,10 +119,16 @@ class Sampler:
         from vq_core.checkpoint import load_checkpoint
 
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        self.autoencoder, _ = load_checkpoint(storage.read_bytes(autoencoder_uri), map_location=self.device)
+        self.autoencoder, _ = load_checkpoint(
+            storage.read_bytes(autoencoder_uri), map_location=self.device
+        )
         # Sampled in this order; a prior's condition level always comes before it.
         self.priors = [
-            (p["level"], p["condition"], load_checkpoint(storage.read_bytes(p["checkpoint"]), map_location=self.device)[0])
+            (
+                p["level"],
+                p["condition"],
+                load_checkpoint(storage.read_bytes(p["checkpoint"]), map_location=self.device)[0],
+            )
             for p in priors
         ]
         self.settings = settings
@@ -151,7 +160,13 @@ class Sampler:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from pipelines.images import encode_png, to_model_input
 
-        out: dict[str, list] = {"class_name": [], "draw": [], "png": [], "confidence": [], "predicted": []}
+        out: dict[str, list] = {
+            "class_name": [],
+            "draw": [],
+            "png": [],
+            "confidence": [],
+            "predicted": [],
+        }
         for i in range(len(batch["class_name"])):
             label, count = int(batch["label"][i]), int(batch["count"][i])
             images = self.generate(label, count, int(batch["seed"][i]))
@@ -188,7 +203,12 @@ class ClassOutput:
     """
 
     def __init__(
-        self, stage_dir: str, name: str, label: int, cfg: SampleSection, image_shape: tuple[int, int, int]
+        self,
+        stage_dir: str,
+        name: str,
+        label: int,
+        cfg: SampleSection,
+        image_shape: tuple[int, int, int],
     ):
         self.stage_dir, self.name, self.label = stage_dir, name, label
         self.image_shape = image_shape  # H, W, C
@@ -245,7 +265,9 @@ class ClassOutput:
                 f"class {self.name!r}: {len(self.grid)} of the first {expected} samples arrived"
             )
         height, width, channels = self.image_shape
-        tiles = np.stack([decode_image(self.grid[i], (height, width), channels) for i in sorted(self.grid)])
+        tiles = np.stack(
+            [decode_image(self.grid[i], (height, width), channels) for i in sorted(self.grid)]
+        )
         entry["grid"] = storage.join(self.stage_dir, f"grid-{self.name}.png")
         storage.write_bytes(entry["grid"], encode_png(make_grid(tiles)))
         return entry
@@ -267,8 +289,13 @@ def _generate(
     import ray
 
     cfg = ctx.cfg.sample
-    settings = {"temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p, "method": cfg.method}
-    items = [b.__dict__ for b in batches]
+    settings = {
+        "temperature": cfg.temperature,
+        "top_k": cfg.top_k,
+        "top_p": cfg.top_p,
+        "method": cfg.method,
+    }
+    items = [dataclasses.asdict(b) for b in batches]
     dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         Sampler,
         fn_constructor_kwargs={
@@ -286,7 +313,9 @@ def _generate(
     outputs: dict[str, ClassOutput] = {}
     for b in batches:
         if b.class_name not in outputs:
-            outputs[b.class_name] = ClassOutput(ctx.stage_dir, b.class_name, b.label, cfg, image_shape)
+            outputs[b.class_name] = ClassOutput(
+                ctx.stage_dir, b.class_name, b.label, cfg, image_shape
+            )
     done = 0
     for rows in dataset.iter_batches(batch_size=None, batch_format="numpy"):
         for name, draw, png, confidence, predicted in zip(
@@ -335,7 +364,11 @@ def run(ctx: StageContext) -> dict[str, Any]:
             f"got classes {class_names}"
         )
     # The small epsilon keeps 3 / 0.3 = 10.000000000000002 from becoming 11 draws.
-    draws = math.ceil(cfg.per_class / rejection.keep_fraction - 1e-9) if rejection.enabled else cfg.per_class
+    draws = (
+        math.ceil(cfg.per_class / rejection.keep_fraction - 1e-9)
+        if rejection.enabled
+        else cfg.per_class
+    )
 
     entries: dict[str, dict[str, Any]] = {}
     for name in classes:
@@ -343,7 +376,9 @@ def run(ctx: StageContext) -> dict[str, Any]:
             entries[name] = json.loads(storage.read_bytes(_done_uri(ctx.stage_dir, name)))
     todo = [name for name in classes if name not in entries]
     if len(todo) < len(classes):
-        log.info("sample: %d class(es) already complete, %d to go", len(classes) - len(todo), len(todo))
+        log.info(
+            "sample: %d class(es) already complete, %d to go", len(classes) - len(todo), len(todo)
+        )
 
     started = time.time()
     if todo:
@@ -365,10 +400,15 @@ def run(ctx: StageContext) -> dict[str, Any]:
         batches = plan_batches(todo, class_names, draws, cfg.batch_size, cfg.seed)
         log.info(
             "sample: %d draws per class for %s in %d batches on %d worker(s)",
-            draws, todo, len(batches), cfg.num_workers,
+            draws,
+            todo,
+            len(batches),
+            cfg.num_workers,
         )
         image_shape = (*vq["image_size"], vq["channels"])
-        entries.update(_generate(ctx, batches, vq["checkpoint"], priors, classifier_uri, image_shape))
+        entries.update(
+            _generate(ctx, batches, vq["checkpoint"], priors, classifier_uri, image_shape)
+        )
     seconds = time.time() - started
     entries = {name: entries[name] for name in classes}  # request order
 

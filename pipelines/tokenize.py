@@ -219,6 +219,9 @@ def run(ctx: StageContext) -> dict[str, Any]:
         batch_size=settings.shard_max_samples,
         batch_format="numpy",
         num_cpus=WRITER_CPUS,
+        # Without a CPU reservation nothing else bounds how many writers run at once, and each
+        # concurrent task is a worker process; one writer per encoder keeps up with the encoders.
+        concurrency=settings.num_actors,
     )
 
     start = time.perf_counter()

@@ -28,6 +28,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
+import ray
 import ray.train
 import ray.train.torch
 import torch
@@ -76,6 +77,7 @@ def run_trainer(
     The run lives at ``<stage_dir>/ray/<name>``: running again with the same name after an
     interruption makes Ray Train hand the latest checkpoint to the loop, which resumes from it.
     """
+    _check_cpu_budget(knobs)
     ray_dir = storage.join(stage_dir, "ray")
     if not storage.is_url(ray_dir):
         ray_dir = os.path.abspath(ray_dir)  # Ray Train wants an absolute local path
@@ -106,6 +108,22 @@ def run_trainer(
     if result.checkpoint is None:
         raise RuntimeError(f"Ray Train run {name!r} finished without a checkpoint in {ray_dir}")
     return result
+
+
+def _check_cpu_budget(knobs: TrainingKnobs) -> None:
+    # Training workers that hold every CPU leave none for the Ray Data tasks that feed them, and
+    # the job then waits forever without an error. A cluster may still grow, so warn only.
+    total = ray.cluster_resources().get("CPU", 0.0)
+    held = knobs.num_workers * knobs.cpus_per_worker
+    if total and total - held < 1:
+        log.warning(
+            "%d training worker(s) x %s CPU leave %.1f of the cluster's %d CPUs for data loading; "
+            "the job may stall waiting for data: lower num_workers or cpus_per_worker",
+            knobs.num_workers,
+            knobs.cpus_per_worker,
+            max(total - held, 0.0),
+            int(total),
+        )
 
 
 def load_final_model(result) -> tuple[nn.Module, dict[str, Any]]:

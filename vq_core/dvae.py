@@ -29,6 +29,7 @@ from vq_core.vqvae import (
     check_image_size,
     check_images,
     check_network_fields,
+    init_conv_weights,
     reconstruction_loss,
 )
 
@@ -141,6 +142,10 @@ class DiscreteVAE(nn.Module):
         self.decoder = Decoder(
             c.embed_dim, c.in_channels, c.channels, c.res_blocks, c.res_channels, c.downsample
         )
+        # The logits keep PyTorch's milder default init: starting close to uniform over the
+        # codes lets every code receive gradient early on.
+        init_conv_weights(self.encoder)
+        init_conv_weights(self.decoder)
 
     @property
     def codebook_sizes(self) -> tuple[int, ...]:

@@ -79,6 +79,13 @@ def _check_range(values: Tensor, what: str, count: int) -> None:
         raise ValueError(f"{what} must lie in [0, {count - 1}], got values from {low} to {high}")
 
 
+def bits_per_code(logits: Tensor, codes: Tensor) -> Tensor:
+    """Mean negative log-likelihood in bits of B x h x w codes under B x K x h x w logits. For
+    training through a wrapper (DistributedDataParallel), whose forward must be the one called:
+    bits_per_code(wrapped(codes, labels, condition), codes) equals prior.loss(...)."""
+    return F.cross_entropy(logits.float(), codes.long()) / math.log(2)
+
+
 @dataclass
 class PriorContext:
     """What a batch is conditioned on, computed once: labels (B,) and the condition stack's
@@ -263,7 +270,7 @@ class CodePrior(nn.Module):
     ) -> Tensor:
         """Mean negative log-likelihood of the codes in bits per code."""
         codes = self.check_codes(codes)
-        return F.cross_entropy(self(codes, labels, condition), codes) / math.log(2)
+        return bits_per_code(self(codes, labels, condition), codes)
 
     # ----------------------------------------------------------------- sampling
 
@@ -299,15 +306,23 @@ class CodePrior(nn.Module):
         )
 
     def sampling_step(self, cache: StepCache, row: int, col: int) -> Tensor:
-        """n x K logits at (row, col); positions must be visited in raster order."""
+        """n x K logits at (row, col): the position after the last one observed, because the
+        cache holds the codes and activations of exactly the positions before it."""
+        if row * cache.width + col != cache.observed:
+            expected = divmod(cache.observed, cache.width)
+            raise ValueError(
+                f"sampling steps must follow raster order: expected position {expected} "
+                f"(the codes of {cache.observed} positions were observed), got ({row}, {col})"
+            )
         cache.row, cache.col = row, col
         return self._network(None, cache.context, cache)[:, :, 0, 0]
 
     def observe(self, cache: StepCache, codes: Tensor) -> None:
-        """Feed the codes just drawn at the current position to the layers that read codes."""
+        """Feed the n codes just drawn at the current position to the layers that read codes."""
         x = self.embedding(codes)[:, :, None, None]
         for layer in self._code_readers():
             layer.write(x, cache, cache.position_region)
+        cache.observed += 1
 
 
 # --------------------------------------------------------------------------- Gated PixelCNN

@@ -29,6 +29,9 @@ from vq_core.pixelcnn import (
 )
 from vq_core.sampling import CausalConv2d, PointwiseConv, Region, StepCache, crop
 
+# The positional "background" features: each position's row and column coordinates.
+BACKGROUND_CHANNELS = 2
+
 
 @dataclass
 class PixelSNAILConfig:
@@ -131,7 +134,10 @@ class CausalSelfAttention(nn.Module):
         channels = self.query.out_channels
 
         def split_heads(t: Tensor) -> Tensor:  # B x C x h x w -> B x heads x h*w x C/heads
-            return t.reshape(batch, self.num_heads, -1, height * width).transpose(2, 3)
+            # Contiguous, because on the CPU a strided layout sends attention to the slow,
+            # memory-hungry reference kernel instead of the fused one.
+            t = t.reshape(batch, self.num_heads, -1, height * width).transpose(2, 3)
+            return t.contiguous()
 
         q, k, v = (split_heads(proj(x)) for proj in (self.query, self.key, self.value))
         if cache is None:
@@ -188,6 +194,9 @@ class AttentionBlock(nn.Module):
 
 
 class PixelSNAILBlock(nn.Module):
+    """res_blocks gated residual blocks on each stream (the horizontal ones also read the
+    vertical stream), then, if configured, attention over the horizontal stream."""
+
     def __init__(self, config: PixelSNAILConfig, condition_channels: int) -> None:
         super().__init__()
         c, k, half = config.channels, config.kernel_size, config.kernel_size // 2
@@ -209,7 +218,9 @@ class PixelSNAILBlock(nn.Module):
         self.horizontal = nn.ModuleList(
             GatedResidual(c, horizontal_conv, c, **common) for _ in range(config.res_blocks)
         )
-        self.attention = AttentionBlock(config, 2, condition_channels) if config.attention else None
+        self.attention = None
+        if config.attention:
+            self.attention = AttentionBlock(config, BACKGROUND_CHANNELS, condition_channels)
 
 
 class PixelSNAIL(CodePrior):
@@ -232,8 +243,8 @@ class PixelSNAIL(CodePrior):
         self.head = nn.Sequential(
             nn.ELU(), PointwiseConv(c, c), nn.ELU(), PointwiseConv(c, config.num_codes)
         )
-        # Background: each position's (row, column) coordinates in [-0.5, 0.5), so attention can
-        # weigh positions by where they are. Rebuilt from the config, hence not in checkpoints.
+        # Background: the (row, column) coordinates in [-0.5, 0.5), so attention can weigh
+        # positions by where they are. Rebuilt from the config, hence not in checkpoints.
         rows = torch.arange(config.height, dtype=torch.float32) / config.height - 0.5
         cols = torch.arange(config.width, dtype=torch.float32) / config.width - 0.5
         grid = torch.stack(torch.meshgrid(rows, cols, indexing="ij"))

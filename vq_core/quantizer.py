@@ -32,12 +32,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-# Bytes of the distance block the search holds at once, per device type. On a GPU, 128 MiB
-# keeps the extra memory small next to a model's activations while each matmul stays large
-# enough to fill the device. On a CPU, a block that stays in cache while argmin reads it back
-# is faster than a large one: the search is then bound by the matmul, not by memory traffic.
-_SEARCH_BLOCK_BYTES = {"cuda": 128 * 2**20}
-_SEARCH_BLOCK_BYTES_DEFAULT = 4 * 2**20
+# Bytes of the distance block the search holds at once. 64 MiB is small next to a model's
+# activations, yet each block is one large matmul and one argmin. Many small blocks would be
+# faster on an idle CPU (they stay in cache) but much slower on a busy one: every block costs
+# two parallel regions whose threads must all be scheduled before either finishes.
+_SEARCH_BLOCK_BYTES = 64 * 2**20
 
 # Noise added to data-initialised codes when the batch has fewer vectors than codes, relative
 # to the data's standard deviation: duplicates must differ, or they stay tied forever.
@@ -115,7 +114,7 @@ class VectorQuantizer(nn.Module):
     codebook from the first training batch; dead_code_threshold > 0 re-seeds codes whose
     (bias-corrected) moving-average count per batch drops below it. chunk_size is the number
     of rows per block of the nearest-code search (None: chosen from the codebook size so a
-    block holds about 4 MiB of distances on CPU, 128 MiB on GPU). seed drives the random
+    block holds about 64 MiB of distances). seed drives the random
     choices of data init and restarts (None: drawn from torch's global generator).
     """
 
@@ -213,7 +212,7 @@ class VectorQuantizer(nn.Module):
                     f"codes must lie in [0, {self.num_codes - 1}], got values in [{low}, {high}]"
                 )
         vectors = F.embedding(codes, self.code_vectors)  # B x ... x D
-        return vectors.movedim(-1, 1)
+        return vectors.movedim(-1, 1).contiguous()
 
     @torch.no_grad()
     def nearest(self, flat: torch.Tensor) -> torch.Tensor:
@@ -248,9 +247,13 @@ class VectorQuantizer(nn.Module):
                 torch.argmin(scores, dim=1, out=codes[start:stop])
             return codes
 
-    def search_block_bytes(self) -> int:
-        """Peak bytes of the distance block that nearest() allocates (its extra memory)."""
-        return self._search_rows() * self.num_codes * 4
+    def search_block_bytes(self, num_vectors: int | None = None) -> int:
+        """Bytes of the distance block nearest() allocates for num_vectors rows (its extra
+        memory); None: the largest block, for any number of rows."""
+        rows = self._search_rows()
+        if num_vectors is not None:
+            rows = min(rows, num_vectors)
+        return rows * self.num_codes * 4
 
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
         """Quantize a B x D x ... map (B x D x H x W, B x D x L or B x D)."""
@@ -324,9 +327,7 @@ class VectorQuantizer(nn.Module):
     def _search_rows(self) -> int:
         if self.chunk_size is not None:
             return self.chunk_size
-        device_type = self.code_vectors.device.type
-        block_bytes = _SEARCH_BLOCK_BYTES.get(device_type, _SEARCH_BLOCK_BYTES_DEFAULT)
-        return max(1, block_bytes // (4 * self.num_codes))
+        return max(1, _SEARCH_BLOCK_BYTES // (4 * self.num_codes))
 
     def _bias_correction(self) -> float:
         # 1 - d^t: the weight the moving averages have accumulated after t updates.

@@ -52,6 +52,7 @@ class StepCache:
         self.context = context
         self.row = 0
         self.col = 0
+        self.observed = 0  # positions whose codes the layers have been given
         self.store: dict[Any, Any] = {}
 
     @property

@@ -63,7 +63,9 @@ def _to_webdataset(root: str, out_dir: str, shards: int = 2) -> None:
 def _to_parquet(root: str, path: str, key_column: bool = True, hf_struct: bool = False) -> None:
     files = _folder_files(root)
     classes = sorted({c for c, _, _ in files})
-    images = [{"bytes": d, "path": k} for _, k, d in files] if hf_struct else [d for _, _, d in files]
+    images = (
+        [{"bytes": d, "path": k} for _, k, d in files] if hf_struct else [d for _, _, d in files]
+    )
     columns = {"image": images, "label": [classes.index(c) for c, _, _ in files]}
     if key_column:
         columns["name"] = [k for _, k, _ in files]
@@ -180,7 +182,9 @@ def test_split_is_deterministic_and_stable_when_images_are_added(tmp_path, ray_l
     assert train <= train2 and holdout <= holdout2  # no old image changed split
 
     assert split_of("circle/00001", 0.0) == "train"
-    assert [split_of(f"k{i}", 0.5) for i in range(50)] == [split_of(f"k{i}", 0.5) for i in range(50)]
+    assert [split_of(f"k{i}", 0.5) for i in range(50)] == [
+        split_of(f"k{i}", 0.5) for i in range(50)
+    ]
 
 
 def _png(image: Image.Image) -> bytes:

@@ -13,12 +13,14 @@ from PIL import Image
 
 from pipelines import evaluate, sample
 from pipelines.classifier import ImageClassifier, accuracy, train_classifier
+from pipelines.config import parse_config
 from pipelines.data import split_of
 from pipelines.images import to_model_input
 from pipelines.manifest import read_manifest, write_manifest
 from pipelines.shards import iter_code_samples, write_shard
 from pipelines.stage import StageContext
 from pipelines.tracking import Tracker
+from tests.pipelines.conftest import tiny_raw_config
 from tests.pipelines.test_sample import CLASSES, make_context, write_upstream
 
 
@@ -82,12 +84,10 @@ def corpus(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def evaluated(ray_local, corpus, tmp_path_factory):
     """Every upstream stage faked with untrained tiny models, then the real evaluate stage."""
-    from tests.pipelines.conftest import tiny_raw_config
-
-    from pipelines.config import parse_config
-
     root = tmp_path_factory.mktemp("evaluate")
-    cfg = parse_config(tiny_raw_config(str(root / "out"), corpus), ["sample.per_class=3", "sample.batch_size=6"])
+    cfg = parse_config(
+        tiny_raw_config(str(root / "out"), corpus), ["sample.per_class=3", "sample.batch_size=6"]
+    )
     write_upstream(cfg)
     tok = write_tokenize(cfg)
     sampled = sample.run(make_context(cfg))
@@ -147,7 +147,9 @@ def test_codebook_stats_cover_every_held_out_code(evaluated):
     assert manifest["metrics"]["holdout/code_maps"] == maps == tok["splits"]["holdout"]
     for level, c in counts.items():
         p = c[c > 0] / c.sum()
-        assert manifest["metrics"][f"holdout/perplexity/{level}"] == pytest.approx(np.exp(-(p * np.log(p)).sum()))
+        assert manifest["metrics"][f"holdout/perplexity/{level}"] == pytest.approx(
+            np.exp(-(p * np.log(p)).sum())
+        )
         assert manifest["metrics"][f"holdout/usage/{level}"] == pytest.approx((c > 0).sum() / 16)
 
 
@@ -179,12 +181,20 @@ def test_mlflow_run_has_metrics_and_report(evaluated):
 def test_classifier_learns_the_demo_corpus(tmp_path):
     from pipelines.demo_data import generate_corpus
 
-    generate_corpus(str(tmp_path / "train"), classes=CLASSES, images_per_class=40, image_size=32, seed=3)
-    generate_corpus(str(tmp_path / "test"), classes=CLASSES, images_per_class=10, image_size=32, seed=4)
+    generate_corpus(
+        str(tmp_path / "train"), classes=CLASSES, images_per_class=100, image_size=32, seed=3
+    )
+    generate_corpus(
+        str(tmp_path / "test"), classes=CLASSES, images_per_class=25, image_size=32, seed=4
+    )
     _, train_images, train_labels = read_folder_corpus(str(tmp_path / "train"))
     _, test_images, test_labels = read_folder_corpus(str(tmp_path / "test"))
     model = train_classifier(
-        to_model_input(train_images), torch.from_numpy(train_labels), len(CLASSES), steps=120, seed=0
+        to_model_input(train_images),
+        torch.from_numpy(train_labels),
+        len(CLASSES),
+        steps=120,
+        seed=0,
     )
     score = accuracy(model, to_model_input(test_images), torch.from_numpy(test_labels))
     assert score > 0.6, score  # chance is 0.25
@@ -200,7 +210,9 @@ def test_classifier_training_is_deterministic_and_among_restricts_predictions():
         assert torch.equal(pa, pb), name
     assert isinstance(a, ImageClassifier)
     # Restricted to one class, every prediction is that class.
-    assert accuracy(a, images, labels, among=[1]) == pytest.approx((labels == 1).float().mean().item())
+    assert accuracy(a, images, labels, among=[1]) == pytest.approx(
+        (labels == 1).float().mean().item()
+    )
 
 
 def test_histogram_stats_and_psnr_helpers():

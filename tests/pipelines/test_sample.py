@@ -94,10 +94,14 @@ def write_upstream(cfg: PipelineConfig, single_level: bool = False) -> None:
             "train_bits_per_code": 4.0,
             "steps": 0,
         }
-    write_manifest(prior_dir, {"levels": levels, "priors": priors, "stage": "train_prior", "complete": True})
+    write_manifest(
+        prior_dir, {"levels": levels, "priors": priors, "stage": "train_prior", "complete": True}
+    )
 
 
-def make_context(cfg: PipelineConfig, stage_dir: str | None = None, tracking: TrackingContext | None = None) -> StageContext:
+def make_context(
+    cfg: PipelineConfig, stage_dir: str | None = None, tracking: TrackingContext | None = None
+) -> StageContext:
     return StageContext(
         cfg=cfg,
         stage="sample",
@@ -121,7 +125,9 @@ def corpus(tmp_path_factory) -> str:
 
 
 def test_samples_per_class_grids_and_mlflow(ray_local, corpus, tiny_config, tmp_path):
-    cfg = tiny_config(corpus, ["sample.per_class=3", "sample.batch_size=2", "sample.classes=[square, circle]"])
+    cfg = tiny_config(
+        corpus, ["sample.per_class=3", "sample.batch_size=2", "sample.classes=[square, circle]"]
+    )
     write_upstream(cfg)
     tracker = Tracker("sqlite:///" + str(tmp_path / "mlflow.db"), "test-sample")
     with tracker.stage_run("sample") as tracking:
@@ -138,17 +144,30 @@ def test_samples_per_class_grids_and_mlflow(ray_local, corpus, tiny_config, tmp_
         assert os.path.isfile(entry["grid"])
         assert entry["grid"] == os.path.join(cfg.stage_dir("sample"), f"grid-{name}.png")
     assert not os.path.exists(os.path.join(cfg.stage_dir("sample"), "triangle"))
-    artifacts = {a.path for a in MlflowClient(tracker.tracking_uri).list_artifacts(tracking.run_id, "samples")}
+    artifacts = {
+        a.path
+        for a in MlflowClient(tracker.tracking_uri).list_artifacts(tracking.run_id, "samples")
+    }
     assert artifacts == {"samples/grid-square.png", "samples/grid-circle.png"}
 
 
-def test_seeded_rerun_gives_identical_images_whatever_the_worker_count(ray_local, corpus, tiny_config, tmp_path):
-    cfg = tiny_config(corpus, ["sample.per_class=3", "sample.batch_size=2", "sample.classes=[cross]"])
+def test_seeded_rerun_gives_identical_images_whatever_the_worker_count(
+    ray_local, corpus, tiny_config, tmp_path
+):
+    cfg = tiny_config(
+        corpus, ["sample.per_class=3", "sample.batch_size=2", "sample.classes=[cross]"]
+    )
     write_upstream(cfg)
     first = sample.run(make_context(cfg, str(tmp_path / "a")))
     two_workers = tiny_config(
         corpus,
-        ["sample.per_class=3", "sample.batch_size=2", "sample.classes=[cross]", "sample.num_workers=2", "sample.cpus_per_worker=0.5"],
+        [
+            "sample.per_class=3",
+            "sample.batch_size=2",
+            "sample.classes=[cross]",
+            "sample.num_workers=2",
+            "sample.cpus_per_worker=0.5",
+        ],
     )
     second = sample.run(make_context(two_workers, str(tmp_path / "b")))
     a, b = first["classes"]["cross"]["dir"], second["classes"]["cross"]["dir"]
@@ -157,10 +176,16 @@ def test_seeded_rerun_gives_identical_images_whatever_the_worker_count(ray_local
         with open(os.path.join(a, f), "rb") as fa, open(os.path.join(b, f), "rb") as fb:
             assert fa.read() == fb.read(), f
     # Another seed draws other images.
-    other = tiny_config(corpus, ["sample.per_class=3", "sample.batch_size=2", "sample.classes=[cross]", "sample.seed=7"])
+    other = tiny_config(
+        corpus,
+        ["sample.per_class=3", "sample.batch_size=2", "sample.classes=[cross]", "sample.seed=7"],
+    )
     third = sample.run(make_context(other, str(tmp_path / "c")))
     c = third["classes"]["cross"]["dir"]
-    assert any(open(os.path.join(a, f), "rb").read() != open(os.path.join(c, f), "rb").read() for f in png_files(a))
+    assert any(
+        open(os.path.join(a, f), "rb").read() != open(os.path.join(c, f), "rb").read()
+        for f in png_files(a)
+    )
 
 
 def test_unknown_class_is_named_with_the_valid_ones(ray_local, corpus, tiny_config):
@@ -194,7 +219,10 @@ def test_rejection_keeps_per_class_and_reports_acceptance(ray_local, corpus, tin
         assert stats["acceptance_rate"] == pytest.approx(0.4)
         assert 0.0 <= stats["drawn_classified_as_class"] <= 1.0
         # The kept samples are the most confident ones.
-        assert stats["min_confidence_kept"] >= stats["mean_confidence_drawn"] - 1e-6 or stats["kept"] == stats["drawn"]
+        assert (
+            stats["min_confidence_kept"] >= stats["mean_confidence_drawn"] - 1e-6
+            or stats["kept"] == stats["drawn"]
+        )
         assert stats["mean_confidence_kept"] >= stats["mean_confidence_drawn"] - 1e-6
     assert os.path.isfile(os.path.join(cfg.stage_dir("sample"), "classifier.pt"))
 

@@ -134,6 +134,28 @@ def test_rerun_continues_from_the_checkpoint_instead_of_restarting(trained):
     assert {int(s["step"]) for s in state.values()} == {STEPS}
 
 
+@pytest.mark.slow
+def test_lost_workers_restart_from_the_last_checkpoint(ray_local, corpus, tiny_config, tmp_path):
+    # Two DDP ranks both fail after the step-3 checkpoint; FailureConfig lets Ray Train start a
+    # new worker group inside the same job, which resumes from that checkpoint.
+    cfg = tiny_config(
+        corpus,
+        [
+            "train_vqvae.num_workers=2",
+            "train_vqvae.cpus_per_worker=0.5",
+            f"train_vqvae.fail_at_step={EVERY}",
+            "train_vqvae.max_failures=1",
+        ],
+    )
+    manifest, client, run_id = run_stage(cfg, tmp_path, "fp-restart")
+    assert isinstance(manifest, dict), manifest
+    assert manifest["steps"] == STEPS
+    history = client.get_metric_history(run_id, "resumed_at_step")
+    assert [(m.step, m.value) for m in history] == [(EVERY, float(EVERY))]
+    # Step 2 came before the failure and was not trained (or logged) again.
+    assert metric_steps(client, run_id, "train/loss") == [2, 4, 6]
+
+
 # -------------------------------------------------------------------------------------------------
 # The pieces the workers run, without Ray
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from vq_core.checkpoint import load_checkpoint, save_checkpoint
-from vq_core.pixelcnn import GatedPixelCNN, GatedPixelCNNConfig
+from vq_core.pixelcnn import GatedPixelCNN, GatedPixelCNNConfig, bits_per_code
 from vq_core.pixelsnail import PixelSNAIL, PixelSNAILConfig
 
 K, H, W = 7, 5, 6  # a non-square map, so rows and columns cannot be confused
@@ -197,6 +197,7 @@ def test_loss_is_in_bits_per_code(builder):
     logits = prior(codes, labels, condition)
     expected = torch.nn.functional.cross_entropy(logits, codes) / math.log(2)
     assert torch.allclose(prior.loss(codes, labels, condition), expected)
+    assert torch.allclose(bits_per_code(logits, codes), expected)
     # Uniform logits cost log2(K) bits per code.
     last = prior.head[-1]
     with torch.no_grad():

@@ -293,7 +293,16 @@ def test_nearest_runs_without_autograd():
     quantizer = VectorQuantizer(16, 4, update="loss")
     codes = quantizer.nearest(torch.randn(10, 4, requires_grad=True))
     assert not codes.requires_grad
-    assert quantizer.search_block_bytes() > 0
+
+
+def test_search_block_is_bounded():
+    assert VectorQuantizer(16, 4, chunk_size=7).search_block_bytes() == 7 * 16 * 4
+    assert VectorQuantizer(16, 4, chunk_size=7).search_block_bytes(3) == 3 * 16 * 4
+    # Automatic size: at most 64 MiB of float32 distances, whatever the codebook size.
+    for num_codes in (512, 8192):
+        quantizer = VectorQuantizer(num_codes, 4)
+        assert quantizer.search_block_bytes() <= 64 * 2**20
+        assert quantizer.search_block_bytes(65536) < 65536 * num_codes * 4
 
 
 # ------------------------------------------------------------------------------------------

@@ -298,3 +298,16 @@ def test_sampling_runs_in_eval_mode_and_restores_training_mode():
     assert not prior.training
     # Dropout was off in both runs, so they agree.
     assert torch.equal(a, b)
+
+
+def test_steps_out_of_raster_order_are_refused():
+    prior = pixelcnn(False).eval()
+    with torch.inference_mode():
+        cache = prior.begin_sampling(2, None, None)
+        with pytest.raises(ValueError, match=r"raster order: expected position \(0, 0\)"):
+            prior.sampling_step(cache, 0, 1)
+        logits = prior.sampling_step(cache, 0, 0)
+        assert logits.shape == (2, K)
+        prior.observe(cache, logits.argmax(dim=-1))
+        with pytest.raises(ValueError, match=r"expected position \(0, 1\).*got \(1, 0\)"):
+            prior.sampling_step(cache, 1, 0)
