@@ -325,86 +325,102 @@ def main(argv: list[str] | None = None) -> None:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
 
+    print_report(args, threads, stage_n, stage_10n, baseline, baseline_cpu, int64_shard)
+    print(
+        f"machine load (1 min) {load_before:.1f} before, {load_after:.1f} after, on "
+        f"{os.cpu_count()} cores"
+    )
+
+
+def print_report(args, threads, small, large, baseline, baseline_cpu, int64_shard) -> None:
+    """Three columns: the N run, the 10N run, and the marginal (steady) figure or a ratio."""
     mib = 1024**2
-    m = stage_n["manifest"]
-    # The marginal rate between the two runs is the steady state: Ray's start, the actor's model
-    # load and the last shard's flush cost the same in both and cancel out.
-    extra_images = stage_10n["manifest"]["samples"] - m["samples"]
-    extra_time = stage_10n["wall"] - stage_n["wall"]
-    steady = extra_images / extra_time if extra_time > 0 else float("nan")
+    m = small["manifest"]
+    n_small, n_large = m["samples"], large["manifest"]["samples"]
+    # The marginal cost between the two runs is the steady state: starting the actor, loading the
+    # model and the last shard's flush cost the same in both and cancel out.
+    extra = n_large - n_small
+    steady = extra / (large["wall"] - small["wall"])
+
+    def marginal_cpu(role: str) -> float:
+        return (
+            large["cpu_per_image"][role] * n_large - small["cpu_per_image"][role] * n_small
+        ) / extra
+
+    def ms(x: float) -> str:
+        return f"{1000 * x:.2f}"
+
+    steady_cpu = {role: marginal_cpu(role) for role in ROLES}
     codes = sum(h * w for h, w in m["code_shapes"].values())
     raw_codes = sum(
         h * w * np.dtype(m["code_dtypes"][lvl]).itemsize for lvl, (h, w) in m["code_shapes"].items()
     )
     rows = [
-        ("images", f"{m['samples']}", f"{stage_10n['manifest']['samples']}"),
-        ("stage wall time (s)", f"{stage_n['wall']:.1f}", f"{stage_10n['wall']:.1f}"),
-        ("stage images/s, whole run", f"{stage_n['run_ips']:.0f}", f"{stage_10n['run_ips']:.0f}"),
-        ("stage images/s, steady (marginal)", "", f"{steady:.0f}"),
-        (f"plain loop images/s ({threads} thread)", f"{baseline:.0f}", ""),
-        ("overhead: plain / stage, steady", "", f"{baseline / steady:.2f}x"),
+        ("images", f"{n_small}", f"{n_large}", ""),
+        ("stage wall time (s)", f"{small['wall']:.1f}", f"{large['wall']:.1f}", ""),
+        ("stage images/s", f"{small['run_ips']:.0f}", f"{large['run_ips']:.0f}", f"{steady:.0f}"),
+        (f"plain loop images/s ({threads} thread)", "", "", f"{baseline:.0f}"),
+        ("throughput overhead: plain / stage", "", "", f"{baseline / steady:.2f}x"),
         *[
             (
                 f"CPU ms/image, {role}",
-                f"{1000 * stage_n['cpu_per_image'][role]:.2f}",
-                f"{1000 * stage_10n['cpu_per_image'][role]:.2f}",
+                ms(small["cpu_per_image"][role]),
+                ms(large["cpu_per_image"][role]),
+                ms(steady_cpu[role]),
             )
             for role in ROLES
         ],
         (
             "CPU ms/image, stage total",
-            f"{1000 * sum(stage_n['cpu_per_image'].values()):.2f}",
-            f"{1000 * sum(stage_10n['cpu_per_image'].values()):.2f}",
+            ms(sum(small["cpu_per_image"].values())),
+            ms(sum(large["cpu_per_image"].values())),
+            ms(sum(steady_cpu.values())),
         ),
-        (f"CPU ms/image, plain loop ({threads} thread)", f"{1000 * baseline_cpu:.2f}", ""),
+        (f"CPU ms/image, plain loop ({threads} thread)", "", "", ms(baseline_cpu)),
         (
             "CPU overhead: encoder actor / plain",
-            f"{stage_n['cpu_per_image']['encoder actor'] / baseline_cpu:.2f}x",
-            f"{stage_10n['cpu_per_image']['encoder actor'] / baseline_cpu:.2f}x",
-        ),
-        (
-            "overhead: plain / stage, whole run",
-            f"{baseline / stage_n['run_ips']:.2f}x",
-            f"{baseline / stage_10n['run_ips']:.2f}x",
+            "",
+            "",
+            f"{steady_cpu['encoder actor'] / baseline_cpu:.2f}x",
         ),
         (
             "peak RSS, all processes (MiB)",
-            f"{stage_n['peak_total'] / mib:.0f}",
-            f"{stage_10n['peak_total'] / mib:.0f}",
+            f"{small['peak_total'] / mib:.0f}",
+            f"{large['peak_total'] / mib:.0f}",
+            f"{large['peak_total'] / small['peak_total']:.2f}x",
         ),
-        (
-            "processes at the peak",
-            f"{stage_n['peak_processes']}",
-            f"{stage_10n['peak_processes']}",
-        ),
+        ("processes at the peak", f"{small['peak_processes']}", f"{large['peak_processes']}", ""),
         (
             "peak RSS, largest process (MiB)",
-            f"{stage_n['peak_single'] / mib:.0f}",
-            f"{stage_10n['peak_single'] / mib:.0f}",
+            f"{small['peak_single'] / mib:.0f}",
+            f"{large['peak_single'] / mib:.0f}",
+            f"{large['peak_single'] / small['peak_single']:.2f}x",
         ),
-        ("code bytes/image, stored dtypes", f"{raw_codes}", ""),
-        ("code bytes/image, int64", f"{8 * codes}", f"{8 * codes / raw_codes:.1f}x"),
+        ("code bytes/image, stored dtypes", f"{raw_codes}", "", ""),
+        ("code bytes/image, int64", f"{8 * codes}", "", f"{8 * codes / raw_codes:.1f}x"),
         (
             "shard bytes/image (tar + npy headers)",
             f"{m['metrics']['bytes_per_image']:.0f}",
-            f"{stage_10n['manifest']['metrics']['bytes_per_image']:.0f}",
+            f"{large['manifest']['metrics']['bytes_per_image']:.0f}",
+            "",
         ),
         (
             "shard bytes/image with int64 codes",
             f"{int64_shard:.0f}",
+            "",
             f"{int64_shard / m['metrics']['bytes_per_image']:.1f}x",
         ),
     ]
     print(
         f"\ntokenize benchmark: {args.image_size}x{args.image_size} images, VQ-VAE-2 "
         f"(channels {MODEL['channels']}, K {MODEL['codebook_size_top']}), batch {args.batch_size}, "
-        f"{args.cpus_per_actor:g} CPU per actor, {args.num_cpus} CPUs for Ray; machine load "
-        f"{load_before:.1f} before, {load_after:.1f} after on {os.cpu_count()} cores"
+        f"{args.cpus_per_actor:g} CPU per actor, {args.num_cpus} CPUs for Ray"
     )
     width = max(len(r[0]) for r in rows)
-    print(f"{'':{width}}  {'N':>10}  {f'{args.scale}N / ratio':>12}")
-    for name, a, b in rows:
-        print(f"{name:{width}}  {a:>10}  {b:>12}")
+    header = ("N", f"{args.scale}N", "steady/ratio")
+    print(f"{'':{width}}  {header[0]:>8}  {header[1]:>8}  {header[2]:>13}")
+    for name, a, b, c in rows:
+        print(f"{name:{width}}  {a:>8}  {b:>8}  {c:>13}")
 
 
 if __name__ == "__main__":

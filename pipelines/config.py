@@ -193,8 +193,9 @@ class TrainPriorSection(Section):
         description="Prior of the top codes, or of the only code map of a one-level model.",
     )
     bottom: PriorSection = Field(
-        default_factory=lambda: PriorSection(model={"attention": False}),
-        description="Prior of the bottom codes given the top codes (two-level models only).",
+        default_factory=PriorSection,
+        description="Prior of the bottom codes given the top codes (two-level models only). "
+        "A PixelSNAIL bottom prior has no attention unless model.attention says so, as in the paper.",
     )
 
     @model_validator(mode="after")
@@ -204,6 +205,9 @@ class TrainPriorSection(Section):
             _check_model_keys(
                 section.kind, section.model, f"train_prior.{level}.model", _PRIOR_DERIVED
             )
+        if self.bottom.kind == "pixelsnail" and "attention" not in self.bottom.model:
+            # The paper's bottom prior relies on the top codes for global structure: no attention.
+            self.bottom.model = {**self.bottom.model, "attention": False}
         return self
 
 

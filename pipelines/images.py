@@ -27,10 +27,13 @@ from __future__ import annotations
 import io
 import math
 import warnings
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+if TYPE_CHECKING:
+    import torch
 
 # Files larger than this many pixels are refused as corrupt or hostile (decompression bombs)
 # rather than allowed to exhaust a worker's memory; 16k x 16k is far beyond any training image.
@@ -114,6 +117,10 @@ def decode_image(data: bytes, size_hw: tuple[int, int], channels: int) -> np.nda
 
 def to_model_input(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 B x H x W x C (numpy or torch) -> float32 B x C x H x W in [-1, 1]."""
+    # torch is imported here, not at the top: corpus readers and shard writers use this module
+    # for decoding only, and sparing their worker processes a torch import saves memory and time.
+    import torch
+
     tensor = torch.as_tensor(np.asarray(images) if not torch.is_tensor(images) else images)
     if tensor.ndim != 4 or tensor.dtype != torch.uint8:
         raise ValueError(
@@ -124,6 +131,8 @@ def to_model_input(images: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """float B x C x H x W in [-1, 1] -> uint8 B x H x W x C (values outside are clipped)."""
+    import torch
+
     if images.ndim != 4:
         raise ValueError(f"expected images B x C x H x W, got shape {tuple(images.shape)}")
     pixels = images.detach().float().add(1.0).mul(127.5).round().clamp(0, 255)

@@ -158,6 +158,7 @@ class Sampler:
         return to_uint8(images.float().cpu())
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from pipelines.classifier import predict_proba
         from pipelines.images import encode_png, to_model_input
 
         out: dict[str, list] = {
@@ -173,8 +174,6 @@ class Sampler:
             confidence = np.full(count, np.nan, dtype=np.float32)
             predicted = np.full(count, -1, dtype=np.int64)
             if self.classifier is not None:
-                from pipelines.classifier import predict_proba
-
                 # Score the images as they will be saved (uint8), not the decoder's raw floats.
                 probs = predict_proba(self.classifier, to_model_input(images).to(self.device))
                 confidence = probs[:, label].numpy().astype(np.float32)

@@ -21,7 +21,7 @@ import json
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -29,7 +29,9 @@ from pipelines import storage
 from pipelines.data import key_hashes, open_corpus, split_of
 from pipelines.manifest import require_manifest
 from pipelines.shards import code_dtype, list_shards, read_shard_keys, write_shard
-from pipelines.stage import StageContext
+
+if TYPE_CHECKING:  # the stage context pulls in MLflow, which reader and writer tasks never need
+    from pipelines.stage import StageContext
 
 log = logging.getLogger("vqpipe")
 

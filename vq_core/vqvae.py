@@ -147,20 +147,22 @@ class AutoencoderOutput:
 
 
 def init_conv_weights(module: nn.Module) -> None:
-    """He-normal weights (fan-in, ReLU gain) and zero biases for every conv in module.
+    """Unit-gain normal weights (std 1/sqrt(fan_in)) and zero biases for every conv in module.
 
-    PyTorch's default conv init shrinks the signal about threefold per layer while its biases
-    do not shrink. Eight layers deep, at the top quantiser, the encoder output is then almost
-    all bias: every position maps to the same one or two codes, the commitment loss pulls the
-    encoder further onto them, and the top codebook collapses. He init keeps the spread of
-    features across positions comparable to their mean at every depth.
+    PyTorch's default conv init (std 1/sqrt(3 fan_in), non-zero biases) shrinks the signal about
+    2.5x per ReLU layer. Eight layers deep, at the top quantiser, encoder outputs are ~1e-3 and
+    mostly bias: the first Adam steps move them by more than their whole spread, the
+    data-initialised top codes are left stranded, and the top codebook collapses to one or two
+    codes. Unit gain keeps the top encoder output near 0.1 with a spread across positions
+    comparable to its mean, while avoiding the growth of He init (gain sqrt(2)), which makes
+    the first reconstructions explode through the residual additions.
     """
     for m in module.modules():
         if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
             kh, kw = m.kernel_size
             # A stride-s transposed conv feeds each output from 1/s^2 of its kernel taps.
             taps = kh * kw if isinstance(m, nn.Conv2d) else kh * kw / (m.stride[0] * m.stride[1])
-            nn.init.normal_(m.weight, std=math.sqrt(2.0 / (m.in_channels * taps)))
+            nn.init.normal_(m.weight, std=math.sqrt(1.0 / (m.in_channels * taps)))
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
 

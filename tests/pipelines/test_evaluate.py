@@ -194,6 +194,7 @@ def test_classifier_learns_the_demo_corpus(tmp_path):
         torch.from_numpy(train_labels),
         len(CLASSES),
         steps=120,
+        lr=2e-3,
         seed=0,
     )
     score = accuracy(model, to_model_input(test_images), torch.from_numpy(test_labels))

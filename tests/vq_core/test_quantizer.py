@@ -233,9 +233,29 @@ def test_dead_codes_are_reseeded_from_batch_vectors_and_counted(update):
     reseeded = (quantizer.codebook.detach()[:, None, :] == z[None]).all(dim=2).any(dim=1)
     assert reseeded.sum().item() == quantizer.restarts
     assert (reseeded <= changed).all()
+    if update == "ema":
+        # The moving averages of a re-seeded code describe its new vector.
+        implied = quantizer.embed_sum[reseeded] / quantizer.cluster_size[reseeded, None]
+        torch.testing.assert_close(implied, quantizer.codebook[reseeded])
     restarts_after_one = quantizer.restarts
     quantizer(z)
     assert quantizer.restarts >= restarts_after_one
+
+
+def test_data_init_picks_distinct_batch_vectors():
+    torch.manual_seed(0)
+    # "loss" mode: a forward pass alone does not move the codebook after data init.
+    quantizer = VectorQuantizer(32, 4, update="loss", data_init=True)
+    z = torch.randn(40, 4)
+    quantizer.eval()
+    quantizer(z)
+    assert not bool(quantizer.initialized), "data init must wait for a training step"
+    quantizer.train()
+    quantizer(z)
+    codebook = quantizer.codebook.detach()
+    matches = (codebook[:, None, :] == z[None]).all(dim=2)
+    assert matches.any(dim=1).all(), "every code is one of the batch's vectors"
+    assert (matches.sum(dim=0) <= 1).all(), "no vector is used twice"
 
 
 @pytest.mark.parametrize("update", MODES)

@@ -170,7 +170,7 @@ def test_training_reduces_error_and_uses_the_codebooks(shapes_rgb):
             embed_dim=16,
             codebook_size_top=32,
             codebook_size_bottom=32,
-            # Each batch holds 16 vectors per code on average at the top level; restarting codes
+            # Each batch holds 8 vectors per code on average at the top level; restarting codes
             # that get fewer than one lets a run of a few hundred steps end with a healthy
             # codebook (the default waits longer, which suits long runs).
             dead_code_threshold=1.0,
@@ -182,15 +182,18 @@ def test_training_reduces_error_and_uses_the_codebooks(shapes_rgb):
     with torch.no_grad():
         start = model(shapes_rgb).terms["reconstruction"].item()
     model.train()
-    for _ in range(300):
-        batch = shapes_rgb[torch.randint(0, len(shapes_rgb), (32,), generator=g)]
+    for _ in range(250):
+        batch = shapes_rgb[torch.randint(0, len(shapes_rgb), (16,), generator=g)]
         opt.zero_grad()
         model(batch).loss.backward()
         opt.step()
     model.eval()
     with torch.no_grad():
         out = model(shapes_rgb)
-    assert out.terms["reconstruction"].item() < 0.3 * start
+    error = out.terms["reconstruction"].item()
+    assert error < 0.3 * start
+    # Also well below predicting the mean image, which scores the pixel variance.
+    assert error < 0.5 * shapes_rgb.var(dim=0).mean().item()
     for level in model.levels:
         assert out.stats[f"usage/{level}"].item() > 0.5, level
 
