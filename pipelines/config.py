@@ -38,6 +38,9 @@ class GenerateSection(Section):
         0, ge=0, description="Broken files added to exercise bad-input handling."
     )
     seed: int = 0
+    background: Literal["gradient", "plain"] = Field(
+        "gradient", description="Two-colour gradient backgrounds, or one plain colour (easier)."
+    )
 
 
 class DataSection(Section):

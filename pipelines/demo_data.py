@@ -118,13 +118,26 @@ def _luma(rgb: np.ndarray) -> float:
     return float(0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2])
 
 
-def render_image(shape: str, size: int, rng: np.random.Generator) -> np.ndarray:
-    """One uint8 size x size x 3 image of ``shape`` with random placement and colours."""
+BACKGROUNDS = ("gradient", "plain")
+
+
+def render_image(
+    shape: str, size: int, rng: np.random.Generator, background: str = "gradient"
+) -> np.ndarray:
+    """One uint8 size x size x 3 image of ``shape`` with random placement and colours.
+
+    ``background`` "gradient" blends two random colours along a random direction; "plain" is one
+    random colour, an easier corpus for a prior trained for a few minutes.
+    """
     if shape not in SHAPES:
         raise ValueError(f"unknown shape {shape!r}; expected one of {sorted(SHAPES)}")
+    if background not in BACKGROUNDS:
+        raise ValueError(f"unknown background {background!r}; expected one of {BACKGROUNDS}")
     big = size * SUPERSAMPLE
     # Background: a linear blend of two colours along a random direction.
     start, end = rng.uniform(20, 235, size=(2, 3))
+    if background == "plain":
+        end = start
     theta = rng.uniform(0, 2 * math.pi)
     ys, xs = np.mgrid[0:big, 0:big] / max(big - 1, 1)
     t = (np.cos(theta) * (xs - 0.5) + np.sin(theta) * (ys - 0.5)) / math.sqrt(0.5) + 0.5
@@ -171,6 +184,7 @@ def generate_corpus(
     image_size: int = 64,
     corrupt_files: int = 0,
     seed: int = 0,
+    background: str = "gradient",
 ) -> dict[str, Any]:
     """Write the demo corpus under ``root`` (a local path or URL) unless it is already complete.
 
@@ -195,6 +209,7 @@ def generate_corpus(
         "image_size": image_size,
         "corrupt_files": corrupt_files,
         "seed": seed,
+        "background": background,
     }
     corrupt_keys = [f"{classes[i % len(classes)]}/broken-{i:03d}" for i in range(corrupt_files)]
     summary = {
@@ -223,11 +238,11 @@ def generate_corpus(
             # One generator per image: any image can be regenerated alone and the corpus does
             # not depend on the order in which it is written.
             rng = np.random.default_rng([seed, class_index, index])
-            png = encode_png(render_image(name, image_size, rng))
+            png = encode_png(render_image(name, image_size, rng, background))
             storage.write_bytes(storage.join(root, name, f"{index:05d}.png"), png)
     for i, key in enumerate(corrupt_keys):
         rng = np.random.default_rng([seed, 10_000 + i])
-        valid = encode_png(render_image(classes[i % len(classes)], image_size, rng))
+        valid = encode_png(render_image(classes[i % len(classes)], image_size, rng, background))
         storage.write_bytes(storage.join(root, f"{key}.png"), _corrupt_bytes(i, valid))
     storage.write_bytes(marker, json.dumps(params, indent=2).encode())
     return {**summary, "generated": True}

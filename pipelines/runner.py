@@ -90,6 +90,7 @@ def ensure_corpus(cfg: PipelineConfig) -> None:
         image_size=gen.image_size,
         corrupt_files=gen.corrupt_files,
         seed=gen.seed,
+        background=gen.background,
     )
     log.info("demo corpus at %s: %s", cfg.data.source, summary)
 

@@ -153,6 +153,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         dtypes=config["dtypes"],
         checkpoint_extra={"level": plan.level, "condition": plan.condition},
         seed=config["seed"],
+        # Small corpora overfit a prior quickly: keep the weights with the best held-out score.
+        select_metric="heldout_bits_per_code",
     )
 
 
@@ -194,7 +196,7 @@ def _train_one(
         knobs=plan.knobs,
         datasets={"train": train},
     )
-    return load_final_model(result)
+    return load_final_model(result, prefer_best=True)
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
@@ -224,7 +226,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
             "condition": plan.condition,
             "heldout_bits_per_code": metrics.get("heldout_bits_per_code"),
             "train_bits_per_code": metrics.get("train_bits_per_code"),
-            "steps": int(extra["step"]),
+            "steps": plan.knobs.steps,
+            "selected_step": int(extra["step"]),
         }
         log.info("train_prior: %s prior %s", plan.level, priors[plan.level])
     return {"levels": [p.level for p in plans], "priors": priors}

@@ -18,6 +18,7 @@ continues from the saved step; it does not restart the schedule.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import io
 import logging
@@ -45,6 +46,9 @@ log = logging.getLogger("vqpipe")
 
 MODEL_FILE = "model.pt"
 OPTIMIZER_FILE = "optimizer.pt"
+# The weights with the best held-out score so far (when the stage selects on one), kept in every
+# checkpoint so that resuming does not forget them.
+BEST_FILE = "best.pt"
 
 # loss_fn(model, batch, step) -> (loss to back-propagate, named scalars to log). `model` is what
 # prepare_model returned: call it (not its methods) so DDP sees the forward pass.
@@ -126,10 +130,16 @@ def _check_cpu_budget(knobs: TrainingKnobs) -> None:
         )
 
 
-def load_final_model(result) -> tuple[nn.Module, dict[str, Any]]:
-    """The model of a finished run's last checkpoint and its extra (step, metrics, ...)."""
+def load_final_model(result, prefer_best: bool = False) -> tuple[nn.Module, dict[str, Any]]:
+    """The model of a finished run's last checkpoint and its extra (step, metrics, ...).
+
+    With ``prefer_best``, the weights with the best held-out score instead, when the run selected
+    on one (``fit(select_metric=...)``); their extra names the step they come from.
+    """
     with result.checkpoint.as_directory() as directory:
-        model, extra = load_checkpoint(os.path.join(directory, MODEL_FILE))
+        best = os.path.join(directory, BEST_FILE)
+        path = best if prefer_best and os.path.exists(best) else os.path.join(directory, MODEL_FILE)
+        model, extra = load_checkpoint(path)
     return model, extra or {}
 
 
@@ -163,12 +173,48 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
-def _save(model: nn.Module, optimizer: torch.optim.Optimizer, directory: str, extra: dict) -> None:
+class _Best:
+    """A copy of the model at its best held-out score so far (lower is better)."""
+
+    def __init__(self, metric: str | None):
+        self.metric = metric
+        self.value = float("inf")
+        self.step = 0
+        self.metrics: dict[str, float] = {}
+        self.model: nn.Module | None = None
+
+    def offer(self, model: nn.Module, metrics: Mapping[str, float], step: int) -> None:
+        """Keep a copy of ``model`` if ``metrics`` (training means and evaluation) beat the best."""
+        if self.metric is None or self.metric not in metrics:
+            return
+        if metrics[self.metric] < self.value:
+            self.value, self.step, self.metrics = float(metrics[self.metric]), step, dict(metrics)
+            self.model = copy.deepcopy(unwrap(model)).eval()
+
+    def save(self, directory: str, extra: dict) -> None:
+        if self.model is not None:
+            extra = {**extra, "step": self.step, "metrics": self.metrics, "selected": True}
+            save_checkpoint(self.model, os.path.join(directory, BEST_FILE), extra=extra)
+
+    def restore(self, directory: str, device: torch.device) -> None:
+        path = os.path.join(directory, BEST_FILE)
+        if self.metric is not None and os.path.exists(path):
+            self.model, extra = load_checkpoint(path, map_location=device)
+            self.metrics, self.step = dict(extra["metrics"]), int(extra["step"])
+            self.value = float(self.metrics[self.metric])
+
+
+def _save(
+    model: nn.Module, optimizer: torch.optim.Optimizer, directory: str, extra: dict, best: _Best
+) -> None:
     save_checkpoint(unwrap(model), os.path.join(directory, MODEL_FILE), extra=extra)
     torch.save(optimizer.state_dict(), os.path.join(directory, OPTIMIZER_FILE))
+    best.save(directory, extra)
 
 
-def _restore(model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> int:
+def _restore(
+    model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device, best: _Best
+) -> int:
     """Load the latest Ray Train checkpoint, if any, into model and optimizer; returns its step."""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
@@ -187,6 +233,7 @@ def _restore(model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.d
                 os.path.join(directory, OPTIMIZER_FILE), map_location=device, weights_only=True
             )
         )
+        best.restore(directory, device)
     return int(extra["step"])
 
 
@@ -237,12 +284,15 @@ def fit(
     channels_last: bool = False,
     checkpoint_extra: dict[str, Any] | None = None,
     seed: int = 0,
+    select_metric: str | None = None,
 ) -> None:
     """Train ``model`` for ``knobs.steps`` optimizer steps on this worker's "train" dataset shard.
 
     Call from a Ray Train ``train_loop_per_worker``. Every rank runs the same number of steps and
     reports at the same steps (``ray.train.report`` is a barrier); rank 0 alone evaluates, logs to
     MLflow and writes checkpoints. Metrics are logged as ``<metric_prefix><name>`` at the global step.
+    With ``select_metric`` (a key of evaluate_fn's result, lower is better), checkpoints also keep
+    the weights that scored best on it, for ``load_final_model(prefer_best=True)``.
     """
     context = ray.train.get_context()
     rank = context.get_world_rank()
@@ -260,7 +310,8 @@ def fit(
         model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=knobs.lr)
-    start_step = _restore(model, optimizer, device)
+    best = _Best(select_metric if rank == 0 else None)
+    start_step = _restore(model, optimizer, device, best)
     if start_step:
         log.info("rank %d resumes at step %d of %d", rank, start_step, knobs.steps)
         tracking.log_metrics({f"{metric_prefix}resumed_at_step": start_step}, step=start_step)
@@ -310,12 +361,13 @@ def fit(
             paused = time.perf_counter()  # evaluation and checkpoints do not count as step time
             if evaluate_fn is not None and rank == 0 and _due(step, knobs.eval_every, knobs.steps):
                 evaluation = _evaluate(model, evaluate_fn, device, bf16)
+                best.offer(model, {**train_means, **evaluation}, step)
                 tracking.log_metrics(
                     {f"{metric_prefix}{k}": v for k, v in evaluation.items()}, step=step
                 )
             if _due(step, knobs.checkpoint_every, knobs.steps):
                 metrics = {"step": step, **train_means, **evaluation}
-                _report(model, optimizer, rank, metrics, checkpoint_extra or {})
+                _report(model, optimizer, rank, metrics, checkpoint_extra or {}, best)
             window_started += time.perf_counter() - paused
             if knobs.fail_at_step == step and start_step < step:
                 raise InjectedFailure(f"fault injected after step {step} (fail_at_step)")
@@ -347,6 +399,7 @@ def _report(
     rank: int,
     metrics: dict[str, float],
     extra: dict[str, Any],
+    best: _Best,
 ) -> None:
     step = int(metrics["step"])
     if rank != 0:
@@ -354,7 +407,7 @@ def _report(
         ray.train.report(metrics, checkpoint=None)
         return
     with tempfile.TemporaryDirectory() as directory:
-        _save(model, optimizer, directory, {**extra, "step": step, "metrics": metrics})
+        _save(model, optimizer, directory, {**extra, "step": step, "metrics": metrics}, best)
         ray.train.report(
             metrics,
             checkpoint=ray.train.Checkpoint.from_directory(directory),
