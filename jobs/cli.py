@@ -39,7 +39,8 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="vqpipe", description="VQ-VAE-2 pipeline: train, tokenize, train priors, sample, evaluate."
+        prog="vqpipe",
+        description="VQ-VAE-2 pipeline: train, tokenize, train priors, sample, evaluate.",
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -59,16 +60,24 @@ def build_parser() -> argparse.ArgumentParser:
         _add_config_args(p)
         p.add_argument("--force", action="store_true", help="redo the stage even if up to date")
 
-    p = sub.add_parser("validate", help="check a configuration and print it with defaults filled in")
+    p = sub.add_parser(
+        "validate", help="check a configuration and print it with defaults filled in"
+    )
     _add_config_args(p)
 
     p = sub.add_parser("reconstruct", help="write reconstructions of an image folder (same layout)")
-    p.add_argument("--checkpoint", required=True, help="autoencoder checkpoint (model.pt) path or URL")
+    p.add_argument(
+        "--checkpoint", required=True, help="autoencoder checkpoint (model.pt) path or URL"
+    )
     p.add_argument("--input", required=True, help="image folder (any layout of image files)")
     p.add_argument("--output", required=True, help="output folder")
-    p.add_argument("--image-size", type=int, nargs="+", default=None, help="H [W]; default from the checkpoint")
+    p.add_argument(
+        "--image-size", type=int, nargs="+", default=None, help="H [W]; default from the checkpoint"
+    )
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--side-by-side", action="store_true", help="write original|reconstruction pairs")
+    p.add_argument(
+        "--side-by-side", action="store_true", help="write original|reconstruction pairs"
+    )
     return parser
 
 
@@ -124,11 +133,16 @@ def _summary(manifests: dict) -> str:
         if stage == "tokenize":
             extra = f"{m.get('samples')} samples in {len(m.get('shards', []))} shards"
         elif stage == "train_prior":
-            bits = {lvl: round(p.get("heldout_bits_per_code", float("nan")), 3) for lvl, p in m.get("priors", {}).items()}
+            bits = {
+                lvl: round(p.get("heldout_bits_per_code", float("nan")), 3)
+                for lvl, p in m.get("priors", {}).items()
+            }
             extra = f"held-out bits/code {bits}"
         elif metrics:
             shown = list(metrics.items())[:4]
-            extra = ", ".join(f"{k}={v:.4g}" if isinstance(v, (int, float)) else f"{k}={v}" for k, v in shown)
+            extra = ", ".join(
+                f"{k}={v:.4g}" if isinstance(v, (int, float)) else f"{k}={v}" for k, v in shown
+            )
         lines.append(f"  {stage:<12} {m.get('seconds', 0):>8.1f}s  {extra}")
     return "\n".join(lines)
 

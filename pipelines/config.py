@@ -38,8 +38,10 @@ class GenerateSection(Section):
         0, ge=0, description="Broken files added to exercise bad-input handling."
     )
     seed: int = 0
-    background: Literal["gradient", "plain"] = Field(
-        "gradient", description="Two-colour gradient backgrounds, or one plain colour (easier)."
+    background: Literal["gradient", "plain", "palette"] = Field(
+        "gradient",
+        description="Two-colour gradient backgrounds, one plain colour, or background and shape "
+        "colours from a fixed palette of eight (easiest).",
     )
 
 

@@ -118,7 +118,21 @@ def _luma(rgb: np.ndarray) -> float:
     return float(0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2])
 
 
-BACKGROUNDS = ("gradient", "plain")
+BACKGROUNDS = ("gradient", "plain", "palette")
+# Eight well-separated colours for the "palette" corpus: background and shape each take one.
+PALETTE = np.array(
+    [
+        (230, 57, 70),
+        (244, 162, 97),
+        (233, 216, 76),
+        (42, 157, 143),
+        (38, 70, 83),
+        (69, 123, 230),
+        (240, 240, 240),
+        (30, 30, 30),
+    ],
+    dtype=np.float64,
+)
 
 
 def render_image(
@@ -127,16 +141,20 @@ def render_image(
     """One uint8 size x size x 3 image of ``shape`` with random placement and colours.
 
     ``background`` "gradient" blends two random colours along a random direction; "plain" is one
-    random colour, an easier corpus for a prior trained for a few minutes.
+    random colour; "palette" draws the background and the shape's colour from eight fixed colours,
+    the easiest corpus for a prior trained for a few minutes on a CPU.
     """
     if shape not in SHAPES:
         raise ValueError(f"unknown shape {shape!r}; expected one of {sorted(SHAPES)}")
     if background not in BACKGROUNDS:
         raise ValueError(f"unknown background {background!r}; expected one of {BACKGROUNDS}")
     big = size * SUPERSAMPLE
+    use_palette = background == "palette"
     # Background: a linear blend of two colours along a random direction.
     start, end = rng.uniform(20, 235, size=(2, 3))
-    if background == "plain":
+    if background == "palette":
+        start = PALETTE[rng.integers(len(PALETTE))]
+    if background != "gradient":
         end = start
     theta = rng.uniform(0, 2 * math.pi)
     ys, xs = np.mgrid[0:big, 0:big] / max(big - 1, 1)
@@ -147,7 +165,10 @@ def render_image(
     # class is never camouflaged.
     bg_luma = _luma(background.reshape(-1, 3).mean(0))
     for _ in range(32):
-        colour = rng.uniform(0, 255, size=3)
+        if use_palette:
+            colour = PALETTE[rng.integers(len(PALETTE))]
+        else:
+            colour = rng.uniform(0, 255, size=3)
         if abs(_luma(colour) - bg_luma) > 70:
             break
     else:

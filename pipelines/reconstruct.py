@@ -48,7 +48,9 @@ def reconstruct_folder(
     if image_size is None:
         size = extra.get("image_size")
         if size is None:
-            raise ValueError(f"{checkpoint!r} does not record its image size; pass --image-size H [W]")
+            raise ValueError(
+                f"{checkpoint!r} does not record its image size; pass --image-size H [W]"
+            )
         size_hw = tuple(size)
     else:
         size_hw = (image_size[0], image_size[-1])
@@ -56,7 +58,9 @@ def reconstruct_folder(
 
     files = [f for f in storage.list_files(input_dir) if f.lower().endswith(IMAGE_SUFFIXES)]
     if not files:
-        raise FileNotFoundError(f"--input {input_dir!r} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
+        raise FileNotFoundError(
+            f"--input {input_dir!r} holds no image files ({', '.join(IMAGE_SUFFIXES)})"
+        )
     written, bad, sq_err = 0, [], 0.0
     for start in range(0, len(files), batch_size):
         chunk, arrays = [], []
@@ -75,7 +79,11 @@ def reconstruct_folder(
         sq_err += float(((recon - x) ** 2).mean(dim=(1, 2, 3)).sum())
         out = to_uint8(recon)
         for f, original, image in zip(chunk, arrays, out):
-            rel = os.path.relpath(f, input_dir) if not storage.is_url(input_dir) else f[len(input_dir) :].lstrip("/")
+            rel = (
+                os.path.relpath(f, input_dir)
+                if not storage.is_url(input_dir)
+                else f[len(input_dir) :].lstrip("/")
+            )
             target = storage.join(output_dir, os.path.splitext(rel)[0] + ".png")
             pixels = np.concatenate([original, image], axis=1) if side_by_side else image
             storage.write_bytes(target, encode_png(pixels))

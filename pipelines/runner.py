@@ -106,7 +106,9 @@ def run_stages(
     force = set(force)
     unknown = force - set(STAGES) - {"all"}
     if unknown:
-        raise ValueError(f"--force got unknown stage(s) {sorted(unknown)}; expected one of {STAGES} or 'all'")
+        raise ValueError(
+            f"--force got unknown stage(s) {sorted(unknown)}; expected one of {STAGES} or 'all'"
+        )
     if "all" in force:
         force = set(STAGES)
     if "evaluate" in stages and not cfg.evaluate.enabled:
@@ -151,8 +153,12 @@ def _run_one(
     started = time.time()
     with tracker.stage_run(stage) as tracking:
         dumped = cfg.model_dump(mode="json")
-        tracking.log_params({k: dumped[k] for k in SECTIONS[stage] if k != "seed"} | {"seed": cfg.seed})
-        ctx = StageContext(cfg=cfg, stage=stage, stage_dir=stage_dir, fingerprint=fp, tracking=tracking)
+        tracking.log_params(
+            {k: dumped[k] for k in SECTIONS[stage] if k != "seed"} | {"seed": cfg.seed}
+        )
+        ctx = StageContext(
+            cfg=cfg, stage=stage, stage_dir=stage_dir, fingerprint=fp, tracking=tracking
+        )
         body = _stage_module(stage).run(ctx)
         manifest = write_manifest(
             stage_dir,

@@ -55,7 +55,9 @@ def test_missing_source_is_named():
 
 
 def test_unknown_model_field_lists_the_valid_ones():
-    with pytest.raises(ConfigError, match=r"train_vqvae\.model\.chanels is not a VQVAE2Config field.*channels"):
+    with pytest.raises(
+        ConfigError, match=r"train_vqvae\.model\.chanels is not a VQVAE2Config field.*channels"
+    ):
         parse_config(minimal(train_vqvae={"model": {"chanels": 3}}))
 
 
@@ -65,14 +67,21 @@ def test_model_value_checked_by_the_model_config():
 
 
 def test_prior_fields_derived_from_the_codes_are_refused():
-    with pytest.raises(ConfigError, match=r"train_prior\.top\.model\.num_codes is set by the pipeline"):
+    with pytest.raises(
+        ConfigError, match=r"train_prior\.top\.model\.num_codes is set by the pipeline"
+    ):
         parse_config(minimal(train_prior={"top": {"model": {"num_codes": 512}}}))
 
 
 def test_overrides_parse_yaml_values_and_create_sections():
     cfg = parse_config(
         minimal(),
-        ["train_vqvae.steps=7", "data.image_size=[16, 32]", "sample.classes=[circle]", "tokenize.num_actors=2"],
+        [
+            "train_vqvae.steps=7",
+            "data.image_size=[16, 32]",
+            "sample.classes=[circle]",
+            "tokenize.num_actors=2",
+        ],
     )
     assert cfg.train_vqvae.steps == 7
     assert cfg.data.size_hw == (16, 32)

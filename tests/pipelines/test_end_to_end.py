@@ -24,9 +24,8 @@ CORRUPT = 2
 @pytest.fixture(scope="module")
 def pipeline_run(ray_local, tmp_path_factory):
     """Run every stage once; return (config, manifests of the first run, manifests of a second run)."""
-    from tests.pipelines.conftest import tiny_raw_config
-
     from pipelines.config import parse_config
+    from tests.pipelines.conftest import tiny_raw_config
 
     root = tmp_path_factory.mktemp("e2e")
     raw = tiny_raw_config(str(root / "out"), str(root / "corpus"))
@@ -80,7 +79,9 @@ def test_shards_read_back_with_tarfile_and_numpy(pipeline_run):
                 if name.endswith(".top.npy"):
                     key = name[: -len(".top.npy")]
                     top = np.load(io.BytesIO(tar.extractfile(members[name]).read()))
-                    bottom = np.load(io.BytesIO(tar.extractfile(members[key + ".bottom.npy"]).read()))
+                    bottom = np.load(
+                        io.BytesIO(tar.extractfile(members[key + ".bottom.npy"]).read())
+                    )
                     label = int(tar.extractfile(members[key + ".cls"]).read())
                     assert top.shape == tuple(tok["code_shapes"]["top"]) and top.dtype == np.uint8
                     assert bottom.shape == tuple(tok["code_shapes"]["bottom"])
@@ -115,11 +116,14 @@ def test_mlflow_parent_and_stage_runs(pipeline_run):
     cfg, first, _ = pipeline_run
     client = MlflowClient(tracking_uri="sqlite:///" + os.path.join(cfg.output_dir, "mlflow.db"))
     experiment = client.get_experiment_by_name(cfg.mlflow.experiment)
-    runs = client.search_runs([experiment.experiment_id], filter_string="tags.`vqpipe.kind` = 'pipeline'")
+    runs = client.search_runs(
+        [experiment.experiment_id], filter_string="tags.`vqpipe.kind` = 'pipeline'"
+    )
     parents = {r.info.run_name: r for r in runs}
     assert {"first", "second"} <= set(parents)
     children = client.search_runs(
-        [experiment.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parents['first'].info.run_id}'"
+        [experiment.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parents['first'].info.run_id}'",
     )
     by_stage = {r.data.tags["vqpipe.stage"]: r for r in children}
     assert set(by_stage) == set(STAGES)
@@ -145,9 +149,12 @@ def test_second_run_skips_every_stage(pipeline_run):
         assert second[stage]["mlflow_run_id"] == first[stage]["mlflow_run_id"], f"{stage} ran again"
     client = MlflowClient(tracking_uri="sqlite:///" + os.path.join(cfg.output_dir, "mlflow.db"))
     experiment = client.get_experiment_by_name(cfg.mlflow.experiment)
-    parent = client.search_runs([experiment.experiment_id], filter_string="attributes.run_name = 'second'")[0]
+    parent = client.search_runs(
+        [experiment.experiment_id], filter_string="attributes.run_name = 'second'"
+    )[0]
     children = client.search_runs(
-        [experiment.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+        [experiment.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
     )
     assert children == []
     assert all(parent.data.tags[f"vqpipe.{s}"] == "skipped" for s in STAGES)
@@ -166,7 +173,11 @@ def test_changed_sample_config_reruns_only_sample_and_evaluate(pipeline_run, tmp
 
 def test_cli_reports_config_errors(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
-    bad.write_text(json.dumps({"output_dir": str(tmp_path), "data": {"source": "x"}, "tokenize": {"shards": 3}}))
+    bad.write_text(
+        json.dumps(
+            {"output_dir": str(tmp_path), "data": {"source": "x"}, "tokenize": {"shards": 3}}
+        )
+    )
     assert cli_main(["tokenize", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "tokenize.shards: unknown key" in err
@@ -179,6 +190,8 @@ def test_cli_stage_needs_its_upstream(tmp_path, capsys, ray_local):
 
     Image.new("RGB", (16, 16)).save(corpus / "x.png")
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(json.dumps({"output_dir": str(tmp_path / "out"), "data": {"source": str(corpus.parent)}}))
+    cfg.write_text(
+        json.dumps({"output_dir": str(tmp_path / "out"), "data": {"source": str(corpus.parent)}})
+    )
     assert cli_main(["train-prior", str(cfg)]) == 2
     assert "run `vqpipe tokenize` first" in capsys.readouterr().err

@@ -1,9 +1,19 @@
-"""Small fixtures for the vq_core tests: a generated dataset of coloured shapes."""
+"""Small fixtures for the vq_core tests: one intra-op thread, a generated dataset of shapes."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    """The models in these tests are tiny: intra-op threads only add synchronisation, which costs
+    a lot on a busy 2-core machine (one learning test went from 3 s to minutes)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def make_shapes(

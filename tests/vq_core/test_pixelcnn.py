@@ -20,16 +20,6 @@ K, H, W = 7, 5, 6  # a non-square map, so rows and columns cannot be confused
 CONDITION = dict(num_classes=3, condition_num_codes=5, condition_height=5, condition_width=3)
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """The models here are tiny: intra-op threads only add synchronisation, which costs a lot
-    on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def pixelcnn(conditioned: bool = False, **overrides) -> GatedPixelCNN:
     fields = dict(channels=16, num_layers=3, kernel_size=3, condition_channels=8)
     fields.update(CONDITION if conditioned else {})

@@ -28,16 +28,6 @@ from vq_core.checkpoint import load_checkpoint, save_checkpoint
 from vq_core.pixelsnail import PixelSNAIL, PixelSNAILConfig
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """The models here are tiny: intra-op threads only add synchronisation, which costs a lot
-    on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def snail(attention: bool = True, conditioned: bool = False, **overrides) -> PixelSNAIL:
     fields = dict(
         channels=16,

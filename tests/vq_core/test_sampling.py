@@ -46,16 +46,6 @@ def pixelcnn(conditioned: bool, **overrides) -> GatedPixelCNN:
     return GatedPixelCNN(GatedPixelCNNConfig(K, H, W, **fields))
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """The models here are tiny: intra-op threads only add synchronisation, which costs a lot
-    on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 VARIANTS = {
     "snail-attention": lambda: snail(True, False),
     "snail-attention-class-condition": lambda: snail(True, True),
