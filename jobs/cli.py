@@ -125,25 +125,36 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+# The figures a person looks at first, per stage.
+SUMMARY_METRICS = {
+    "train_vqvae": ("holdout/mse", "holdout/perplexity/top", "holdout/perplexity/bottom"),
+    "evaluate": (
+        "holdout/psnr",
+        "cas/generated_to_real",
+        "cas/real_to_generated",
+        "cas/real_to_real",
+    ),
+}
+
+
 def _summary(manifests: dict) -> str:
     lines = ["", "vqpipe finished:"]
     for stage, m in manifests.items():
-        extra = ""
         metrics = m.get("metrics") or {}
         if stage == "tokenize":
-            extra = f"{m.get('samples')} samples in {len(m.get('shards', []))} shards"
+            extra = f"{m.get('samples')} samples in {len(m.get('shards', []))} shards, {m['bad_inputs']['count']} bad inputs"
         elif stage == "train_prior":
             bits = {
-                lvl: round(p.get("heldout_bits_per_code", float("nan")), 3)
-                for lvl, p in m.get("priors", {}).items()
+                lvl: round(p["heldout_bits_per_code"], 3) for lvl, p in m.get("priors", {}).items()
             }
             extra = f"held-out bits/code {bits}"
-        elif metrics:
-            shown = list(metrics.items())[:4]
-            extra = ", ".join(
-                f"{k}={v:.4g}" if isinstance(v, (int, float)) else f"{k}={v}" for k, v in shown
-            )
-        lines.append(f"  {stage:<12} {m.get('seconds', 0):>8.1f}s  {extra}")
+        elif stage == "sample":
+            extra = f"{m.get('samples')} images of {len(m.get('classes', {}))} classes"
+        else:
+            shown = [(k, metrics[k]) for k in SUMMARY_METRICS.get(stage, ()) if k in metrics]
+            extra = ", ".join(f"{k}={v:.4g}" for k, v in shown)
+        took = "skipped" if m.get("skipped") else f"{m.get('seconds', 0):.1f}s"
+        lines.append(f"  {stage:<12} {took:>9}  {extra}")
     return "\n".join(lines)
 
 

@@ -145,7 +145,7 @@ def _run_one(
     if not forced and existing and existing.get("complete") and existing.get("fingerprint") == fp:
         log.info("== %s: up to date (fingerprint %s), skipped", stage, fp)
         parent.set_tags({f"vqpipe.{stage}": "skipped"})
-        return existing
+        return {**existing, "skipped": True}
 
     log.info("== %s: running (fingerprint %s)", stage, fp)
     ensure_ray(cfg)

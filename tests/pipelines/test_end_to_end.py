@@ -147,6 +147,7 @@ def test_second_run_skips_every_stage(pipeline_run):
     for stage in STAGES:
         assert second[stage]["fingerprint"] == first[stage]["fingerprint"]
         assert second[stage]["mlflow_run_id"] == first[stage]["mlflow_run_id"], f"{stage} ran again"
+        assert second[stage]["skipped"] and not first[stage].get("skipped")
     client = MlflowClient(tracking_uri="sqlite:///" + os.path.join(cfg.output_dir, "mlflow.db"))
     experiment = client.get_experiment_by_name(cfg.mlflow.experiment)
     parent = client.search_runs(
