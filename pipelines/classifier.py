@@ -153,8 +153,6 @@ def labelled_images(dataset: Any, max_images: int, size: int | None = None) -> L
         pixels = batch["image"]
         if pixels.dtype == object:  # a ragged tensor column comes back as an array of arrays
             pixels = np.stack(list(pixels))
-        if not pixels.flags.writeable:  # Ray hands out read-only views; torch warns about those
-            pixels = pixels.copy()
         x = to_model_input(pixels)
         if size is not None:
             x = resize_images(x, size)

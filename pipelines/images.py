@@ -121,7 +121,11 @@ def to_model_input(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     # for decoding only, and sparing their worker processes a torch import saves memory and time.
     import torch
 
-    tensor = torch.as_tensor(np.asarray(images) if not torch.is_tensor(images) else images)
+    if not torch.is_tensor(images):
+        images = np.asarray(images)
+        if not images.flags.writeable:  # Ray hands out read-only views; torch warns about those
+            images = images.copy()
+    tensor = torch.as_tensor(images)
     if tensor.ndim != 4 or tensor.dtype != torch.uint8:
         raise ValueError(
             f"expected uint8 images B x H x W x C, got {tensor.dtype} of shape {tuple(tensor.shape)}"

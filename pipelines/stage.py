@@ -43,9 +43,12 @@ def ensure_ray(cfg: PipelineConfig) -> None:
         return
     num_cpus = cfg.ray.num_cpus or os.cpu_count() or 1
     log.info("starting a local Ray with %d CPUs", num_cpus)
-    ray.init(
+    # The dashboard also serves the State API, which Ray Train's controller polls; without it
+    # every training run floods the log with warnings.
+    context = ray.init(
         num_cpus=num_cpus,
-        include_dashboard=False,
         object_store_memory=cfg.ray.object_store_memory,
         log_to_driver=True,
     )
+    if context.dashboard_url:
+        log.info("Ray dashboard: http://%s", context.dashboard_url)
