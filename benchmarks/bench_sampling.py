@@ -3,8 +3,8 @@
 Cases:
   top-32      top prior at 32x32: attention, class-conditional (small widths, see flags)
   bottom-64   bottom prior at 64x64: no attention, conditioned on a 32x32 top map and the class
-  demo-top    the demo's top prior: 8x8, K=128, default widths
-  demo-bottom the demo's bottom prior: 16x16 conditioned on 8x8, K=128, default widths
+  demo-top    the demo's top prior, as configs/demo.yaml builds it
+  demo-bottom the demo's bottom prior (conditioned on the top map), as configs/demo.yaml builds it
 
 The naive sampler runs one full forward pass per position, so its cost per step is constant.
 When a whole naive run would exceed --naive-budget-s (or --naive-max-steps), it is timed over
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -57,14 +58,29 @@ def build_config(case: str, args: argparse.Namespace) -> PixelSNAILConfig:
             args.codes, 64, 64, attention=False, num_classes=NUM_CLASSES,
             condition_num_codes=args.codes, condition_height=32, condition_width=32, **small,
         )  # fmt: skip
-    if case == "demo-top":
-        return PixelSNAILConfig(args.demo_codes, 8, 8, num_classes=NUM_CLASSES)
-    if case == "demo-bottom":
-        return PixelSNAILConfig(
-            args.demo_codes, 16, 16, attention=False, num_classes=NUM_CLASSES,
-            condition_num_codes=args.demo_codes, condition_height=8, condition_width=8,
-        )  # fmt: skip
+    if case in ("demo-top", "demo-bottom"):
+        return demo_config(case)
     raise ValueError(f"unknown case {case!r}; expected one of {CASES}")
+
+
+def demo_config(case: str) -> PixelSNAILConfig:
+    """The prior the demo pipeline trains, with the sizes configs/demo.yaml gives it."""
+    from pipelines.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
+    height, width = cfg.data.size_hw
+    model = cfg.train_vqvae.model
+    classes = len(cfg.data.generate.classes)
+    top = model["codebook_size_top"]
+    if case == "demo-top":
+        return PixelSNAILConfig(
+            top, height // 8, width // 8, num_classes=classes, **cfg.train_prior.top.model
+        )
+    return PixelSNAILConfig(
+        model["codebook_size_bottom"], height // 4, width // 4, num_classes=classes,
+        condition_num_codes=top, condition_height=height // 8, condition_width=width // 8,
+        **cfg.train_prior.bottom.model,
+    )  # fmt: skip
 
 
 def clock(args: argparse.Namespace):
@@ -178,7 +194,6 @@ def main() -> None:
         "idle-machine time on a shared machine (CPU only, best with --threads 1)",
     )
     parser.add_argument("--codes", type=int, default=512, help="K of top-32/bottom-64")
-    parser.add_argument("--demo-codes", type=int, default=128, help="K of the demo cases")
     small = parser.add_argument_group("widths of top-32 and bottom-64")
     small.add_argument("--channels", type=int, default=32)
     small.add_argument("--num-blocks", type=int, default=2)
