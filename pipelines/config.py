@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,6 +19,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 STAGES = ("train_vqvae", "tokenize", "train_prior", "sample", "evaluate")
+
+
+def _absolute(uri: str) -> str:
+    """Local paths become absolute, so manifests and Ray workers never depend on a working directory."""
+    return uri if "://" in uri else os.path.abspath(os.path.expanduser(uri))
 
 
 class ConfigError(ValueError):
@@ -62,6 +68,11 @@ class DataSection(Section):
     label_column: str = "label"
     key_column: str | None = None
     generate: GenerateSection | None = None
+
+    @field_validator("source")
+    @classmethod
+    def _absolute_source(cls, v: str) -> str:
+        return _absolute(v)
 
     @field_validator("image_size")
     @classmethod
@@ -301,6 +312,11 @@ class PipelineConfig(Section):
     train_prior: TrainPriorSection = Field(default_factory=TrainPriorSection)
     sample: SampleSection = Field(default_factory=SampleSection)
     evaluate: EvaluateSection = Field(default_factory=EvaluateSection)
+
+    @field_validator("output_dir")
+    @classmethod
+    def _absolute_output_dir(cls, v: str) -> str:
+        return _absolute(v)
 
     def stage_dir(self, stage: str) -> str:
         from pipelines import storage
