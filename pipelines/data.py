@@ -330,13 +330,11 @@ def _decode_batch(batch: dict, spec: _ReadSpec) -> dict[str, np.ndarray]:
         errors.append(error)
         sources.append(rows["source"][i])
 
+    if not images:
+        return _empty_batch(spec)
     out = {
         "key": np.array(out_keys, dtype=object),
-        "image": (
-            np.stack(images)
-            if images
-            else np.zeros((0, height, width, spec.channels), dtype=np.uint8)
-        ),
+        "image": np.stack(images),
         "label": np.array(labels, dtype=np.int64),
         "split": np.array(out_splits, dtype=object),
     }
@@ -344,6 +342,28 @@ def _decode_batch(batch: dict, spec: _ReadSpec) -> dict[str, np.ndarray]:
         out["error"] = np.array(errors, dtype=object)
         out["source"] = np.array(sources, dtype=object)
     return out
+
+
+def _empty_batch(spec: _ReadSpec):
+    """A zero-row batch with the same column types as a full one.
+
+    Ray Data cannot type a zero-length numpy image column and falls back to pickling it (with a
+    warning); a typed empty Arrow table keeps every block's schema the same.
+    """
+    import pyarrow as pa
+    from ray.data.extensions import ArrowTensorType
+
+    height, width = spec.size_hw
+    columns = {
+        "key": pa.array([], pa.string()),
+        "image": pa.array([], ArrowTensorType((height, width, spec.channels), pa.uint8())),
+        "label": pa.array([], pa.int64()),
+        "split": pa.array([], pa.string()),
+    }
+    if spec.keep_errors:
+        columns["error"] = pa.array([], pa.string())
+        columns["source"] = pa.array([], pa.string())
+    return pa.table(columns)
 
 
 # -------------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from tests.vq_core.test_pixelcnn import CONDITION, conditioning
 from vq_core.pixelcnn import GatedPixelCNN, GatedPixelCNNConfig
 from vq_core.pixelsnail import PixelSNAIL, PixelSNAILConfig
 from vq_core.sampling import (
@@ -19,7 +20,6 @@ from vq_core.sampling import (
 )
 
 K, H, W = 7, 5, 6  # a non-square map, so rows and columns cannot be confused
-CONDITION = dict(num_classes=3, condition_num_codes=5, condition_height=5, condition_width=3)
 
 
 def snail(attention: bool, conditioned: bool, **overrides) -> PixelSNAIL:
@@ -58,17 +58,6 @@ VARIANTS = {
         False, condition_num_codes=5, condition_height=5, condition_width=3
     ),
 }
-
-
-def conditioning(prior, n: int, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    cfg = prior.config
-    labels = torch.randint(0, cfg.num_classes, (n,), generator=g) if cfg.num_classes else None
-    condition = None
-    if cfg.condition_num_codes:
-        shape = (n, cfg.condition_height, cfg.condition_width)
-        condition = torch.randint(0, cfg.condition_num_codes, shape, generator=g)
-    return labels, condition
 
 
 # --------------------------------------------------------------------------- filter_logits
