@@ -16,7 +16,6 @@ plain state dicts and load with ``torch.load(weights_only=True)``.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
 import logging
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipelines import storage
+from pipelines.data import smallest_by_key_hash
 from pipelines.manifest import fingerprint
 
 log = logging.getLogger("vqpipe")
@@ -120,12 +120,6 @@ class LabelledImages:
         return LabelledImages(self.images[mask], self.labels[mask], keys)
 
 
-def _key_rank(key: str) -> int:
-    # A stable pseudo-random rank per key: the subset kept does not depend on the order in which
-    # Ray Data happens to deliver the blocks, so a re-run sees the same images.
-    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big")
-
-
 def labelled_images(dataset: Any, max_images: int, size: int | None = None) -> LabelledImages:
     """Gather at most ``max_images`` rows of a corpus dataset (columns key, image, label).
 
@@ -137,36 +131,24 @@ def labelled_images(dataset: Any, max_images: int, size: int | None = None) -> L
 
     if max_images <= 0:
         raise ValueError(f"max_images must be positive, got {max_images}")
-    ranks: list[int] = []
-    keys: list[str] = []
-    labels: list[int] = []
-    images: list[torch.Tensor] = []
 
-    def prune() -> None:
-        order = sorted(range(len(ranks)), key=ranks.__getitem__)[:max_images]
-        ranks[:] = [ranks[i] for i in order]
-        keys[:] = [keys[i] for i in order]
-        labels[:] = [labels[i] for i in order]
-        images[:] = [images[i] for i in order]
+    def rows():
+        for batch in dataset.iter_batches(batch_size=256, batch_format="numpy"):
+            pixels = batch["image"]
+            if pixels.dtype == object:  # a ragged tensor column comes back as an array of arrays
+                pixels = np.stack(list(pixels))
+            x = to_model_input(pixels)
+            if size is not None:
+                x = resize_images(x, size)
+            for key, label, image in zip(batch["key"], batch["label"], x):
+                yield str(key), (int(label), image.clone())  # a view would keep its batch alive
 
-    for batch in dataset.iter_batches(batch_size=256, batch_format="numpy"):
-        pixels = batch["image"]
-        if pixels.dtype == object:  # a ragged tensor column comes back as an array of arrays
-            pixels = np.stack(list(pixels))
-        x = to_model_input(pixels)
-        if size is not None:
-            x = resize_images(x, size)
-        for key, label, image in zip(batch["key"], batch["label"], x):
-            ranks.append(_key_rank(str(key)))
-            keys.append(str(key))
-            labels.append(int(label))
-            images.append(image.clone())  # a view would keep its whole batch alive
-        if len(ranks) > 2 * max_images:
-            prune()
-    prune()
-    if not keys:
+    kept = smallest_by_key_hash(rows(), max_images)
+    if not kept:
         return LabelledImages(torch.empty(0), torch.empty(0, dtype=torch.long), [])
-    return LabelledImages(torch.stack(images), torch.tensor(labels, dtype=torch.long), keys)
+    labels = torch.tensor([label for _, (label, _) in kept], dtype=torch.long)
+    images = torch.stack([image for _, (_, image) in kept])
+    return LabelledImages(images, labels, [key for key, _ in kept])
 
 
 # -------------------------------------------------------------------------------------------------

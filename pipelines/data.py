@@ -101,6 +101,25 @@ def _key_hash(key: str) -> int:
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big")
 
 
+def smallest_by_key_hash(items: Iterable[tuple[str, Any]], limit: int) -> list[tuple[str, Any]]:
+    """The ``limit`` (key, item) pairs with the smallest key hashes, in hash order.
+
+    A deterministic, class-blind subset that does not depend on the order rows arrive in (the
+    first rows of a folder corpus are all of its first class). Streams: at most about twice
+    ``limit`` items are held at once.
+    """
+    if limit <= 0:
+        raise ValueError(f"limit must be positive, got {limit}")
+    kept: list[tuple[int, str, Any]] = []
+    for key, item in items:
+        kept.append((_key_hash(key), key, item))
+        if len(kept) > 2 * limit:
+            kept.sort(key=lambda entry: entry[0])
+            del kept[limit:]
+    kept.sort(key=lambda entry: entry[0])
+    return [(key, item) for _, key, item in kept[:limit]]
+
+
 def key_hashes(keys: Iterable[str]) -> np.ndarray:
     """64-bit hashes of keys as a sorted uint64 array: a compact set for ``skip_keys``.
 

@@ -155,37 +155,25 @@ def publish_model(model: nn.Module, uri: str, extra: dict[str, Any]) -> bytes:
 def take_columns(dataset, limit: int, columns: list[str]) -> dict[str, np.ndarray]:
     """``limit`` rows of a Ray dataset (with a "key" column) as one stacked array per column.
 
-    The rows kept are those with the smallest key hashes: a deterministic subset that does not
-    depend on the order the corpus is listed in (the first rows of a folder corpus are all of its
-    first class). Memory stays bounded by about twice ``limit`` rows. Held-out data for evaluation
+    The rows kept are those with the smallest key hashes (pipelines.data.smallest_by_key_hash), so
+    the subset does not depend on the order the corpus is listed in. Held-out data for evaluation
     is small, so it is read once on the driver and shipped to the workers: every evaluation then
     scores the same examples, which keeps the curve comparable.
     """
-    from pipelines.data import key_hashes
+    from pipelines.data import smallest_by_key_hash
 
-    kept: dict[str, list] = {c: [] for c in ["key", *columns]}
-    ranks: list[int] = []
+    def rows():
+        batches = dataset.select_columns(list(dict.fromkeys(["key", *columns]))).iter_batches(
+            batch_size=1024, batch_format="numpy"
+        )
+        for batch in batches:
+            for i, key in enumerate(batch["key"]):
+                yield str(key), [np.array(batch[c][i]) for c in columns]
 
-    def prune() -> None:
-        order = np.argsort(np.asarray(ranks, dtype=np.uint64), kind="stable")[:limit]
-        ranks[:] = [ranks[i] for i in order]
-        for c in kept:
-            kept[c] = [kept[c][i] for i in order]
-
-    for batch in dataset.select_columns(list(dict.fromkeys(["key", *columns]))).iter_batches(
-        batch_size=1024, batch_format="numpy"
-    ):
-        keys = [str(k) for k in batch["key"]]
-        # key_hashes sorts and dedups; hash one key at a time to keep rows aligned.
-        ranks.extend(int(key_hashes([k])[0]) for k in keys)
-        for c in kept:
-            kept[c].extend(np.array(v) for v in batch[c])
-        if len(ranks) > 2 * limit:
-            prune()
-    prune()
-    if not ranks:
+    kept = smallest_by_key_hash(rows(), limit)
+    if not kept:
         return {c: np.empty((0,)) for c in columns}
-    return {c: np.stack(kept[c]) for c in columns}
+    return {c: np.stack([row[n] for _, row in kept]) for n, c in enumerate(columns)}
 
 
 # -------------------------------------------------------------------------------------------------
