@@ -34,13 +34,13 @@ import torch
 
 from pipelines import storage
 from pipelines.config import parse_config
-from pipelines.data import open_corpus
+from pipelines.corpus import open_corpus
 from pipelines.demo_data import generate_corpus
 from pipelines.images import decode_image, to_model_input
 from pipelines.manifest import write_manifest
 from pipelines.shards import iter_code_samples, shard_bytes
 from pipelines.stage import StageContext, ensure_ray
-from pipelines.tokenize import run as run_tokenize
+from pipelines.stages.tokenize import run as run_tokenize
 from pipelines.tracking import TrackingContext
 from vq_core.checkpoint import save_checkpoint
 from vq_core.vqvae import VQVAE2, VQVAE2Config

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipelines import storage
-from pipelines.data import smallest_by_key_hash
+from pipelines.keys import smallest_by_key_hash
 from pipelines.manifest import fingerprint
 
 log = logging.getLogger("vqpipe")
@@ -321,7 +321,7 @@ def corpus_classifier(
     training settings), so a classifier is reused (from ``cache_uri`` or any of ``reuse_uris``,
     e.g. another stage's copy) only when training again would reproduce it.
     """
-    from pipelines.data import open_corpus
+    from pipelines.corpus import open_corpus
 
     base = ClassifierConfig(num_classes=len(class_names), in_channels=data_cfg.channels)
     key = fingerprint(

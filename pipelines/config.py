@@ -3,13 +3,12 @@
 This module is the single source of truth for every key a user can set. Unknown keys and bad
 values are errors that name the key (``train_vqvae.steps: Input should be greater than 0``).
 Model architecture keys are passed straight to the ``vq_core`` config dataclasses and validated
-by them, so a model knob is documented in exactly one place.
+by them, so a model knob is documented in exactly one place. That validation imports the model
+modules, and so torch: reading a config needs torch installed.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -18,16 +17,17 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-STAGES = ("train_vqvae", "tokenize", "train_prior", "sample", "evaluate")
+from pipelines.errors import ConfigError
+from vq_core.kinds import get_kind, kinds_of
+
+# The kinds a config may name, from vq_core's table of model kinds.
+AutoencoderKind = Literal[kinds_of("autoencoder")]  # type: ignore[valid-type]
+PriorKind = Literal[kinds_of("prior")]  # type: ignore[valid-type]
 
 
 def _absolute(uri: str) -> str:
     """Local paths become absolute, so manifests and Ray workers never depend on a working directory."""
     return uri if "://" in uri else os.path.abspath(os.path.expanduser(uri))
-
-
-class ConfigError(ValueError):
-    """A configuration file or override that does not fit the schema."""
 
 
 class Section(BaseModel):
@@ -91,37 +91,14 @@ class DataSection(Section):
         )
 
 
-def _model_config_class(kind: str):
-    # Imported lazily so that reading a config does not import torch.
-    if kind == "vqvae2":
-        from vq_core.vqvae import VQVAE2Config as cls
-    elif kind == "vqvae":
-        from vq_core.vqvae import VQVAEConfig as cls
-    elif kind == "dvae":
-        from vq_core.dvae import DiscreteVAEConfig as cls
-    elif kind == "pixelsnail":
-        from vq_core.pixelsnail import PixelSNAILConfig as cls
-    elif kind == "pixelcnn":
-        from vq_core.pixelcnn import GatedPixelCNNConfig as cls
-    else:  # pragma: no cover - guarded by Literal types
-        raise ConfigError(f"unknown model kind {kind!r}")
-    return cls
-
-
-def _check_model_keys(kind: str, params: dict[str, Any], where: str, derived: set[str]) -> None:
-    """Check ``params`` against the vq_core dataclass of ``kind``; ``derived`` keys are set by the pipeline."""
-    cls = _model_config_class(kind)
-    names = {f.name for f in dataclasses.fields(cls)}
-    for key in params:
-        if key in derived:
-            raise ValueError(
-                f"{where}.{key} is set by the pipeline (from the data or the codes); remove it"
-            )
-        if key not in names:
-            allowed = ", ".join(sorted(names - derived))
-            raise ValueError(
-                f"{where}.{key} is not a {cls.__name__} field; expected one of: {allowed}"
-            )
+def _validate_model_section(kind: str, params: dict[str, Any], where: str) -> None:
+    """Check a ``model:`` section against the vq_core config dataclass of ``kind``."""
+    model_kind = get_kind(kind)
+    model_kind.check_user_fields(params, where)
+    try:  # the dataclass validates values and names the field it rejects
+        model_kind.config_class(**params)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{where}: {err}") from None
 
 
 class TrainingKnobs(Section):
@@ -148,7 +125,7 @@ class TrainingKnobs(Section):
 
 
 class TrainVQVAESection(TrainingKnobs):
-    kind: Literal["vqvae2", "vqvae", "dvae"] = "vqvae2"
+    kind: AutoencoderKind = "vqvae2"
     model: dict[str, Any] = Field(
         default_factory=dict, description="Fields of the vq_core model config."
     )
@@ -171,36 +148,21 @@ class TrainVQVAESection(TrainingKnobs):
 
     @model_validator(mode="after")
     def _check_model(self) -> TrainVQVAESection:
-        _check_model_keys(self.kind, self.model, "train_vqvae.model", {"in_channels"})
+        _validate_model_section(self.kind, self.model, "train_vqvae.model")
         if self.kind != "dvae":
             for name in ("temperature_anneal_steps", "kl_warmup_steps"):
                 if getattr(self, name) is not None:
                     raise ValueError(
                         f"train_vqvae.{name} only applies to kind 'dvae', got kind {self.kind!r}"
                     )
-        try:  # the dataclass validates values and names the field it rejects
-            _model_config_class(self.kind)(**self.model)
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"train_vqvae.model: {err}") from None
         return self
 
 
 class PriorSection(TrainingKnobs):
-    kind: Literal["pixelsnail", "pixelcnn"] = "pixelsnail"
+    kind: PriorKind = "pixelsnail"
     model: dict[str, Any] = Field(
         default_factory=dict, description="Fields of the vq_core prior config."
     )
-
-
-_PRIOR_DERIVED = {
-    "num_codes",
-    "height",
-    "width",
-    "num_classes",
-    "condition_num_codes",
-    "condition_height",
-    "condition_width",
-}
 
 
 class TrainPriorSection(Section):
@@ -218,9 +180,7 @@ class TrainPriorSection(Section):
     def _check_models(self) -> TrainPriorSection:
         for level in ("top", "bottom"):
             section = getattr(self, level)
-            _check_model_keys(
-                section.kind, section.model, f"train_prior.{level}.model", _PRIOR_DERIVED
-            )
+            get_kind(section.kind).check_user_fields(section.model, f"train_prior.{level}.model")
         if self.bottom.kind == "pixelsnail" and "attention" not in self.bottom.model:
             # The paper's bottom prior relies on the top codes for global structure: no attention.
             self.bottom.model = {**self.bottom.model, "attention": False}
@@ -319,16 +279,13 @@ class PipelineConfig(Section):
         return _absolute(v)
 
     def stage_dir(self, stage: str) -> str:
+        """``<output_dir>/<stage>`` for a stage declared in ``pipelines.stages``."""
         from pipelines import storage
+        from pipelines.stages import stage_names
 
-        if stage not in STAGES:
-            raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
+        if stage not in stage_names():
+            raise ConfigError(f"unknown stage {stage!r}; expected one of {stage_names()}")
         return storage.join(self.output_dir, stage)
-
-    def section_hash(self, *names: str) -> str:
-        """A stable hash of the named top-level sections, used to decide whether a stage is up to date."""
-        payload = {name: self.model_dump(mode="json")[name] for name in names}
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _format_errors(err: ValidationError) -> str:

@@ -6,7 +6,7 @@ Each image is one filled shape with a random colour, size, position and slight r
 two-colour gradient background; the shape's colour is chosen to contrast with the background so
 the class is always visible.
 
-Layout (an image-folder corpus, readable by pipelines.data):
+Layout (an image-folder corpus, readable by pipelines.corpus):
 
     root/<class>/<index:05d>.png
     root/<class>/broken-<n:03d>.png     # only with corrupt_files > 0: truncated or empty files

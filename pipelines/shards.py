@@ -8,9 +8,9 @@ Each sample is one input image:
                         the level's codebook (uint8 for K <= 256, uint16 for K <= 65536, else uint32)
     <key>.cls           the integer class label as ASCII digits
 
-Keys are the corpus keys (``pipelines.data``): "/"-separated, no dot in the last component, so a
+Keys are the corpus keys (``pipelines.keys``): "/"-separated, no dot in the last component, so a
 WebDataset reader splits ``circle/00012.top.npy`` into key ``circle/00012`` and field ``top.npy``.
-The sample's split is not stored: it is ``pipelines.data.split_of(key, holdout_fraction)``, the same
+The sample's split is not stored: it is ``pipelines.keys.split_of(key, holdout_fraction)``, the same
 function that split the images, with the fraction recorded in the tokenize manifest.
 
 A shard's name is a hash of the keys it holds. Writing is atomic (temporary name, then rename), so a
@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from pipelines import storage
-from pipelines.data import split_of
+from pipelines.keys import split_of
 from pipelines.manifest import read_manifest
 
 SHARD_PATTERN = re.compile(r"^codes-[0-9a-f]{12}\.tar$")

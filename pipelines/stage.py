@@ -1,15 +1,100 @@
-"""What every stage receives, and the Ray session the stages share."""
+"""How a stage is declared, what it receives, and the Ray session the stages share.
+
+A stage is one module under ``pipelines/stages`` holding its ``run`` function, the typed model of
+its manifest and one ``StageSpec``: everything the runner, the CLI and the job entry points need
+to know about it. Adding a stage means one new module and one line in ``pipelines.stages``.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from pipelines.config import PipelineConfig
-from pipelines.tracking import TrackingContext
+from pipelines.manifest import StageManifest, cli_verb
+
+if TYPE_CHECKING:
+    from pipelines.tracking import TrackingContext
 
 log = logging.getLogger("vqpipe")
+
+# Where and how a stage runs, not what it computes: every stage may read these, and they are in no
+# fingerprint (moving output_dir is another run; a new Ray address or MLflow server is not).
+INFRASTRUCTURE = frozenset({"output_dir", "ray", "mlflow"})
+
+
+def _always(cfg: PipelineConfig) -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One stage, declared once.
+
+    ``manifest`` is the stage's manifest model; its ``stage`` attribute is the stage's name, the
+    name of its folder and of its config section. ``upstream`` are the manifests the stage reads
+    (a redone upstream stage makes it stale); ``sections`` the config sections it reads besides its
+    own; ``reads_corpus`` whether it reads the images (their listing joins its fingerprint).
+    ``summary`` makes the CLI's one line about a finished stage; ``enabled`` lets a config turn
+    the stage off.
+    """
+
+    manifest: type[StageManifest]
+    run: Callable[[StageContext], StageManifest]
+    summary: Callable[[Any], str]
+    description: str
+    upstream: tuple[type[StageManifest], ...] = ()
+    sections: tuple[str, ...] = ()
+    reads_corpus: bool = False
+    enabled: Callable[[PipelineConfig], bool] = field(default=_always)
+
+    @property
+    def name(self) -> str:
+        return self.manifest.stage
+
+    @property
+    def verb(self) -> str:
+        return cli_verb(self.name)
+
+    @property
+    def reads(self) -> tuple[str, ...]:
+        """Every config section the stage's outputs depend on (its fingerprint's sections)."""
+        return (*self.sections, self.name)
+
+    @property
+    def upstream_names(self) -> tuple[str, ...]:
+        return tuple(m.stage for m in self.upstream)
+
+
+class ConfigView:
+    """The configuration as one stage sees it: the sections its declaration lists, and the
+    infrastructure settings. Reading any other section raises, so a stage cannot depend on a
+    setting that its fingerprint ignores; ``read`` records what the stage used."""
+
+    def __init__(self, cfg: PipelineConfig, stage: str, sections: tuple[str, ...]):
+        object.__setattr__(self, "_cfg", cfg)
+        object.__setattr__(self, "_stage", stage)
+        object.__setattr__(self, "_allowed", frozenset(sections) | INFRASTRUCTURE)
+        object.__setattr__(self, "read", set())
+
+    def __getattr__(self, name: str) -> Any:
+        cfg = object.__getattribute__(self, "_cfg")
+        if name in type(cfg).model_fields:
+            if name not in self._allowed:
+                raise RuntimeError(
+                    f"stage {self._stage!r} read config section {name!r}, which its StageSpec "
+                    f"does not declare (declared: {sorted(self._allowed - INFRASTRUCTURE)}); "
+                    "declare it so that its fingerprint follows the setting"
+                )
+            if name not in INFRASTRUCTURE:
+                self.read.add(name)
+        return getattr(cfg, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("a stage's configuration is read-only")
 
 
 @dataclass(frozen=True)
@@ -22,7 +107,7 @@ class StageContext:
     MLflow child run.
     """
 
-    cfg: PipelineConfig
+    cfg: PipelineConfig | ConfigView
     stage: str
     stage_dir: str
     fingerprint: str

@@ -155,12 +155,12 @@ def publish_model(model: nn.Module, uri: str, extra: dict[str, Any]) -> bytes:
 def take_columns(dataset, limit: int, columns: list[str]) -> dict[str, np.ndarray]:
     """``limit`` rows of a Ray dataset (with a "key" column) as one stacked array per column.
 
-    The rows kept are those with the smallest key hashes (pipelines.data.smallest_by_key_hash), so
+    The rows kept are those with the smallest key hashes (pipelines.keys.smallest_by_key_hash), so
     the subset does not depend on the order the corpus is listed in. Held-out data for evaluation
     is small, so it is read once on the driver and shipped to the workers: every evaluation then
     scores the same examples, which keeps the curve comparable.
     """
-    from pipelines.data import smallest_by_key_hash
+    from pipelines.keys import smallest_by_key_hash
 
     def rows():
         batches = dataset.select_columns(list(dict.fromkeys(["key", *columns]))).iter_batches(

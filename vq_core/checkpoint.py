@@ -4,7 +4,7 @@ A checkpoint is a torch.save'd dict holding only tensors and plain Python values
 torch.load(weights_only=True) and never executes pickled code:
 
     {"format": "vq_core.checkpoint/1",
-     "model": "VQVAE2",                   # a key of MODEL_REGISTRY
+     "model": "VQVAE2",                   # a model class of vq_core.kinds.KINDS
      "config": {...},                     # dataclasses.asdict(model.config)
      "state_dict": {...},                 # parameters and buffers (EMA statistics included)
      "extra": {...} | None}               # caller's plain data: step, metrics, data description
@@ -17,7 +17,6 @@ imported lazily so that loading an autoencoder does not import the priors, and v
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import io
 import os
 import pickle
@@ -26,15 +25,12 @@ from typing import Any, BinaryIO
 import torch
 from torch import nn
 
+from vq_core.kinds import KINDS, kind_of_class
+
 FORMAT = "vq_core.checkpoint/1"
 
-MODEL_REGISTRY: dict[str, str] = {
-    "VQVAE": "vq_core.vqvae:VQVAE",
-    "VQVAE2": "vq_core.vqvae:VQVAE2",
-    "DiscreteVAE": "vq_core.dvae:DiscreteVAE",
-    "PixelSNAIL": "vq_core.pixelsnail:PixelSNAIL",
-    "GatedPixelCNN": "vq_core.pixelcnn:GatedPixelCNN",
-}
+# Checkpoint model name -> "module:Class", from the one table of model kinds.
+MODEL_REGISTRY: dict[str, str] = {kind.class_name: kind.target for kind in KINDS.values()}
 
 PathOrBuffer = str | os.PathLike | BinaryIO
 
@@ -44,12 +40,7 @@ _PLAIN_TYPES = (str, int, float, bool, type(None), torch.dtype, torch.device, to
 
 def model_class(name: str) -> type[nn.Module]:
     """The model class registered under `name`."""
-    if name not in MODEL_REGISTRY:
-        raise ValueError(
-            f"unknown model {name!r}; known models: {', '.join(sorted(MODEL_REGISTRY))}"
-        )
-    module_name, class_name = MODEL_REGISTRY[name].split(":")
-    return getattr(importlib.import_module(module_name), class_name)
+    return kind_of_class(name).model_class
 
 
 def model_from_config(name: str, config: dict[str, Any]) -> nn.Module:
@@ -66,7 +57,8 @@ def model_from_config(name: str, config: dict[str, Any]) -> nn.Module:
     return cls(config_class(**config))
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The bare model inside DDP, DataParallel or torch.compile wrappers."""
     # DistributedDataParallel / DataParallel keep the model in .module, torch.compile in
     # ._orig_mod; their state_dict keys carry prefixes that the bare class would not accept.
     while True:
@@ -114,7 +106,7 @@ def save_checkpoint(
     model: nn.Module, path_or_buffer: PathOrBuffer, extra: dict[str, Any] | None = None
 ) -> None:
     """Write model (class name, config, parameters and buffers) and `extra` to a file or buffer."""
-    model = _unwrap(model)
+    model = unwrap_model(model)
     name = _registered_name(model)
     config = getattr(model, "config", None)
     if not dataclasses.is_dataclass(config) or isinstance(config, type):

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vq_core.quantizer import code_statistics
 from vq_core.vqvae import (
     AutoencoderOutput,
     Decoder,
@@ -112,14 +113,6 @@ def kl_to_uniform(logits: torch.Tensor) -> torch.Tensor:
     log_q = F.log_softmax(logits.float(), dim=1)
     num_codes = logits.shape[1]
     return (log_q.exp() * log_q).sum(dim=1).mean() + math.log(num_codes)
-
-
-def code_statistics(codes: torch.Tensor, num_codes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(perplexity, usage) of a batch of hard codes: exp(entropy of the histogram), fraction used."""
-    counts = torch.bincount(codes.flatten(), minlength=num_codes).float()
-    p = counts / counts.sum()
-    entropy = -(p * torch.log(p.clamp_min(1e-12))).sum()
-    return entropy.exp(), (counts > 0).float().mean()
 
 
 class DiscreteVAE(nn.Module):

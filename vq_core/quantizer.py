@@ -82,11 +82,21 @@ def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def _code_histogram_stats(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Perplexity and usage of a histogram of code counts (float, length K)."""
+def code_histogram_stats(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(perplexity, usage) of a histogram of code counts (length K).
+
+    Perplexity is exp(entropy) of the histogram: the number of equally likely codes with the same
+    spread (at most K). Usage is the fraction of the K codes that occur.
+    """
+    counts = counts.float()
     probs = counts / counts.sum().clamp_min(1.0)
     entropy = -torch.special.xlogy(probs, probs).sum()
     return entropy.exp(), (counts > 0).float().mean()
+
+
+def code_statistics(codes: torch.Tensor, num_codes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(perplexity, usage) of a tensor of hard codes in [0, num_codes)."""
+    return code_histogram_stats(torch.bincount(codes.flatten().long(), minlength=num_codes))
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -303,7 +313,7 @@ class VectorQuantizer(nn.Module):
         # the channels-last result for free, a contiguous one pays one copy.
         if z.is_contiguous():
             quantized = quantized.contiguous()
-        perplexity, usage = _code_histogram_stats(counts)
+        perplexity, usage = code_histogram_stats(counts)
         return QuantizerOutput(
             quantized=quantized,
             codes=codes_flat.reshape(spatial),

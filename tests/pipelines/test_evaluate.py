@@ -11,10 +11,10 @@ import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from pipelines import evaluate, sample
+from pipelines.stages import evaluate, sample
 from pipelines.classifier import ImageClassifier, accuracy, train_classifier
 from pipelines.config import parse_config
-from pipelines.data import split_of
+from pipelines.keys import split_of
 from pipelines.images import to_model_input
 from pipelines.manifest import read_manifest, write_manifest
 from pipelines.shards import iter_code_samples, write_shard
@@ -25,7 +25,7 @@ from tests.pipelines.test_sample import CLASSES, make_context, write_upstream
 
 
 def read_folder_corpus(root: str) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """(keys, uint8 images N x H x W x 3, labels) of a demo corpus, keyed as pipelines.data keys it."""
+    """(keys, uint8 images N x H x W x 3, labels) of a demo corpus, keyed as pipelines.corpus keys it."""
     keys, images, labels = [], [], []
     for label, name in enumerate(CLASSES):
         for f in sorted(os.listdir(os.path.join(root, name))):

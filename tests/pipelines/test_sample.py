@@ -10,7 +10,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from pipelines import sample
+from pipelines.stages import sample
 from pipelines.config import PipelineConfig
 from pipelines.manifest import write_manifest
 from pipelines.stage import StageContext

@@ -11,7 +11,7 @@ import pytest
 import webdataset as wds
 
 from pipelines import storage
-from pipelines.data import split_of
+from pipelines.keys import split_of
 from pipelines.shards import (
     code_dataset,
     code_dtype,

@@ -12,13 +12,14 @@ import pytest
 import torch
 
 from pipelines import storage
-from pipelines.data import open_corpus, split_of
+from pipelines.corpus import open_corpus
+from pipelines.keys import split_of
 from pipelines.demo_data import generate_corpus
 from pipelines.images import to_model_input
 from pipelines.manifest import write_manifest
 from pipelines.shards import iter_code_samples, list_shards
 from pipelines.stage import StageContext
-from pipelines.tokenize import run
+from pipelines.stages.tokenize import run
 from pipelines.tracking import TrackingContext
 from vq_core.checkpoint import save_checkpoint
 from vq_core.vqvae import VQVAE2, VQVAE2Config

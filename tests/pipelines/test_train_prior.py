@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines import train_prior
+from pipelines.stages import train_prior
 from pipelines.config import TrainPriorSection, parse_config
-from pipelines.data import split_of
+from pipelines.keys import split_of
 from pipelines.manifest import write_manifest
 from pipelines.shards import code_dtype, iter_code_samples, write_shard
 from pipelines.stage import StageContext

@@ -11,7 +11,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from pipelines import train_vqvae
+from pipelines.stages import train_vqvae
 from pipelines.config import TrainVQVAESection, parse_config
 from pipelines.demo_data import generate_corpus
 from pipelines.images import to_model_input

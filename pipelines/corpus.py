@@ -31,7 +31,6 @@ them. With ``on_bad_input: fail`` the first one raises BadInputError naming the 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
@@ -43,7 +42,9 @@ import numpy as np
 
 from pipelines import storage
 from pipelines.config import DataSection
+from pipelines.errors import BadInputError, InputError, MissingInputError
 from pipelines.images import BadImageError, decode_image
+from pipelines.keys import in_key_set, key_hashes, sanitize_key, split_of
 
 log = logging.getLogger("vqpipe")
 
@@ -54,87 +55,6 @@ SPLITS = ("train", "holdout", "all")
 # Images decoded per call: large enough to amortise Python overhead, small enough that a batch of
 # 256x256 RGB images (12 MiB at 64) stays well below Ray's block size target.
 DECODE_BATCH = 64
-
-
-class BadInputError(ValueError):
-    """A corpus file that cannot be used, under ``data.on_bad_input: fail``."""
-
-
-# -------------------------------------------------------------------------------------------------
-# Keys and splits
-
-
-def sanitize_key(raw: str) -> str:
-    """A WebDataset-safe version of ``raw``: "/"-separated, no dot in the last component.
-
-    WebDataset splits a member name at the first dot of its last component into key and
-    extension, so ``img.v2`` would become key ``img`` with extension ``v2.png``. Dots there become
-    underscores, and because that could make two names equal (``a.b`` and ``a_b``), a short hash of
-    the original name is appended whenever a dot was replaced. Dots in folder names are harmless
-    and kept; backslashes become "/", and empty, "." and ".." components are dropped.
-    """
-    parts = [p for p in raw.replace("\\", "/").split("/") if p not in ("", ".", "..")]
-    if not parts:
-        raise ValueError(f"cannot make a key from {raw!r}")
-    last = parts[-1]
-    if "." in last:
-        parts[-1] = f"{last.replace('.', '_')}-{hashlib.sha1(raw.encode()).hexdigest()[:8]}"
-    return "/".join(parts)
-
-
-def _unit_hash(key: str) -> float:
-    return int.from_bytes(hashlib.sha1(key.encode()).digest()[:8], "big") / 2.0**64
-
-
-def split_of(key: str, fraction: float) -> str:
-    """Return "holdout" for a deterministic ``fraction`` of keys and "train" for the rest.
-
-    The split is a function of the key alone, so it is the same in every stage and every run,
-    and images added to a corpus later never move existing ones between splits.
-    """
-    if not 0.0 <= fraction < 1.0:
-        raise ValueError(f"holdout fraction must be in [0, 1), got {fraction}")
-    return "holdout" if _unit_hash(key) < fraction else "train"
-
-
-def _key_hash(key: str) -> int:
-    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big")
-
-
-def smallest_by_key_hash(items: Iterable[tuple[str, Any]], limit: int) -> list[tuple[str, Any]]:
-    """The ``limit`` (key, item) pairs with the smallest key hashes, in hash order.
-
-    A deterministic, class-blind subset that does not depend on the order rows arrive in (the
-    first rows of a folder corpus are all of its first class). Streams: at most about twice
-    ``limit`` items are held at once.
-    """
-    if limit <= 0:
-        raise ValueError(f"limit must be positive, got {limit}")
-    kept: list[tuple[int, str, Any]] = []
-    for key, item in items:
-        kept.append((_key_hash(key), key, item))
-        if len(kept) > 2 * limit:
-            kept.sort(key=lambda entry: entry[0])
-            del kept[limit:]
-    kept.sort(key=lambda entry: entry[0])
-    return [(key, item) for _, key, item in kept[:limit]]
-
-
-def key_hashes(keys: Iterable[str]) -> np.ndarray:
-    """64-bit hashes of keys as a sorted uint64 array: a compact set for ``skip_keys``.
-
-    Eight bytes a key instead of a Python string: a million finished keys ship to every reader
-    task as 8 MB. The chance that any two of a million keys collide is below 1e-7.
-    """
-    return np.unique(np.fromiter((_key_hash(k) for k in keys), dtype=np.uint64))
-
-
-def _contains(sorted_hashes: np.ndarray, keys: list[str]) -> np.ndarray:
-    if len(sorted_hashes) == 0 or not keys:
-        return np.zeros(len(keys), dtype=bool)
-    probe = np.array([_key_hash(k) for k in keys], dtype=np.uint64)
-    pos = np.clip(np.searchsorted(sorted_hashes, probe), 0, len(sorted_hashes) - 1)
-    return sorted_hashes[pos] == probe
 
 
 # -------------------------------------------------------------------------------------------------
@@ -181,9 +101,9 @@ def detect_format(source: str) -> str:
     if lowered.endswith(".parquet"):
         return "parquet"
     if not storage.exists(source):
-        raise FileNotFoundError(f"data.source {source!r} does not exist")
+        raise MissingInputError(f"data.source {source!r} does not exist")
     if not storage.is_dir(source):
-        raise ValueError(
+        raise InputError(
             f"data.source {source!r} is a file but neither .tar nor .parquet; expected a folder of "
             "class subfolders, .tar shards or Parquet files"
         )
@@ -194,7 +114,7 @@ def detect_format(source: str) -> str:
         return "parquet"
     if _class_dirs(source):
         return "folder"
-    raise ValueError(
+    raise InputError(
         f"cannot tell the format of {source!r}: it holds no .tar or .parquet files and no class "
         "subfolders; set data.format or point data.source at the corpus"
     )
@@ -315,7 +235,7 @@ def _decode_batch(batch: dict, spec: _ReadSpec) -> dict[str, np.ndarray]:
     skip = _skip_hashes(spec)
     if skip is not None:
         # Rows finished by an earlier run are dropped before the costly decode.
-        wanted &= ~_contains(skip, keys)
+        wanted &= ~in_key_set(skip, keys)
 
     height, width = spec.size_hw
     images, out_keys, labels, out_splits, errors, sources = [], [], [], [], [], []
@@ -418,7 +338,7 @@ def _parquet_row_groups(files: list[str], columns: list[str]) -> list[dict[str, 
             names = set(meta.schema.to_arrow_schema().names)
         missing = [c for c in columns if c not in names]
         if missing:
-            raise ValueError(
+            raise InputError(
                 f"{uri} lacks the column(s) {missing} named by data.image_column/label_column/"
                 f"key_column; its columns are {sorted(names)}"
             )
@@ -603,7 +523,7 @@ def _count_classes(corpus_format: str, files: list[str], label_column: str) -> i
         for row in ds.map_batches(batch_max, batch_format="numpy").iter_rows():
             largest = max(largest, int(row["largest"]))
     if largest < 0:
-        raise ValueError(f"found no labels in {files[0]} and its siblings")
+        raise InputError(f"found no labels in {files[0]} and its siblings")
     return largest + 1
 
 
@@ -613,12 +533,12 @@ def open_corpus(data_cfg: DataSection) -> Corpus:
     corpus_format = detect_format(source) if data_cfg.format == "auto" else data_cfg.format
     if corpus_format == "folder":
         if not storage.is_dir(source):
-            raise FileNotFoundError(f"data.source {source!r} is not a folder of class subfolders")
+            raise MissingInputError(f"data.source {source!r} is not a folder of class subfolders")
         class_names = _class_dirs(source)
         if not class_names:
-            raise ValueError(f"{source!r} has no class subfolders (expected root/<class>/*.png)")
+            raise InputError(f"{source!r} has no class subfolders (expected root/<class>/*.png)")
         if data_cfg.class_names is not None and list(data_cfg.class_names) != class_names:
-            raise ValueError(
+            raise InputError(
                 f"data.class_names {data_cfg.class_names} differs from the subfolders of {source!r} "
                 f"{class_names}; a folder corpus takes its classes from its subfolders, so remove "
                 "data.class_names"
@@ -630,7 +550,7 @@ def open_corpus(data_cfg: DataSection) -> Corpus:
     suffix = ".tar" if corpus_format == "webdataset" else ".parquet"
     files = _files_with_suffix(source, suffix)
     if not files:
-        raise FileNotFoundError(f"no {suffix} files at data.source {source!r}")
+        raise MissingInputError(f"no {suffix} files at data.source {source!r}")
     if data_cfg.class_names is not None:
         class_names = list(data_cfg.class_names)
     else:

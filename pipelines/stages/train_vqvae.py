@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from functools import partial
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import ray
@@ -19,34 +19,43 @@ from torch import nn
 
 from pipelines import storage
 from pipelines.config import TrainVQVAESection
-from pipelines.data import open_corpus
+from pipelines.corpus import open_corpus
 from pipelines.images import encode_png, make_grid, to_model_input, to_uint8
-from pipelines.stage import StageContext
-from pipelines.training import (
-    fit,
-    load_final_model,
-    publish_model,
-    run_trainer,
-    take_columns,
-    unwrap,
-)
-from vq_core.checkpoint import load_checkpoint, model_from_config
-from vq_core.dvae import code_statistics, gumbel_temperature, kl_weight_schedule
+from pipelines.manifest import StageManifest
+from pipelines.stage import StageContext, StageSpec
+from pipelines.training import fit, load_final_model, publish_model, run_trainer, take_columns
+from vq_core.checkpoint import load_checkpoint, unwrap_model
+from vq_core.dvae import gumbel_temperature, kl_weight_schedule
+from vq_core.kinds import autoencoder_fields, get_kind
+from vq_core.quantizer import code_statistics
 
 log = logging.getLogger("vqpipe")
-
-# train_vqvae.kind -> the vq_core checkpoint registry name of the model class.
-MODEL_CLASSES = {"vqvae2": "VQVAE2", "vqvae": "VQVAE", "dvae": "DiscreteVAE"}
 
 MODEL_NAME = "model.pt"
 GRID_NAME = "reconstructions.png"
 
 
+class TrainVQVAEManifest(StageManifest):
+    """The trained autoencoder and what later stages need to know about its codes."""
+
+    stage: ClassVar[str] = "train_vqvae"
+
+    checkpoint: str
+    model: str  # the model kind (train_vqvae.kind)
+    levels: list[str]  # coarsest first: ["top", "bottom"], or ["codes"] for one level
+    codebook_sizes: dict[str, int]
+    code_shapes: dict[str, list[int]]  # level -> [h, w]
+    image_size: list[int]  # [H, W]
+    channels: int
+    class_names: list[str]
+    steps: int
+    metrics: dict[str, float]
+    artifacts: dict[str, str]
+
+
 def build_autoencoder(section: TrainVQVAESection, in_channels: int) -> nn.Module:
     """A freshly initialised autoencoder of ``section.kind`` for images with ``in_channels``."""
-    return model_from_config(
-        MODEL_CLASSES[section.kind], {**section.model, "in_channels": in_channels}
-    )
+    return get_kind(section.kind).build(section.model, autoencoder_fields(in_channels))
 
 
 def dvae_schedule(section: TrainVQVAESection, config: Any, step: int) -> tuple[float, float]:
@@ -130,18 +139,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 def reconstruction_grid(model: nn.Module, images: np.ndarray) -> np.ndarray:
     """uint8 grid: the images in the first row, their reconstructions in the second."""
-    model = unwrap(model).eval()
+    model = unwrap_model(model).eval()
     with torch.no_grad():
         reconstruction = model(to_model_input(images)).reconstruction
     return make_grid(np.concatenate([images, to_uint8(reconstruction)]), nrow=len(images))
 
 
-def run(ctx: StageContext) -> dict[str, Any]:
+def _holdout_images(ctx: StageContext, corpus: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(held-out images for evaluation, images for the reconstruction grid)."""
     cfg, section = ctx.cfg, ctx.cfg.train_vqvae
-    height, width = cfg.data.size_hw
-    corpus = open_corpus(cfg.data)
-    class_names = list(corpus.class_names)
-
     eval_count = section.holdout_batches * section.batch_size
     holdout = take_columns(
         corpus.dataset("holdout"), max(eval_count, section.grid_images), ["image"]
@@ -155,6 +161,15 @@ def run(ctx: StageContext) -> dict[str, Any]:
         grid_images = take_columns(corpus.dataset("train"), section.grid_images, ["image"])["image"]
     else:
         grid_images = holdout[: section.grid_images]
+    return holdout[:eval_count], grid_images
+
+
+def run(ctx: StageContext) -> TrainVQVAEManifest:
+    cfg, section = ctx.cfg, ctx.cfg.train_vqvae
+    height, width = cfg.data.size_hw
+    corpus = open_corpus(cfg.data)
+    class_names = list(corpus.class_names)
+    holdout, grid_images = _holdout_images(ctx, corpus)
 
     model_uri = storage.join(ctx.stage_dir, MODEL_NAME)
     if storage.exists(model_uri):
@@ -166,7 +181,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         loop_config = {
             "section": section,
             "channels": cfg.data.channels,
-            "holdout": ray.put(holdout[:eval_count]) if len(holdout) else None,
+            "holdout": ray.put(holdout) if len(holdout) else None,
             "tracking": ctx.tracking,
             "seed": cfg.seed,
             "extra": {"kind": section.kind},
@@ -174,7 +189,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         result = run_trainer(
             train_loop_per_worker,
             loop_config,
-            name=f"train_vqvae-{ctx.fingerprint}",
+            name=f"{ctx.stage}-{ctx.fingerprint}",
             stage_dir=ctx.stage_dir,
             knobs=section,
             datasets={"train": corpus.dataset("train").select_columns(["image"])},
@@ -196,16 +211,31 @@ def run(ctx: StageContext) -> dict[str, Any]:
     metrics = {k: v for k, v in extra.get("metrics", {}).items() if k != "step"}
     code_shapes = model.code_shape(height, width)
     log.info("train_vqvae: %d steps, %s", extra["step"], metrics)
-    return {
-        "checkpoint": model_uri,
-        "model": section.kind,
-        "levels": list(model.levels),
-        "codebook_sizes": dict(zip(model.levels, model.codebook_sizes)),
-        "code_shapes": {level: list(shape) for level, shape in zip(model.levels, code_shapes)},
-        "image_size": [height, width],
-        "channels": cfg.data.channels,
-        "class_names": class_names,
-        "steps": int(extra["step"]),
-        "metrics": metrics,
-        "artifacts": {"reconstructions": grid_uri},
-    }
+    return TrainVQVAEManifest(
+        checkpoint=model_uri,
+        model=section.kind,
+        levels=list(model.levels),
+        codebook_sizes=dict(zip(model.levels, model.codebook_sizes)),
+        code_shapes={level: list(shape) for level, shape in zip(model.levels, code_shapes)},
+        image_size=[height, width],
+        channels=cfg.data.channels,
+        class_names=class_names,
+        steps=int(extra["step"]),
+        metrics=metrics,
+        artifacts={"reconstructions": grid_uri},
+    )
+
+
+def summary(manifest: TrainVQVAEManifest) -> str:
+    shown = ["holdout/mse"] + [f"holdout/perplexity/{level}" for level in manifest.levels]
+    return ", ".join(f"{k}={manifest.metrics[k]:.4g}" for k in shown if k in manifest.metrics)
+
+
+SPEC = StageSpec(
+    manifest=TrainVQVAEManifest,
+    run=run,
+    summary=summary,
+    description="train the autoencoder (VQ-VAE-2, VQ-VAE or dVAE) on the corpus with Ray Train",
+    sections=("seed", "data"),
+    reads_corpus=True,
+)

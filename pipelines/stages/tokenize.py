@@ -21,17 +21,18 @@ import json
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import Any, ClassVar
 
 import numpy as np
 
 from pipelines import storage
-from pipelines.data import key_hashes, open_corpus, split_of
-from pipelines.manifest import require_manifest
+from pipelines.corpus import Corpus, open_corpus
+from pipelines.errors import ConfigError
+from pipelines.keys import key_hashes, split_of
+from pipelines.manifest import ManifestModel, StageManifest, require_manifest
 from pipelines.shards import code_dtype, list_shards, read_shard_keys, write_shard
-
-if TYPE_CHECKING:  # the stage context pulls in MLflow, which reader and writer tasks never need
-    from pipelines.stage import StageContext
+from pipelines.stage import StageContext, StageSpec
+from pipelines.stages.train_vqvae import TrainVQVAEManifest
 
 log = logging.getLogger("vqpipe")
 
@@ -40,6 +41,40 @@ BAD_KEYS_IN_MANIFEST = 100
 # Writing a shard is a few MB of serialisation and I/O. Writers reserve no CPU so they never wait
 # behind readers and encoders holding every slot, which would pile codes up in the object store.
 WRITER_CPUS = 0.0
+
+
+class ShardEntry(ManifestModel):
+    name: str
+    uri: str
+    samples: int
+    bytes: int
+
+
+class BadInputs(ManifestModel):
+    count: int
+    keys: list[str]  # the first BAD_KEYS_IN_MANIFEST, in key order
+    table: str  # Parquet table of every bad input: key, source, reason
+
+
+class TokenizeManifest(StageManifest):
+    """The code shards of the corpus, and how to read them."""
+
+    stage: ClassVar[str] = "tokenize"
+
+    shards: list[ShardEntry]
+    samples: int
+    splits: dict[str, int]
+    levels: list[str]
+    code_shapes: dict[str, list[int]]
+    code_dtypes: dict[str, str]
+    codebook_sizes: dict[str, int]
+    class_names: list[str]
+    checkpoint: str
+    holdout_fraction: float
+    image_size: list[int]
+    channels: int
+    bad_inputs: BadInputs
+    metrics: dict[str, float]
 
 
 class CodeEncoder:
@@ -155,30 +190,20 @@ def _write_bad_table(stage_dir: str, bad: list[dict[str, str]]) -> str:
     return uri
 
 
-def _check_upstream(upstream: dict[str, Any], size_hw: tuple[int, int], channels: int) -> None:
-    if list(upstream["image_size"]) != list(size_hw) or int(upstream["channels"]) != channels:
-        raise ValueError(
-            f"the autoencoder was trained on {upstream['image_size']} images with "
-            f"{upstream['channels']} channels, but data.image_size/channels now ask for "
+def _check_upstream(upstream: TrainVQVAEManifest, size_hw: tuple[int, int], channels: int) -> None:
+    if list(upstream.image_size) != list(size_hw) or upstream.channels != channels:
+        raise ConfigError(
+            f"the autoencoder was trained on {upstream.image_size} images with "
+            f"{upstream.channels} channels, but data.image_size/channels now ask for "
             f"{list(size_hw)} with {channels}; re-run train_vqvae or restore the data settings"
         )
 
 
-def run(ctx: StageContext) -> dict[str, Any]:
-    """Tokenize the corpus; returns the manifest body (see the pipeline's stage contract)."""
-    import ray
-
-    cfg, settings = ctx.cfg, ctx.cfg.tokenize
-    upstream = require_manifest(cfg.stage_dir("train_vqvae"), "train_vqvae")
-    _check_upstream(upstream, cfg.data.size_hw, cfg.data.channels)
-    levels = list(upstream["levels"])
-    codebook_sizes = {level: int(upstream["codebook_sizes"][level]) for level in levels}
-    dtypes = {level: code_dtype(k).name for level, k in codebook_sizes.items()}
-    fraction = cfg.data.holdout_fraction
-
-    storage.makedirs(ctx.stage_dir)
-    leftovers = storage.remove_partials(ctx.stage_dir)
-    existing = _describe_shards(list_shards(ctx.stage_dir), fraction)
+def _resume(stage_dir: str, fraction: float) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """(complete shards already written, their keys); removes leftovers of unfinished writes."""
+    storage.makedirs(stage_dir)
+    leftovers = storage.remove_partials(stage_dir)
+    existing = _describe_shards(list_shards(stage_dir), fraction)
     done_keys = [k for shard in existing.values() for k in shard.pop("keys")]
     if leftovers or existing:
         log.info(
@@ -187,24 +212,29 @@ def run(ctx: StageContext) -> dict[str, Any]:
             len(existing),
             len(done_keys),
         )
+    return existing, done_keys
 
-    ctx.tracking.log_params(
-        {
-            "tokenize": settings.model_dump(),
-            "levels": levels,
-            "code_dtypes": dtypes,
-            "checkpoint": upstream["checkpoint"],
-        }
-    )
-    corpus = open_corpus(cfg.data)
+
+def _encode_and_write(
+    ctx: StageContext,
+    corpus: Corpus,
+    upstream: TrainVQVAEManifest,
+    dtypes: dict[str, str],
+    done_keys: list[str],
+):
+    """The streaming dataset that encodes the images not yet in a shard and writes new shards;
+    one row per written batch: the shard's entry and the batch's bad inputs."""
+    import ray
+
+    settings = ctx.cfg.tokenize
     ds = corpus.dataset(
         "all", keep_errors=True, skip_keys=key_hashes(done_keys) if done_keys else None
     )
     ds = ds.map_batches(
         CodeEncoder,
         fn_constructor_kwargs={
-            "checkpoint": upstream["checkpoint"],
-            "levels": levels,
+            "checkpoint": upstream.checkpoint,
+            "levels": upstream.levels,
             "dtypes": dtypes,
             "threads": int(settings.cpus_per_actor),
             "gpu": settings.gpus_per_actor > 0,
@@ -215,9 +245,9 @@ def run(ctx: StageContext) -> dict[str, Any]:
         batch_size=settings.batch_size,
         batch_format="numpy",
     )
-    ds = ds.map_batches(
+    return ds.map_batches(
         _write_batch,
-        fn_kwargs={"stage_dir": ctx.stage_dir, "levels": levels},
+        fn_kwargs={"stage_dir": ctx.stage_dir, "levels": upstream.levels},
         batch_size=settings.shard_max_samples,
         batch_format="numpy",
         num_cpus=WRITER_CPUS,
@@ -226,8 +256,9 @@ def run(ctx: StageContext) -> dict[str, Any]:
         concurrency=settings.num_actors,
     )
 
-    start = time.perf_counter()
-    shards = dict(existing)
+
+def _collect(ds: Any, shards: dict[str, dict[str, Any]]) -> tuple[list[dict[str, str]], int]:
+    """Run the dataset; add each written shard to ``shards``; return (bad inputs, new samples)."""
     bad: list[dict[str, str]] = []
     new_samples = 0
     for row in ds.iter_rows():
@@ -242,16 +273,19 @@ def run(ctx: StageContext) -> dict[str, Any]:
             }
             new_samples += int(row["samples"])
             log.info("tokenize: wrote %s (%d samples)", row["name"], row["samples"])
-    elapsed = time.perf_counter() - start
+    return bad, new_samples
 
-    # Cross-check with the directory. A writer task that Ray retries rewrites the same
-    # content-named shard, so the two agree unless storage lost or gained files meanwhile.
-    on_disk = {uri.rsplit("/", 1)[-1]: uri for uri in list_shards(ctx.stage_dir)}
+
+def _reconcile(stage_dir: str, shards: dict[str, dict[str, Any]], fraction: float) -> None:
+    """Cross-check the reported shards with the directory.
+
+    A writer task that Ray retries rewrites the same content-named shard, so the two agree unless
+    storage lost or gained files meanwhile.
+    """
+    on_disk = {uri.rsplit("/", 1)[-1]: uri for uri in list_shards(stage_dir)}
     missing = sorted(set(shards) - set(on_disk))
     if missing:
-        raise RuntimeError(
-            f"shards reported as written are missing from {ctx.stage_dir}: {missing}"
-        )
+        raise RuntimeError(f"shards reported as written are missing from {stage_dir}: {missing}")
     unreported = sorted(set(on_disk) - set(shards))
     if unreported:
         log.warning("tokenize: listing shards nobody reported: %s", unreported)
@@ -259,13 +293,38 @@ def run(ctx: StageContext) -> dict[str, Any]:
             info.pop("keys")
             shards[name] = info
 
+
+def run(ctx: StageContext) -> TokenizeManifest:
+    """Tokenize the corpus into code shards; returns the stage's manifest."""
+    cfg = ctx.cfg
+    upstream = require_manifest(cfg.output_dir, TrainVQVAEManifest)
+    _check_upstream(upstream, cfg.data.size_hw, cfg.data.channels)
+    levels = upstream.levels
+    dtypes = {level: code_dtype(upstream.codebook_sizes[level]).name for level in levels}
+    fraction = cfg.data.holdout_fraction
+
+    shards, done_keys = _resume(ctx.stage_dir, fraction)
+    ctx.tracking.log_params(
+        {
+            "tokenize": cfg.tokenize.model_dump(),
+            "levels": levels,
+            "code_dtypes": dtypes,
+            "checkpoint": upstream.checkpoint,
+        }
+    )
+    corpus = open_corpus(cfg.data)
+    start = time.perf_counter()
+    bad, new_samples = _collect(_encode_and_write(ctx, corpus, upstream, dtypes, done_keys), shards)
+    elapsed = time.perf_counter() - start
+    _reconcile(ctx.stage_dir, shards, fraction)
+
     bad.sort(key=lambda b: b["key"])
     bad_table = _write_bad_table(ctx.stage_dir, bad)
     listed = [shards[name] for name in sorted(shards)]
     samples = sum(s["samples"] for s in listed)
     holdout = sum(s["holdout"] for s in listed)
     total_bytes = sum(s["bytes"] for s in listed)
-    codes_per_image = sum(h * w for h, w in (upstream["code_shapes"][level] for level in levels))
+    codes_per_image = sum(h * w for h, w in (upstream.code_shapes[level] for level in levels))
     metrics = {
         "samples": samples,
         "new_samples": new_samples,
@@ -287,23 +346,41 @@ def run(ctx: StageContext) -> dict[str, Any]:
         metrics["bytes_per_image"],
         len(bad),
     )
-    return {
-        "shards": [{k: s[k] for k in ("name", "uri", "samples", "bytes")} for s in listed],
-        "samples": samples,
-        "splits": {"train": samples - holdout, "holdout": holdout},
-        "levels": levels,
-        "code_shapes": {level: list(upstream["code_shapes"][level]) for level in levels},
-        "code_dtypes": dtypes,
-        "codebook_sizes": codebook_sizes,
-        "class_names": list(corpus.class_names),
-        "checkpoint": upstream["checkpoint"],
-        "holdout_fraction": fraction,
-        "image_size": list(cfg.data.size_hw),
-        "channels": cfg.data.channels,
-        "bad_inputs": {
-            "count": len(bad),
-            "keys": [b["key"] for b in bad[:BAD_KEYS_IN_MANIFEST]],
-            "table": bad_table,
-        },
-        "metrics": metrics,
-    }
+    return TokenizeManifest(
+        shards=[ShardEntry(**{k: s[k] for k in ShardEntry.model_fields}) for s in listed],
+        samples=samples,
+        splits={"train": samples - holdout, "holdout": holdout},
+        levels=levels,
+        code_shapes={level: list(upstream.code_shapes[level]) for level in levels},
+        code_dtypes=dtypes,
+        codebook_sizes={level: upstream.codebook_sizes[level] for level in levels},
+        class_names=list(corpus.class_names),
+        checkpoint=upstream.checkpoint,
+        holdout_fraction=fraction,
+        image_size=list(cfg.data.size_hw),
+        channels=cfg.data.channels,
+        bad_inputs=BadInputs(
+            count=len(bad),
+            keys=[b["key"] for b in bad[:BAD_KEYS_IN_MANIFEST]],
+            table=bad_table,
+        ),
+        metrics=metrics,
+    )
+
+
+def summary(manifest: TokenizeManifest) -> str:
+    return (
+        f"{manifest.samples} samples in {len(manifest.shards)} shards, "
+        f"{manifest.bad_inputs.count} bad inputs"
+    )
+
+
+SPEC = StageSpec(
+    manifest=TokenizeManifest,
+    run=run,
+    summary=summary,
+    description="encode the corpus into WebDataset shards of codes with Ray Data",
+    upstream=(TrainVQVAEManifest,),
+    sections=("data",),
+    reads_corpus=True,
+)

@@ -24,25 +24,72 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import heapq
-import json
 import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
 from pipelines import storage
 from pipelines.config import SampleSection
-from pipelines.manifest import require_manifest
-from pipelines.stage import StageContext
+from pipelines.errors import ConfigError
+from pipelines.manifest import ManifestModel, StageManifest, require_manifest
+from pipelines.stage import StageContext, StageSpec, ensure_ray
+from pipelines.stages.train_prior import TrainPriorManifest
+from pipelines.stages.train_vqvae import TrainVQVAEManifest
 
 log = logging.getLogger("vqpipe")
 
 # Name of the single "class" of a corpus without labels (priors trained unconditionally).
 UNCONDITIONAL = "unconditional"
+REJECTION_CLASSIFIER = "classifier.pt"
+
+
+class RejectionStats(ManifestModel):
+    drawn: int
+    kept: int
+    acceptance_rate: float
+    drawn_classified_as_class: float  # how often the classifier agreed before any rejection
+    mean_confidence_drawn: float
+    mean_confidence_kept: float
+    min_confidence_kept: float
+
+
+class ClassSamples(ManifestModel):
+    count: int
+    dir: str
+    drawn: int
+    grid: str
+    rejection: RejectionStats | None = None
+
+
+class SampleSettings(ManifestModel):
+    per_class: int
+    draws_per_class: int
+    temperature: float
+    top_k: int | None
+    top_p: float | None
+    method: str
+    seed: int
+    rejection: dict[str, Any]
+
+
+class SampleManifest(StageManifest):
+    """The generated images, class by class, and how they were drawn."""
+
+    stage: ClassVar[str] = "sample"
+
+    classes: dict[str, ClassSamples]  # in request order
+    settings: SampleSettings
+    samples: int
+    levels: list[str]
+    class_names: list[str]
+    checkpoint: str
+    priors: dict[str, str]  # level -> prior checkpoint
+    sampling_seconds: float
 
 
 @dataclass(frozen=True)
@@ -67,7 +114,7 @@ def resolve_classes(requested: list[str] | None, class_names: list[str]) -> list
     """The class names to sample: all of ``class_names`` when ``requested`` is None."""
     if not class_names:
         if requested:
-            raise ValueError(
+            raise ConfigError(
                 f"sample.classes is {requested}, but the corpus has no class labels (the priors "
                 "are unconditional); leave sample.classes unset"
             )
@@ -76,18 +123,18 @@ def resolve_classes(requested: list[str] | None, class_names: list[str]) -> list
         return list(class_names)
     unknown = [name for name in requested if name not in class_names]
     if unknown:
-        raise ValueError(
+        raise ConfigError(
             f"sample.classes has unknown class(es) {unknown}; valid classes: {list(class_names)}"
         )
     if len(set(requested)) != len(requested):
-        raise ValueError(f"sample.classes lists a class twice: {requested}")
+        raise ConfigError(f"sample.classes lists a class twice: {requested}")
     return list(requested)
 
 
 def _check_path_safe(name: str) -> None:
     # Class names become folder and file names.
     if not name or name in (".", "..") or "/" in name or "\\" in name:
-        raise ValueError(f"class name {name!r} cannot be used as a folder name")
+        raise ConfigError(f"class name {name!r} cannot be used as a folder name")
 
 
 def plan_batches(
@@ -236,11 +283,11 @@ class ClassOutput:
         elif item > self.best[0]:
             heapq.heapreplace(self.best, item)
 
-    def finish(self) -> dict[str, Any]:
+    def finish(self) -> ClassSamples:
         """Write the kept samples (rejection) and the grid; return the class's manifest entry."""
         from pipelines.images import decode_image, encode_png, make_grid
 
-        entry: dict[str, Any] = {"count": self.per_class, "dir": self.dir, "drawn": self.drawn}
+        rejection = None
         if self.rejection:
             kept = sorted(self.best, reverse=True)
             for rank, (_, _, png) in enumerate(kept):
@@ -248,16 +295,15 @@ class ClassOutput:
                 if rank < self.grid_images:
                     self.grid[rank] = png
             kept_confidence = np.array([c for c, _, _ in kept])
-            entry["rejection"] = {
-                "drawn": self.drawn,
-                "kept": len(kept),
-                "acceptance_rate": len(kept) / self.drawn,
-                # How often the classifier agreed with the requested class before any rejection.
-                "drawn_classified_as_class": float(np.mean(np.array(self.predicted) == self.label)),
-                "mean_confidence_drawn": float(np.mean(self.confidences)),
-                "mean_confidence_kept": float(kept_confidence.mean()),
-                "min_confidence_kept": float(kept_confidence.min()),
-            }
+            rejection = RejectionStats(
+                drawn=self.drawn,
+                kept=len(kept),
+                acceptance_rate=len(kept) / self.drawn,
+                drawn_classified_as_class=float(np.mean(np.array(self.predicted) == self.label)),
+                mean_confidence_drawn=float(np.mean(self.confidences)),
+                mean_confidence_kept=float(kept_confidence.mean()),
+                min_confidence_kept=float(kept_confidence.min()),
+            )
         expected = min(self.per_class, self.grid_images)
         if len(self.grid) != expected:
             raise RuntimeError(
@@ -267,9 +313,11 @@ class ClassOutput:
         tiles = np.stack(
             [decode_image(self.grid[i], (height, width), channels) for i in sorted(self.grid)]
         )
-        entry["grid"] = storage.join(self.stage_dir, f"grid-{self.name}.png")
-        storage.write_bytes(entry["grid"], encode_png(make_grid(tiles)))
-        return entry
+        grid = storage.join(self.stage_dir, f"grid-{self.name}.png")
+        storage.write_bytes(grid, encode_png(make_grid(tiles)))
+        return ClassSamples(
+            count=self.per_class, dir=self.dir, drawn=self.drawn, grid=grid, rejection=rejection
+        )
 
 
 def _done_uri(stage_dir: str, name: str) -> str:
@@ -283,7 +331,7 @@ def _generate(
     priors: list[dict[str, Any]],
     classifier_uri: str | None,
     image_shape: tuple[int, int, int],
-) -> dict[str, dict[str, Any]]:
+) -> dict[str, ClassSamples]:
     """Run the batches on an actor pool; write each class's files; return its manifest entries."""
     import ray
 
@@ -327,75 +375,110 @@ def _generate(
     for name, output in outputs.items():
         entries[name] = output.finish()
         # Written last: a class with this marker is complete and a resumed run skips it.
-        storage.write_bytes(_done_uri(ctx.stage_dir, name), json.dumps(entries[name]).encode())
+        storage.write_bytes(
+            _done_uri(ctx.stage_dir, name), entries[name].model_dump_json().encode()
+        )
     return entries
 
 
-def run(ctx: StageContext) -> dict[str, Any]:
-    from pipelines.stage import ensure_ray
-
-    cfg = ctx.cfg.sample
-    vq = require_manifest(ctx.cfg.stage_dir("train_vqvae"), "train_vqvae")
-    prior_manifest = require_manifest(ctx.cfg.stage_dir("train_prior"), "train_prior")
-    class_names = list(vq.get("class_names") or [])
-    classes = resolve_classes(cfg.classes, class_names)
-    for name in classes:
-        _check_path_safe(name)
-
-    levels = list(prior_manifest["levels"])
-    if levels != list(vq["levels"]):
-        raise ValueError(f"the priors cover levels {levels}, the autoencoder has {vq['levels']}")
+def _prior_order(vq: TrainVQVAEManifest, trained: TrainPriorManifest) -> list[dict[str, Any]]:
+    """The priors in sampling order; each one's condition level is sampled before it."""
+    levels = trained.levels
+    if levels != vq.levels:
+        raise ValueError(f"the priors cover levels {levels}, the autoencoder has {vq.levels}")
     priors = []
     for level in levels:
-        entry = prior_manifest["priors"][level]
-        condition = entry.get("condition")
-        if condition is not None and condition not in levels[: levels.index(level)]:
+        entry = trained.priors[level]
+        if entry.condition is not None and entry.condition not in levels[: levels.index(level)]:
             raise ValueError(
-                f"the {level} prior is conditioned on {condition!r}, which is not a level sampled "
-                f"before it (levels in order: {levels})"
+                f"the {level} prior is conditioned on {entry.condition!r}, which is not a level "
+                f"sampled before it (levels in order: {levels})"
             )
-        priors.append({"level": level, "checkpoint": entry["checkpoint"], "condition": condition})
+        priors.append(
+            {"level": level, "checkpoint": entry.checkpoint, "condition": entry.condition}
+        )
+    return priors
 
+
+def _draws_per_class(cfg: SampleSection, class_names: list[str]) -> int:
+    """Draws per class: per_class, or enough that rejection keeps per_class of them."""
     rejection = cfg.rejection
-    if rejection.enabled and len(class_names) < 2:
-        raise ValueError(
+    if not rejection.enabled:
+        return cfg.per_class
+    if len(class_names) < 2:
+        raise ConfigError(
             f"sample.rejection needs a corpus with at least 2 classes to train its classifier, "
             f"got classes {class_names}"
         )
     # The small epsilon keeps 3 / 0.3 = 10.000000000000002 from becoming 11 draws.
-    draws = (
-        math.ceil(cfg.per_class / rejection.keep_fraction - 1e-9)
-        if rejection.enabled
-        else cfg.per_class
-    )
+    return math.ceil(cfg.per_class / rejection.keep_fraction - 1e-9)
 
-    entries: dict[str, dict[str, Any]] = {}
+
+def _finished_classes(stage_dir: str, classes: list[str]) -> dict[str, ClassSamples]:
+    """The classes an interrupted run completed (their done marker is written last)."""
+    done = {}
     for name in classes:
-        if storage.exists(_done_uri(ctx.stage_dir, name)):
-            entries[name] = json.loads(storage.read_bytes(_done_uri(ctx.stage_dir, name)))
-    todo = [name for name in classes if name not in entries]
-    if len(todo) < len(classes):
+        if storage.exists(_done_uri(stage_dir, name)):
+            done[name] = ClassSamples.model_validate_json(
+                storage.read_bytes(_done_uri(stage_dir, name))
+            )
+    if done:
         log.info(
-            "sample: %d class(es) already complete, %d to go", len(classes) - len(todo), len(todo)
+            "sample: %d class(es) already complete, %d to go", len(done), len(classes) - len(done)
         )
+    return done
 
+
+def _rejection_classifier(ctx: StageContext, class_names: list[str]) -> str | None:
+    """Train (or reuse) the classifier that rejection scores draws with; its URI, or None."""
+    rejection = ctx.cfg.sample.rejection
+    if not rejection.enabled:
+        return None
+    from pipelines.classifier import corpus_classifier
+
+    uri = storage.join(ctx.stage_dir, REJECTION_CLASSIFIER)
+    corpus_classifier(
+        ctx.cfg.data,
+        class_names,
+        steps=rejection.classifier_steps,
+        lr=rejection.classifier_lr,
+        seed=ctx.cfg.sample.seed,
+        max_images=rejection.max_images,
+        cache_uri=uri,
+    )
+    return uri
+
+
+def _log_results(
+    ctx: StageContext, entries: dict[str, ClassSamples], drawn_now: int, seconds: float
+) -> None:
+    metrics = {"samples/total": sum(e.count for e in entries.values()), "samples/seconds": seconds}
+    if drawn_now:
+        metrics["samples/draws_per_second"] = drawn_now / max(seconds, 1e-9)
+    for name, entry in entries.items():
+        if entry.rejection is not None:
+            for key in ("acceptance_rate", "drawn_classified_as_class", "mean_confidence_kept"):
+                metrics[f"rejection/{name}/{key}"] = getattr(entry.rejection, key)
+        ctx.tracking.log_bytes(storage.read_bytes(entry.grid), f"samples/grid-{name}.png")
+    ctx.tracking.log_metrics(metrics)
+
+
+def run(ctx: StageContext) -> SampleManifest:
+    cfg = ctx.cfg.sample
+    vq = require_manifest(ctx.cfg.output_dir, TrainVQVAEManifest)
+    priors = _prior_order(vq, require_manifest(ctx.cfg.output_dir, TrainPriorManifest))
+    class_names = vq.class_names
+    classes = resolve_classes(cfg.classes, class_names)
+    for name in classes:
+        _check_path_safe(name)
+    draws = _draws_per_class(cfg, class_names)
+
+    entries = _finished_classes(ctx.stage_dir, classes)
+    todo = [name for name in classes if name not in entries]
     started = time.time()
     if todo:
         ensure_ray(ctx.cfg)
-        classifier_uri = None
-        if rejection.enabled:
-            from pipelines.classifier import corpus_classifier
-
-            classifier_uri = storage.join(ctx.stage_dir, "classifier.pt")
-            corpus_classifier(
-                ctx.cfg.data,
-                class_names,
-                steps=rejection.classifier_steps,
-                lr=rejection.classifier_lr,
-                seed=cfg.seed,
-                max_images=rejection.max_images,
-                cache_uri=classifier_uri,
-            )
+        classifier_uri = _rejection_classifier(ctx, class_names)
         batches = plan_batches(todo, class_names, draws, cfg.batch_size, cfg.seed)
         log.info(
             "sample: %d draws per class for %s in %d batches on %d worker(s)",
@@ -404,43 +487,45 @@ def run(ctx: StageContext) -> dict[str, Any]:
             len(batches),
             cfg.num_workers,
         )
-        image_shape = (*vq["image_size"], vq["channels"])
-        entries.update(
-            _generate(ctx, batches, vq["checkpoint"], priors, classifier_uri, image_shape)
-        )
+        image_shape = (*vq.image_size, vq.channels)
+        entries.update(_generate(ctx, batches, vq.checkpoint, priors, classifier_uri, image_shape))
     seconds = time.time() - started
     entries = {name: entries[name] for name in classes}  # request order
-
-    total = sum(e["count"] for e in entries.values())
-    drawn_now = sum(entries[name]["drawn"] for name in todo)
-    metrics = {"samples/total": total, "samples/seconds": seconds}
-    if drawn_now:
-        metrics["samples/draws_per_second"] = drawn_now / max(seconds, 1e-9)
-    for name, entry in entries.items():
-        if "rejection" in entry:
-            for key in ("acceptance_rate", "drawn_classified_as_class", "mean_confidence_kept"):
-                metrics[f"rejection/{name}/{key}"] = entry["rejection"][key]
-        ctx.tracking.log_bytes(storage.read_bytes(entry["grid"]), f"samples/grid-{name}.png")
-    ctx.tracking.log_metrics(metrics)
+    _log_results(ctx, entries, sum(entries[name].drawn for name in todo), seconds)
     ctx.tracking.log_params({"resolved": {"classes": classes, "draws_per_class": draws}})
 
-    settings = {
-        "per_class": cfg.per_class,
-        "draws_per_class": draws,
-        "temperature": cfg.temperature,
-        "top_k": cfg.top_k,
-        "top_p": cfg.top_p,
-        "method": cfg.method,
-        "seed": cfg.seed,
-        "rejection": rejection.model_dump(mode="json"),
-    }
-    return {
-        "classes": entries,
-        "settings": settings,
-        "samples": total,
-        "levels": levels,
-        "class_names": class_names,
-        "checkpoint": vq["checkpoint"],
-        "priors": {p["level"]: p["checkpoint"] for p in priors},
-        "sampling_seconds": round(seconds, 2),
-    }
+    settings = SampleSettings(
+        per_class=cfg.per_class,
+        draws_per_class=draws,
+        temperature=cfg.temperature,
+        top_k=cfg.top_k,
+        top_p=cfg.top_p,
+        method=cfg.method,
+        seed=cfg.seed,
+        rejection=cfg.rejection.model_dump(mode="json"),
+    )
+    return SampleManifest(
+        classes=entries,
+        settings=settings,
+        samples=sum(e.count for e in entries.values()),
+        levels=[p["level"] for p in priors],
+        class_names=class_names,
+        checkpoint=vq.checkpoint,
+        priors={p["level"]: p["checkpoint"] for p in priors},
+        sampling_seconds=round(seconds, 2),
+    )
+
+
+def summary(manifest: SampleManifest) -> str:
+    return f"{manifest.samples} images of {len(manifest.classes)} classes"
+
+
+SPEC = StageSpec(
+    manifest=SampleManifest,
+    run=run,
+    summary=summary,
+    description="sample codes class by class from the priors and decode them into images",
+    upstream=(TrainVQVAEManifest, TrainPriorManifest),
+    # data: the rejection classifier trains on the corpus.
+    sections=("data",),
+)

@@ -14,29 +14,47 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import ray
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pipelines import storage
 from pipelines.config import PriorSection, TrainPriorSection
-from pipelines.manifest import require_manifest
+from pipelines.errors import ConfigError
+from pipelines.manifest import ManifestModel, StageManifest, require_manifest
 from pipelines.shards import code_dataset
-from pipelines.stage import StageContext
+from pipelines.stage import StageContext, StageSpec
+from pipelines.stages.tokenize import TokenizeManifest
 from pipelines.training import fit, load_final_model, publish_model, run_trainer, take_columns
-from vq_core.checkpoint import load_checkpoint, model_class, model_from_config
+from vq_core.checkpoint import load_checkpoint, model_from_config
+from vq_core.kinds import get_kind, prior_fields
+from vq_core.pixelcnn import bits_per_code
 
 log = logging.getLogger("vqpipe")
 
-# train_prior.<level>.kind -> the vq_core checkpoint registry name of the prior class.
-PRIOR_CLASSES = {"pixelsnail": "PixelSNAIL", "pixelcnn": "GatedPixelCNN"}
+
+class PriorEntry(ManifestModel):
+    checkpoint: str
+    kind: str
+    condition: str | None  # the level this prior is conditioned on (the top map, for bottom)
+    heldout_bits_per_code: float | None  # at the selected step
+    train_bits_per_code: float | None
+    steps: int
+    selected_step: int  # the step whose weights were kept (best held-out score)
+
+
+class TrainPriorManifest(StageManifest):
+    """One trained prior per code level, coarsest first."""
+
+    stage: ClassVar[str] = "train_prior"
+
+    levels: list[str]
+    priors: dict[str, PriorEntry]
 
 
 @dataclass(frozen=True)
@@ -50,46 +68,35 @@ class PriorPlan:
     model_config: dict[str, Any]
 
 
-def plan_priors(tokenized: dict[str, Any], section: TrainPriorSection) -> list[PriorPlan]:
+def plan_priors(tokenized: TokenizeManifest, section: TrainPriorSection) -> list[PriorPlan]:
     """The priors a tokenize manifest calls for, coarsest level first, with derived sizes."""
-    levels = list(tokenized["levels"])
+    levels = tokenized.levels
     if len(levels) not in (1, 2):
         raise ValueError(f"expected one or two code levels in the tokenize manifest, got {levels}")
-    sizes = tokenized["codebook_sizes"]
-    shapes = tokenized["code_shapes"]
-    class_names = tokenized.get("class_names") or []
+    sizes, shapes = tokenized.codebook_sizes, tokenized.code_shapes
     plans = []
     for index, level in enumerate(levels):
-        knobs = section.top if index == 0 else section.bottom
+        where = "top" if index == 0 else "bottom"
+        knobs = getattr(section, where)
         condition = levels[0] if index == 1 else None
-        derived = {
-            "num_codes": int(sizes[level]),
-            "height": int(shapes[level][0]),
-            "width": int(shapes[level][1]),
-            # A single class carries no information; the prior is then unconditional.
-            "num_classes": len(class_names) if len(class_names) > 1 else 0,
-        }
-        if condition is not None:
-            derived |= {
-                "condition_num_codes": int(sizes[condition]),
-                "condition_height": int(shapes[condition][0]),
-                "condition_width": int(shapes[condition][1]),
-            }
-        name = PRIOR_CLASSES[knobs.kind]
-        fields = {f.name for f in dataclasses.fields(model_class(name).config_class)}
-        missing = sorted(set(derived) - fields)
-        if missing:
-            raise ValueError(
-                f"train_prior.{'top' if index == 0 else 'bottom'}.kind {knobs.kind!r} cannot be "
-                f"used for the {level!r} prior: its config lacks {missing}"
-            )
-        plans.append(PriorPlan(level, condition, knobs, name, {**knobs.model, **derived}))
+        derived = prior_fields(
+            sizes[level],
+            shapes[level],
+            len(tokenized.class_names),
+            (sizes[condition], shapes[condition]) if condition else None,
+        )
+        kind = get_kind(knobs.kind)
+        try:
+            config = kind.config(knobs.model, derived)
+        except ValueError as err:
+            raise ConfigError(
+                f"train_prior.{where}.kind {knobs.kind!r} cannot be used for the {level!r} "
+                f"prior: {err}"
+            ) from None
+        plans.append(
+            PriorPlan(level, condition, knobs, kind.class_name, dataclasses.asdict(config))
+        )
     return plans
-
-
-def bits_per_code(logits: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-    """Mean negative log-likelihood of ``codes`` under ``logits`` (B x K x h x w), in bits."""
-    return F.cross_entropy(logits.float(), codes) / math.log(2)
 
 
 def prior_inputs(
@@ -191,7 +198,7 @@ def _train_one(
     result = run_trainer(
         train_loop_per_worker,
         loop_config,
-        name=f"train_prior-{plan.level}-{ctx.fingerprint}",
+        name=f"{ctx.stage}-{plan.level}-{ctx.fingerprint}",
         stage_dir=ctx.stage_dir,
         knobs=plan.knobs,
         datasets={"train": train},
@@ -199,35 +206,63 @@ def _train_one(
     return load_final_model(result, prefer_best=True)
 
 
-def run(ctx: StageContext) -> dict[str, Any]:
-    tokenize_dir = ctx.cfg.stage_dir("tokenize")
-    tokenized = require_manifest(tokenize_dir, "tokenize")
+def _train_or_reuse(
+    ctx: StageContext, plan: PriorPlan, plans: list[PriorPlan], heldout: dict | None
+) -> tuple[PriorEntry, dict | None]:
+    """Train one prior, or reuse the one an interrupted run finished; returns its manifest entry
+    and the held-out codes (read on first use, shared by the priors)."""
+    tokenize_dir = TokenizeManifest.directory(ctx.cfg.output_dir)
+    uri = storage.join(ctx.stage_dir, f"{plan.level}.pt")
+    if storage.exists(uri):
+        # Written only once that prior finished: an earlier attempt died on a later prior.
+        log.info("train_prior: reusing the finished %s prior at %s", plan.level, uri)
+        data = storage.read_bytes(uri)
+        _, extra = load_checkpoint(data)
+    else:
+        log.info("train_prior: training the %s prior (%s)", plan.level, plan.knobs.kind)
+        if heldout is None:
+            heldout = read_heldout(tokenize_dir, plans)
+        model, extra = _train_one(ctx, plan, tokenize_dir, heldout)
+        data = publish_model(model, uri, extra)
+    ctx.tracking.log_bytes(data, f"priors/{plan.level}.pt")
+    metrics = extra.get("metrics", {})
+    entry = PriorEntry(
+        checkpoint=uri,
+        kind=plan.knobs.kind,
+        condition=plan.condition,
+        heldout_bits_per_code=metrics.get("heldout_bits_per_code"),
+        train_bits_per_code=metrics.get("train_bits_per_code"),
+        steps=plan.knobs.steps,
+        selected_step=int(extra["step"]),
+    )
+    log.info("train_prior: %s prior %s", plan.level, entry.model_dump())
+    return entry, heldout
+
+
+def run(ctx: StageContext) -> TrainPriorManifest:
+    tokenized = require_manifest(ctx.cfg.output_dir, TokenizeManifest)
     plans = plan_priors(tokenized, ctx.cfg.train_prior)
     heldout = None
-    priors: dict[str, Any] = {}
+    priors: dict[str, PriorEntry] = {}
     for plan in plans:
-        uri = storage.join(ctx.stage_dir, f"{plan.level}.pt")
-        if storage.exists(uri):
-            # Written only once that prior finished: an earlier attempt died on a later prior.
-            log.info("train_prior: reusing the finished %s prior at %s", plan.level, uri)
-            data = storage.read_bytes(uri)
-            _, extra = load_checkpoint(data)
-        else:
-            log.info("train_prior: training the %s prior (%s)", plan.level, plan.knobs.kind)
-            if heldout is None:
-                heldout = read_heldout(tokenize_dir, plans)
-            model, extra = _train_one(ctx, plan, tokenize_dir, heldout)
-            data = publish_model(model, uri, extra)
-        ctx.tracking.log_bytes(data, f"priors/{plan.level}.pt")
-        metrics = extra.get("metrics", {})
-        priors[plan.level] = {
-            "checkpoint": uri,
-            "kind": plan.knobs.kind,
-            "condition": plan.condition,
-            "heldout_bits_per_code": metrics.get("heldout_bits_per_code"),
-            "train_bits_per_code": metrics.get("train_bits_per_code"),
-            "steps": plan.knobs.steps,
-            "selected_step": int(extra["step"]),
-        }
-        log.info("train_prior: %s prior %s", plan.level, priors[plan.level])
-    return {"levels": [p.level for p in plans], "priors": priors}
+        priors[plan.level], heldout = _train_or_reuse(ctx, plan, plans, heldout)
+    return TrainPriorManifest(levels=[p.level for p in plans], priors=priors)
+
+
+def summary(manifest: TrainPriorManifest) -> str:
+    bits = {
+        level: round(p.heldout_bits_per_code, 3)
+        for level, p in manifest.priors.items()
+        if p.heldout_bits_per_code is not None
+    }
+    return f"held-out bits/code {bits}"
+
+
+SPEC = StageSpec(
+    manifest=TrainPriorManifest,
+    run=run,
+    summary=summary,
+    description="train the class-conditional priors over the code shards with Ray Train",
+    upstream=(TokenizeManifest,),
+    sections=("seed",),
+)

@@ -13,13 +13,8 @@ import pytest
 from PIL import Image
 
 from pipelines.config import DataSection
-from pipelines.data import (
-    detect_format,
-    key_hashes,
-    open_corpus,
-    sanitize_key,
-    split_of,
-)
+from pipelines.corpus import detect_format, open_corpus
+from pipelines.keys import key_hashes, sanitize_key, split_of
 from pipelines.demo_data import generate_corpus
 from pipelines.images import BadImageError, decode_image
 

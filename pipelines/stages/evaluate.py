@@ -165,7 +165,7 @@ def classification_metrics(
     shape: tuple[int, int, int],
 ) -> tuple[dict[str, float], str | None]:
     """CAS and its two reference accuracies; or no metrics and the reason they are missing."""
-    from pipelines.data import open_corpus
+    from pipelines.corpus import open_corpus
 
     cfg = ctx.cfg.evaluate
     unknown = [n for n in sample_manifest["classes"] if n not in class_names]
@@ -226,7 +226,7 @@ def _load(uri: str, device: torch.device) -> torch.nn.Module:
 
 
 def run(ctx: StageContext) -> dict[str, Any]:
-    from pipelines.data import open_corpus
+    from pipelines.corpus import open_corpus
     from pipelines.shards import code_dataset
 
     cfg = ctx.cfg.evaluate
