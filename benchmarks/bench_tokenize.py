@@ -40,7 +40,8 @@ from pipelines.images import decode_image, to_model_input
 from pipelines.manifest import write_manifest
 from pipelines.shards import iter_code_samples, shard_bytes
 from pipelines.stage import StageContext, ensure_ray
-from pipelines.stages.tokenize import run as run_tokenize
+from pipelines.stages import tokenize
+from pipelines.stages.train_vqvae import TrainVQVAEManifest
 from pipelines.tracking import TrackingContext
 from vq_core.checkpoint import save_checkpoint
 from vq_core.vqvae import VQVAE2, VQVAE2Config
@@ -178,60 +179,58 @@ def make_config(workdir: str, corpus: str, args: argparse.Namespace, shard_max: 
 
 def install_autoencoder(cfg, model: VQVAE2, class_names: list[str]) -> None:
     """Write the checkpoint and a complete train_vqvae manifest, as stage 1 would."""
-    vq_dir = cfg.stage_dir("train_vqvae")
+    vq_dir = TrainVQVAEManifest.directory(cfg.output_dir)
     storage.makedirs(vq_dir)
     checkpoint = storage.join(vq_dir, "model.pt")
     save_checkpoint(model, checkpoint)
     height, width = cfg.data.size_hw
     shapes = model.code_shape(height, width)
     write_manifest(
-        vq_dir,
-        {
-            "stage": "train_vqvae",
-            "fingerprint": "benchmark",
-            "complete": True,
-            "mlflow_run_id": None,
-            "checkpoint": checkpoint,
-            "model": "vqvae2",
-            "levels": list(model.levels),
-            "codebook_sizes": dict(zip(model.levels, model.codebook_sizes)),
-            "code_shapes": {lvl: list(s) for lvl, s in zip(model.levels, shapes)},
-            "image_size": [height, width],
-            "channels": cfg.data.channels,
-            "class_names": class_names,
-            "steps": 0,
-            "metrics": {},
-            "artifacts": {},
-        },
+        cfg.output_dir,
+        TrainVQVAEManifest(
+            fingerprint="benchmark",
+            checkpoint=checkpoint,
+            model="vqvae2",
+            levels=list(model.levels),
+            codebook_sizes=dict(zip(model.levels, model.codebook_sizes)),
+            code_shapes={lvl: list(s) for lvl, s in zip(model.levels, shapes)},
+            image_size=[height, width],
+            channels=cfg.data.channels,
+            class_names=class_names,
+            steps=0,
+            metrics={},
+            artifacts={},
+        ),
     )
 
 
 def run_stage(cfg, model: VQVAE2) -> dict:
     """One tokenize run: manifest, wall time and peak memory."""
     install_autoencoder(cfg, model, open_corpus(cfg.data).class_names)
-    stage_dir = cfg.stage_dir("tokenize")
-    ctx = StageContext(cfg, "tokenize", stage_dir, "benchmark", TrackingContext("", None))
+    spec = tokenize.SPEC
+    stage_dir = spec.manifest.directory(cfg.output_dir)
+    ctx = StageContext(cfg, spec.name, stage_dir, "benchmark", TrackingContext("", None))
     with ProcessMonitor() as memory:
         start = time.perf_counter()
-        manifest = run_tokenize(ctx)
+        manifest = spec.run(ctx)
         wall = time.perf_counter() - start
     return {
         "manifest": manifest,
         "wall": wall,
-        "run_ips": manifest["samples"] / wall,
+        "run_ips": manifest.samples / wall,
         "peak_total": memory.peak_total,
         "peak_single": memory.peak_single,
         "peak_processes": memory.peak_processes,
         "cpu_per_image": {
-            role: seconds / manifest["samples"] for role, seconds in memory.cpu_seconds().items()
+            role: seconds / manifest.samples for role, seconds in memory.cpu_seconds().items()
         },
     }
 
 
-def int64_shard_bytes(manifest: dict) -> float:
+def int64_shard_bytes(manifest: tokenize.TokenizeManifest) -> float:
     """Bytes per image of the first shard rewritten with 8-byte codes, same container."""
-    samples = list(iter_code_samples([manifest["shards"][0]["uri"]]))
-    levels = manifest["levels"]
+    samples = list(iter_code_samples([manifest.shards[0].uri]))
+    levels = manifest.levels
     data = shard_bytes(
         [s["key"] for s in samples],
         [s["label"] for s in samples],
@@ -336,7 +335,7 @@ def print_report(args, threads, small, large, baseline, baseline_cpu, int64_shar
     """Three columns: the N run, the 10N run, and the marginal (steady) figure or a ratio."""
     mib = 1024**2
     m = small["manifest"]
-    n_small, n_large = m["samples"], large["manifest"]["samples"]
+    n_small, n_large = m.samples, large["manifest"].samples
     # The marginal cost between the two runs is the steady state: starting the actor, loading the
     # model and the last shard's flush cost the same in both and cancel out.
     extra = n_large - n_small
@@ -351,9 +350,9 @@ def print_report(args, threads, small, large, baseline, baseline_cpu, int64_shar
         return f"{1000 * x:.2f}"
 
     steady_cpu = {role: marginal_cpu(role) for role in ROLES}
-    codes = sum(h * w for h, w in m["code_shapes"].values())
+    codes = sum(h * w for h, w in m.code_shapes.values())
     raw_codes = sum(
-        h * w * np.dtype(m["code_dtypes"][lvl]).itemsize for lvl, (h, w) in m["code_shapes"].items()
+        h * w * np.dtype(m.code_dtypes[lvl]).itemsize for lvl, (h, w) in m.code_shapes.items()
     )
     rows = [
         ("images", f"{n_small}", f"{n_large}", ""),
@@ -401,7 +400,7 @@ def print_report(args, threads, small, large, baseline, baseline_cpu, int64_shar
         (
             "shard bytes/image (tar + npy headers)",
             f"{m['metrics']['bytes_per_image']:.0f}",
-            f"{large['manifest']['metrics']['bytes_per_image']:.0f}",
+            f"{large['manifest'].metrics['bytes_per_image']:.0f}",
             "",
         ),
         (

@@ -1,12 +1,14 @@
 """The ``vqpipe`` command line.
 
     vqpipe run CONFIG.yaml [--set key=value ...] [--force STAGE ...]
-    vqpipe train-vqvae|tokenize|train-prior|sample|evaluate CONFIG.yaml [--set ...] [--force]
+    vqpipe STAGE CONFIG.yaml [--set ...] [--force]       # one stage: train-vqvae, tokenize, ...
     vqpipe reconstruct --checkpoint CKPT --input DIR --output DIR
     vqpipe validate CONFIG.yaml [--set ...]
 
 With no ``ray.address`` a local Ray starts in this process; MLflow tracks to
-``<output_dir>/mlflow.db`` unless ``mlflow.tracking_uri`` is set.
+``<output_dir>/mlflow.db`` unless ``mlflow.tracking_uri`` is set. A mistake in the config or the
+inputs prints ``vqpipe: error: ...`` and exits with status 2; anything else is a bug, printed with
+its traceback (status 1).
 """
 
 from __future__ import annotations
@@ -15,14 +17,18 @@ import argparse
 import json
 import logging
 import sys
+import traceback
+from importlib.metadata import PackageNotFoundError, version
 
-STAGE_COMMANDS = {
-    "train-vqvae": "train_vqvae",
-    "tokenize": "tokenize",
-    "train-prior": "train_prior",
-    "sample": "sample",
-    "evaluate": "evaluate",
-}
+from pipelines.errors import UserError
+from pipelines.stages import STAGES, get_stage
+
+
+def _version() -> str:
+    try:
+        return version("vqpipe")
+    except PackageNotFoundError:  # running from a checkout that was never installed
+        return "unknown"
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -42,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="vqpipe",
         description="VQ-VAE-2 pipeline: train, tokenize, train priors, sample, evaluate.",
     )
+    parser.add_argument("--version", action="version", version=f"vqpipe {_version()}")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -55,8 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="redo STAGE even if up to date (repeatable; 'all' redoes everything); stages downstream follow",
     )
 
-    for command, stage in STAGE_COMMANDS.items():
-        p = sub.add_parser(command, help=f"run the {stage} stage alone")
+    for spec in STAGES:
+        p = sub.add_parser(spec.verb, help=f"{spec.description} (this stage alone)")
         _add_config_args(p)
         p.add_argument("--force", action="store_true", help="redo the stage even if up to date")
 
@@ -81,6 +88,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _reconstruct(args: argparse.Namespace) -> int:
+    from pipelines.reconstruct import reconstruct_folder
+
+    size = tuple(args.image_size) if args.image_size else None
+    summary = reconstruct_folder(
+        args.checkpoint,
+        args.input,
+        args.output,
+        image_size=size,
+        batch_size=args.batch_size,
+        side_by_side=args.side_by_side,
+    )
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from pipelines.config import load_config
+
+    if args.command == "reconstruct":
+        return _reconstruct(args)
+    cfg = load_config(args.config, args.overrides)
+    if args.command == "validate":
+        print(json.dumps(cfg.model_dump(mode="json"), indent=2))
+        return 0
+
+    from pipelines.runner import run_stages
+
+    if args.command == "run":
+        outcomes = run_stages(cfg, force=args.force)
+    else:
+        stage = get_stage(args.command).name
+        outcomes = run_stages(cfg, stages=[stage], force=[stage] if args.force else [])
+    print(_summary(outcomes))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -88,72 +132,22 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    from pipelines.config import ConfigError, load_config
-
     try:
-        if args.command == "reconstruct":
-            from pipelines.reconstruct import reconstruct_folder
-
-            size = tuple(args.image_size) if args.image_size else None
-            summary = reconstruct_folder(
-                args.checkpoint,
-                args.input,
-                args.output,
-                image_size=size,
-                batch_size=args.batch_size,
-                side_by_side=args.side_by_side,
-            )
-            print(json.dumps(summary, indent=2))
-            return 0
-
-        cfg = load_config(args.config, args.overrides)
-        if args.command == "validate":
-            print(json.dumps(cfg.model_dump(mode="json"), indent=2))
-            return 0
-
-        from pipelines.runner import run_stages
-
-        if args.command == "run":
-            manifests = run_stages(cfg, force=args.force)
-        else:
-            stage = STAGE_COMMANDS[args.command]
-            manifests = run_stages(cfg, stages=[stage], force=[stage] if args.force else [])
-        print(_summary(manifests))
-        return 0
-    except (ConfigError, FileNotFoundError, ValueError) as err:
+        return _dispatch(args)
+    except UserError as err:
         print(f"vqpipe: error: {err}", file=sys.stderr)
         return 2
+    except Exception:  # a bug, not the user's mistake: show where it happened
+        traceback.print_exc()
+        print("vqpipe: internal error (traceback above)", file=sys.stderr)
+        return 1
 
 
-# The figures a person looks at first, per stage.
-SUMMARY_METRICS = {
-    "train_vqvae": ("holdout/mse", "holdout/perplexity/top", "holdout/perplexity/bottom"),
-    "evaluate": (
-        "holdout/psnr",
-        "cas/generated_to_real",
-        "cas/real_to_generated",
-        "cas/real_to_real",
-    ),
-}
-
-
-def _summary(manifests: dict) -> str:
+def _summary(outcomes: dict) -> str:
     lines = ["", "vqpipe finished:"]
-    for stage, m in manifests.items():
-        metrics = m.get("metrics") or {}
-        if stage == "tokenize":
-            extra = f"{m.get('samples')} samples in {len(m.get('shards', []))} shards, {m['bad_inputs']['count']} bad inputs"
-        elif stage == "train_prior":
-            bits = {
-                lvl: round(p["heldout_bits_per_code"], 3) for lvl, p in m.get("priors", {}).items()
-            }
-            extra = f"held-out bits/code {bits}"
-        elif stage == "sample":
-            extra = f"{m.get('samples')} images of {len(m.get('classes', {}))} classes"
-        else:
-            shown = [(k, metrics[k]) for k in SUMMARY_METRICS.get(stage, ()) if k in metrics]
-            extra = ", ".join(f"{k}={v:.4g}" for k, v in shown)
-        took = "skipped" if m.get("skipped") else f"{m.get('seconds', 0):.1f}s"
+    for stage, outcome in outcomes.items():
+        extra = get_stage(stage).summary(outcome.manifest)
+        took = "skipped" if outcome.skipped else f"{outcome.manifest.seconds:.1f}s"
         lines.append(f"  {stage:<12} {took:>9}  {extra}")
     return "\n".join(lines)
 

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from pipelines import storage
+from pipelines.errors import InputError, MissingInputError
 from pipelines.images import BadImageError, decode_image, encode_png, to_model_input, to_uint8
 
 log = logging.getLogger("vqpipe")
@@ -27,9 +28,11 @@ def _load_autoencoder(checkpoint: str):
 
     from vq_core.checkpoint import load_checkpoint
 
+    if not storage.exists(checkpoint):
+        raise MissingInputError(f"--checkpoint {checkpoint!r} does not exist")
     model, extra = load_checkpoint(io.BytesIO(storage.read_bytes(checkpoint)))
     if not hasattr(model, "encode") or not hasattr(model, "decode_codes"):
-        raise ValueError(f"{checkpoint!r} holds a {type(model).__name__}, not an autoencoder")
+        raise InputError(f"{checkpoint!r} holds a {type(model).__name__}, not an autoencoder")
     return model, extra or {}
 
 
@@ -43,12 +46,12 @@ def reconstruct_folder(
 ) -> dict:
     """Reconstruct every image under ``input_dir`` into ``output_dir``; returns counts."""
     if not storage.is_dir(input_dir):
-        raise FileNotFoundError(f"--input {input_dir!r} is not a folder")
+        raise MissingInputError(f"--input {input_dir!r} is not a folder")
     model, extra = _load_autoencoder(checkpoint)
     if image_size is None:
         size = extra.get("image_size")
         if size is None:
-            raise ValueError(
+            raise InputError(
                 f"{checkpoint!r} does not record its image size; pass --image-size H [W]"
             )
         size_hw = tuple(size)
@@ -58,7 +61,7 @@ def reconstruct_folder(
 
     files = [f for f in storage.list_files(input_dir) if f.lower().endswith(IMAGE_SUFFIXES)]
     if not files:
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"--input {input_dir!r} holds no image files ({', '.join(IMAGE_SUFFIXES)})"
         )
     written, bad, sq_err = 0, [], 0.0

@@ -10,54 +10,54 @@ with another fingerprint is stale and is cleared first.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import time
 from collections.abc import Iterable
-from typing import Any
+from dataclasses import dataclass
 
 from pipelines import storage
-from pipelines.config import STAGES, PipelineConfig
-from pipelines.manifest import fingerprint, read_manifest, write_manifest
-from pipelines.stage import StageContext, ensure_ray
+from pipelines.config import PipelineConfig
+from pipelines.errors import ConfigError, ManifestError, MissingInputError
+from pipelines.manifest import StageManifest, fingerprint, read_manifest, write_manifest
+from pipelines.stage import ConfigView, StageContext, StageSpec, ensure_ray
+from pipelines.stages import STAGES, stage_names
 from pipelines.tracking import Tracker, TrackingContext, default_tracking_uri
 
 log = logging.getLogger("vqpipe")
 
-# Which upstream stages each stage consumes, and which config sections it reads.
-UPSTREAM: dict[str, tuple[str, ...]] = {
-    "train_vqvae": (),
-    "tokenize": ("train_vqvae",),
-    "train_prior": ("tokenize",),
-    "sample": ("train_vqvae", "train_prior"),
-    "evaluate": ("train_vqvae", "tokenize", "train_prior", "sample"),
-}
-SECTIONS: dict[str, tuple[str, ...]] = {
-    "train_vqvae": ("seed", "data", "train_vqvae"),
-    "tokenize": ("data", "tokenize"),
-    "train_prior": ("seed", "train_prior"),
-    "sample": ("sample",),
-    "evaluate": ("seed", "data", "evaluate"),
-}
-READS_CORPUS = {"train_vqvae", "tokenize", "evaluate"}
 FINGERPRINT_FILE = "fingerprint"
 
 
-def _stage_module(stage: str):
-    return importlib.import_module(f"pipelines.{stage}")
+@dataclass(frozen=True)
+class StageOutcome:
+    """A stage's manifest after a pipeline run, whether it ran or was up to date.
+
+    ``sections_read`` are the config sections the stage read when it ran (empty when skipped).
+    """
+
+    manifest: StageManifest
+    skipped: bool
+    sections_read: frozenset[str] = frozenset()
 
 
-def stage_fingerprint(cfg: PipelineConfig, stage: str, corpus_listing: Any = None) -> str:
+def _upstream_state(output_dir: str, cls: type[StageManifest]) -> tuple:
+    """What a downstream fingerprint records of an upstream stage: its fingerprint and run."""
+    try:
+        manifest = read_manifest(output_dir, cls)
+    except ManifestError:
+        manifest = None
+    if manifest is None:
+        return (cls.stage, None)
+    return (cls.stage, manifest.fingerprint, manifest.mlflow_run_id)
+
+
+def stage_fingerprint(
+    cfg: PipelineConfig, spec: StageSpec, corpus_listing: str | None = None
+) -> str:
     dumped = cfg.model_dump(mode="json")
-    sections = {name: dumped[name] for name in SECTIONS[stage]}
-    upstream = []
-    for up in UPSTREAM[stage]:
-        manifest = read_manifest(cfg.stage_dir(up))
-        if manifest is None or not manifest.get("complete"):
-            upstream.append((up, None))
-        else:
-            upstream.append((up, manifest.get("fingerprint"), manifest.get("mlflow_run_id")))
-    return fingerprint(stage, sections, upstream, corpus_listing if stage in READS_CORPUS else None)
+    sections = {name: dumped[name] for name in spec.reads}
+    upstream = [_upstream_state(cfg.output_dir, cls) for cls in spec.upstream]
+    return fingerprint(spec.name, sections, upstream, corpus_listing if spec.reads_corpus else None)
 
 
 def _prepare_stage_dir(stage_dir: str, fp: str, forced: bool) -> None:
@@ -79,7 +79,7 @@ def ensure_corpus(cfg: PipelineConfig) -> None:
     gen = cfg.data.generate
     if gen is None:
         if not storage.exists(cfg.data.source):
-            raise FileNotFoundError(f"data.source {cfg.data.source!r} does not exist")
+            raise MissingInputError(f"data.source {cfg.data.source!r} does not exist")
         return
     from pipelines.demo_data import generate_corpus
 
@@ -95,83 +95,105 @@ def ensure_corpus(cfg: PipelineConfig) -> None:
     log.info("demo corpus at %s: %s", cfg.data.source, summary)
 
 
-def run_stages(
-    cfg: PipelineConfig,
-    stages: Iterable[str] = STAGES,
-    force: Iterable[str] = (),
-    run_name: str | None = None,
-) -> dict[str, dict[str, Any]]:
-    """Run ``stages`` in pipeline order; returns each stage's manifest (run or skipped)."""
-    stages = [s for s in STAGES if s in set(stages)]
+def _select(
+    cfg: PipelineConfig, stages: Iterable[str] | None, force: Iterable[str]
+) -> tuple[list[StageSpec], set[str]]:
+    """The stages to run, in pipeline order, and the names of those forced."""
+    names = stage_names()
+    wanted = set(names if stages is None else stages)
     force = set(force)
-    unknown = force - set(STAGES) - {"all"}
+    unknown = (wanted | force) - set(names) - {"all"}
     if unknown:
-        raise ValueError(
-            f"--force got unknown stage(s) {sorted(unknown)}; expected one of {STAGES} or 'all'"
+        raise ConfigError(
+            f"unknown stage(s) {sorted(unknown)}; expected one of {names} (or 'all' for --force)"
         )
     if "all" in force:
-        force = set(STAGES)
-    if "evaluate" in stages and not cfg.evaluate.enabled:
-        stages.remove("evaluate")
+        force = set(names)
+    return [s for s in STAGES if s.name in wanted and s.enabled(cfg)], force
 
+
+def run_stages(
+    cfg: PipelineConfig,
+    stages: Iterable[str] | None = None,
+    force: Iterable[str] = (),
+    run_name: str | None = None,
+) -> dict[str, StageOutcome]:
+    """Run ``stages`` (default: all) in pipeline order; returns each stage's outcome."""
+    specs, force = _select(cfg, stages, force)
     ensure_corpus(cfg)
     storage.makedirs(cfg.output_dir)
     tracking_uri = cfg.mlflow.tracking_uri or default_tracking_uri(cfg.output_dir)
     tracker = Tracker(tracking_uri, cfg.mlflow.experiment)
     listing = None
-    if READS_CORPUS & set(stages):
+    if any(spec.reads_corpus for spec in specs):
         listing = fingerprint(storage.listing_fingerprint(cfg.data.source))
 
     name = run_name or cfg.mlflow.run_name or time.strftime("pipeline-%Y%m%d-%H%M%S")
-    manifests: dict[str, dict[str, Any]] = {}
+    outcomes: dict[str, StageOutcome] = {}
     with tracker.pipeline_run(name, cfg.model_dump(mode="json")) as parent:
-        for stage in stages:
-            manifests[stage] = _run_one(cfg, stage, stage in force, listing, tracker, parent)
-        parent.log_dict({s: m.get("fingerprint") for s, m in manifests.items()}, "stages.json")
-    return manifests
+        for spec in specs:
+            outcomes[spec.name] = _run_one(cfg, spec, spec.name in force, listing, tracker, parent)
+        parent.log_dict(
+            {stage: outcome.manifest.fingerprint for stage, outcome in outcomes.items()},
+            "stages.json",
+        )
+    return outcomes
+
+
+def _up_to_date(cfg: PipelineConfig, spec: StageSpec, fp: str) -> StageManifest | None:
+    """The stage's manifest when it is complete with fingerprint ``fp``, else None."""
+    try:
+        existing = read_manifest(cfg.output_dir, spec.manifest)
+    except ManifestError as err:
+        log.info("== %s: its manifest cannot be used (%s); the stage runs again", spec.name, err)
+        return None
+    return existing if existing is not None and existing.fingerprint == fp else None
 
 
 def _run_one(
     cfg: PipelineConfig,
-    stage: str,
+    spec: StageSpec,
     forced: bool,
     listing: str | None,
     tracker: Tracker,
     parent: TrackingContext,
-) -> dict[str, Any]:
-    stage_dir = cfg.stage_dir(stage)
-    fp = stage_fingerprint(cfg, stage, listing)
-    existing = read_manifest(stage_dir)
-    if not forced and existing and existing.get("complete") and existing.get("fingerprint") == fp:
-        log.info("== %s: up to date (fingerprint %s), skipped", stage, fp)
-        parent.set_tags({f"vqpipe.{stage}": "skipped"})
-        return {**existing, "skipped": True}
+) -> StageOutcome:
+    stage_dir = spec.manifest.directory(cfg.output_dir)
+    fp = stage_fingerprint(cfg, spec, listing)
+    existing = None if forced else _up_to_date(cfg, spec, fp)
+    if existing is not None:
+        log.info("== %s: up to date (fingerprint %s), skipped", spec.name, fp)
+        parent.set_tags({f"vqpipe.{spec.name}": "skipped"})
+        return StageOutcome(existing, skipped=True)
 
-    log.info("== %s: running (fingerprint %s)", stage, fp)
+    log.info("== %s: running (fingerprint %s)", spec.name, fp)
     ensure_ray(cfg)
     _prepare_stage_dir(stage_dir, fp, forced)
     started = time.time()
-    with tracker.stage_run(stage) as tracking:
+    with tracker.stage_run(spec.name) as tracking:
         dumped = cfg.model_dump(mode="json")
-        tracking.log_params(
-            {k: dumped[k] for k in SECTIONS[stage] if k != "seed"} | {"seed": cfg.seed}
-        )
+        tracking.log_params({k: dumped[k] for k in spec.reads if k != "seed"} | {"seed": cfg.seed})
+        view = ConfigView(cfg, spec.name, spec.reads)
         ctx = StageContext(
-            cfg=cfg, stage=stage, stage_dir=stage_dir, fingerprint=fp, tracking=tracking
+            cfg=view, stage=spec.name, stage_dir=stage_dir, fingerprint=fp, tracking=tracking
         )
-        body = _stage_module(stage).run(ctx)
+        result = spec.run(ctx)
+        if not isinstance(result, spec.manifest):
+            raise TypeError(
+                f"stage {spec.name!r} returned a {type(result).__name__}, "
+                f"expected {spec.manifest.__name__}"
+            )
         manifest = write_manifest(
-            stage_dir,
-            {
-                **body,
-                "stage": stage,
-                "fingerprint": fp,
-                "complete": True,
-                "mlflow_run_id": tracking.run_id,
-                "seconds": round(time.time() - started, 2),
-            },
+            cfg.output_dir,
+            result.model_copy(
+                update={
+                    "fingerprint": fp,
+                    "mlflow_run_id": tracking.run_id,
+                    "seconds": round(time.time() - started, 2),
+                }
+            ),
         )
-        tracking.log_dict(manifest, "manifest.json")
-    parent.set_tags({f"vqpipe.{stage}": "ran"})
-    log.info("== %s: done in %.1f s", stage, time.time() - started)
-    return manifest
+        tracking.log_dict(manifest.model_dump(mode="json"), "manifest.json")
+    parent.set_tags({f"vqpipe.{spec.name}": "ran"})
+    log.info("== %s: done in %.1f s", spec.name, time.time() - started)
+    return StageOutcome(manifest, skipped=False, sections_read=frozenset(view.read))

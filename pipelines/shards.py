@@ -32,10 +32,30 @@ import numpy as np
 
 from pipelines import storage
 from pipelines.keys import split_of
-from pipelines.manifest import read_manifest
+from pipelines.manifest import ManifestModel
 
 SHARD_PATTERN = re.compile(r"^codes-[0-9a-f]{12}\.tar$")
 LABEL_FIELD = "cls"
+
+
+class ShardEntry(ManifestModel):
+    """One complete shard."""
+
+    name: str
+    uri: str
+    samples: int
+    bytes: int
+
+
+class CodeShards(ManifestModel):
+    """A set of code shards and what a reader needs to know to read them: the levels in order,
+    each level's map shape and stored dtype, and the holdout fraction that splits the keys."""
+
+    shards: list[ShardEntry]
+    levels: list[str]
+    code_shapes: dict[str, list[int]]  # level -> [h, w]
+    code_dtypes: dict[str, str]  # level -> numpy dtype name
+    holdout_fraction: float
 
 
 def code_dtype(num_codes: int) -> np.dtype:
@@ -185,17 +205,6 @@ def iter_code_samples(
         yield _decode_sample(sample, levels)
 
 
-def _load_manifest(tokenize_dir_or_manifest: str | dict[str, Any]) -> dict[str, Any]:
-    if isinstance(tokenize_dir_or_manifest, dict):
-        return tokenize_dir_or_manifest
-    manifest = read_manifest(tokenize_dir_or_manifest)
-    if manifest is None or not manifest.get("complete"):
-        raise FileNotFoundError(
-            f"no complete tokenize manifest in {tokenize_dir_or_manifest!r}; run `vqpipe tokenize`"
-        )
-    return manifest
-
-
 def _decode_code_batch(
     batch: dict[str, np.ndarray],
     levels: list[str],
@@ -229,13 +238,8 @@ def _decode_code_batch(
     return out
 
 
-def code_dataset(
-    tokenize_dir_or_manifest: str | dict[str, Any],
-    split: str = "train",
-    *,
-    as_int64: bool = True,
-):
-    """The code shards of a tokenize run as a streaming ray.data.Dataset.
+def code_dataset(codes: CodeShards, split: str = "train", *, as_int64: bool = True):
+    """Code shards (a tokenize manifest, say) as a streaming ray.data.Dataset.
 
     Columns: key (str), label (int64) and one h x w array column per level. Codes come as int64
     (``as_int64``), what embedding layers index with; ``as_int64=False`` keeps the stored dtype.
@@ -245,8 +249,7 @@ def code_dataset(
 
     if split not in ("train", "holdout", "all"):
         raise ValueError(f"split must be 'train', 'holdout' or 'all', got {split!r}")
-    manifest = _load_manifest(tokenize_dir_or_manifest)
-    uris = [shard["uri"] for shard in manifest["shards"]]
+    uris = [shard.uri for shard in codes.shards]
     if not uris:
         raise ValueError("the tokenize manifest lists no shards (was the corpus empty?)")
     fs, _ = storage.resolve(uris[0])
@@ -257,10 +260,10 @@ def code_dataset(
         _decode_code_batch,
         batch_format="numpy",
         fn_kwargs={
-            "levels": list(manifest["levels"]),
-            "shapes": dict(manifest["code_shapes"]),
-            "dtypes": dict(manifest["code_dtypes"]),
-            "holdout_fraction": float(manifest["holdout_fraction"]),
+            "levels": list(codes.levels),
+            "shapes": dict(codes.code_shapes),
+            "dtypes": dict(codes.code_dtypes),
+            "holdout_fraction": codes.holdout_fraction,
             "split": split,
             "as_int64": as_int64,
         },

@@ -40,7 +40,7 @@ from torch import nn
 from pipelines import storage
 from pipelines.config import TrainingKnobs
 from pipelines.tracking import TrackingContext
-from vq_core.checkpoint import load_checkpoint, save_checkpoint
+from vq_core.checkpoint import load_checkpoint, save_checkpoint, unwrap_model
 
 log = logging.getLogger("vqpipe")
 
@@ -180,11 +180,6 @@ def take_columns(dataset, limit: int, columns: list[str]) -> dict[str, np.ndarra
 # Worker side
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The bare model inside a DDP wrapper (checkpoints and evaluation use the bare model)."""
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
 class _Best:
     """A copy of the model at its best held-out score so far (lower is better)."""
 
@@ -201,7 +196,7 @@ class _Best:
             return
         if metrics[self.metric] < self.value:
             self.value, self.step, self.metrics = float(metrics[self.metric]), step, dict(metrics)
-            self.model = copy.deepcopy(unwrap(model)).eval()
+            self.model = copy.deepcopy(unwrap_model(model)).eval()
 
     def save(self, directory: str, extra: dict) -> None:
         if self.model is not None:
@@ -219,7 +214,7 @@ class _Best:
 def _save(
     model: nn.Module, optimizer: torch.optim.Optimizer, directory: str, extra: dict, best: _Best
 ) -> None:
-    save_checkpoint(unwrap(model), os.path.join(directory, MODEL_FILE), extra=extra)
+    save_checkpoint(unwrap_model(model), os.path.join(directory, MODEL_FILE), extra=extra)
     torch.save(optimizer.state_dict(), os.path.join(directory, OPTIMIZER_FILE))
     best.save(directory, extra)
 
@@ -231,7 +226,7 @@ def _restore(
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return 0
-    bare = unwrap(model)
+    bare = unwrap_model(model)
     with checkpoint.as_directory() as directory:
         # The expected config guards against resuming from a run of a different model.
         saved, extra = load_checkpoint(
@@ -284,6 +279,118 @@ def _due(step: int, every: int, last: int) -> bool:
     return step % every == 0 or step == last
 
 
+class _Loop:
+    """One worker's training loop state: the model, its optimizer and what gets logged.
+
+    ``fit`` drives it; each method is one step of an iteration, in order: ``train_step``, then
+    ``log`` / ``evaluate`` / ``checkpoint`` when due.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        knobs: TrainingKnobs,
+        *,
+        evaluate_fn: EvaluateFn | None,
+        tracking: TrackingContext | None,
+        metric_prefix: str,
+        channels_last: bool,
+        checkpoint_extra: dict[str, Any],
+        select_metric: str | None,
+    ):
+        context = ray.train.get_context()
+        self.rank = context.get_world_rank()
+        self.world_size = context.get_world_size()
+        self.device = ray.train.torch.get_device()
+        on_gpu = self.device.type == "cuda"
+        self.bf16 = knobs.precision == "bf16" and on_gpu
+        if knobs.precision == "bf16" and not on_gpu and self.rank == 0:
+            log.warning(
+                "precision bf16 applies on GPU only; training in float32 on %s", self.device
+            )
+        # Pays off with bf16 tensor-core convolutions only.
+        self.channels_last = channels_last and self.bf16
+        # Rank 0 alone logs to MLflow.
+        if tracking is None or self.rank != 0:
+            tracking = TrackingContext(tracking_uri="", run_id=None)
+        self.tracking, self.prefix = tracking, metric_prefix
+        self.knobs, self.loss_fn, self.evaluate_fn = knobs, loss_fn, evaluate_fn
+        self.extra = checkpoint_extra
+
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = ray.train.torch.prepare_model(model)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=knobs.lr)
+        self.best = _Best(select_metric if self.rank == 0 else None)
+        self.window = _Window()
+        self.train_means: dict[str, float] = {}
+        self.evaluation: dict[str, float] = {}
+        self.window_started = time.perf_counter()
+
+    def resume(self) -> int:
+        """Restore the latest checkpoint, if any; returns the step to continue from."""
+        step = _restore(self.model, self.optimizer, self.device, self.best)
+        if step:
+            log.info("rank %d resumes at step %d of %d", self.rank, step, self.knobs.steps)
+            self.tracking.log_metrics({f"{self.prefix}resumed_at_step": step}, step=step)
+        return step
+
+    def train_step(self, batch: dict[str, torch.Tensor], step: int) -> None:
+        self.model.train()
+        if self.channels_last:
+            batch = {
+                k: v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v
+                for k, v in batch.items()
+            }
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            loss, logs = self.loss_fn(self.model, batch, step)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.window.add(logs)
+
+    def log(self, step: int) -> None:
+        seconds = (time.perf_counter() - self.window_started) / max(self.window.count, 1)
+        # Checked here rather than every step: a host sync per step would stall a GPU.
+        self.train_means = _finite(self.window.means(), step, self.knobs.lr)
+        self.tracking.log_metrics(
+            {f"{self.prefix}{k}": v for k, v in self.train_means.items()}
+            | {f"{self.prefix}seconds_per_step": seconds},
+            step=step,
+        )
+        self.window_started = time.perf_counter()
+
+    def evaluate(self, step: int) -> None:
+        self.evaluation = _evaluate(self.model, self.evaluate_fn, self.device, self.bf16)
+        self.best.offer(self.model, {**self.train_means, **self.evaluation}, step)
+        self.tracking.log_metrics(
+            {f"{self.prefix}{k}": v for k, v in self.evaluation.items()}, step=step
+        )
+
+    def checkpoint(self, step: int) -> None:
+        metrics = {"step": step, **self.train_means, **self.evaluation}
+        _report(self.model, self.optimizer, self.rank, metrics, self.extra, self.best)
+
+    def after_step(self, step: int, start_step: int) -> None:
+        """Log, evaluate and checkpoint when due; evaluation and checkpoints are not step time."""
+        knobs = self.knobs
+        if _due(step, knobs.log_every, knobs.steps):
+            self.log(step)
+        paused = time.perf_counter()
+        if (
+            self.evaluate_fn is not None
+            and self.rank == 0
+            and _due(step, knobs.eval_every, knobs.steps)
+        ):
+            self.evaluate(step)
+        if _due(step, knobs.checkpoint_every, knobs.steps):
+            self.checkpoint(step)
+        self.window_started += time.perf_counter() - paused
+        if knobs.fail_at_step == step and start_step < step:
+            raise InjectedFailure(f"fault injected after step {step} (fail_at_step)")
+
+
 def fit(
     model: nn.Module,
     loss_fn: LossFn,
@@ -306,89 +413,42 @@ def fit(
     With ``select_metric`` (a key of evaluate_fn's result, lower is better), checkpoints also keep
     the weights that scored best on it, for ``load_final_model(prefer_best=True)``.
     """
-    context = ray.train.get_context()
-    rank = context.get_world_rank()
-    device = ray.train.torch.get_device()
-    on_gpu = device.type == "cuda"
-    bf16 = knobs.precision == "bf16" and on_gpu
-    if knobs.precision == "bf16" and not on_gpu and rank == 0:
-        log.warning("precision bf16 applies on GPU only; training in float32 on %s", device)
-    channels_last = channels_last and bf16  # pays off with bf16 tensor-core convolutions
-    tracking = tracking or TrackingContext(tracking_uri="", run_id=None)
-    if rank != 0:
-        tracking = TrackingContext(tracking_uri="", run_id=None)
-
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    model = ray.train.torch.prepare_model(model)
-    optimizer = torch.optim.Adam(model.parameters(), lr=knobs.lr)
-    best = _Best(select_metric if rank == 0 else None)
-    start_step = _restore(model, optimizer, device, best)
-    if start_step:
-        log.info("rank %d resumes at step %d of %d", rank, start_step, knobs.steps)
-        tracking.log_metrics({f"{metric_prefix}resumed_at_step": start_step}, step=start_step)
+    loop = _Loop(
+        model,
+        loss_fn,
+        knobs,
+        evaluate_fn=evaluate_fn,
+        tracking=tracking,
+        metric_prefix=metric_prefix,
+        channels_last=channels_last,
+        checkpoint_extra=checkpoint_extra or {},
+        select_metric=select_metric,
+    )
+    start_step = loop.resume()
     # Different noise per rank and per attempt (dropout, Gumbel), reproducible for a given run.
-    torch.manual_seed(seed + 1000 * rank + start_step)
+    torch.manual_seed(seed + 1000 * loop.rank + start_step)
 
     shard = ray.train.get_dataset_shard("train")
-    window = _Window()
-    evaluation: dict[str, float] = {}
-    train_means: dict[str, float] = {}
     step = start_step
-    window_started = time.perf_counter()
     while step < knobs.steps:
         batches = 0
         for batch in shard.iter_torch_batches(
             batch_size=knobs.batch_size,
             dtypes=dtypes,
-            device=device,
+            device=loop.device,
             local_shuffle_buffer_size=4 * knobs.batch_size,
             local_shuffle_seed=seed + step,
         ):
             batches += 1
-            model.train()
-            if channels_last:
-                batch = {
-                    k: v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v
-                    for k, v in batch.items()
-                }
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                loss, logs = loss_fn(model, batch, step)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            loop.train_step(batch, step)
             step += 1
-            window.add(logs)
-
-            if _due(step, knobs.log_every, knobs.steps):
-                seconds = (time.perf_counter() - window_started) / max(window.count, 1)
-                # Checked here rather than every step: a host sync per step would stall a GPU.
-                train_means = _finite(window.means(), step, knobs.lr)
-                tracking.log_metrics(
-                    {f"{metric_prefix}{k}": v for k, v in train_means.items()}
-                    | {f"{metric_prefix}seconds_per_step": seconds},
-                    step=step,
-                )
-                window_started = time.perf_counter()
-            paused = time.perf_counter()  # evaluation and checkpoints do not count as step time
-            if evaluate_fn is not None and rank == 0 and _due(step, knobs.eval_every, knobs.steps):
-                evaluation = _evaluate(model, evaluate_fn, device, bf16)
-                best.offer(model, {**train_means, **evaluation}, step)
-                tracking.log_metrics(
-                    {f"{metric_prefix}{k}": v for k, v in evaluation.items()}, step=step
-                )
-            if _due(step, knobs.checkpoint_every, knobs.steps):
-                metrics = {"step": step, **train_means, **evaluation}
-                _report(model, optimizer, rank, metrics, checkpoint_extra or {}, best)
-            window_started += time.perf_counter() - paused
-            if knobs.fail_at_step == step and start_step < step:
-                raise InjectedFailure(f"fault injected after step {step} (fail_at_step)")
+            loop.after_step(step, start_step)
             if step >= knobs.steps:
                 break
         if batches == 0:
             raise ValueError(
-                f"the training data shard of rank {rank} yielded no batches; the training split "
-                f"is empty or smaller than the number of workers ({context.get_world_size()})"
+                f"the training data shard of rank {loop.rank} yielded no batches; the training "
+                f"split is empty or smaller than the number of workers ({loop.world_size})"
             )
 
 
@@ -396,7 +456,7 @@ def _evaluate(
     model: nn.Module, evaluate_fn: EvaluateFn, device: torch.device, bf16: bool
 ) -> dict[str, float]:
     # The bare model: a DDP forward on one rank alone would wait forever for the others.
-    bare = unwrap(model)
+    bare = unwrap_model(model)
     bare.eval()
     try:
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):

@@ -7,6 +7,7 @@ a stage, write its module and add its ``SPEC`` to ``STAGES`` below.
 
 from __future__ import annotations
 
+from pipelines.errors import ConfigError
 from pipelines.stage import StageSpec
 from pipelines.stages import evaluate, sample, tokenize, train_prior, train_vqvae
 
@@ -28,4 +29,4 @@ def get_stage(name_or_verb: str) -> StageSpec:
     for spec in STAGES:
         if name_or_verb in (spec.name, spec.verb):
             return spec
-    raise KeyError(f"unknown stage {name_or_verb!r}; expected one of {stage_names()}")
+    raise ConfigError(f"unknown stage {name_or_verb!r}; expected one of {stage_names()}")

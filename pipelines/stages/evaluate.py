@@ -22,7 +22,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -37,11 +38,47 @@ from pipelines.classifier import (
     resize_images,
     train_classifier,
 )
-from pipelines.manifest import read_manifest, require_manifest
+from pipelines.manifest import StageManifest, read_manifest, require_manifest
 from pipelines.report import Figure, Report, Section, Table, write_report
-from pipelines.stage import StageContext, ensure_ray
+from pipelines.stage import StageContext, StageSpec, ensure_ray
+from pipelines.stages.sample import REJECTION_CLASSIFIER, SampleManifest
+from pipelines.stages.tokenize import TokenizeManifest
+from pipelines.stages.train_prior import TrainPriorManifest
+from pipelines.stages.train_vqvae import TrainVQVAEManifest
+from vq_core.quantizer import code_histogram_stats
 
 log = logging.getLogger("vqpipe")
+
+
+class EvaluateManifest(StageManifest):
+    """The pipeline's figures and where its report is."""
+
+    stage: ClassVar[str] = "evaluate"
+
+    metrics: dict[str, float]
+    report: str
+    report_html: str
+    levels: list[str]
+    cas_skipped: str | None  # why CAS was not computed, when it was not
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """The manifests the evaluation reads; ``sample`` is None when that stage has not run."""
+
+    vq: TrainVQVAEManifest
+    tok: TokenizeManifest
+    priors: TrainPriorManifest
+    sample: SampleManifest | None
+
+    @classmethod
+    def read(cls, output_dir: str) -> Upstream:
+        return cls(
+            vq=require_manifest(output_dir, TrainVQVAEManifest),
+            tok=require_manifest(output_dir, TokenizeManifest),
+            priors=require_manifest(output_dir, TrainPriorManifest),
+            sample=read_manifest(output_dir, SampleManifest),
+        )
 
 
 def psnr_from_mse(mse: float) -> float:
@@ -51,13 +88,11 @@ def psnr_from_mse(mse: float) -> float:
 
 
 def histogram_stats(counts: np.ndarray) -> tuple[float, float, int]:
-    """(perplexity, usage, codes used) of a code histogram of length K."""
-    total = counts.sum()
-    used = int((counts > 0).sum())
-    if total == 0:
+    """(perplexity, usage, codes used) of a code histogram of length K; no perplexity when empty."""
+    if counts.sum() == 0:
         return math.nan, 0.0, 0
-    p = counts[counts > 0] / total
-    return float(np.exp(-(p * np.log(p)).sum())), used / len(counts), used
+    perplexity, usage = code_histogram_stats(torch.from_numpy(counts))
+    return float(perplexity), float(usage), int((counts > 0).sum())
 
 
 @torch.inference_mode()
@@ -139,14 +174,14 @@ def code_metrics(
 
 
 def generated_images(
-    sample_manifest: dict[str, Any], class_names: list[str], shape: tuple[int, int, int], size: int
+    sample_manifest: SampleManifest, class_names: list[str], shape: tuple[int, int, int], size: int
 ) -> LabelledImages:
     """The sample stage's PNGs, labelled with their requested class, resized to ``size``."""
     from pipelines.images import decode_image, to_model_input
 
     images, labels, keys = [], [], []
-    for name, entry in sample_manifest["classes"].items():
-        files = [f for f in storage.list_files(entry["dir"], recursive=False) if f.endswith(".png")]
+    for name, entry in sample_manifest.classes.items():
+        files = [f for f in storage.list_files(entry.dir, recursive=False) if f.endswith(".png")]
         if not files:
             continue
         pixels = np.stack([decode_image(storage.read_bytes(f), shape[:2], shape[2]) for f in files])
@@ -161,14 +196,14 @@ def generated_images(
 def classification_metrics(
     ctx: StageContext,
     class_names: list[str],
-    sample_manifest: dict[str, Any],
+    sample_manifest: SampleManifest,
     shape: tuple[int, int, int],
 ) -> tuple[dict[str, float], str | None]:
     """CAS and its two reference accuracies; or no metrics and the reason they are missing."""
     from pipelines.corpus import open_corpus
 
     cfg = ctx.cfg.evaluate
-    unknown = [n for n in sample_manifest["classes"] if n not in class_names]
+    unknown = [n for n in sample_manifest.classes if n not in class_names]
     if len(class_names) < 2 or unknown:
         return {}, "the samples are not labelled with the corpus' classes, so CAS does not apply"
     input_size = ClassifierConfig(num_classes=len(class_names), in_channels=shape[2]).input_size
@@ -201,7 +236,9 @@ def classification_metrics(
         seed=ctx.cfg.seed,
         max_images=cfg.max_images,
         cache_uri=storage.join(ctx.stage_dir, "classifier-real.pt"),
-        reuse_uris=(storage.join(ctx.cfg.stage_dir("sample"), "classifier.pt"),),
+        reuse_uris=(
+            storage.join(SampleManifest.directory(ctx.cfg.output_dir), REJECTION_CLASSIFIER),
+        ),
     )
     cas = accuracy(on_generated, holdout.images, holdout.labels, among=sampled)
     real = accuracy(on_real, holdout.images, holdout.labels, among=sampled)
@@ -225,90 +262,92 @@ def _load(uri: str, device: torch.device) -> torch.nn.Module:
     return load_checkpoint(storage.read_bytes(uri), map_location=device)[0]
 
 
-def run(ctx: StageContext) -> dict[str, Any]:
+def _reconstruction(
+    ctx: StageContext, autoencoder: torch.nn.Module, metrics: dict[str, float], notes: list[str]
+) -> np.ndarray | None:
+    """Add the held-out reconstruction metrics; return the reconstruction grid (None if empty)."""
     from pipelines.corpus import open_corpus
-    from pipelines.shards import code_dataset
 
     cfg = ctx.cfg.evaluate
-    vq = require_manifest(ctx.cfg.stage_dir("train_vqvae"), "train_vqvae")
-    tok = require_manifest(ctx.cfg.stage_dir("tokenize"), "tokenize")
-    prior_manifest = require_manifest(ctx.cfg.stage_dir("train_prior"), "train_prior")
-    sample_manifest = read_manifest(ctx.cfg.stage_dir("sample"))
-    if sample_manifest is not None and not sample_manifest.get("complete"):
-        sample_manifest = None
-    ensure_ray(ctx.cfg)
-    started = time.time()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    levels = list(vq["levels"])
-    class_names = list(vq.get("class_names") or [])
-    shape = (*vq["image_size"], vq["channels"])
-    notes: list[str] = []
-
     log.info("evaluate: reconstruction on the held-out split")
-    autoencoder = _load(vq["checkpoint"], device)
     holdout_ds = open_corpus(ctx.cfg.data).dataset("holdout")
     holdout = labelled_images(holdout_ds, cfg.holdout_batches * cfg.batch_size)
-    metrics: dict[str, float] = {}
-    recon_grid = None
-    if len(holdout):
-        recon, recon_grid = reconstruction_metrics(
-            autoencoder, holdout, cfg.batch_size, cfg.grid_images
-        )
-        metrics.update(recon)
-    else:
+    if not len(holdout):
         notes.append(
             "The held-out split is empty (data.holdout_fraction = 0): no reconstruction metrics."
         )
+        return None
+    recon, grid = reconstruction_metrics(autoencoder, holdout, cfg.batch_size, cfg.grid_images)
+    metrics.update(recon)
+    return grid
 
+
+def _codes_and_priors(
+    ctx: StageContext, up: Upstream, device: torch.device, metrics: dict[str, float]
+) -> None:
+    """Add codebook usage per level and each prior's held-out bits per code."""
+    from pipelines.shards import code_dataset
+
+    cfg = ctx.cfg.evaluate
     log.info("evaluate: codebooks and priors on the held-out code shards")
     priors = {
-        level: (_load(entry["checkpoint"], device), entry.get("condition"))
-        for level, entry in prior_manifest["priors"].items()
+        level: (_load(entry.checkpoint, device), entry.condition)
+        for level, entry in up.priors.priors.items()
     }
-    codes = code_dataset(tok, split="holdout")
+    codes = code_dataset(up.tok, split="holdout")
     # Which maps fall in the first holdout_batches batches must not depend on scheduling.
     codes.context.execution_options.preserve_order = True
     metrics.update(
         code_metrics(
-            codes,
-            levels,
-            {k: int(v) for k, v in tok["codebook_sizes"].items()},
-            priors,
-            cfg.batch_size,
-            cfg.holdout_batches,
+            codes, up.vq.levels, up.tok.codebook_sizes, priors, cfg.batch_size, cfg.holdout_batches
         )
     )
     if metrics["holdout/code_maps"]:
         metrics["holdout/bits_per_image"] = sum(
-            metrics[f"holdout/bits_per_code/{level}"] * math.prod(tok["code_shapes"][level])
+            metrics[f"holdout/bits_per_code/{level}"] * math.prod(up.tok.code_shapes[level])
             for level in priors
         )
 
-    cas_note = "the sample stage has not run"
-    if sample_manifest is not None:
-        log.info("evaluate: Classification Accuracy Score")
-        cas_metrics, cas_note = classification_metrics(ctx, class_names, sample_manifest, shape)
-        metrics.update(cas_metrics)
-    metrics["evaluate/seconds"] = time.time() - started
-    metrics = {k: float(v) for k, v in metrics.items()}
-    ctx.tracking.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)})
 
-    report = build_report(
-        ctx, vq, tok, prior_manifest, sample_manifest, metrics, recon_grid, cas_note, notes
-    )
+def _publish(ctx: StageContext, report: Report) -> dict[str, str]:
+    """Write the report and log it, with its figures, to the stage's MLflow run."""
     uris = write_report(report, ctx.stage_dir)
     for uri in uris.values():
         ctx.tracking.log_bytes(storage.read_bytes(uri), f"report/{uri.rsplit('/', 1)[-1]}")
     for section in report.sections:
         for figure in section.figures:
             ctx.tracking.log_bytes(figure.png, f"report/{figure.filename}")
-    return {
-        "metrics": metrics,
-        "report": uris["markdown"],
-        "report_html": uris["html"],
-        "levels": levels,
-        "cas_skipped": cas_note,
-    }
+    return uris
+
+
+def run(ctx: StageContext) -> EvaluateManifest:
+    up = Upstream.read(ctx.cfg.output_dir)
+    ensure_ray(ctx.cfg)
+    started = time.time()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    notes: list[str] = []
+    metrics: dict[str, float] = {}
+
+    recon_grid = _reconstruction(ctx, _load(up.vq.checkpoint, device), metrics, notes)
+    _codes_and_priors(ctx, up, device, metrics)
+    cas_note = "the sample stage has not run"
+    if up.sample is not None:
+        log.info("evaluate: Classification Accuracy Score")
+        shape = (*up.vq.image_size, up.vq.channels)
+        cas_metrics, cas_note = classification_metrics(ctx, up.vq.class_names, up.sample, shape)
+        metrics.update(cas_metrics)
+    metrics["evaluate/seconds"] = time.time() - started
+    metrics = {k: float(v) for k, v in metrics.items()}
+    ctx.tracking.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)})
+
+    uris = _publish(ctx, build_report(ctx, up, metrics, recon_grid, cas_note, notes))
+    return EvaluateManifest(
+        metrics=metrics,
+        report=uris["markdown"],
+        report_html=uris["html"],
+        levels=up.vq.levels,
+        cas_skipped=cas_note,
+    )
 
 
 # -------------------------------------------------------------------------------------------------
@@ -322,37 +361,27 @@ def _metric_table(metrics: dict[str, float], names: list[tuple[str, str]]) -> Ta
     )
 
 
-def build_report(
-    ctx: StageContext,
-    vq: dict[str, Any],
-    tok: dict[str, Any],
-    prior_manifest: dict[str, Any],
-    sample_manifest: dict[str, Any] | None,
-    metrics: dict[str, float],
-    recon_grid: np.ndarray | None,
-    cas_note: str | None,
-    notes: list[str],
-) -> Report:
-    from pipelines.images import encode_png
-
-    levels = list(vq["levels"])
-    shapes = ", ".join(
-        f"{level} {h}x{w}" for level, (h, w) in ((lv, vq["code_shapes"][lv]) for lv in levels)
-    )
-    splits = ", ".join(f"{split} {n}" for split, n in tok["splits"].items())
-    summary = Section(
+def _summary_section(up: Upstream, notes: list[str]) -> Section:
+    vq, tok = up.vq, up.tok
+    shapes = ", ".join(f"{level} {h}x{w}" for level, (h, w) in vq.code_shapes.items())
+    splits = ", ".join(f"{split} {n}" for split, n in tok.splits.items())
+    return Section(
         "Summary",
         [
-            f"Autoencoder: {vq['model']} trained for {vq['steps']} steps on "
-            f"{vq['image_size'][0]}x{vq['image_size'][1]} images with {vq['channels']} channel(s); "
+            f"Autoencoder: {vq.model} trained for {vq.steps} steps on "
+            f"{vq.image_size[0]}x{vq.image_size[1]} images with {vq.channels} channel(s); "
             f"code maps: {shapes}.",
-            f"Corpus: {tok['samples']} images tokenized ({splits}), classes: "
-            f"{', '.join(vq.get('class_names') or []) or 'none (unconditional)'}.",
+            f"Corpus: {tok.samples} images tokenized ({splits}), classes: "
+            f"{', '.join(vq.class_names) or 'none (unconditional)'}.",
             *notes,
         ],
     )
 
-    recon = Section(
+
+def _reconstruction_section(metrics: dict[str, float], recon_grid: np.ndarray | None) -> Section:
+    from pipelines.images import encode_png
+
+    section = Section(
         "Reconstruction (held-out images)",
         [
             "MSE is measured on images scaled to [-1, 1], with reconstructions clipped to that range. "
@@ -368,15 +397,18 @@ def build_report(
         ),
     )
     if recon_grid is not None:
-        recon.figures.append(
+        section.figures.append(
             Figure(
                 "Held-out images (top) and their reconstructions (bottom)",
                 "figures/reconstructions.png",
                 encode_png(recon_grid),
             )
         )
+    return section
 
-    codebooks = Section(
+
+def _codebook_section(up: Upstream, metrics: dict[str, float]) -> Section:
+    return Section(
         "Codebooks",
         [
             "Over every held-out code map "
@@ -389,40 +421,43 @@ def build_report(
             [
                 [
                     level,
-                    int(tok["codebook_sizes"][level]),
+                    up.tok.codebook_sizes[level],
                     int(metrics.get(f"holdout/codes_used/{level}", 0)),
                     metrics.get(f"holdout/usage/{level}", math.nan),
                     metrics.get(f"holdout/perplexity/{level}", math.nan),
                 ]
-                for level in levels
+                for level in up.vq.levels
             ],
         ),
     )
 
-    prior_rows = []
-    for level in levels:
-        entry = prior_manifest["priors"].get(level)
+
+def _prior_section(ctx: StageContext, up: Upstream, metrics: dict[str, float]) -> Section:
+    rows = []
+    for level in up.vq.levels:
+        entry = up.priors.priors.get(level)
         if entry is None:
             continue
-        k = int(tok["codebook_sizes"][level])
+        k = up.tok.codebook_sizes[level]
         bits = metrics.get(f"holdout/bits_per_code/{level}", math.nan)
-        prior_rows.append(
+        rows.append(
             [
                 level,
-                entry.get("kind", "?"),
-                entry.get("condition") or "-",
+                entry.kind,
+                entry.condition or "-",
                 k,
                 math.log2(k),
                 bits,
                 bits / math.log2(k) if k > 1 else math.nan,
-                entry.get("heldout_bits_per_code", math.nan),
+                math.nan if entry.heldout_bits_per_code is None else entry.heldout_bits_per_code,
             ]
         )
-    priors = Section(
+    cfg = ctx.cfg.evaluate
+    return Section(
         "Priors",
         [
             "Negative log-likelihood of the held-out code maps, in bits per code "
-            f"(up to {ctx.cfg.evaluate.holdout_batches * ctx.cfg.evaluate.batch_size} maps). "
+            f"(up to {cfg.holdout_batches * cfg.batch_size} maps). "
             "log2(K) is what a uniform guess costs; a useful prior stays well below it."
         ],
         Table(
@@ -436,33 +471,37 @@ def build_report(
                 "bits / log2 K",
                 "bits/code in train_prior",
             ],
-            prior_rows,
+            rows,
         ),
     )
 
-    samples = Section("Samples and Classification Accuracy Score")
-    if sample_manifest is not None:
-        settings = sample_manifest.get("settings", {})
-        samples.paragraphs.append(
-            f"{sample_manifest.get('samples', 0)} samples; settings: "
-            + ", ".join(f"{k}={v}" for k, v in settings.items() if k != "rejection")
-            + (
-                ", with classifier rejection"
-                if settings.get("rejection", {}).get("enabled")
-                else ""
-            )
+
+def _samples_section(
+    ctx: StageContext,
+    sample: SampleManifest | None,
+    metrics: dict[str, float],
+    cas_note: str | None,
+) -> Section:
+    section = Section("Samples and Classification Accuracy Score")
+    if sample is not None:
+        settings = sample.settings
+        shown = settings.model_dump(exclude={"rejection"})
+        section.paragraphs.append(
+            f"{sample.samples} samples; settings: "
+            + ", ".join(f"{k}={v}" for k, v in shown.items())
+            + (", with classifier rejection" if settings.rejection.get("enabled") else "")
             + "."
         )
     if cas_note:
-        samples.paragraphs.append(f"CAS not computed: {cas_note}.")
+        section.paragraphs.append(f"CAS not computed: {cas_note}.")
     else:
-        samples.paragraphs.append(
+        section.paragraphs.append(
             "CAS trains a classifier on generated images only and tests it on real held-out "
             "images; the same classifier trained on real images for the same number of steps "
             f"({ctx.cfg.evaluate.classifier_steps}) gives the reference. Accuracies are among the "
             "sampled classes."
         )
-        samples.table = _metric_table(
+        section.table = _metric_table(
             metrics,
             [
                 (
@@ -480,19 +519,56 @@ def build_report(
                 ),
             ],
         )
-    if sample_manifest is not None:
-        for name, entry in sample_manifest["classes"].items():
-            if storage.exists(entry["grid"]):
-                samples.figures.append(
+    if sample is not None:
+        for name, entry in sample.classes.items():
+            if storage.exists(entry.grid):
+                section.figures.append(
                     Figure(
                         f"samples: {name}",
                         f"figures/grid-{name}.png",
-                        storage.read_bytes(entry["grid"]),
+                        storage.read_bytes(entry.grid),
                     )
                 )
+    return section
 
+
+def build_report(
+    ctx: StageContext,
+    up: Upstream,
+    metrics: dict[str, float],
+    recon_grid: np.ndarray | None,
+    cas_note: str | None,
+    notes: list[str],
+) -> Report:
     everything = Section(
         "All metrics",
         table=Table(["metric", "value"], [[k, v] for k, v in sorted(metrics.items())]),
     )
-    return Report("Evaluation report", [summary, recon, codebooks, priors, samples, everything])
+    return Report(
+        "Evaluation report",
+        [
+            _summary_section(up, notes),
+            _reconstruction_section(metrics, recon_grid),
+            _codebook_section(up, metrics),
+            _prior_section(ctx, up, metrics),
+            _samples_section(ctx, up.sample, metrics, cas_note),
+            everything,
+        ],
+    )
+
+
+def summary(manifest: EvaluateManifest) -> str:
+    shown = ("holdout/psnr", "cas/generated_to_real", "cas/real_to_generated", "cas/real_to_real")
+    return ", ".join(f"{k}={manifest.metrics[k]:.4g}" for k in shown if k in manifest.metrics)
+
+
+SPEC = StageSpec(
+    manifest=EvaluateManifest,
+    run=run,
+    summary=summary,
+    description="measure reconstructions, codebooks, priors and samples; write the report",
+    upstream=(TrainVQVAEManifest, TokenizeManifest, TrainPriorManifest, SampleManifest),
+    sections=("seed", "data"),
+    reads_corpus=True,
+    enabled=lambda cfg: cfg.evaluate.enabled,
+)

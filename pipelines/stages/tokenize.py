@@ -30,7 +30,14 @@ from pipelines.corpus import Corpus, open_corpus
 from pipelines.errors import ConfigError
 from pipelines.keys import key_hashes, split_of
 from pipelines.manifest import ManifestModel, StageManifest, require_manifest
-from pipelines.shards import code_dtype, list_shards, read_shard_keys, write_shard
+from pipelines.shards import (
+    CodeShards,
+    ShardEntry,
+    code_dtype,
+    list_shards,
+    read_shard_keys,
+    write_shard,
+)
 from pipelines.stage import StageContext, StageSpec
 from pipelines.stages.train_vqvae import TrainVQVAEManifest
 
@@ -43,34 +50,23 @@ BAD_KEYS_IN_MANIFEST = 100
 WRITER_CPUS = 0.0
 
 
-class ShardEntry(ManifestModel):
-    name: str
-    uri: str
-    samples: int
-    bytes: int
-
-
 class BadInputs(ManifestModel):
     count: int
     keys: list[str]  # the first BAD_KEYS_IN_MANIFEST, in key order
     table: str  # Parquet table of every bad input: key, source, reason
 
 
-class TokenizeManifest(StageManifest):
-    """The code shards of the corpus, and how to read them."""
+class TokenizeManifest(StageManifest, CodeShards):
+    """The code shards of the corpus (``CodeShards``: the shards and how to read them) and what
+    they were made from."""
 
     stage: ClassVar[str] = "tokenize"
 
-    shards: list[ShardEntry]
     samples: int
     splits: dict[str, int]
-    levels: list[str]
-    code_shapes: dict[str, list[int]]
-    code_dtypes: dict[str, str]
     codebook_sizes: dict[str, int]
     class_names: list[str]
     checkpoint: str
-    holdout_fraction: float
     image_size: list[int]
     channels: int
     bad_inputs: BadInputs

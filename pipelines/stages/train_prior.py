@@ -12,7 +12,6 @@ metrics) per prior. Held-out bits per code are logged as ``<level>/heldout_bits_
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass
 from functools import partial
@@ -87,14 +86,14 @@ def plan_priors(tokenized: TokenizeManifest, section: TrainPriorSection) -> list
         )
         kind = get_kind(knobs.kind)
         try:
-            config = kind.config(knobs.model, derived)
+            kind.config(knobs.model, derived)  # the config class checks the values
         except ValueError as err:
             raise ConfigError(
                 f"train_prior.{where}.kind {knobs.kind!r} cannot be used for the {level!r} "
                 f"prior: {err}"
             ) from None
         plans.append(
-            PriorPlan(level, condition, knobs, kind.class_name, dataclasses.asdict(config))
+            PriorPlan(level, condition, knobs, kind.class_name, {**knobs.model, **derived})
         )
     return plans
 
@@ -169,18 +168,21 @@ def _columns(plan: PriorPlan) -> list[str]:
     return [plan.level, "label"] + ([plan.condition] if plan.condition else [])
 
 
-def read_heldout(tokenize_dir: str, plans: list[PriorPlan]) -> dict[str, np.ndarray]:
+def read_heldout(tokenized: TokenizeManifest, plans: list[PriorPlan]) -> dict[str, np.ndarray]:
     """The held-out codes every prior evaluates on, read once for all of them (int64)."""
     count = max(p.knobs.holdout_batches * p.knobs.batch_size for p in plans)
     columns = sorted({c for p in plans for c in _columns(p)})
-    heldout = take_columns(code_dataset(tokenize_dir, split="holdout"), count, columns)
+    heldout = take_columns(code_dataset(tokenized, split="holdout"), count, columns)
     if len(heldout["label"]) == 0:
         log.warning("train_prior: the held-out split is empty; the priors train without evaluation")
     return heldout
 
 
 def _train_one(
-    ctx: StageContext, plan: PriorPlan, tokenize_dir: str, heldout: dict[str, np.ndarray]
+    ctx: StageContext,
+    plan: PriorPlan,
+    tokenized: TokenizeManifest,
+    heldout: dict[str, np.ndarray],
 ) -> tuple[nn.Module, dict]:
     columns = _columns(plan)
     count = plan.knobs.holdout_batches * plan.knobs.batch_size
@@ -194,7 +196,7 @@ def _train_one(
     }
     # Training codes travel in their stored dtype (uint8/uint16: 4-8x less data than int64) and
     # become int64 as torch batches.
-    train = code_dataset(tokenize_dir, split="train", as_int64=False).select_columns(columns)
+    train = code_dataset(tokenized, split="train", as_int64=False).select_columns(columns)
     result = run_trainer(
         train_loop_per_worker,
         loop_config,
@@ -207,11 +209,14 @@ def _train_one(
 
 
 def _train_or_reuse(
-    ctx: StageContext, plan: PriorPlan, plans: list[PriorPlan], heldout: dict | None
+    ctx: StageContext,
+    tokenized: TokenizeManifest,
+    plan: PriorPlan,
+    plans: list[PriorPlan],
+    heldout: dict | None,
 ) -> tuple[PriorEntry, dict | None]:
     """Train one prior, or reuse the one an interrupted run finished; returns its manifest entry
     and the held-out codes (read on first use, shared by the priors)."""
-    tokenize_dir = TokenizeManifest.directory(ctx.cfg.output_dir)
     uri = storage.join(ctx.stage_dir, f"{plan.level}.pt")
     if storage.exists(uri):
         # Written only once that prior finished: an earlier attempt died on a later prior.
@@ -221,8 +226,8 @@ def _train_or_reuse(
     else:
         log.info("train_prior: training the %s prior (%s)", plan.level, plan.knobs.kind)
         if heldout is None:
-            heldout = read_heldout(tokenize_dir, plans)
-        model, extra = _train_one(ctx, plan, tokenize_dir, heldout)
+            heldout = read_heldout(tokenized, plans)
+        model, extra = _train_one(ctx, plan, tokenized, heldout)
         data = publish_model(model, uri, extra)
     ctx.tracking.log_bytes(data, f"priors/{plan.level}.pt")
     metrics = extra.get("metrics", {})
@@ -245,7 +250,7 @@ def run(ctx: StageContext) -> TrainPriorManifest:
     heldout = None
     priors: dict[str, PriorEntry] = {}
     for plan in plans:
-        priors[plan.level], heldout = _train_or_reuse(ctx, plan, plans, heldout)
+        priors[plan.level], heldout = _train_or_reuse(ctx, tokenized, plan, plans, heldout)
     return TrainPriorManifest(levels=[p.level for p in plans], priors=priors)
 
 

@@ -14,9 +14,9 @@ from PIL import Image
 
 from pipelines.config import DataSection
 from pipelines.corpus import detect_format, open_corpus
-from pipelines.keys import key_hashes, sanitize_key, split_of
 from pipelines.demo_data import generate_corpus
 from pipelines.images import BadImageError, decode_image
+from pipelines.keys import key_hashes, sanitize_key, split_of
 
 CLASSES = ("circle", "square", "triangle")
 

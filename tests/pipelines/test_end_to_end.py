@@ -12,9 +12,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from jobs.cli import main as cli_main
-from pipelines.config import STAGES
 from pipelines.manifest import read_manifest
 from pipelines.runner import run_stages
+from pipelines.stages import STAGES, stage_names
 
 CLASSES = ["circle", "square", "triangle", "cross"]
 PER_CLASS = 6
@@ -35,6 +35,8 @@ def pipeline_run(ray_local, tmp_path_factory):
         "image_size": 16,
         "corrupt_files": CORRUPT,
     }
+    # Rejection on, so that every section a stage can read is read (sample reads data for it).
+    raw["sample"]["rejection"] = {"enabled": True, "keep_fraction": 0.5, "classifier_steps": 3}
     cfg = parse_config(raw)
     first = run_stages(cfg, run_name="first")
     second = run_stages(cfg, run_name="second")
@@ -43,37 +45,47 @@ def pipeline_run(ray_local, tmp_path_factory):
 
 def test_every_stage_has_a_complete_manifest(pipeline_run):
     cfg, first, _ = pipeline_run
-    assert list(first) == list(STAGES)
-    for stage in STAGES:
-        manifest = read_manifest(cfg.stage_dir(stage))
-        assert manifest is not None and manifest["complete"], stage
-        assert manifest["fingerprint"] == first[stage]["fingerprint"]
-    assert os.path.isfile(first["train_vqvae"]["checkpoint"])
-    assert os.path.isfile(first["train_vqvae"]["artifacts"]["reconstructions"])
+    assert list(first) == list(stage_names())
+    for spec in STAGES:
+        manifest = read_manifest(cfg.output_dir, spec.manifest)
+        assert manifest is not None, spec.name
+        assert manifest == first[spec.name].manifest
+        assert manifest.fingerprint and manifest.mlflow_run_id
+    vq = first["train_vqvae"].manifest
+    assert os.path.isfile(vq.checkpoint)
+    assert os.path.isfile(vq.artifacts["reconstructions"])
+    priors = first["train_prior"].manifest.priors
     for level in ("top", "bottom"):
-        prior = first["train_prior"]["priors"][level]
-        assert os.path.isfile(prior["checkpoint"])
-        assert np.isfinite(prior["heldout_bits_per_code"])
-    assert first["train_prior"]["priors"]["bottom"]["condition"] == "top"
+        assert os.path.isfile(priors[level].checkpoint)
+        assert np.isfinite(priors[level].heldout_bits_per_code)
+    assert priors["bottom"].condition == "top"
+
+
+def test_each_stage_reads_exactly_the_config_sections_it_declares(pipeline_run):
+    """What a stage reads is traced; a section it reads but does not declare would escape its
+    fingerprint (a changed setting would not redo the stage)."""
+    _, first, _ = pipeline_run
+    for spec in STAGES:
+        assert first[spec.name].sections_read == set(spec.reads), spec.name
 
 
 def test_tokenize_counts_every_valid_image_once(pipeline_run):
     _, first, _ = pipeline_run
-    tok = first["tokenize"]
-    assert tok["samples"] == PER_CLASS * len(CLASSES)
-    assert tok["bad_inputs"]["count"] == CORRUPT
-    assert sum(s["samples"] for s in tok["shards"]) == tok["samples"]
-    assert tok["splits"]["train"] + tok["splits"]["holdout"] == tok["samples"]
-    assert tok["class_names"] == sorted(CLASSES)
-    assert tok["code_dtypes"] == {"top": "uint8", "bottom": "uint8"}  # K = 16
+    tok = first["tokenize"].manifest
+    assert tok.samples == PER_CLASS * len(CLASSES)
+    assert tok.bad_inputs.count == CORRUPT
+    assert sum(s.samples for s in tok.shards) == tok.samples
+    assert tok.splits["train"] + tok.splits["holdout"] == tok.samples
+    assert tok.class_names == sorted(CLASSES)
+    assert tok.code_dtypes == {"top": "uint8", "bottom": "uint8"}  # K = 16
 
 
 def test_shards_read_back_with_tarfile_and_numpy(pipeline_run):
     _, first, _ = pipeline_run
-    tok = first["tokenize"]
+    tok = first["tokenize"].manifest
     keys, labels = [], []
-    for shard in tok["shards"]:
-        with tarfile.open(shard["uri"]) as tar:
+    for shard in tok.shards:
+        with tarfile.open(shard.uri) as tar:
             members = {m.name: m for m in tar.getmembers()}
             for name in members:
                 if name.endswith(".top.npy"):
@@ -83,11 +95,11 @@ def test_shards_read_back_with_tarfile_and_numpy(pipeline_run):
                         io.BytesIO(tar.extractfile(members[key + ".bottom.npy"]).read())
                     )
                     label = int(tar.extractfile(members[key + ".cls"]).read())
-                    assert top.shape == tuple(tok["code_shapes"]["top"]) and top.dtype == np.uint8
-                    assert bottom.shape == tuple(tok["code_shapes"]["bottom"])
+                    assert top.shape == tuple(tok.code_shapes["top"]) and top.dtype == np.uint8
+                    assert bottom.shape == tuple(tok.code_shapes["bottom"])
                     keys.append(key)
                     labels.append(label)
-    assert len(keys) == len(set(keys)) == tok["samples"]
+    assert len(keys) == len(set(keys)) == tok.samples
     assert sorted(set(labels)) == list(range(len(CLASSES)))
 
 
@@ -95,21 +107,21 @@ def test_shards_read_back_with_webdataset(pipeline_run):
     import webdataset as wds
 
     _, first, _ = pipeline_run
-    tok = first["tokenize"]
-    urls = [s["uri"] for s in tok["shards"]]
+    tok = first["tokenize"].manifest
+    urls = [s.uri for s in tok.shards]
     samples = list(wds.WebDataset(urls, shardshuffle=False).decode())
-    assert len(samples) == tok["samples"]
+    assert len(samples) == tok.samples
     assert all(s["top.npy"].max() < 16 and s["bottom.npy"].max() < 16 for s in samples)
 
 
 def test_samples_per_class_on_disk(pipeline_run):
     cfg, first, _ = pipeline_run
-    classes = first["sample"]["classes"]
+    classes = first["sample"].manifest.classes
     assert sorted(classes) == sorted(CLASSES)
     for name, info in classes.items():
-        pngs = [f for f in os.listdir(info["dir"]) if f.endswith(".png")]
-        assert len(pngs) == cfg.sample.per_class == info["count"], name
-        assert os.path.isfile(info["grid"])
+        pngs = [f for f in os.listdir(info.dir) if f.endswith(".png")]
+        assert len(pngs) == cfg.sample.per_class == info.count, name
+        assert os.path.isfile(info.grid)
 
 
 def test_mlflow_parent_and_stage_runs(pipeline_run):
@@ -126,10 +138,10 @@ def test_mlflow_parent_and_stage_runs(pipeline_run):
         filter_string=f"tags.mlflow.parentRunId = '{parents['first'].info.run_id}'",
     )
     by_stage = {r.data.tags["vqpipe.stage"]: r for r in children}
-    assert set(by_stage) == set(STAGES)
+    assert set(by_stage) == set(stage_names())
     for stage, run in by_stage.items():
         assert run.info.status == "FINISHED", stage
-        assert run.info.run_id == first[stage]["mlflow_run_id"]
+        assert run.info.run_id == first[stage].manifest.mlflow_run_id
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert "manifest.json" in artifacts, stage
     vq = by_stage["train_vqvae"]
@@ -144,10 +156,9 @@ def test_mlflow_parent_and_stage_runs(pipeline_run):
 
 def test_second_run_skips_every_stage(pipeline_run):
     cfg, first, second = pipeline_run
-    for stage in STAGES:
-        assert second[stage]["fingerprint"] == first[stage]["fingerprint"]
-        assert second[stage]["mlflow_run_id"] == first[stage]["mlflow_run_id"], f"{stage} ran again"
-        assert second[stage]["skipped"] and not first[stage].get("skipped")
+    for stage in stage_names():
+        assert second[stage].manifest == first[stage].manifest, f"{stage} ran again"
+        assert second[stage].skipped and not first[stage].skipped
     client = MlflowClient(tracking_uri="sqlite:///" + os.path.join(cfg.output_dir, "mlflow.db"))
     experiment = client.get_experiment_by_name(cfg.mlflow.experiment)
     parent = client.search_runs(
@@ -158,7 +169,7 @@ def test_second_run_skips_every_stage(pipeline_run):
         filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
     )
     assert children == []
-    assert all(parent.data.tags[f"vqpipe.{s}"] == "skipped" for s in STAGES)
+    assert all(parent.data.tags[f"vqpipe.{s}"] == "skipped" for s in stage_names())
 
 
 def test_changed_sample_config_reruns_only_sample_and_evaluate(pipeline_run, tmp_path):
@@ -167,9 +178,9 @@ def test_changed_sample_config_reruns_only_sample_and_evaluate(pipeline_run, tmp
     changed.sample.temperature = 0.5
     third = run_stages(changed, run_name="third")
     for stage in ("train_vqvae", "tokenize", "train_prior"):
-        assert third[stage]["mlflow_run_id"] == first[stage]["mlflow_run_id"]
+        assert third[stage].manifest.mlflow_run_id == first[stage].manifest.mlflow_run_id
     for stage in ("sample", "evaluate"):
-        assert third[stage]["mlflow_run_id"] != first[stage]["mlflow_run_id"]
+        assert third[stage].manifest.mlflow_run_id != first[stage].manifest.mlflow_run_id
 
 
 def test_cli_reports_config_errors(tmp_path, capsys):

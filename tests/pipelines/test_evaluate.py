@@ -11,14 +11,16 @@ import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from pipelines.stages import evaluate, sample
 from pipelines.classifier import ImageClassifier, accuracy, train_classifier
 from pipelines.config import parse_config
-from pipelines.keys import split_of
 from pipelines.images import to_model_input
-from pipelines.manifest import read_manifest, write_manifest
+from pipelines.keys import split_of
+from pipelines.manifest import require_manifest, write_manifest
 from pipelines.shards import iter_code_samples, write_shard
 from pipelines.stage import StageContext
+from pipelines.stages import evaluate, sample
+from pipelines.stages.tokenize import BadInputs, TokenizeManifest
+from pipelines.stages.train_vqvae import TrainVQVAEManifest
 from pipelines.tracking import Tracker
 from tests.pipelines.conftest import tiny_raw_config
 from tests.pipelines.test_sample import CLASSES, make_context, write_upstream
@@ -36,15 +38,15 @@ def read_folder_corpus(root: str) -> tuple[list[str], np.ndarray, np.ndarray]:
     return keys, np.stack(images), np.array(labels)
 
 
-def write_tokenize(cfg) -> dict:
+def write_tokenize(cfg) -> TokenizeManifest:
     """Code shards of the whole corpus made with the untrained upstream autoencoder."""
     from vq_core.checkpoint import load_checkpoint
 
-    vq = read_manifest(cfg.stage_dir("train_vqvae"))
-    model, _ = load_checkpoint(vq["checkpoint"])
+    vq = require_manifest(cfg.output_dir, TrainVQVAEManifest)
+    model, _ = load_checkpoint(vq.checkpoint)
     keys, images, labels = read_folder_corpus(cfg.data.source)
     codes = model.encode(to_model_input(images))
-    arrays = {level: c.numpy().astype(np.uint8) for level, c in zip(vq["levels"], codes)}
+    arrays = {level: c.numpy().astype(np.uint8) for level, c in zip(vq.levels, codes)}
     tok_dir = cfg.stage_dir("tokenize")
     half = len(keys) // 2  # two shards, so the reader crosses a shard boundary
     shards = [
@@ -53,22 +55,23 @@ def write_tokenize(cfg) -> dict:
     ]
     holdout = sum(split_of(k, cfg.data.holdout_fraction) == "holdout" for k in keys)
     return write_manifest(
-        tok_dir,
-        {
-            "shards": shards,
-            "samples": len(keys),
-            "splits": {"train": len(keys) - holdout, "holdout": holdout},
-            "levels": vq["levels"],
-            "code_shapes": vq["code_shapes"],
-            "code_dtypes": {level: "uint8" for level in vq["levels"]},
-            "codebook_sizes": vq["codebook_sizes"],
-            "class_names": CLASSES,
-            "checkpoint": vq["checkpoint"],
-            "holdout_fraction": cfg.data.holdout_fraction,
-            "bad_inputs": {"count": 0, "keys": [], "table": None},
-            "stage": "tokenize",
-            "complete": True,
-        },
+        cfg.output_dir,
+        TokenizeManifest(
+            shards=shards,
+            samples=len(keys),
+            splits={"train": len(keys) - holdout, "holdout": holdout},
+            levels=vq.levels,
+            code_shapes=vq.code_shapes,
+            code_dtypes={level: "uint8" for level in vq.levels},
+            codebook_sizes=vq.codebook_sizes,
+            class_names=CLASSES,
+            checkpoint=vq.checkpoint,
+            holdout_fraction=cfg.data.holdout_fraction,
+            image_size=vq.image_size,
+            channels=vq.channels,
+            bad_inputs=BadInputs(count=0, keys=[], table=""),
+            metrics={},
+        ),
     )
 
 
@@ -90,8 +93,7 @@ def evaluated(ray_local, corpus, tmp_path_factory):
     )
     write_upstream(cfg)
     tok = write_tokenize(cfg)
-    sampled = sample.run(make_context(cfg))
-    write_manifest(cfg.stage_dir("sample"), {**sampled, "stage": "sample", "complete": True})
+    write_manifest(cfg.output_dir, sample.run(make_context(cfg)))
 
     tracker = Tracker("sqlite:///" + str(root / "mlflow.db"), "test-evaluate")
     with tracker.stage_run("evaluate") as tracking:
@@ -118,7 +120,7 @@ EXPECTED_METRICS = [
 
 def test_every_metric_present_and_finite(evaluated):
     _, _, manifest, _, _ = evaluated
-    metrics = manifest["metrics"]
+    metrics = manifest.metrics
     for name in EXPECTED_METRICS:
         assert name in metrics, name
         assert math.isfinite(metrics[name]), (name, metrics[name])
@@ -132,37 +134,37 @@ def test_untrained_priors_cost_about_log2_k_bits(evaluated):
     _, _, manifest, _, _ = evaluated
     for level in ("top", "bottom"):
         # Near-uniform logits: close to log2(16) = 4 bits, far from 4 nats (5.8 bits) or 4 * h * w.
-        assert 3.0 < manifest["metrics"][f"holdout/bits_per_code/{level}"] < 5.0
+        assert 3.0 < manifest.metrics[f"holdout/bits_per_code/{level}"] < 5.0
 
 
 def test_codebook_stats_cover_every_held_out_code(evaluated):
     cfg, tok, manifest, _, _ = evaluated
     counts = {level: np.zeros(16, dtype=np.int64) for level in ("top", "bottom")}
     maps = 0
-    for s in iter_code_samples([shard["uri"] for shard in tok["shards"]]):
+    for s in iter_code_samples([shard.uri for shard in tok.shards]):
         if split_of(s["key"], cfg.data.holdout_fraction) == "holdout":
             maps += 1
             for level in counts:
                 counts[level] += np.bincount(np.asarray(s[level]).ravel(), minlength=16)
-    assert manifest["metrics"]["holdout/code_maps"] == maps == tok["splits"]["holdout"]
+    assert manifest.metrics["holdout/code_maps"] == maps == tok.splits["holdout"]
     for level, c in counts.items():
         p = c[c > 0] / c.sum()
-        assert manifest["metrics"][f"holdout/perplexity/{level}"] == pytest.approx(
+        assert manifest.metrics[f"holdout/perplexity/{level}"] == pytest.approx(
             np.exp(-(p * np.log(p)).sum())
         )
-        assert manifest["metrics"][f"holdout/usage/{level}"] == pytest.approx((c > 0).sum() / 16)
+        assert manifest.metrics[f"holdout/usage/{level}"] == pytest.approx((c > 0).sum() / 16)
 
 
 def test_report_files_mention_the_metrics(evaluated):
     _, _, manifest, _, _ = evaluated
-    markdown = open(manifest["report"]).read()
-    html = open(manifest["report_html"]).read()
+    markdown = open(manifest.report).read()
+    html = open(manifest.report_html).read()
     for text in (markdown, html):
         for name in ("holdout/psnr", "cas/generated_to_real", "log2 K", "bits/code"):
             assert name in text, name
-        assert f"{manifest['metrics']['holdout/mse']:.4g}" in text
+        assert f"{manifest.metrics['holdout/mse']:.4g}" in text
     assert html.count("data:image/png;base64,") == 1 + len(CLASSES)  # reconstructions + class grids
-    folder = os.path.dirname(manifest["report"])
+    folder = os.path.dirname(manifest.report)
     for line in markdown.splitlines():
         if line.startswith("!["):
             assert os.path.isfile(os.path.join(folder, line.split("](")[1].rstrip(")"))), line
@@ -173,7 +175,7 @@ def test_mlflow_run_has_metrics_and_report(evaluated):
     client = MlflowClient(tracker.tracking_uri)
     logged = client.get_run(run_id).data.metrics
     for name in EXPECTED_METRICS:
-        assert logged[name] == pytest.approx(manifest["metrics"][name]), name
+        assert logged[name] == pytest.approx(manifest.metrics[name]), name
     artifacts = {a.path for a in client.list_artifacts(run_id, "report")}
     assert {"report/report.md", "report/report.html"} <= artifacts
 

@@ -10,10 +10,12 @@ import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from pipelines.stages import sample
 from pipelines.config import PipelineConfig
 from pipelines.manifest import write_manifest
 from pipelines.stage import StageContext
+from pipelines.stages import sample
+from pipelines.stages.train_prior import PriorEntry, TrainPriorManifest
+from pipelines.stages.train_vqvae import TrainVQVAEManifest
 from pipelines.tracking import Tracker, TrackingContext
 
 CLASSES = ["circle", "cross", "square", "triangle"]  # sorted, as a folder corpus names them
@@ -39,22 +41,20 @@ def write_upstream(cfg: PipelineConfig, single_level: bool = False) -> None:
     os.makedirs(vq_dir, exist_ok=True)
     save_checkpoint(model, os.path.join(vq_dir, "model.pt"))
     write_manifest(
-        vq_dir,
-        {
-            "checkpoint": os.path.join(vq_dir, "model.pt"),
-            "model": kind,
-            "levels": levels,
-            "codebook_sizes": {level: 16 for level in levels},
-            "code_shapes": {level: list(shapes[level]) for level in levels},
-            "image_size": [height, width],
-            "channels": cfg.data.channels,
-            "class_names": CLASSES,
-            "steps": 0,
-            "metrics": {},
-            "artifacts": {},
-            "stage": "train_vqvae",
-            "complete": True,
-        },
+        cfg.output_dir,
+        TrainVQVAEManifest(
+            checkpoint=os.path.join(vq_dir, "model.pt"),
+            model=kind,
+            levels=levels,
+            codebook_sizes={level: 16 for level in levels},
+            code_shapes={level: list(shapes[level]) for level in levels},
+            image_size=[height, width],
+            channels=cfg.data.channels,
+            class_names=CLASSES,
+            steps=0,
+            metrics={},
+            artifacts={},
+        ),
     )
     prior_dir = cfg.stage_dir("train_prior")
     os.makedirs(prior_dir, exist_ok=True)
@@ -86,17 +86,16 @@ def write_upstream(cfg: PipelineConfig, single_level: bool = False) -> None:
         )
         path = os.path.join(prior_dir, f"{level}.pt")
         save_checkpoint(prior, path)
-        priors[level] = {
-            "checkpoint": path,
-            "kind": "pixelsnail",
-            "condition": condition,
-            "heldout_bits_per_code": 4.0,
-            "train_bits_per_code": 4.0,
-            "steps": 0,
-        }
-    write_manifest(
-        prior_dir, {"levels": levels, "priors": priors, "stage": "train_prior", "complete": True}
-    )
+        priors[level] = PriorEntry(
+            checkpoint=path,
+            kind="pixelsnail",
+            condition=condition,
+            heldout_bits_per_code=4.0,
+            train_bits_per_code=4.0,
+            steps=0,
+            selected_step=0,
+        )
+    write_manifest(cfg.output_dir, TrainPriorManifest(levels=levels, priors=priors))
 
 
 def make_context(
@@ -133,16 +132,16 @@ def test_samples_per_class_grids_and_mlflow(ray_local, corpus, tiny_config, tmp_
     with tracker.stage_run("sample") as tracking:
         manifest = sample.run(make_context(cfg, tracking=tracking))
 
-    assert list(manifest["classes"]) == ["square", "circle"]
-    assert manifest["samples"] == 6
-    for name, entry in manifest["classes"].items():
-        files = png_files(entry["dir"])
+    assert list(manifest.classes) == ["square", "circle"]
+    assert manifest.samples == 6
+    for name, entry in manifest.classes.items():
+        files = png_files(entry.dir)
         assert files == ["00000.png", "00001.png", "00002.png"], name
         for f in files:
-            image = np.asarray(Image.open(os.path.join(entry["dir"], f)))
+            image = np.asarray(Image.open(os.path.join(entry.dir, f)))
             assert image.shape == (16, 16, 3) and image.dtype == np.uint8
-        assert os.path.isfile(entry["grid"])
-        assert entry["grid"] == os.path.join(cfg.stage_dir("sample"), f"grid-{name}.png")
+        assert os.path.isfile(entry.grid)
+        assert entry.grid == os.path.join(cfg.stage_dir("sample"), f"grid-{name}.png")
     assert not os.path.exists(os.path.join(cfg.stage_dir("sample"), "triangle"))
     artifacts = {
         a.path
@@ -170,7 +169,7 @@ def test_seeded_rerun_gives_identical_images_whatever_the_worker_count(
         ],
     )
     second = sample.run(make_context(two_workers, str(tmp_path / "b")))
-    a, b = first["classes"]["cross"]["dir"], second["classes"]["cross"]["dir"]
+    a, b = first.classes["cross"].dir, second.classes["cross"].dir
     assert png_files(a) == png_files(b) and len(png_files(a)) == 3
     for f in png_files(a):
         with open(os.path.join(a, f), "rb") as fa, open(os.path.join(b, f), "rb") as fb:
@@ -181,7 +180,7 @@ def test_seeded_rerun_gives_identical_images_whatever_the_worker_count(
         ["sample.per_class=3", "sample.batch_size=2", "sample.classes=[cross]", "sample.seed=7"],
     )
     third = sample.run(make_context(other, str(tmp_path / "c")))
-    c = third["classes"]["cross"]["dir"]
+    c = third.classes["cross"].dir
     assert any(
         open(os.path.join(a, f), "rb").read() != open(os.path.join(c, f), "rb").read()
         for f in png_files(a)
@@ -211,19 +210,19 @@ def test_rejection_keeps_per_class_and_reports_acceptance(ray_local, corpus, tin
     )
     write_upstream(cfg)
     manifest = sample.run(make_context(cfg))
-    assert manifest["settings"]["draws_per_class"] == 5  # ceil(2 / 0.4)
-    for name, entry in manifest["classes"].items():
-        assert png_files(entry["dir"]) == ["00000.png", "00001.png"], name
-        stats = entry["rejection"]
-        assert stats["drawn"] == 5 and stats["kept"] == 2
-        assert stats["acceptance_rate"] == pytest.approx(0.4)
-        assert 0.0 <= stats["drawn_classified_as_class"] <= 1.0
+    assert manifest.settings.draws_per_class == 5  # ceil(2 / 0.4)
+    for name, entry in manifest.classes.items():
+        assert png_files(entry.dir) == ["00000.png", "00001.png"], name
+        stats = entry.rejection
+        assert stats.drawn == 5 and stats.kept == 2
+        assert stats.acceptance_rate == pytest.approx(0.4)
+        assert 0.0 <= stats.drawn_classified_as_class <= 1.0
         # The kept samples are the most confident ones.
         assert (
-            stats["min_confidence_kept"] >= stats["mean_confidence_drawn"] - 1e-6
-            or stats["kept"] == stats["drawn"]
+            stats.min_confidence_kept >= stats.mean_confidence_drawn - 1e-6
+            or stats.kept == stats.drawn
         )
-        assert stats["mean_confidence_kept"] >= stats["mean_confidence_drawn"] - 1e-6
+        assert stats.mean_confidence_kept >= stats.mean_confidence_drawn - 1e-6
     assert os.path.isfile(os.path.join(cfg.stage_dir("sample"), "classifier.pt"))
 
 
@@ -231,8 +230,8 @@ def test_single_level_model_and_resume(ray_local, corpus, tiny_config):
     cfg = tiny_config(corpus, ["sample.per_class=2", "sample.classes=[square, cross]"])
     write_upstream(cfg, single_level=True)
     first = sample.run(make_context(cfg))
-    assert first["levels"] == ["codes"]
-    square = first["classes"]["square"]["dir"]
+    assert first.levels == ["codes"]
+    square = first.classes["square"].dir
     before = {f: open(os.path.join(square, f), "rb").read() for f in png_files(square)}
     # An interrupted run: one class finished (marker written), the other lost its files.
     os.remove(os.path.join(cfg.stage_dir("sample"), "done-square.json"))
@@ -241,6 +240,6 @@ def test_single_level_model_and_resume(ray_local, corpus, tiny_config):
     cross_marker = os.path.join(cfg.stage_dir("sample"), "done-cross.json")
     stamp = os.path.getmtime(cross_marker)
     second = sample.run(make_context(cfg))
-    assert second["classes"] == first["classes"]
+    assert second.classes == first.classes
     assert os.path.getmtime(cross_marker) == stamp  # the finished class was not redone
     assert {f: open(os.path.join(square, f), "rb").read() for f in png_files(square)} == before

@@ -13,6 +13,7 @@ import webdataset as wds
 from pipelines import storage
 from pipelines.keys import split_of
 from pipelines.shards import (
+    CodeShards,
     code_dataset,
     code_dtype,
     iter_code_samples,
@@ -104,13 +105,13 @@ def test_code_dataset_streams_codes_by_split(tmp_path, ray_local):
     for s in range(3):
         keys, labels, codes = _samples(6, seed=s, prefix=f"part{s}")
         shards.append(write_shard(str(tmp_path), keys, labels, codes))
-    manifest = {
-        "shards": shards,
-        "levels": ["top", "bottom"],
-        "code_shapes": {"top": [2, 3], "bottom": [4, 6]},
-        "code_dtypes": {"top": "uint8", "bottom": "uint16"},
-        "holdout_fraction": 0.3,
-    }
+    manifest = CodeShards(
+        shards=shards,
+        levels=["top", "bottom"],
+        code_shapes={"top": [2, 3], "bottom": [4, 6]},
+        code_dtypes={"top": "uint8", "bottom": "uint16"},
+        holdout_fraction=0.3,
+    )
     expected = {s["key"]: s for s in iter_code_samples([i["uri"] for i in shards])}
 
     everything = code_dataset(manifest, "all").take_all()

@@ -13,13 +13,14 @@ import torch
 
 from pipelines import storage
 from pipelines.corpus import open_corpus
-from pipelines.keys import split_of
 from pipelines.demo_data import generate_corpus
 from pipelines.images import to_model_input
+from pipelines.keys import split_of
 from pipelines.manifest import write_manifest
 from pipelines.shards import iter_code_samples, list_shards
 from pipelines.stage import StageContext
 from pipelines.stages.tokenize import run
+from pipelines.stages.train_vqvae import TrainVQVAEManifest
 from pipelines.tracking import TrackingContext
 from vq_core.checkpoint import save_checkpoint
 from vq_core.vqvae import VQVAE2, VQVAE2Config
@@ -70,24 +71,21 @@ def tokenize_setup(tmp_path, tiny_config, ray_local):
     checkpoint = storage.join(vq_dir, "model.pt")
     save_checkpoint(model, checkpoint)
     write_manifest(
-        vq_dir,
-        {
-            "stage": "train_vqvae",
-            "fingerprint": "test",
-            "complete": True,
-            "mlflow_run_id": None,
-            "checkpoint": checkpoint,
-            "model": "vqvae2",
-            "levels": ["top", "bottom"],
-            "codebook_sizes": {"top": 16, "bottom": 300},
-            "code_shapes": {"top": [2, 2], "bottom": [4, 4]},
-            "image_size": [16, 16],
-            "channels": 3,
-            "class_names": list(corpus.class_names),
-            "steps": 0,
-            "metrics": {},
-            "artifacts": {},
-        },
+        cfg.output_dir,
+        TrainVQVAEManifest(
+            fingerprint="test",
+            checkpoint=checkpoint,
+            model="vqvae2",
+            levels=["top", "bottom"],
+            codebook_sizes={"top": 16, "bottom": 300},
+            code_shapes={"top": [2, 2], "bottom": [4, 4]},
+            image_size=[16, 16],
+            channels=3,
+            class_names=list(corpus.class_names),
+            steps=0,
+            metrics={},
+            artifacts={},
+        ),
     )
     stage_dir = cfg.stage_dir("tokenize")
     ctx = StageContext(
@@ -121,28 +119,28 @@ def test_tokenize_writes_every_valid_image_once_with_the_models_codes(tokenize_s
     manifest = run(ctx)
 
     valid = CLASSES.__len__() * IMAGES_PER_CLASS
-    assert manifest["samples"] == valid == len(images)
-    assert manifest["splits"]["train"] + manifest["splits"]["holdout"] == valid
+    assert manifest.samples == valid == len(images)
+    assert manifest.splits["train"] + manifest.splits["holdout"] == valid
     expected_holdout = sum(split_of(k, 0.2) == "holdout" for k in images)
-    assert manifest["splits"]["holdout"] == expected_holdout
-    assert manifest["code_dtypes"] == {"top": "uint8", "bottom": "uint16"}
-    assert manifest["levels"] == ["top", "bottom"]
-    assert manifest["class_names"] == sorted(CLASSES)
-    assert all(s["samples"] <= ctx.cfg.tokenize.shard_max_samples for s in manifest["shards"])
-    assert sum(s["samples"] for s in manifest["shards"]) == valid
-    assert [s["uri"] for s in manifest["shards"]] == list_shards(ctx.stage_dir)
+    assert manifest.splits["holdout"] == expected_holdout
+    assert manifest.code_dtypes == {"top": "uint8", "bottom": "uint16"}
+    assert manifest.levels == ["top", "bottom"]
+    assert manifest.class_names == sorted(CLASSES)
+    assert all(s.samples <= ctx.cfg.tokenize.shard_max_samples for s in manifest.shards)
+    assert sum(s.samples for s in manifest.shards) == valid
+    assert [s.uri for s in manifest.shards] == list_shards(ctx.stage_dir)
 
     # Bad inputs: counted, listed by key, and in the Parquet table with a reason.
-    assert manifest["bad_inputs"]["count"] == CORRUPT
-    assert manifest["bad_inputs"]["keys"] == ["circle/broken-000", "square/broken-001"]
-    table = pq.read_table(manifest["bad_inputs"]["table"]).to_pylist()
-    assert [r["key"] for r in table] == manifest["bad_inputs"]["keys"]
+    assert manifest.bad_inputs.count == CORRUPT
+    assert manifest.bad_inputs.keys == ["circle/broken-000", "square/broken-001"]
+    table = pq.read_table(manifest.bad_inputs.table).to_pylist()
+    assert [r["key"] for r in table] == manifest.bad_inputs.keys
     assert all(r["reason"] and r["source"].endswith(".png") for r in table)
 
     # Read back with plain tarfile + numpy: keys exactly once, dtypes, labels, codes == encode().
     seen: dict[str, dict] = {}
-    for shard in manifest["shards"]:
-        for key, sample in _read_with_tarfile(shard["uri"]).items():
+    for shard in manifest.shards:
+        for key, sample in _read_with_tarfile(shard.uri).items():
             assert key not in seen, f"{key} is in two shards"
             seen[key] = sample
     assert set(seen) == set(images)
@@ -157,7 +155,7 @@ def test_tokenize_writes_every_valid_image_once_with_the_models_codes(tokenize_s
         np.testing.assert_array_equal(seen[key]["bottom"], bottom[i].numpy())
 
     # And with webdataset's reader: the same samples.
-    via_wds = {s["key"]: s for s in iter_code_samples([s["uri"] for s in manifest["shards"]])}
+    via_wds = {s["key"]: s for s in iter_code_samples([s.uri for s in manifest.shards])}
     assert set(via_wds) == set(images)
     for key in keys:
         np.testing.assert_array_equal(via_wds[key]["bottom"], seen[key]["bottom"])
@@ -165,7 +163,7 @@ def test_tokenize_writes_every_valid_image_once_with_the_models_codes(tokenize_s
 
     # Codes cost 1 byte (top, K=16) + 2 bytes (bottom, K=300) per position plus tar overhead,
     # far below the 8 bytes per code of int64.
-    assert manifest["metrics"]["bytes_per_image_int64"] == 8 * (4 + 16)
+    assert manifest.metrics["bytes_per_image_int64"] == 8 * (4 + 16)
 
 
 def test_tokenize_resumes_without_duplicating_or_losing_samples(tokenize_setup):
@@ -182,12 +180,12 @@ def test_tokenize_resumes_without_duplicating_or_losing_samples(tokenize_setup):
 
     second = run(ctx)
     assert not [f for f in storage.list_files(ctx.stage_dir) if f.endswith(".partial")]
-    assert second["samples"] == first["samples"] == len(images)
-    assert second["metrics"]["resumed_samples"] == first["samples"] - next(
-        s["samples"] for s in first["shards"] if s["uri"] == lost
+    assert second.samples == first.samples == len(images)
+    assert second.metrics["resumed_samples"] == first.samples - next(
+        s.samples for s in first.shards if s.uri == lost
     )
-    keys = [s["key"] for s in iter_code_samples([s["uri"] for s in second["shards"]])]
+    keys = [s["key"] for s in iter_code_samples([s.uri for s in second.shards])]
     assert sorted(keys) == sorted(images)  # every image exactly once
     for uri, mtime in kept.items():  # finished shards were kept, not rewritten
         assert os.path.getmtime(uri) == mtime
-    assert second["bad_inputs"]["count"] == CORRUPT  # bad inputs are reported again
+    assert second.bad_inputs.count == CORRUPT  # bad inputs are reported again

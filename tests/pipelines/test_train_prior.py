@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.stages import train_prior
 from pipelines.config import TrainPriorSection, parse_config
 from pipelines.keys import split_of
 from pipelines.manifest import write_manifest
 from pipelines.shards import code_dtype, iter_code_samples, write_shard
 from pipelines.stage import StageContext
+from pipelines.stages import train_prior
+from pipelines.stages.tokenize import BadInputs, TokenizeManifest
 from pipelines.tracking import Tracker
 from tests.pipelines.conftest import tiny_raw_config
 from vq_core.checkpoint import load_checkpoint
@@ -24,7 +25,7 @@ HOLDOUT = 0.2
 STEPS = 4  # tiny_config: 4 steps per prior, eval/checkpoint every 2, log every 2
 
 
-def write_tokenized(tokenize_dir: str, count: int = 30) -> dict:
+def write_tokenized(output_dir: str, count: int = 30) -> TokenizeManifest:
     """Code shards and a complete tokenize manifest for a VQ-VAE-2 with 2x2 top and 4x4 bottom maps.
 
     The codes have structure a prior can pick up: the top map depends on the class, and each
@@ -38,7 +39,7 @@ def write_tokenized(tokenize_dir: str, count: int = 30) -> dict:
     dtype = code_dtype(K)
     shards = [
         write_shard(
-            tokenize_dir,
+            TokenizeManifest.directory(output_dir),
             keys[part],
             labels[part],
             {"top": top[part].astype(dtype), "bottom": bottom[part].astype(dtype)},
@@ -46,23 +47,37 @@ def write_tokenized(tokenize_dir: str, count: int = 30) -> dict:
         for part in (slice(0, count // 2), slice(count // 2, count))
     ]
     holdout = sum(split_of(k, HOLDOUT) == "holdout" for k in keys)
-    body = {
-        "shards": shards,
-        "samples": count,
-        "splits": {"train": count - holdout, "holdout": holdout},
-        "levels": ["top", "bottom"],
-        "code_shapes": {"top": [2, 2], "bottom": [4, 4]},
-        "code_dtypes": {"top": dtype.name, "bottom": dtype.name},
-        "codebook_sizes": {"top": K, "bottom": K},
+    return write_manifest(
+        output_dir,
+        tokenize_manifest(
+            shards=shards,
+            samples=count,
+            splits={"train": count - holdout, "holdout": holdout},
+            levels=["top", "bottom"],
+            code_shapes={"top": [2, 2], "bottom": [4, 4]},
+            code_dtypes={"top": dtype.name, "bottom": dtype.name},
+            codebook_sizes={"top": K, "bottom": K},
+        ),
+    )
+
+
+def tokenize_manifest(**fields) -> TokenizeManifest:
+    """A tokenize manifest with the given fields; the rest as no test here reads them."""
+    defaults = {
+        "shards": [],
+        "samples": 0,
+        "splits": {},
+        "code_dtypes": {},
         "class_names": CLASSES,
         "checkpoint": "unused",
         "holdout_fraction": HOLDOUT,
-        "bad_inputs": {"count": 0, "keys": [], "table": None},
-        "stage": "tokenize",
+        "image_size": [16, 16],
+        "channels": 3,
+        "bad_inputs": BadInputs(count=0, keys=[], table=""),
+        "metrics": {},
         "fingerprint": "test",
-        "complete": True,
     }
-    return write_manifest(tokenize_dir, body)
+    return TokenizeManifest(**(defaults | fields))
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +88,7 @@ def trained(ray_local, tmp_path_factory):
     # The top prior trains on two DDP ranks: gradients, barriers and rank-0 evaluation together.
     raw["train_prior"]["top"] |= {"num_workers": 2, "cpus_per_worker": 0.5}
     cfg = parse_config(raw)
-    tokenized = write_tokenized(cfg.stage_dir("tokenize"))
+    tokenized = write_tokenized(cfg.output_dir)
     tracker = Tracker(f"sqlite:///{tmp}/mlflow.db", "test")
     with tracker.stage_run("train_prior") as tracking:
         ctx = StageContext(cfg, "train_prior", cfg.stage_dir("train_prior"), "fp", tracking)
@@ -81,10 +96,10 @@ def trained(ray_local, tmp_path_factory):
     return cfg, tokenized, manifest, tracker.client, tracking.run_id
 
 
-def heldout_codes(tokenized: dict) -> dict[str, np.ndarray]:
+def heldout_codes(tokenized: TokenizeManifest) -> dict[str, np.ndarray]:
     samples = [
         s
-        for s in iter_code_samples(sh["uri"] for sh in tokenized["shards"])
+        for s in iter_code_samples(sh.uri for sh in tokenized.shards)
         if split_of(s["key"], HOLDOUT) == "holdout"
     ]
     return {k: np.stack([s[k] for s in samples]) for k in ("top", "bottom", "label")}
@@ -92,11 +107,11 @@ def heldout_codes(tokenized: dict) -> dict[str, np.ndarray]:
 
 def test_both_priors_train_and_their_checkpoints_load(trained):
     _, _, manifest, _, _ = trained
-    assert manifest["levels"] == ["top", "bottom"]
+    assert manifest.levels == ["top", "bottom"]
     for level in ("top", "bottom"):
-        prior = manifest["priors"][level]
-        assert prior["kind"] == "pixelsnail" and prior["steps"] == STEPS
-        model, extra = load_checkpoint(prior["checkpoint"])
+        prior = manifest.priors[level]
+        assert prior.kind == "pixelsnail" and prior.steps == STEPS
+        model, extra = load_checkpoint(prior.checkpoint)
         assert type(model).__name__ == "PixelSNAIL"
         assert extra["level"] == level and extra["step"] == STEPS
         assert (model.config.num_codes, model.config.num_classes) == (K, len(CLASSES))
@@ -106,9 +121,9 @@ def test_both_priors_train_and_their_checkpoints_load(trained):
 
 def test_bottom_prior_is_conditioned_on_the_top_codes(trained):
     _, _, manifest, _, _ = trained
-    assert manifest["priors"]["top"]["condition"] is None
-    assert manifest["priors"]["bottom"]["condition"] == "top"
-    bottom, extra = load_checkpoint(manifest["priors"]["bottom"]["checkpoint"])
+    assert manifest.priors["top"].condition is None
+    assert manifest.priors["bottom"].condition == "top"
+    bottom, extra = load_checkpoint(manifest.priors["bottom"].checkpoint)
     assert extra["condition"] == "top"
     c = bottom.config
     assert (c.height, c.width) == (4, 4)
@@ -121,7 +136,7 @@ def test_bottom_prior_is_conditioned_on_the_top_codes(trained):
         a = bottom(codes, labels, torch.zeros(1, 2, 2, dtype=torch.long))
         b = bottom(codes, labels, torch.full((1, 2, 2), 5, dtype=torch.long))
     assert not torch.allclose(a, b)
-    top, _ = load_checkpoint(manifest["priors"]["top"]["checkpoint"])
+    top, _ = load_checkpoint(manifest.priors["top"].checkpoint)
     assert top.config.condition_num_codes == 0
 
 
@@ -132,12 +147,10 @@ def test_heldout_bits_per_code_is_the_models_loss_on_the_heldout_codes(trained):
     labels = torch.as_tensor(codes["label"]).long()
     top_codes = torch.as_tensor(codes["top"]).long()
     for level, condition in (("top", None), ("bottom", top_codes)):
-        model, _ = load_checkpoint(manifest["priors"][level]["checkpoint"])
+        model, _ = load_checkpoint(manifest.priors[level].checkpoint)
         with torch.no_grad():
             bits = model.loss(torch.as_tensor(codes[level]).long(), labels, condition)
-        assert manifest["priors"][level]["heldout_bits_per_code"] == pytest.approx(
-            float(bits), rel=1e-4
-        )
+        assert manifest.priors[level].heldout_bits_per_code == pytest.approx(float(bits), rel=1e-4)
 
 
 def test_mlflow_has_per_level_metrics_and_checkpoints(trained):
@@ -166,13 +179,13 @@ def test_rerun_reuses_finished_priors(trained):
 # Planning, without Ray
 
 
-def one_level_manifest(num_codes: int = 32) -> dict:
-    return {
-        "levels": ["codes"],
-        "codebook_sizes": {"codes": num_codes},
-        "code_shapes": {"codes": [8, 8]},
-        "class_names": ["a", "b", "c"],
-    }
+def one_level_manifest(num_codes: int = 32, class_names=("a", "b", "c")) -> TokenizeManifest:
+    return tokenize_manifest(
+        levels=["codes"],
+        codebook_sizes={"codes": num_codes},
+        code_shapes={"codes": [8, 8]},
+        class_names=list(class_names),
+    )
 
 
 def test_one_level_model_gets_one_class_conditional_prior_from_the_top_section():
@@ -192,6 +205,6 @@ def test_one_level_model_gets_one_class_conditional_prior_from_the_top_section()
 
 
 def test_a_single_class_corpus_gets_an_unconditional_prior():
-    manifest = one_level_manifest() | {"class_names": ["only"]}
+    manifest = one_level_manifest(class_names=["only"])
     (plan,) = train_prior.plan_priors(manifest, TrainPriorSection())
     assert plan.model_config["num_classes"] == 0

@@ -11,11 +11,11 @@ import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from pipelines.stages import train_vqvae
 from pipelines.config import TrainVQVAESection, parse_config
 from pipelines.demo_data import generate_corpus
 from pipelines.images import to_model_input
 from pipelines.stage import StageContext
+from pipelines.stages import train_vqvae
 from pipelines.tracking import Tracker
 from pipelines.training import OPTIMIZER_FILE
 from tests.pipelines.conftest import tiny_raw_config
@@ -73,7 +73,7 @@ def trained(ray_local, corpus, tmp_path_factory):
 
 def test_model_checkpoint_loads_and_encodes(trained):
     _, manifest, _, _, _ = trained
-    model, extra = load_checkpoint(manifest["checkpoint"])
+    model, extra = load_checkpoint(manifest.checkpoint)
     assert type(model).__name__ == "VQVAE2"
     assert extra["step"] == STEPS
     assert extra["class_names"] == sorted(CLASSES)
@@ -85,14 +85,14 @@ def test_model_checkpoint_loads_and_encodes(trained):
 
 def test_manifest_describes_the_model(trained):
     _, manifest, _, _, _ = trained
-    assert manifest["model"] == "vqvae2"
-    assert manifest["levels"] == ["top", "bottom"]
-    assert manifest["codebook_sizes"] == {"top": 16, "bottom": 16}
-    assert manifest["code_shapes"] == {"top": [2, 2], "bottom": [4, 4]}
-    assert manifest["image_size"] == [16, 16] and manifest["channels"] == 3
-    assert manifest["class_names"] == sorted(CLASSES)
-    assert manifest["steps"] == STEPS
-    metrics = manifest["metrics"]
+    assert manifest.model == "vqvae2"
+    assert manifest.levels == ["top", "bottom"]
+    assert manifest.codebook_sizes == {"top": 16, "bottom": 16}
+    assert manifest.code_shapes == {"top": [2, 2], "bottom": [4, 4]}
+    assert manifest.image_size == [16, 16] and manifest.channels == 3
+    assert manifest.class_names == sorted(CLASSES)
+    assert manifest.steps == STEPS
+    metrics = manifest.metrics
     assert math.isfinite(metrics["holdout/mse"])
     for level in ("top", "bottom"):
         assert 0 < metrics[f"holdout/usage/{level}"] <= 1
@@ -101,7 +101,7 @@ def test_manifest_describes_the_model(trained):
 
 def test_reconstruction_grid_shows_originals_above_reconstructions(trained):
     cfg, manifest, _, _, _ = trained
-    grid = np.asarray(Image.open(manifest["artifacts"]["reconstructions"]))
+    grid = np.asarray(Image.open(manifest.artifacts["reconstructions"]))
     n = cfg.train_vqvae.grid_images
     # Two rows of n 16 x 16 tiles with 2-pixel gaps.
     assert grid.shape == (2 * 18 + 2, n * 18 + 2, 3)
@@ -149,7 +149,7 @@ def test_lost_workers_restart_from_the_last_checkpoint(ray_local, corpus, tiny_c
     )
     manifest, client, run_id = run_stage(cfg, tmp_path, "fp-restart")
     assert isinstance(manifest, dict), manifest
-    assert manifest["steps"] == STEPS
+    assert manifest.steps == STEPS
     history = client.get_metric_history(run_id, "resumed_at_step")
     assert [(m.step, m.value) for m in history] == [(EVERY, float(EVERY))]
     # Step 2 came before the failure and was not trained (or logged) again.
