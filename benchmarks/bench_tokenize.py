@@ -183,25 +183,15 @@ def install_autoencoder(cfg, model: VQVAE2, class_names: list[str]) -> None:
     storage.makedirs(vq_dir)
     checkpoint = storage.join(vq_dir, "model.pt")
     save_checkpoint(model, checkpoint)
-    height, width = cfg.data.size_hw
-    shapes = model.code_shape(height, width)
-    write_manifest(
-        cfg.output_dir,
-        TrainVQVAEManifest(
-            fingerprint="benchmark",
-            checkpoint=checkpoint,
-            model="vqvae2",
-            levels=list(model.levels),
-            codebook_sizes=dict(zip(model.levels, model.codebook_sizes)),
-            code_shapes={lvl: list(s) for lvl, s in zip(model.levels, shapes)},
-            image_size=[height, width],
-            channels=cfg.data.channels,
-            class_names=class_names,
-            steps=0,
-            metrics={},
-            artifacts={},
-        ),
+    manifest = TrainVQVAEManifest.for_model(
+        model,
+        checkpoint=checkpoint,
+        kind="vqvae2",
+        image_size=cfg.data.size_hw,
+        channels=cfg.data.channels,
+        class_names=class_names,
     )
+    write_manifest(cfg.output_dir, manifest)
 
 
 def run_stage(cfg, model: VQVAE2) -> dict:

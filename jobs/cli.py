@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
 def _summary(outcomes: dict) -> str:
     lines = ["", "vqpipe finished:"]
     for stage, outcome in outcomes.items():
-        extra = get_stage(stage).summary(outcome.manifest)
+        extra = outcome.manifest.summary()
         took = "skipped" if outcome.skipped else f"{outcome.manifest.seconds:.1f}s"
         lines.append(f"  {stage:<12} {took:>9}  {extra}")
     return "\n".join(lines)

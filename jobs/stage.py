@@ -14,14 +14,22 @@ import sys
 
 from jobs.cli import main as cli_main
 from pipelines.errors import ConfigError
-from pipelines.stages import get_stage
+from pipelines.stages import get_stage, stage_names
+
+USAGE = (
+    "usage: python -m jobs.stage STAGE CONFIG.yaml [--set k=v ...] [--force]\n"
+    f"STAGE: one of {', '.join(stage_names())}"
+)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv:
-        print("usage: python -m jobs.stage STAGE CONFIG.yaml [--set k=v ...]", file=sys.stderr)
+        print(USAGE, file=sys.stderr)
         return 2
+    if argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
     try:
         spec = get_stage(argv[0])
     except ConfigError as err:

@@ -35,6 +35,11 @@ def fingerprint(*parts: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def format_metrics(metrics: dict[str, float], names: list[str] | tuple[str, ...]) -> str:
+    """``a=1.23, b=4.56`` for the named metrics that are present."""
+    return ", ".join(f"{k}={metrics[k]:.4g}" for k in names if k in metrics)
+
+
 def cli_verb(stage: str) -> str:
     """The CLI command of a stage: ``train_vqvae`` -> ``train-vqvae``."""
     return stage.replace("_", "-")
@@ -61,6 +66,10 @@ class StageManifest(ManifestModel):
     mlflow_run_id: str | None = None
     seconds: float = 0.0
     written_at: str = ""
+
+    def summary(self) -> str:
+        """One line for the CLI about what the stage produced."""
+        return ""
 
     @classmethod
     def directory(cls, output_dir: str) -> str:

@@ -37,14 +37,13 @@ class StageSpec:
     ``manifest`` is the stage's manifest model; its ``stage`` attribute is the stage's name, the
     name of its folder and of its config section. ``upstream`` are the manifests the stage reads
     (a redone upstream stage makes it stale); ``sections`` the config sections it reads besides its
-    own; ``reads_corpus`` whether it reads the images (their listing joins its fingerprint).
-    ``summary`` makes the CLI's one line about a finished stage; ``enabled`` lets a config turn
-    the stage off.
+    own; ``reads_corpus`` whether it reads the images (their listing joins its fingerprint);
+    ``enabled`` lets a config turn the stage off. The manifest's ``summary()`` is the CLI's one
+    line about the finished stage.
     """
 
     manifest: type[StageManifest]
     run: Callable[[StageContext], StageManifest]
-    summary: Callable[[Any], str]
     description: str
     upstream: tuple[type[StageManifest], ...] = ()
     sections: tuple[str, ...] = ()

@@ -38,7 +38,7 @@ from pipelines.classifier import (
     resize_images,
     train_classifier,
 )
-from pipelines.manifest import StageManifest, read_manifest, require_manifest
+from pipelines.manifest import StageManifest, format_metrics, read_manifest, require_manifest
 from pipelines.report import Figure, Report, Section, Table, write_report
 from pipelines.stage import StageContext, StageSpec, ensure_ray
 from pipelines.stages.sample import REJECTION_CLASSIFIER, SampleManifest
@@ -60,6 +60,15 @@ class EvaluateManifest(StageManifest):
     report_html: str
     levels: list[str]
     cas_skipped: str | None  # why CAS was not computed, when it was not
+
+    def summary(self) -> str:
+        shown = (
+            "holdout/psnr",
+            "cas/generated_to_real",
+            "cas/real_to_generated",
+            "cas/real_to_real",
+        )
+        return format_metrics(self.metrics, shown)
 
 
 @dataclass(frozen=True)
@@ -557,15 +566,9 @@ def build_report(
     )
 
 
-def summary(manifest: EvaluateManifest) -> str:
-    shown = ("holdout/psnr", "cas/generated_to_real", "cas/real_to_generated", "cas/real_to_real")
-    return ", ".join(f"{k}={manifest.metrics[k]:.4g}" for k in shown if k in manifest.metrics)
-
-
 SPEC = StageSpec(
     manifest=EvaluateManifest,
     run=run,
-    summary=summary,
     description="measure reconstructions, codebooks, priors and samples; write the report",
     upstream=(TrainVQVAEManifest, TokenizeManifest, TrainPriorManifest, SampleManifest),
     sections=("seed", "data"),

@@ -91,6 +91,9 @@ class SampleManifest(StageManifest):
     priors: dict[str, str]  # level -> prior checkpoint
     sampling_seconds: float
 
+    def summary(self) -> str:
+        return f"{self.samples} images of {len(self.classes)} classes"
+
 
 @dataclass(frozen=True)
 class SampleBatch:
@@ -516,14 +519,9 @@ def run(ctx: StageContext) -> SampleManifest:
     )
 
 
-def summary(manifest: SampleManifest) -> str:
-    return f"{manifest.samples} images of {len(manifest.classes)} classes"
-
-
 SPEC = StageSpec(
     manifest=SampleManifest,
     run=run,
-    summary=summary,
     description="sample codes class by class from the priors and decode them into images",
     upstream=(TrainVQVAEManifest, TrainPriorManifest),
     # data: the rejection classifier trains on the corpus.

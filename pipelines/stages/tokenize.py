@@ -72,6 +72,9 @@ class TokenizeManifest(StageManifest, CodeShards):
     bad_inputs: BadInputs
     metrics: dict[str, float]
 
+    def summary(self) -> str:
+        return f"{self.samples} samples in {len(self.shards)} shards, {self.bad_inputs.count} bad inputs"
+
 
 class CodeEncoder:
     """Ray Data actor: loads the autoencoder once and turns image batches into code maps."""
@@ -302,7 +305,7 @@ def run(ctx: StageContext) -> TokenizeManifest:
     shards, done_keys = _resume(ctx.stage_dir, fraction)
     ctx.tracking.log_params(
         {
-            "tokenize": cfg.tokenize.model_dump(),
+            ctx.stage: cfg.tokenize.model_dump(),
             "levels": levels,
             "code_dtypes": dtypes,
             "checkpoint": upstream.checkpoint,
@@ -364,17 +367,9 @@ def run(ctx: StageContext) -> TokenizeManifest:
     )
 
 
-def summary(manifest: TokenizeManifest) -> str:
-    return (
-        f"{manifest.samples} samples in {len(manifest.shards)} shards, "
-        f"{manifest.bad_inputs.count} bad inputs"
-    )
-
-
 SPEC = StageSpec(
     manifest=TokenizeManifest,
     run=run,
-    summary=summary,
     description="encode the corpus into WebDataset shards of codes with Ray Data",
     upstream=(TrainVQVAEManifest,),
     sections=("data",),

@@ -55,6 +55,14 @@ class TrainPriorManifest(StageManifest):
     levels: list[str]
     priors: dict[str, PriorEntry]
 
+    def summary(self) -> str:
+        bits = {
+            level: round(p.heldout_bits_per_code, 3)
+            for level, p in self.priors.items()
+            if p.heldout_bits_per_code is not None
+        }
+        return f"held-out bits/code {bits}"
+
 
 @dataclass(frozen=True)
 class PriorPlan:
@@ -254,19 +262,9 @@ def run(ctx: StageContext) -> TrainPriorManifest:
     return TrainPriorManifest(levels=[p.level for p in plans], priors=priors)
 
 
-def summary(manifest: TrainPriorManifest) -> str:
-    bits = {
-        level: round(p.heldout_bits_per_code, 3)
-        for level, p in manifest.priors.items()
-        if p.heldout_bits_per_code is not None
-    }
-    return f"held-out bits/code {bits}"
-
-
 SPEC = StageSpec(
     manifest=TrainPriorManifest,
     run=run,
-    summary=summary,
     description="train the class-conditional priors over the code shards with Ray Train",
     upstream=(TokenizeManifest,),
     sections=("seed",),

@@ -21,7 +21,7 @@ from pipelines import storage
 from pipelines.config import TrainVQVAESection
 from pipelines.corpus import open_corpus
 from pipelines.images import encode_png, make_grid, to_model_input, to_uint8
-from pipelines.manifest import StageManifest
+from pipelines.manifest import StageManifest, format_metrics
 from pipelines.stage import StageContext, StageSpec
 from pipelines.training import fit, load_final_model, publish_model, run_trainer, take_columns
 from vq_core.checkpoint import load_checkpoint, unwrap_model
@@ -51,6 +51,41 @@ class TrainVQVAEManifest(StageManifest):
     steps: int
     metrics: dict[str, float]
     artifacts: dict[str, str]
+
+    @classmethod
+    def for_model(
+        cls,
+        model: nn.Module,
+        *,
+        checkpoint: str,
+        kind: str,
+        image_size: tuple[int, int] | list[int],
+        channels: int,
+        class_names: list[str],
+        steps: int = 0,
+        metrics: dict[str, float] | None = None,
+        artifacts: dict[str, str] | None = None,
+    ) -> TrainVQVAEManifest:
+        """The manifest of ``model`` saved at ``checkpoint``: levels and code shapes from the model."""
+        height, width = image_size
+        shapes = model.code_shape(height, width)
+        return cls(
+            checkpoint=checkpoint,
+            model=kind,
+            levels=list(model.levels),
+            codebook_sizes=dict(zip(model.levels, model.codebook_sizes)),
+            code_shapes={level: list(shape) for level, shape in zip(model.levels, shapes)},
+            image_size=[height, width],
+            channels=channels,
+            class_names=class_names,
+            steps=steps,
+            metrics=metrics or {},
+            artifacts=artifacts or {},
+        )
+
+    def summary(self) -> str:
+        shown = ["holdout/mse"] + [f"holdout/perplexity/{level}" for level in self.levels]
+        return format_metrics(self.metrics, shown)
 
 
 def build_autoencoder(section: TrainVQVAESection, in_channels: int) -> nn.Module:
@@ -209,15 +244,12 @@ def run(ctx: StageContext) -> TrainVQVAEManifest:
     ctx.tracking.log_image(grid, GRID_NAME)
 
     metrics = {k: v for k, v in extra.get("metrics", {}).items() if k != "step"}
-    code_shapes = model.code_shape(height, width)
     log.info("train_vqvae: %d steps, %s", extra["step"], metrics)
-    return TrainVQVAEManifest(
+    return TrainVQVAEManifest.for_model(
+        model,
         checkpoint=model_uri,
-        model=section.kind,
-        levels=list(model.levels),
-        codebook_sizes=dict(zip(model.levels, model.codebook_sizes)),
-        code_shapes={level: list(shape) for level, shape in zip(model.levels, code_shapes)},
-        image_size=[height, width],
+        kind=section.kind,
+        image_size=(height, width),
         channels=cfg.data.channels,
         class_names=class_names,
         steps=int(extra["step"]),
@@ -226,15 +258,9 @@ def run(ctx: StageContext) -> TrainVQVAEManifest:
     )
 
 
-def summary(manifest: TrainVQVAEManifest) -> str:
-    shown = ["holdout/mse"] + [f"holdout/perplexity/{level}" for level in manifest.levels]
-    return ", ".join(f"{k}={manifest.metrics[k]:.4g}" for k in shown if k in manifest.metrics)
-
-
 SPEC = StageSpec(
     manifest=TrainVQVAEManifest,
     run=run,
-    summary=summary,
     description="train the autoencoder (VQ-VAE-2, VQ-VAE or dVAE) on the corpus with Ray Train",
     sections=("seed", "data"),
     reads_corpus=True,

@@ -29,6 +29,19 @@ def ray_local():
     ray.shutdown()
 
 
+def _tiny_prior(**model) -> dict:
+    """A prior section: 4 steps, evaluated and checkpointed every 2, a one-block PixelSNAIL."""
+    return {
+        "steps": 4,
+        "batch_size": 8,
+        "log_every": 2,
+        "eval_every": 2,
+        "checkpoint_every": 2,
+        "holdout_batches": 1,
+        "model": {"channels": 16, "num_blocks": 1, "res_blocks": 1, "dropout": 0.0, **model},
+    }
+
+
 def tiny_raw_config(output_dir: str, source: str) -> dict:
     """The smallest configuration that exercises every stage: 16x16 RGB, tiny models, a few steps."""
     return {
@@ -55,36 +68,8 @@ def tiny_raw_config(output_dir: str, source: str) -> dict:
         },
         "tokenize": {"batch_size": 8, "shard_max_samples": 10, "cpus_per_actor": 0.5},
         "train_prior": {
-            "top": {
-                "steps": 4,
-                "batch_size": 8,
-                "log_every": 2,
-                "eval_every": 2,
-                "checkpoint_every": 2,
-                "holdout_batches": 1,
-                "model": {
-                    "channels": 16,
-                    "num_blocks": 1,
-                    "res_blocks": 1,
-                    "num_heads": 2,
-                    "dropout": 0.0,
-                },
-            },
-            "bottom": {
-                "steps": 4,
-                "batch_size": 8,
-                "log_every": 2,
-                "eval_every": 2,
-                "checkpoint_every": 2,
-                "holdout_batches": 1,
-                "model": {
-                    "channels": 16,
-                    "num_blocks": 1,
-                    "res_blocks": 1,
-                    "attention": False,
-                    "dropout": 0.0,
-                },
-            },
+            "top": _tiny_prior(num_heads=2),
+            "bottom": _tiny_prior(attention=False),
         },
         "sample": {"per_class": 2, "batch_size": 4},
         "evaluate": {"holdout_batches": 1, "batch_size": 8, "classifier_steps": 5},

@@ -40,22 +40,15 @@ def write_upstream(cfg: PipelineConfig, single_level: bool = False) -> None:
     vq_dir = cfg.stage_dir("train_vqvae")
     os.makedirs(vq_dir, exist_ok=True)
     save_checkpoint(model, os.path.join(vq_dir, "model.pt"))
-    write_manifest(
-        cfg.output_dir,
-        TrainVQVAEManifest(
-            checkpoint=os.path.join(vq_dir, "model.pt"),
-            model=kind,
-            levels=levels,
-            codebook_sizes={level: 16 for level in levels},
-            code_shapes={level: list(shapes[level]) for level in levels},
-            image_size=[height, width],
-            channels=cfg.data.channels,
-            class_names=CLASSES,
-            steps=0,
-            metrics={},
-            artifacts={},
-        ),
+    manifest = TrainVQVAEManifest.for_model(
+        model,
+        checkpoint=os.path.join(vq_dir, "model.pt"),
+        kind=kind,
+        image_size=(height, width),
+        channels=cfg.data.channels,
+        class_names=CLASSES,
     )
+    write_manifest(cfg.output_dir, manifest)
     prior_dir = cfg.stage_dir("train_prior")
     os.makedirs(prior_dir, exist_ok=True)
     priors = {}

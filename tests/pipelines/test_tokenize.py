@@ -70,23 +70,17 @@ def tokenize_setup(tmp_path, tiny_config, ray_local):
     storage.makedirs(vq_dir)
     checkpoint = storage.join(vq_dir, "model.pt")
     save_checkpoint(model, checkpoint)
-    write_manifest(
-        cfg.output_dir,
-        TrainVQVAEManifest(
-            fingerprint="test",
-            checkpoint=checkpoint,
-            model="vqvae2",
-            levels=["top", "bottom"],
-            codebook_sizes={"top": 16, "bottom": 300},
-            code_shapes={"top": [2, 2], "bottom": [4, 4]},
-            image_size=[16, 16],
-            channels=3,
-            class_names=list(corpus.class_names),
-            steps=0,
-            metrics={},
-            artifacts={},
-        ),
+    manifest = TrainVQVAEManifest.for_model(
+        model,
+        checkpoint=checkpoint,
+        kind="vqvae2",
+        image_size=(16, 16),
+        channels=3,
+        class_names=list(corpus.class_names),
     )
+    assert manifest.codebook_sizes == {"top": 16, "bottom": 300}
+    assert manifest.code_shapes == {"top": [2, 2], "bottom": [4, 4]}
+    write_manifest(cfg.output_dir, manifest)
     stage_dir = cfg.stage_dir("tokenize")
     ctx = StageContext(
         cfg=cfg,

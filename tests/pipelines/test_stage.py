@@ -1,0 +1,41 @@
+"""Stage declarations: the registry, and the config view that keeps declarations honest."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipelines.config import parse_config
+from pipelines.manifest import StageManifest
+from pipelines.stage import ConfigView
+from pipelines.stages import STAGES, get_stage, stage_names
+from tests.pipelines.conftest import tiny_raw_config
+
+
+def test_registry_is_ordered_so_upstream_stages_come_first():
+    seen: set[str] = set()
+    for spec in STAGES:
+        assert issubclass(spec.manifest, StageManifest)
+        assert set(spec.upstream_names) <= seen, spec.name
+        seen.add(spec.name)
+    assert len(set(stage_names())) == len(STAGES)
+
+
+def test_each_stage_reads_its_own_section_and_declared_ones_exist():
+    cfg = parse_config(tiny_raw_config("/tmp/out", "/tmp/corpus"))
+    for spec in STAGES:
+        assert spec.name in spec.reads
+        for section in spec.reads:
+            assert section in type(cfg).model_fields, (spec.name, section)
+        assert get_stage(spec.verb) is spec and get_stage(spec.name) is spec
+
+
+def test_config_view_refuses_undeclared_sections_and_records_reads():
+    cfg = parse_config(tiny_raw_config("/tmp/out", "/tmp/corpus"))
+    view = ConfigView(cfg, "sample", ("sample",))
+    assert view.sample.per_class == cfg.sample.per_class
+    assert view.output_dir == cfg.output_dir and view.ray == cfg.ray  # infrastructure
+    with pytest.raises(RuntimeError, match="'data'.*does not declare"):
+        view.data  # noqa: B018
+    assert view.read == {"sample"}
+    with pytest.raises(AttributeError):
+        view.seed = 3

@@ -1,0 +1,45 @@
+"""The table of model kinds: one entry per model, read by configs, stages and checkpoints."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from vq_core.checkpoint import MODEL_REGISTRY, model_class
+from vq_core.kinds import KINDS, get_kind, kind_of_class, kinds_of, prior_fields
+
+
+def test_every_kind_builds_its_class_from_its_config_class():
+    for kind in KINDS.values():
+        cls = kind.model_class
+        assert cls.config_class is kind.config_class
+        assert dataclasses.is_dataclass(kind.config_class)
+        assert kind.derived <= kind.fields(), kind.name
+        assert model_class(kind.class_name) is cls
+    assert MODEL_REGISTRY == {k.class_name: k.target for k in KINDS.values()}
+
+
+def test_roles():
+    assert kinds_of("autoencoder") == ("vqvae2", "vqvae", "dvae")
+    assert kinds_of("prior") == ("pixelsnail", "pixelcnn")
+    assert kind_of_class("PixelSNAIL").name == "pixelsnail"
+
+
+def test_derived_fields_are_refused_from_users_and_unknown_ones_named():
+    with pytest.raises(ValueError, match="model.num_codes is set by the pipeline"):
+        get_kind("pixelsnail").check_user_fields({"num_codes": 3}, "model")
+    with pytest.raises(ValueError, match="model.chanels is not a PixelSNAILConfig field"):
+        get_kind("pixelsnail").check_user_fields({"chanels": 3}, "model")
+    with pytest.raises(ValueError, match="unknown model kind 'pixelsnial'"):
+        get_kind("pixelsnial")
+
+
+def test_builder_fills_in_the_derived_fields():
+    fields = prior_fields(16, (2, 3), num_classes=4, condition=(32, (1, 1)))
+    prior = get_kind("pixelsnail").build({"channels": 8, "num_blocks": 1, "res_blocks": 1}, fields)
+    config = prior.config
+    assert (config.num_codes, config.height, config.width, config.num_classes) == (16, 2, 3, 4)
+    assert (config.condition_num_codes, config.condition_height) == (32, 1)
+    # One class carries no information: the prior is unconditional.
+    assert prior_fields(16, (2, 3), num_classes=1)["num_classes"] == 0
