@@ -10,19 +10,13 @@ from pipelines.errors import ManifestError, UserError
 from pipelines.manifest import read_manifest, require_manifest, write_manifest
 from pipelines.stages.train_prior import PriorEntry, TrainPriorManifest
 from pipelines.stages.train_vqvae import TrainVQVAEManifest
+from tests.pipelines.test_sample import prior_entry
 
 
 def _priors() -> TrainPriorManifest:
-    entry = PriorEntry(
-        checkpoint="top.pt",
-        kind="pixelsnail",
-        condition=None,
-        heldout_bits_per_code=2.5,
-        train_bits_per_code=2.0,
-        steps=10,
-        selected_step=8,
+    return TrainPriorManifest(
+        levels=["top"], priors={"top": prior_entry("top.pt", None)}, fingerprint="abc"
     )
-    return TrainPriorManifest(levels=["top"], priors={"top": entry}, fingerprint="abc")
 
 
 def test_round_trip_by_type(tmp_path):

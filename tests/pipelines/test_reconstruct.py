@@ -74,35 +74,17 @@ def test_side_by_side_and_explicit_size(checkpoint, folder, tmp_path):
     assert np.asarray(Image.open(out / "a" / "one.png")).shape == (8, 16, 3)
 
 
+def _cli_reconstruct(checkpoint: str, input_dir: str, output_dir: str) -> int:
+    return cli_main(
+        ["reconstruct", "--checkpoint", checkpoint, "--input", input_dir, "--output", output_dir]
+    )
+
+
 def test_cli_reconstruct_and_its_errors(checkpoint, folder, tmp_path, capsys):
     path, _ = checkpoint
-    assert (
-        cli_main(
-            [
-                "reconstruct",
-                "--checkpoint",
-                path,
-                "--input",
-                str(folder),
-                "--output",
-                str(tmp_path / "o"),
-            ]
-        )
-        == 0
-    )
+    assert _cli_reconstruct(path, str(folder), str(tmp_path / "o")) == 0
     assert json.loads(capsys.readouterr().out)["written"] == 3
-    assert (
-        cli_main(
-            [
-                "reconstruct",
-                "--checkpoint",
-                path,
-                "--input",
-                str(tmp_path / "nope"),
-                "--output",
-                "x",
-            ]
-        )
-        == 2
-    )
+    assert _cli_reconstruct(path, str(tmp_path / "nope"), "x") == 2
     assert "is not a folder" in capsys.readouterr().err
+    assert _cli_reconstruct(str(tmp_path / "missing.pt"), str(folder), "x") == 2
+    assert "missing.pt' does not exist" in capsys.readouterr().err

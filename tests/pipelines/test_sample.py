@@ -79,16 +79,21 @@ def write_upstream(cfg: PipelineConfig, single_level: bool = False) -> None:
         )
         path = os.path.join(prior_dir, f"{level}.pt")
         save_checkpoint(prior, path)
-        priors[level] = PriorEntry(
-            checkpoint=path,
-            kind="pixelsnail",
-            condition=condition,
-            heldout_bits_per_code=4.0,
-            train_bits_per_code=4.0,
-            steps=0,
-            selected_step=0,
-        )
+        priors[level] = prior_entry(path, condition)
     write_manifest(cfg.output_dir, TrainPriorManifest(levels=levels, priors=priors))
+
+
+def prior_entry(checkpoint: str, condition: str | None) -> PriorEntry:
+    """A train_prior manifest entry for an untrained prior (about log2 16 = 4 bits per code)."""
+    return PriorEntry(
+        checkpoint=checkpoint,
+        kind="pixelsnail",
+        condition=condition,
+        heldout_bits_per_code=4.0,
+        train_bits_per_code=4.0,
+        steps=0,
+        selected_step=0,
+    )
 
 
 def make_context(
