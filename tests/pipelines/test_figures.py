@@ -120,6 +120,10 @@ def test_every_stage_figure_renders_from_mlflow_and_drops_panels_without_data(tr
             tracking.log_metrics({"top/heldout_bits_per_code": 5.2 - step / 60}, step=step)
     (prior,) = specs["train_prior"]
     histories = metric_history(client, tracking.run_id, prior.keys)
+    # Before the evaluate stage has run there is no test score: the curves alone are drawn.
+    assert _decode(training_curves_figure(histories, prior.title, prior.panels)).width == (
+        PANEL_WIDTH
+    )
     histories["holdout/bits_per_code/top"] = [(0, 3.6)]
     prior_png = training_curves_figure(histories, prior.title, prior.panels)
     assert _decode(prior_png).width == PANEL_WIDTH
@@ -220,7 +224,10 @@ def test_code_usage_figure_shows_each_level(tmp_path):
     assert _decode(png).width == 2 * PANEL_WIDTH
     (tmp_path / "usage.png").write_bytes(png)
 
-    # A level whose histogram is still empty is drawn (with a note), not an error.
+
+@pytest.mark.filterwarnings("error")  # a division by a zero total warns
+def test_code_usage_figure_draws_a_level_without_codes():
+    # A held-out split too small to hold a code map leaves a level's histogram empty.
     _decode(code_usage_figure({"codes": np.zeros(16, dtype=np.int64)}))
 
 
