@@ -295,6 +295,9 @@ def generate_corpus(
 
     Returns a summary: root, classes, images (valid files), corrupt (keys of the broken files)
     and generated (False when an existing complete corpus was kept).
+
+    Raises NotADemoCorpusError (a ValueError) without touching anything when ``root`` holds a file
+    that this generator did not write, e.g. when it is someone's own image folder.
     """
     classes = list(classes)
     unknown = [c for c in classes if c not in SHAPES]
