@@ -10,11 +10,17 @@ Layout (an image-folder corpus, readable by pipelines.corpus):
 
     root/<class>/<index:05d>.png
     root/<class>/broken-<n:03d>.png     # only with corrupt_files > 0: truncated or empty files
-    root/.vqpipe-corpus.json            # written last; marks the corpus complete
+    root/.vqpipe-corpus.json            # the marker: parameters, files written, complete or not
 
 Generation is deterministic per (seed, class, index) and idempotent: a complete corpus with the same
 parameters is left untouched, so its files (and the fingerprints of stages that read it) never change.
 An incomplete corpus, or one made with other parameters, is regenerated.
+
+The generator only ever writes into a folder that does not exist yet, an empty one, or one that it
+created itself, as its marker says. The marker is written before the first image and lists every
+file the generator is about to write, so a run interrupted half-way still leaves a folder that is
+recognisably its own. A folder holding any other file is someone's data: the generator refuses it
+(``NotADemoCorpusError``) rather than overwrite or delete a single file there.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import re
 from typing import Any
 
 import numpy as np
+import pyarrow.fs as pafs
 from PIL import Image, ImageDraw
 
 from pipelines import storage
@@ -33,12 +40,31 @@ from pipelines.images import encode_png
 
 log = logging.getLogger("vqpipe")
 
-FORMAT = "vqpipe.demo_corpus/1"
+FORMAT = "vqpipe.demo_corpus/2"
+# Version 1 markers were the bare parameters, written once the corpus was complete; the files they
+# stand for follow from those parameters, so such a corpus is still recognised as the generator's.
+LEGACY_FORMAT = "vqpipe.demo_corpus/1"
 MARKER_NAME = ".vqpipe-corpus.json"
 # Shapes are drawn at this multiple of the output size and downsampled: smooth edges are easier
 # for a small autoencoder and look like real images rather than aliased masks.
 SUPERSAMPLE = 4
-_OWN_FILE = re.compile(r"^(\d{5}|broken-\d{3})\.png$")
+# What storage.write_bytes leaves behind when interrupted: "<file>.<8 hex digits>.partial".
+_PARTIAL = re.compile(r"\.[0-9a-f]{8}" + re.escape(storage.TMP_SUFFIX) + "$")
+_EXAMPLES_SHOWN = 5
+
+
+class NotADemoCorpusError(ValueError):
+    """The demo corpus folder holds files that the generator did not write (or is not a folder)."""
+
+    def __init__(self, root: str, reason: str):
+        self.root = root
+        super().__init__(
+            f"refusing to generate the demo corpus in {root!r}: {reason}. The generator writes "
+            "only into a new or empty folder, or one it created itself (it has a "
+            f"{MARKER_NAME} marker), so that it never overwrites or deletes anyone's images. "
+            "To use an existing corpus, remove `data.generate` from the config; to generate "
+            "the demo corpus, point `data.source` at a new or empty folder."
+        )
 
 
 def _regular_polygon(sides: int, cx: float, cy: float, r: float, angle: float) -> list:
@@ -190,12 +216,70 @@ def _corrupt_bytes(index: int, valid_png: bytes) -> bytes:
     return valid_png[: max(16, len(valid_png) // 3)] if index % 2 == 0 else b""
 
 
-def _remove_own_files(root: str, classes: list[str]) -> None:
-    for name in classes:
-        folder = storage.join(root, name)
-        for uri in storage.list_files(folder, recursive=False):
-            if _OWN_FILE.match(uri.rsplit("/", 1)[-1]):
-                storage.remove(uri)
+def _planned_files(params: dict[str, Any]) -> list[str]:
+    """Paths, relative to the corpus root, of every file a corpus with ``params`` consists of."""
+    classes = params["classes"]
+    files = [
+        f"{name}/{index:05d}.png" for name in classes for index in range(params["images_per_class"])
+    ]
+    files += [f"{key}.png" for key in _corrupt_keys(classes, params["corrupt_files"])]
+    return sorted(files)
+
+
+def _corrupt_keys(classes: list[str], corrupt_files: int) -> list[str]:
+    return [f"{classes[i % len(classes)]}/broken-{i:03d}" for i in range(corrupt_files)]
+
+
+def _existing_files(root: str) -> list[str] | None:
+    """Every file under ``root``, relative to it; None when ``root`` does not exist.
+
+    Raises NotADemoCorpusError when ``root`` is a file.
+    """
+    fs, base = storage.resolve(root)
+    info = fs.get_file_info(base)
+    if info.type == pafs.FileType.NotFound:
+        return None
+    if info.type != pafs.FileType.Directory:
+        raise NotADemoCorpusError(root, "it is a file, not a folder")
+    base = base.rstrip("/")
+    infos = fs.get_file_info(pafs.FileSelector(base, recursive=True))
+    return sorted(i.path[len(base) :].lstrip("/") for i in infos if i.type == pafs.FileType.File)
+
+
+def _read_marker(root: str, existing: list[str]) -> dict[str, Any] | None:
+    """The marker as {"params", "files", "complete"}; None when there is none.
+
+    An unreadable marker means the folder's history is unknown, so it counts as foreign.
+    """
+    if MARKER_NAME not in existing:
+        return None
+    uri = storage.join(root, MARKER_NAME)
+    try:
+        marker = json.loads(storage.read_bytes(uri))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        marker = None
+    if isinstance(marker, dict) and marker.get("format") == FORMAT:
+        if isinstance(marker.get("params"), dict) and isinstance(marker.get("files"), list):
+            return marker
+    if isinstance(marker, dict) and marker.get("format") == LEGACY_FORMAT:
+        params = {k: v for k, v in marker.items() if k != "format"}
+        try:
+            files = _planned_files(params)
+        except (KeyError, TypeError, ZeroDivisionError):
+            files = None
+        if files is not None:
+            return {"params": params, "files": files, "complete": True}
+    raise NotADemoCorpusError(root, f"its {MARKER_NAME} is not a marker this generator can read")
+
+
+def _marker_bytes(params: dict[str, Any], files: list[str], complete: bool) -> bytes:
+    marker = {"format": FORMAT, "complete": complete, "params": params, "files": files}
+    return json.dumps(marker, indent=2).encode()
+
+
+def _is_own(path: str, owned: set[str]) -> bool:
+    # An interrupted atomic write of one of our files is ours too.
+    return path in owned or _PARTIAL.sub("", path) in owned
 
 
 def generate_corpus(
@@ -211,6 +295,9 @@ def generate_corpus(
 
     Returns a summary: root, classes, images (valid files), corrupt (keys of the broken files)
     and generated (False when an existing complete corpus was kept).
+
+    Raises NotADemoCorpusError (a ValueError) without touching anything when ``root`` holds a file
+    that this generator did not write, e.g. when it is someone's own image folder.
     """
     classes = list(classes)
     unknown = [c for c in classes if c not in SHAPES]
@@ -224,7 +311,6 @@ def generate_corpus(
             f"{images_per_class}, {image_size}, {corrupt_files}"
         )
     params = {
-        "format": FORMAT,
         "classes": classes,
         "images_per_class": images_per_class,
         "image_size": image_size,
@@ -232,28 +318,42 @@ def generate_corpus(
         "seed": seed,
         "background": background,
     }
-    corrupt_keys = [f"{classes[i % len(classes)]}/broken-{i:03d}" for i in range(corrupt_files)]
+    corrupt_keys = _corrupt_keys(classes, corrupt_files)
     summary = {
         "root": root,
         "classes": classes,
         "images": images_per_class * len(classes),
         "corrupt": corrupt_keys,
     }
-    marker = storage.join(root, MARKER_NAME)
-    previous = None
-    if storage.exists(marker):
-        try:
-            previous = json.loads(storage.read_bytes(marker))
-        except json.JSONDecodeError:
-            previous = None
-    if previous == params:
+    existing = _existing_files(root) or []
+    previous = _read_marker(root, existing)
+    if previous is not None and previous["complete"] and previous["params"] == params:
         return {**summary, "generated": False}
 
+    owned = set(previous["files"]) if previous is not None else set()
+    owned.add(MARKER_NAME)
+    foreign = [f for f in existing if not _is_own(f, owned)]
+    if foreign:
+        shown = ", ".join(foreign[:_EXAMPLES_SHOWN])
+        more = (
+            f" and {len(foreign) - _EXAMPLES_SHOWN} more" if len(foreign) > _EXAMPLES_SHOWN else ""
+        )
+        raise NotADemoCorpusError(
+            root, f"it holds {len(foreign)} file(s) the generator did not write ({shown}{more})"
+        )
+
     log.info("generating demo corpus at %s (%d images)", root, summary["images"])
-    if previous is not None:
-        storage.remove(marker)  # from here on the corpus is incomplete until rewritten
-    stale = set(classes) | set(previous.get("classes", []) if isinstance(previous, dict) else [])
-    _remove_own_files(root, sorted(stale))
+    planned = _planned_files(params)
+    marker = storage.join(root, MARKER_NAME)
+    # Claim every file this run may write before writing any: if it is interrupted, the next run
+    # still knows them all as its own. Until rewritten below, the corpus reads as incomplete.
+    in_progress = sorted((owned - {MARKER_NAME}) | set(planned))
+    storage.write_bytes(marker, _marker_bytes(params, in_progress, complete=False))
+    # Only files the marker recorded as ours, and leftovers of our own interrupted writes.
+    keep = set(planned) | {MARKER_NAME}
+    for path in existing:
+        if path not in keep:
+            storage.remove(storage.join(root, path))
     for class_index, name in enumerate(classes):
         for index in range(images_per_class):
             # One generator per image: any image can be regenerated alone and the corpus does
@@ -265,5 +365,5 @@ def generate_corpus(
         rng = np.random.default_rng([seed, 10_000 + i])
         valid = encode_png(render_image(classes[i % len(classes)], image_size, rng, background))
         storage.write_bytes(storage.join(root, f"{key}.png"), _corrupt_bytes(i, valid))
-    storage.write_bytes(marker, json.dumps(params, indent=2).encode())
+    storage.write_bytes(marker, _marker_bytes(params, planned, complete=True))
     return {**summary, "generated": True}
