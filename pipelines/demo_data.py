@@ -36,6 +36,7 @@ import pyarrow.fs as pafs
 from PIL import Image, ImageDraw
 
 from pipelines import storage
+from pipelines.errors import ConfigError
 from pipelines.images import encode_png
 
 log = logging.getLogger("vqpipe")
@@ -53,7 +54,7 @@ _PARTIAL = re.compile(r"\.[0-9a-f]{8}" + re.escape(storage.TMP_SUFFIX) + "$")
 _EXAMPLES_SHOWN = 5
 
 
-class NotADemoCorpusError(ValueError):
+class NotADemoCorpusError(ConfigError):
     """The demo corpus folder holds files that the generator did not write (or is not a folder)."""
 
     def __init__(self, root: str, reason: str):

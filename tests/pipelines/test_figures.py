@@ -161,7 +161,11 @@ def test_default_panel_draws_every_metric_given():
 def test_specs_name_every_metric_the_autoencoder_stage_logs(kind):
     """The curves must follow the names training really logs, or the figures come out empty."""
     from pipelines.config import TrainVQVAESection
-    from pipelines.train_vqvae import autoencoder_loss, build_autoencoder, evaluate_autoencoder
+    from pipelines.stages.train_vqvae import (
+        autoencoder_loss,
+        build_autoencoder,
+        evaluate_autoencoder,
+    )
 
     extra = {"downsample": 4} if kind == "dvae" else {}
     section = TrainVQVAESection(kind=kind, model={**SMALL_MODEL, **extra})
@@ -179,16 +183,17 @@ def test_specs_name_every_metric_the_autoencoder_stage_logs(kind):
 
 def test_specs_name_every_metric_the_prior_stage_logs():
     from pipelines.config import TrainPriorSection
-    from pipelines.train_prior import evaluate_prior, plan_priors, prior_loss
+    from pipelines.stages.train_prior import evaluate_prior, plan_priors, prior_loss
     from tests.pipelines.conftest import tiny_raw_config
+    from tests.pipelines.test_train_prior import tokenize_manifest
     from vq_core.checkpoint import model_from_config
 
-    tokenized = {
-        "levels": ["top", "bottom"],
-        "codebook_sizes": {"top": 8, "bottom": 8},
-        "code_shapes": {"top": [2, 2], "bottom": [4, 4]},
-        "class_names": ["circle", "square"],
-    }
+    tokenized = tokenize_manifest(
+        levels=["top", "bottom"],
+        codebook_sizes={"top": 8, "bottom": 8},
+        code_shapes={"top": [2, 2], "bottom": [4, 4]},
+        class_names=["circle", "square"],
+    )
     section = TrainPriorSection(**tiny_raw_config("out", "corpus")["train_prior"])
     rng = np.random.default_rng(0)
     batch = {
