@@ -164,7 +164,12 @@ def replicate_corpus(source: str, target: str, copies: int) -> int:
 def make_config(workdir: str, corpus: str, args: argparse.Namespace, shard_max: int):
     raw = {
         "output_dir": os.path.join(workdir, "out-" + os.path.basename(corpus)),
-        "data": {"source": corpus, "image_size": args.image_size, "holdout_fraction": 0.05},
+        "data": {
+            "source": corpus,
+            "image_size": args.image_size,
+            "validation_fraction": 0.05,
+            "test_fraction": 0.05,
+        },
         "ray": {"num_cpus": args.num_cpus},
         "train_vqvae": {"kind": "vqvae2", "model": MODEL},
         "tokenize": {

@@ -58,7 +58,20 @@ class DataSection(Section):
     format: Literal["auto", "folder", "webdataset", "parquet"] = "auto"
     image_size: int | tuple[int, int] = 64
     channels: Literal[1, 3] = 3
-    holdout_fraction: float = Field(0.05, ge=0.0, lt=1.0)
+    validation_fraction: float = Field(
+        0.05,
+        ge=0.0,
+        lt=1.0,
+        description="Share of keys (by key hash) that picks checkpoints: the best prior and the "
+        "training stages' held-out curves.",
+    )
+    test_fraction: float = Field(
+        0.05,
+        ge=0.0,
+        lt=1.0,
+        description="Share of keys (by key hash) behind the published figures (evaluate stage); "
+        "never used to select anything.",
+    )
     on_bad_input: Literal["skip", "fail"] = "skip"
     class_names: list[str] | None = Field(
         None,
@@ -68,6 +81,26 @@ class DataSection(Section):
     label_column: str = "label"
     key_column: str | None = None
     generate: GenerateSection | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_holdout_fraction(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "holdout_fraction" in data:
+            raise ValueError(
+                f"data.holdout_fraction (got {data['holdout_fraction']!r}) was replaced by two "
+                "keys: data.validation_fraction (selects checkpoints) and data.test_fraction (the "
+                "published figures); set those instead"
+            )
+        return data
+
+    @model_validator(mode="after")
+    def _fractions_leave_training_data(self) -> DataSection:
+        if self.validation_fraction + self.test_fraction >= 1.0:
+            raise ValueError(
+                f"data.validation_fraction ({self.validation_fraction}) + data.test_fraction "
+                f"({self.test_fraction}) must be below 1, or nothing is left to train on"
+            )
+        return self
 
     @field_validator("source")
     @classmethod
@@ -113,7 +146,21 @@ class TrainingKnobs(Section):
     eval_every: int = Field(200, gt=0)
     checkpoint_every: int = Field(200, gt=0)
     max_failures: int = Field(2, ge=0)
-    holdout_batches: int = Field(4, gt=0, description="Held-out batches per evaluation.")
+    holdout_batches: int = Field(
+        4, gt=0, description="Validation batches per evaluation (a fixed key-hash subset)."
+    )
+    shuffle_buffer: int = Field(
+        2048,
+        gt=0,
+        description="Rows in the local shuffle buffer that mixes what each worker reads (after "
+        "the per-epoch permutation of files, row groups or shards).",
+    )
+    torch_threads: int | None = Field(
+        None,
+        gt=0,
+        description="Torch threads per training worker. Default: with a local Ray, the machine's "
+        "CPUs divided among the workers; on a cluster, cpus_per_worker.",
+    )
     fail_at_step: int | None = Field(
         None,
         gt=0,

@@ -20,8 +20,8 @@ without its extension (folder), the sample's ``__key__`` (webdataset), the key c
 component, see ``sanitize_key``). Two files that differ only by extension (``a.png``, ``a.jpg``)
 share a key; keep one per name.
 
-The split of a row is a hash of its key (``split_of``), so adding images never moves old ones
-between train and holdout. Decoding follows the rules of ``pipelines.images.decode_image``.
+The split of a row (train, validation or test) is a hash of its key (``split_of``), so adding
+images never moves old ones between splits. Decoding follows the rules of ``pipelines.images.decode_image``.
 
 Bad inputs (empty, truncated or undecodable files, samples without an image or label) are dropped
 from the stream and logged with ``data.on_bad_input: skip``; ``Corpus.dataset(keep_errors=True)``
@@ -44,17 +44,20 @@ from pipelines import storage
 from pipelines.config import DataSection
 from pipelines.errors import BadInputError, InputError, MissingInputError
 from pipelines.images import BadImageError, decode_image
-from pipelines.keys import in_key_set, key_hashes, sanitize_key, split_of
+from pipelines.keys import SPLITS as KEY_SPLITS
+from pipelines.keys import in_key_set, key_hash, key_hashes, sanitize_key, split_of
 
 log = logging.getLogger("vqpipe")
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "bmp", "webp", "gif")
 # WebDataset shards commonly also use the netpbm and TIFF suffixes.
 WDS_IMAGE_EXTENSIONS = (*IMAGE_EXTENSIONS, "ppm", "pgm", "pbm", "pnm", "tif", "tiff")
-SPLITS = ("train", "holdout", "all")
+SPLITS = (*KEY_SPLITS, "all")
 # Images decoded per call: large enough to amortise Python overhead, small enough that a batch of
 # 256x256 RGB images (12 MiB at 64) stays well below Ray's block size target.
 DECODE_BATCH = 64
+# Image files per work unit of a folder corpus (see Corpus.units).
+FOLDER_UNIT_FILES = 256
 
 
 # -------------------------------------------------------------------------------------------------
@@ -138,7 +141,8 @@ class _ReadSpec:
     num_classes: int
     size_hw: tuple[int, int]
     channels: int
-    holdout_fraction: float
+    validation_fraction: float
+    test_fraction: float
     split: str
     keep_errors: bool
     on_bad_input: str
@@ -230,7 +234,7 @@ def _decode_batch(batch: dict, spec: _ReadSpec) -> dict[str, np.ndarray]:
     """Raw rows of one format -> key, image, label, split (+ error, source) for ``spec.split``."""
     rows = _EXTRACTORS[spec.format](batch, spec)
     keys = rows["key"]
-    splits = [split_of(k, spec.holdout_fraction) for k in keys]
+    splits = [split_of(k, spec.validation_fraction, spec.test_fraction) for k in keys]
     wanted = np.array([spec.split in ("all", s) for s in splits], dtype=bool)
     skip = _skip_hashes(spec)
     if skip is not None:
@@ -459,8 +463,6 @@ class Corpus:
         """
         import ray
 
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         skip_ref = None
         if skip_keys is not None:
             hashes = (
@@ -470,15 +472,28 @@ class Corpus:
             )
             if len(hashes):
                 skip_ref = ray.put(np.sort(hashes))
+        spec = self.read_spec(split, keep_errors=keep_errors, skip_ref=skip_ref)
+        return self._raw(spec).map_batches(
+            _decode_batch,
+            batch_size=DECODE_BATCH,
+            batch_format="numpy",
+            fn_kwargs={"spec": spec},
+        )
+
+    def read_spec(self, split: str, *, keep_errors: bool, skip_ref: Any = None) -> _ReadSpec:
+        """What a reader task needs to decode rows of ``split`` (see ``dataset``)."""
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         root = self.cfg.source if self.format == "folder" else ""
-        spec = _ReadSpec(
+        return _ReadSpec(
             format=self.format,
             root_path=_fs_path(root).rstrip("/") if root else "",
             class_index={name: i for i, name in enumerate(self.class_names)},
             num_classes=len(self.class_names),
             size_hw=tuple(self.cfg.size_hw),
             channels=self.cfg.channels,
-            holdout_fraction=self.cfg.holdout_fraction,
+            validation_fraction=self.cfg.validation_fraction,
+            test_fraction=self.cfg.test_fraction,
             split=split,
             keep_errors=keep_errors,
             on_bad_input=self.cfg.on_bad_input,
@@ -487,12 +502,80 @@ class Corpus:
             image_column=self.cfg.image_column,
             key_column=self.cfg.key_column,
         )
-        return self._raw(spec).map_batches(
-            _decode_batch,
-            batch_size=DECODE_BATCH,
-            batch_format="numpy",
-            fn_kwargs={"spec": spec},
-        )
+
+    # ---------------------------------------------------------------------------------------------
+    # Work units: the corpus cut into pieces that do not depend on scheduling
+
+    def units(self) -> list[dict[str, Any]]:
+        """The corpus as a deterministic list of small work units (JSON-able dicts).
+
+        Folder: the image files sorted by key hash, in groups of ``FOLDER_UNIT_FILES`` (so every
+        unit is a class-blind sample of the corpus, whatever order the folders list in);
+        webdataset: one unit per shard; parquet: one unit per row group. The list, and what each
+        unit holds, depend on the corpus alone, never on how Ray schedules the reads.
+        """
+        if self.format == "folder":
+            root = _fs_path(self.cfg.source).rstrip("/")
+            files = []
+            for class_dir in self.files:
+                for uri in storage.list_files(class_dir):
+                    name = os.path.basename(uri)
+                    ext = name.rsplit(".", 1)[-1].lower() if "." in name else ""
+                    if ext in IMAGE_EXTENSIONS and not name.startswith((".", "_")):
+                        rel = _fs_path(uri)[len(root) :].lstrip("/")
+                        files.append((key_hash(sanitize_key(os.path.splitext(rel)[0])), uri))
+            files.sort()
+            uris = [uri for _, uri in files]
+            return [
+                {"files": uris[i : i + FOLDER_UNIT_FILES]}
+                for i in range(0, len(uris), FOLDER_UNIT_FILES)
+            ]
+        if self.format == "webdataset":
+            return [{"files": [uri]} for uri in self.files]
+        columns = [self.cfg.image_column, self.cfg.label_column]
+        if self.cfg.key_column:
+            columns.append(self.cfg.key_column)
+        return _parquet_row_groups(self.files, columns)
+
+    def read_unit(self, unit: dict[str, Any], spec: _ReadSpec) -> dict[str, np.ndarray] | None:
+        """Decode one work unit of ``units`` (rows in a fixed order) with ``spec``; None when no
+        row is left."""
+        if self.format == "folder":
+            raw: dict[str, list] = {"path": [], "bytes": []}
+            for uri in unit["files"]:
+                raw["path"].append(_fs_path(uri))
+                raw["bytes"].append(storage.read_bytes(uri))
+        elif self.format == "webdataset":
+            raw = _read_wds_shard(unit["files"][0])
+        else:
+            items = {k: [unit[k]] for k in ("uri", "row_group", "first_row")}
+            raw = next(_read_row_groups(items, self.cfg.source, spec))
+        if not len(next(iter(raw.values()), [])):
+            return None
+        out = _decode_batch(raw, spec)
+        return out if isinstance(out, dict) else None  # a typed empty table: no row left
+
+
+def _read_wds_shard(uri: str) -> dict[str, list]:
+    """One WebDataset shard as the raw columns Ray's reader gives (``__key__``, ``__url__``,
+    ``image``, ``cls``), samples in tar order."""
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    raw: dict[str, list] = {"__key__": [], "__url__": [], "image": [], "cls": []}
+    fs, path = storage.resolve(uri)
+    with fs.open_input_stream(path) as stream:
+        for sample in group_by_keys(tar_file_expander([{"url": uri, "stream": stream}])):
+            image = cls = None
+            for field, value in sample.items():
+                if field.lower() in WDS_IMAGE_EXTENSIONS:
+                    image = value
+                elif field == "cls":
+                    cls = value
+            raw["__key__"].append(sample["__key__"])
+            raw["__url__"].append(uri)
+            raw["image"].append(image)
+            raw["cls"].append(cls)
+    return raw
 
 
 def _count_classes(corpus_format: str, files: list[str], label_column: str) -> int:

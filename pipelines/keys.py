@@ -2,8 +2,12 @@
 
 A key names one image for as long as the corpus does (``pipelines.corpus`` says how each layout
 makes them). Decisions that must not depend on the order rows arrive in, or on which images were
-added later, are functions of the key: the train/holdout split, the class-blind subsets used for
-metrics, and the compact hash sets that let a resumed tokenize skip finished images.
+added later, are functions of the key: the train/validation/test split, the class-blind subsets
+used for metrics, and the compact hash sets that let a resumed tokenize skip finished images.
+
+Three splits, one job each: ``train`` fits the models; ``validation`` picks checkpoints (the best
+prior, the training stages' held-out curves); ``test`` gives the figures the report and the
+manifests publish, and nothing is ever selected on it, so those figures are not optimistic.
 """
 
 from __future__ import annotations
@@ -33,23 +37,74 @@ def sanitize_key(raw: str) -> str:
     return "/".join(parts)
 
 
+SPLITS = ("train", "validation", "test")
+
+
 def _unit_hash(key: str) -> float:
     return int.from_bytes(hashlib.sha1(key.encode()).digest()[:8], "big") / 2.0**64
 
 
-def split_of(key: str, fraction: float) -> str:
-    """Return "holdout" for a deterministic ``fraction`` of keys and "train" for the rest.
+def check_split_fractions(validation_fraction: float, test_fraction: float) -> None:
+    for name, value in (("validation", validation_fraction), ("test", test_fraction)):
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"the {name} fraction must be in [0, 1), got {value}")
+    if validation_fraction + test_fraction >= 1.0:
+        raise ValueError(
+            f"validation fraction {validation_fraction} + test fraction {test_fraction} leave no "
+            "training images; their sum must be below 1"
+        )
+
+
+def split_of(key: str, validation_fraction: float, test_fraction: float) -> str:
+    """ "test", "validation" or "train" for ``key``: deterministic fractions of the key space.
 
     The split is a function of the key alone, so it is the same in every stage and every run,
-    and images added to a corpus later never move existing ones between splits.
+    and images added to a corpus later never move existing ones between splits. Test takes the
+    lowest hashes, validation the next band, so changing the validation fraction never moves a
+    key into or out of the test split.
     """
-    if not 0.0 <= fraction < 1.0:
-        raise ValueError(f"holdout fraction must be in [0, 1), got {fraction}")
-    return "holdout" if _unit_hash(key) < fraction else "train"
+    check_split_fractions(validation_fraction, test_fraction)
+    return split_of_hash(_unit_hash(key), validation_fraction, test_fraction)
 
 
-def _key_hash(key: str) -> int:
+def split_of_hash(unit_hash: float, validation_fraction: float, test_fraction: float) -> str:
+    """The split of a key whose ``unit_hashes`` value is ``unit_hash`` (see ``split_of``)."""
+    if unit_hash < test_fraction:
+        return "test"
+    if unit_hash < test_fraction + validation_fraction:
+        return "validation"
+    return "train"
+
+
+def unit_hashes(keys: Iterable[str]) -> np.ndarray:
+    """Each key's position in [0, 1) that ``split_of`` compares with the fractions (float64).
+
+    Stored beside decoded images so a reader picks a split with one vectorised comparison.
+    """
+    return np.fromiter((_unit_hash(k) for k in keys), dtype=np.float64)
+
+
+def split_mask(
+    hashes: np.ndarray, split: str, validation_fraction: float, test_fraction: float
+) -> np.ndarray:
+    """Which rows of ``unit_hashes`` fall in ``split`` ("all" keeps every row)."""
+    if split == "all":
+        return np.ones(len(hashes), dtype=bool)
+    if split == "test":
+        return hashes < test_fraction
+    if split == "validation":
+        return (hashes >= test_fraction) & (hashes < test_fraction + validation_fraction)
+    if split == "train":
+        return hashes >= test_fraction + validation_fraction
+    raise ValueError(f"split must be one of {(*SPLITS, 'all')}, got {split!r}")
+
+
+def key_hash(key: str) -> int:
+    """A 64-bit hash of ``key``: the order of ``smallest_by_key_hash`` and of ``key_hashes``."""
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big")
+
+
+_key_hash = key_hash
 
 
 def smallest_by_key_hash(items: Iterable[tuple[str, Any]], limit: int) -> list[tuple[str, Any]]:

@@ -10,8 +10,9 @@ Each sample is one input image:
 
 Keys are the corpus keys (``pipelines.keys``): "/"-separated, no dot in the last component, so a
 WebDataset reader splits ``circle/00012.top.npy`` into key ``circle/00012`` and field ``top.npy``.
-The sample's split is not stored: it is ``pipelines.keys.split_of(key, holdout_fraction)``, the same
-function that split the images, with the fraction recorded in the tokenize manifest.
+The sample's split is not stored: it is ``pipelines.keys.split_of(key, validation_fraction,
+test_fraction)``, the same function that split the images, with the fractions recorded in the
+tokenize manifest.
 
 A shard's name is a hash of the keys it holds. Writing is atomic (temporary name, then rename), so a
 name that exists is a complete shard; and a writer that is retried after a crash rewrites the same
@@ -31,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from pipelines import storage
-from pipelines.keys import split_of
+from pipelines.keys import SPLITS, split_mask, unit_hashes
 from pipelines.manifest import ManifestModel
 
 SHARD_PATTERN = re.compile(r"^codes-[0-9a-f]{12}\.tar$")
@@ -49,13 +50,14 @@ class ShardEntry(ManifestModel):
 
 class CodeShards(ManifestModel):
     """A set of code shards and what a reader needs to know to read them: the levels in order,
-    each level's map shape and stored dtype, and the holdout fraction that splits the keys."""
+    each level's map shape and stored dtype, and the fractions that split the keys."""
 
     shards: list[ShardEntry]
     levels: list[str]
     code_shapes: dict[str, list[int]]  # level -> [h, w]
     code_dtypes: dict[str, str]  # level -> numpy dtype name
-    holdout_fraction: float
+    validation_fraction: float
+    test_fraction: float
 
 
 def code_dtype(num_codes: int) -> np.dtype:
@@ -210,14 +212,12 @@ def _decode_code_batch(
     levels: list[str],
     shapes: dict[str, list[int]],
     dtypes: dict[str, str],
-    holdout_fraction: float,
+    fractions: tuple[float, float],
     split: str,
     as_int64: bool,
 ) -> dict[str, np.ndarray]:
     keys = [str(k) for k in batch["__key__"]]
-    wanted = [
-        i for i, k in enumerate(keys) if split == "all" or split_of(k, holdout_fraction) == split
-    ]
+    wanted = np.flatnonzero(split_mask(unit_hashes(keys), split, *fractions)).tolist()
     out: dict[str, np.ndarray] = {
         "key": np.array([keys[i] for i in wanted], dtype=object),
         "label": np.array(
@@ -243,12 +243,15 @@ def code_dataset(codes: CodeShards, split: str = "train", *, as_int64: bool = Tr
 
     Columns: key (str), label (int64) and one h x w array column per level. Codes come as int64
     (``as_int64``), what embedding layers index with; ``as_int64=False`` keeps the stored dtype.
-    ``split`` is "train", "holdout" or "all".
+    ``split`` is "train", "validation", "test" or "all".
+
+    For metrics, not training: training reads shards through ``pipelines.epochs.EpochReader``,
+    whose order does not depend on scheduling.
     """
     import ray
 
-    if split not in ("train", "holdout", "all"):
-        raise ValueError(f"split must be 'train', 'holdout' or 'all', got {split!r}")
+    if split not in (*SPLITS, "all"):
+        raise ValueError(f"split must be one of {(*SPLITS, 'all')}, got {split!r}")
     uris = [shard.uri for shard in codes.shards]
     if not uris:
         raise ValueError("the tokenize manifest lists no shards (was the corpus empty?)")
@@ -263,7 +266,7 @@ def code_dataset(codes: CodeShards, split: str = "train", *, as_int64: bool = Tr
             "levels": list(codes.levels),
             "shapes": dict(codes.code_shapes),
             "dtypes": dict(codes.code_dtypes),
-            "holdout_fraction": codes.holdout_fraction,
+            "fractions": (codes.validation_fraction, codes.test_fraction),
             "split": split,
             "as_int64": as_int64,
         },

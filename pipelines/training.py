@@ -7,13 +7,14 @@ everything else the same way for the autoencoder and for each prior:
   CPUs/GPUs, failures allowed, checkpoints kept) with a run name and storage path that make a second
   run of the same job resume the first one;
 - worker side, ``fit`` reads like single-process PyTorch: prepare the model (DDP when there is more
-  than one worker), Adam, a step-based loop over epochs of this worker's data shard, metrics to
-  MLflow from rank 0, evaluation on rank 0, and ``ray.train.report`` with a checkpoint every
+  than one worker), Adam, a step-based loop over epochs of this worker's data (an
+  ``pipelines.epochs.EpochReader``: seeded, per rank, the same batches whatever the load), metrics
+  to MLflow from rank 0, evaluation on rank 0, and ``ray.train.report`` with a checkpoint every
   ``checkpoint_every`` steps and at the end.
 
 A Ray Train checkpoint is a folder with ``model.pt`` (the vq_core checkpoint format, so any
 checkpoint doubles as a usable model) and ``optimizer.pt`` (Adam's state). Resuming restores both and
-continues from the saved step; it does not restart the schedule.
+continues from the saved step, at the saved epoch and batch; it does not restart the schedule.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ from ray.train.torch import TorchTrainer
 from torch import nn
 
 from pipelines import storage
-from pipelines.config import TrainingKnobs
+from pipelines.config import RaySection, TrainingKnobs
+from pipelines.epochs import EpochReader
 from pipelines.tracking import TrackingContext
 from vq_core.checkpoint import load_checkpoint, save_checkpoint, unwrap_model
 
@@ -74,7 +76,7 @@ def run_trainer(
     name: str,
     stage_dir: str,
     knobs: TrainingKnobs,
-    datasets: Mapping[str, Any],
+    datasets: Mapping[str, Any] | None = None,
 ):
     """Run one Ray Train job and return its ``ray.train.Result`` (with a final checkpoint).
 
@@ -99,7 +101,7 @@ def run_trainer(
             failure_config=FailureConfig(max_failures=knobs.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
-        datasets=dict(datasets),
+        datasets=dict(datasets or {}),
     )
     log.info(
         "%s: %d step(s) on %d worker(s), checkpoints under %s",
@@ -112,6 +114,25 @@ def run_trainer(
     if result.checkpoint is None:
         raise RuntimeError(f"Ray Train run {name!r} finished without a checkpoint in {ray_dir}")
     return result
+
+
+def is_local_ray(ray_section: RaySection) -> bool:
+    """Whether the stages run on a Ray started in this process (not a cluster's)."""
+    return not (ray_section.address or os.environ.get("RAY_ADDRESS"))
+
+
+def training_threads(knobs: TrainingKnobs, local: bool) -> int:
+    """Torch threads per training worker.
+
+    Training reads no Ray Data while it runs, so with a local Ray the workers may use the whole
+    machine: its CPUs divided among them. On a cluster, what each worker reserved.
+    """
+    if knobs.torch_threads is not None:
+        return knobs.torch_threads
+    if local:
+        total = int(ray.cluster_resources().get("CPU", 0)) or os.cpu_count() or 1
+        return max(1, total // knobs.num_workers)
+    return max(1, int(knobs.cpus_per_worker))
 
 
 def _check_cpu_budget(knobs: TrainingKnobs) -> None:
@@ -221,11 +242,12 @@ def _save(
 
 def _restore(
     model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device, best: _Best
-) -> int:
-    """Load the latest Ray Train checkpoint, if any, into model and optimizer; returns its step."""
+) -> tuple[int, dict[str, int]]:
+    """Load the latest Ray Train checkpoint, if any, into model and optimizer; returns its step
+    and where in the data it was (epoch, batches of that epoch done)."""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
-        return 0
+        return 0, {"epoch": 0, "epoch_batch": 0}
     bare = unwrap_model(model)
     with checkpoint.as_directory() as directory:
         # The expected config guards against resuming from a run of a different model.
@@ -241,7 +263,8 @@ def _restore(
             )
         )
         best.restore(directory, device)
-    return int(extra["step"])
+    position = {k: int(extra.get(k, 0)) for k in ("epoch", "epoch_batch")}
+    return int(extra["step"]), position
 
 
 class _Window:
@@ -327,10 +350,12 @@ class _Loop:
         self.train_means: dict[str, float] = {}
         self.evaluation: dict[str, float] = {}
         self.window_started = time.perf_counter()
+        # Where in the data the next step's batch comes from; saved in checkpoints.
+        self.position = {"epoch": 0, "epoch_batch": 0}
 
     def resume(self) -> int:
         """Restore the latest checkpoint, if any; returns the step to continue from."""
-        step = _restore(self.model, self.optimizer, self.device, self.best)
+        step, self.position = _restore(self.model, self.optimizer, self.device, self.best)
         if step:
             log.info("rank %d resumes at step %d of %d", self.rank, step, self.knobs.steps)
             self.tracking.log_metrics({f"{self.prefix}resumed_at_step": step}, step=step)
@@ -370,7 +395,8 @@ class _Loop:
 
     def checkpoint(self, step: int) -> None:
         metrics = {"step": step, **self.train_means, **self.evaluation}
-        _report(self.model, self.optimizer, self.rank, metrics, self.extra, self.best)
+        extra = {**self.extra, **self.position}
+        _report(self.model, self.optimizer, self.rank, metrics, extra, self.best)
 
     def after_step(self, step: int, start_step: int) -> None:
         """Log, evaluate and checkpoint when due; evaluation and checkpoints are not step time."""
@@ -396,6 +422,7 @@ def fit(
     loss_fn: LossFn,
     knobs: TrainingKnobs,
     *,
+    data: EpochReader,
     evaluate_fn: EvaluateFn | None = None,
     tracking: TrackingContext | None = None,
     metric_prefix: str = "",
@@ -404,15 +431,19 @@ def fit(
     checkpoint_extra: dict[str, Any] | None = None,
     seed: int = 0,
     select_metric: str | None = None,
+    threads: int | None = None,
 ) -> None:
-    """Train ``model`` for ``knobs.steps`` optimizer steps on this worker's "train" dataset shard.
+    """Train ``model`` for ``knobs.steps`` optimizer steps on this worker's batches of ``data``.
 
     Call from a Ray Train ``train_loop_per_worker``. Every rank runs the same number of steps and
     reports at the same steps (``ray.train.report`` is a barrier); rank 0 alone evaluates, logs to
     MLflow and writes checkpoints. Metrics are logged as ``<metric_prefix><name>`` at the global step.
     With ``select_metric`` (a key of evaluate_fn's result, lower is better), checkpoints also keep
-    the weights that scored best on it, for ``load_final_model(prefer_best=True)``.
+    the weights that scored best on it, for ``load_final_model(prefer_best=True)``. ``threads``
+    sets torch's intra-op threads (see ``training_threads``).
     """
+    if threads is not None:
+        torch.set_num_threads(threads)
     loop = _Loop(
         model,
         loss_fn,
@@ -428,28 +459,40 @@ def fit(
     # Different noise per rank and per attempt (dropout, Gumbel), reproducible for a given run.
     torch.manual_seed(seed + 1000 * loop.rank + start_step)
 
-    shard = ray.train.get_dataset_shard("train")
     step = start_step
+    epoch, done = loop.position["epoch"], loop.position["epoch_batch"]
     while step < knobs.steps:
         batches = 0
-        for batch in shard.iter_torch_batches(
-            batch_size=knobs.batch_size,
-            dtypes=dtypes,
-            device=loop.device,
-            local_shuffle_buffer_size=4 * knobs.batch_size,
-            local_shuffle_seed=seed + step,
-        ):
+        stream = data.batches(epoch, loop.rank, loop.world_size, knobs.batch_size)
+        for index, batch in enumerate(stream):
+            if index < done:
+                continue  # trained on before the checkpoint this run resumed from
             batches += 1
-            loop.train_step(batch, step)
+            loop.position = {"epoch": epoch, "epoch_batch": index + 1}
+            loop.train_step(_to_torch(batch, dtypes, loop.device), step)
             step += 1
             loop.after_step(step, start_step)
             if step >= knobs.steps:
                 break
-        if batches == 0:
+        if batches == 0 and done == 0:
             raise ValueError(
-                f"the training data shard of rank {loop.rank} yielded no batches; the training "
-                f"split is empty or smaller than the number of workers ({loop.world_size})"
+                f"the {data.split} split gave rank {loop.rank} no batches in epoch {epoch}; it is "
+                f"empty or holds fewer rows than there are workers ({loop.world_size})"
             )
+        epoch, done = epoch + 1, 0
+
+
+def _to_torch(
+    batch: dict[str, np.ndarray], dtypes: dict[str, torch.dtype] | None, device: torch.device
+) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, values in batch.items():
+        dtype = (dtypes or {}).get(name)
+        if dtype == torch.int64 and values.dtype != np.int64:
+            values = values.astype(np.int64)  # stored uint8/uint16 codes; torch indexes with int64
+        tensor = torch.from_numpy(np.ascontiguousarray(values))
+        out[name] = (tensor if dtype is None else tensor.to(dtype)).to(device)
+    return out
 
 
 def _evaluate(

@@ -1,17 +1,20 @@
 """Stage 5: measure what the pipeline produced, and write a one-page report.
 
-On the held-out split of the corpus:
+Every figure here comes from the test split (``data.test_fraction`` of the keys, by key hash),
+which nothing upstream selects on: the validation split picks checkpoints in the training stages,
+so figures measured on it would be optimistic. Each subset below is a fixed key-hash subset
+(``smallest_by_key_hash``), class-blind and the same in every run. On the test split:
 
 - reconstruction: mean squared error of decode(encode(x)) on images in [-1, 1] (reconstructions
   clipped to [-1, 1], as when they are saved), and PSNR on the [0, 1] scale, i.e.
   10 log10(1 / (MSE / 4)) dB, over the first ``holdout_batches`` batches;
 - codebooks: usage (fraction of the K codes that occur) and perplexity (exp of the entropy of the
-  code histogram) per level, over every held-out code in the tokenize stage's shards, not per batch;
-- priors: negative log-likelihood of the held-out code maps in bits per code, beside log2(K), the
+  code histogram) per level, over every test code in the tokenize stage's shards, not per batch;
+- priors: negative log-likelihood of the test code maps in bits per code, beside log2(K), the
   cost of a uniform guess.
 
 On the sample stage's images, the Classification Accuracy Score (CAS, Ravuri & Vinyals 2019): a
-classifier trained only on generated images, tested on real held-out images, reported beside the
+classifier trained only on generated images, tested on real test images, reported beside the
 same classifier trained on real train images for the same number of steps, and beside that real
 classifier's accuracy on the generated images (does each sample look like its class?). Accuracies
 are among the sampled classes only, so sampling a subset of classes is still a fair comparison.
@@ -221,11 +224,11 @@ def classification_metrics(
     if len(sampled) < 2:
         return {}, "fewer than 2 classes were sampled; a classifier needs at least 2"
     holdout = labelled_images(
-        open_corpus(ctx.cfg.data).dataset("holdout"), cfg.max_images, size=input_size
+        open_corpus(ctx.cfg.data).dataset("test"), cfg.max_images, size=input_size
     )
     holdout = holdout.subset(np.isin(holdout.labels.numpy(), sampled))
     if len(holdout) == 0:
-        return {}, "the held-out split has no images of the sampled classes"
+        return {}, "the test split has no images of the sampled classes"
 
     log.info("evaluate: CAS classifier on %d generated images", len(generated))
     on_generated = train_classifier(
@@ -274,17 +277,15 @@ def _load(uri: str, device: torch.device) -> torch.nn.Module:
 def _reconstruction(
     ctx: StageContext, autoencoder: torch.nn.Module, metrics: dict[str, float], notes: list[str]
 ) -> np.ndarray | None:
-    """Add the held-out reconstruction metrics; return the reconstruction grid (None if empty)."""
+    """Add the test reconstruction metrics; return the reconstruction grid (None if empty)."""
     from pipelines.corpus import open_corpus
 
     cfg = ctx.cfg.evaluate
-    log.info("evaluate: reconstruction on the held-out split")
-    holdout_ds = open_corpus(ctx.cfg.data).dataset("holdout")
+    log.info("evaluate: reconstruction on the test split")
+    holdout_ds = open_corpus(ctx.cfg.data).dataset("test")
     holdout = labelled_images(holdout_ds, cfg.holdout_batches * cfg.batch_size)
     if not len(holdout):
-        notes.append(
-            "The held-out split is empty (data.holdout_fraction = 0): no reconstruction metrics."
-        )
+        notes.append("The test split is empty (data.test_fraction = 0): no reconstruction metrics.")
         return None
     recon, grid = reconstruction_metrics(autoencoder, holdout, cfg.batch_size, cfg.grid_images)
     metrics.update(recon)
@@ -294,16 +295,16 @@ def _reconstruction(
 def _codes_and_priors(
     ctx: StageContext, up: Upstream, device: torch.device, metrics: dict[str, float]
 ) -> None:
-    """Add codebook usage per level and each prior's held-out bits per code."""
+    """Add codebook usage per level and each prior's bits per code, on the test split."""
     from pipelines.shards import code_dataset
 
     cfg = ctx.cfg.evaluate
-    log.info("evaluate: codebooks and priors on the held-out code shards")
+    log.info("evaluate: codebooks and priors on the test split of the code shards")
     priors = {
         level: (_load(entry.checkpoint, device), entry.condition)
         for level, entry in up.priors.priors.items()
     }
-    codes = code_dataset(up.tok, split="holdout")
+    codes = code_dataset(up.tok, split="test")
     # Which maps fall in the first holdout_batches batches must not depend on scheduling.
     codes.context.execution_options.preserve_order = True
     metrics.update(
@@ -382,6 +383,11 @@ def _summary_section(up: Upstream, notes: list[str]) -> Section:
             f"code maps: {shapes}.",
             f"Corpus: {tok.samples} images tokenized ({splits}), classes: "
             f"{', '.join(vq.class_names) or 'none (unconditional)'}.",
+            "Splits are by key hash (data.validation_fraction, data.test_fraction). The training "
+            "stages select on the validation split (the best prior step, the held-out curves); "
+            "every figure in this report is measured on the test split, which nothing selects "
+            "on. The models were trained on the train split only; the CAS reference classifier "
+            "too.",
             *notes,
         ],
     )
@@ -391,7 +397,7 @@ def _reconstruction_section(metrics: dict[str, float], recon_grid: np.ndarray | 
     from pipelines.images import encode_png
 
     section = Section(
-        "Reconstruction (held-out images)",
+        "Reconstruction (test split)",
         [
             "MSE is measured on images scaled to [-1, 1], with reconstructions clipped to that range. "
             "PSNR is on the [0, 1] scale: 10 log10(1 / (MSE / 4)) dB."
@@ -401,14 +407,14 @@ def _reconstruction_section(metrics: dict[str, float], recon_grid: np.ndarray | 
             [
                 ("holdout/mse", "mean squared error, images in [-1, 1]"),
                 ("holdout/psnr", "dB, [0, 1] scale"),
-                ("holdout/images", "held-out images measured"),
+                ("holdout/images", "test images measured"),
             ],
         ),
     )
     if recon_grid is not None:
         section.figures.append(
             Figure(
-                "Held-out images (top) and their reconstructions (bottom)",
+                "Test images (top) and their reconstructions (bottom)",
                 "figures/reconstructions.png",
                 encode_png(recon_grid),
             )
@@ -420,7 +426,7 @@ def _codebook_section(up: Upstream, metrics: dict[str, float]) -> Section:
     return Section(
         "Codebooks",
         [
-            "Over every held-out code map "
+            "Over every code map of the test split "
             f"({int(metrics.get('holdout/code_maps', 0))} maps). Usage is the fraction of codes that "
             "occur; perplexity is exp(entropy) of the code histogram, the number of equally likely "
             "codes with the same spread (at most K)."
@@ -465,7 +471,7 @@ def _prior_section(ctx: StageContext, up: Upstream, metrics: dict[str, float]) -
     return Section(
         "Priors",
         [
-            "Negative log-likelihood of the held-out code maps, in bits per code "
+            "Negative log-likelihood of the test split's code maps, in bits per code "
             f"(up to {cfg.holdout_batches * cfg.batch_size} maps). "
             "log2(K) is what a uniform guess costs; a useful prior stays well below it."
         ],
@@ -478,7 +484,7 @@ def _prior_section(ctx: StageContext, up: Upstream, metrics: dict[str, float]) -
                 "log2 K",
                 "bits/code",
                 "bits / log2 K",
-                "bits/code in train_prior",
+                "validation bits/code (train_prior)",
             ],
             rows,
         ),
@@ -505,7 +511,7 @@ def _samples_section(
         section.paragraphs.append(f"CAS not computed: {cas_note}.")
     else:
         section.paragraphs.append(
-            "CAS trains a classifier on generated images only and tests it on real held-out "
+            "CAS trains a classifier on generated images only and tests it on real test-split "
             "images; the same classifier trained on real images for the same number of steps "
             f"({ctx.cfg.evaluate.classifier_steps}) gives the reference. Accuracies are among the "
             "sampled classes."
@@ -515,11 +521,11 @@ def _samples_section(
             [
                 (
                     "cas/generated_to_real",
-                    "CAS: trained on samples, tested on real held-out images",
+                    "CAS: trained on samples, tested on real test images",
                 ),
                 (
                     "cas/real_to_real",
-                    "reference: trained on real images, tested on real held-out images",
+                    "reference: trained on real train images, tested on real test images",
                 ),
                 ("cas/ratio", "CAS / reference"),
                 (

@@ -122,7 +122,7 @@ def _write_batch(
     good = np.flatnonzero(batch["error"] == "")
     bad = np.flatnonzero(batch["error"] != "")
     info = {"name": "", "uri": "", "samples": 0, "bytes": 0}
-    holdout = 0
+    counts = {"validation": 0, "test": 0}
     if len(good):
         info = write_shard(
             stage_dir,
@@ -130,7 +130,8 @@ def _write_batch(
             batch["label"][good].tolist(),
             {level: batch[level][good] for level in levels},
         )
-        holdout = int(sum(str(s) == "holdout" for s in batch["split"][good]))
+        for split in counts:
+            counts[split] = int(sum(str(s) == split for s in batch["split"][good]))
     bad_rows = [
         {
             "key": str(batch["key"][i]),
@@ -144,13 +145,14 @@ def _write_batch(
         "uri": np.array([info["uri"]], dtype=object),
         "samples": np.array([info["samples"]], dtype=np.int64),
         "bytes": np.array([info["bytes"]], dtype=np.int64),
-        "holdout": np.array([holdout], dtype=np.int64),
+        "validation": np.array([counts["validation"]], dtype=np.int64),
+        "test": np.array([counts["test"]], dtype=np.int64),
         "bad": np.array([json.dumps(bad_rows)], dtype=object),
     }
 
 
-def _describe_shards(uris: list[str], holdout_fraction: float) -> dict[str, dict[str, Any]]:
-    """name -> {name, uri, samples, bytes, holdout, keys} for complete shards on storage."""
+def _describe_shards(uris: list[str], fractions: tuple[float, float]) -> dict[str, dict[str, Any]]:
+    """name -> {name, uri, samples, bytes, validation, test, keys} for complete shards on storage."""
     if not uris:
         return {}
     # Reading keys means streaming each tar once; threads overlap the I/O of an object store.
@@ -165,7 +167,8 @@ def _describe_shards(uris: list[str], holdout_fraction: float) -> dict[str, dict
             "uri": uri,
             "samples": len(keys),
             "bytes": fs.get_file_info(path).size,
-            "holdout": sum(split_of(k, holdout_fraction) == "holdout" for k in keys),
+            "validation": sum(split_of(k, *fractions) == "validation" for k in keys),
+            "test": sum(split_of(k, *fractions) == "test" for k in keys),
             "keys": keys,
         }
     return shards
@@ -198,7 +201,9 @@ def _check_upstream(upstream: TrainVQVAEManifest, size_hw: tuple[int, int], chan
         )
 
 
-def _resume(stage_dir: str, fraction: float) -> tuple[dict[str, dict[str, Any]], list[str]]:
+def _resume(
+    stage_dir: str, fraction: tuple[float, float]
+) -> tuple[dict[str, dict[str, Any]], list[str]]:
     """(complete shards already written, their keys); removes leftovers of unfinished writes."""
     storage.makedirs(stage_dir)
     leftovers = storage.remove_partials(stage_dir)
@@ -268,14 +273,17 @@ def _collect(ds: Any, shards: dict[str, dict[str, Any]]) -> tuple[list[dict[str,
                 "uri": row["uri"],
                 "samples": int(row["samples"]),
                 "bytes": int(row["bytes"]),
-                "holdout": int(row["holdout"]),
+                "validation": int(row["validation"]),
+                "test": int(row["test"]),
             }
             new_samples += int(row["samples"])
             log.info("tokenize: wrote %s (%d samples)", row["name"], row["samples"])
     return bad, new_samples
 
 
-def _reconcile(stage_dir: str, shards: dict[str, dict[str, Any]], fraction: float) -> None:
+def _reconcile(
+    stage_dir: str, shards: dict[str, dict[str, Any]], fraction: tuple[float, float]
+) -> None:
     """Cross-check the reported shards with the directory.
 
     A writer task that Ray retries rewrites the same content-named shard, so the two agree unless
@@ -300,7 +308,7 @@ def run(ctx: StageContext) -> TokenizeManifest:
     _check_upstream(upstream, cfg.data.size_hw, cfg.data.channels)
     levels = upstream.levels
     dtypes = {level: code_dtype(upstream.codebook_sizes[level]).name for level in levels}
-    fraction = cfg.data.holdout_fraction
+    fraction = (cfg.data.validation_fraction, cfg.data.test_fraction)
 
     shards, done_keys = _resume(ctx.stage_dir, fraction)
     ctx.tracking.log_params(
@@ -321,7 +329,8 @@ def run(ctx: StageContext) -> TokenizeManifest:
     bad_table = _write_bad_table(ctx.stage_dir, bad)
     listed = [shards[name] for name in sorted(shards)]
     samples = sum(s["samples"] for s in listed)
-    holdout = sum(s["holdout"] for s in listed)
+    validation = sum(s["validation"] for s in listed)
+    test = sum(s["test"] for s in listed)
     total_bytes = sum(s["bytes"] for s in listed)
     codes_per_image = sum(h * w for h, w in (upstream.code_shapes[level] for level in levels))
     metrics = {
@@ -348,14 +357,15 @@ def run(ctx: StageContext) -> TokenizeManifest:
     return TokenizeManifest(
         shards=[ShardEntry(**{k: s[k] for k in ShardEntry.model_fields}) for s in listed],
         samples=samples,
-        splits={"train": samples - holdout, "holdout": holdout},
+        splits={"train": samples - validation - test, "validation": validation, "test": test},
         levels=levels,
         code_shapes={level: list(upstream.code_shapes[level]) for level in levels},
         code_dtypes=dtypes,
         codebook_sizes={level: upstream.codebook_sizes[level] for level in levels},
         class_names=list(corpus.class_names),
         checkpoint=upstream.checkpoint,
-        holdout_fraction=fraction,
+        validation_fraction=fraction[0],
+        test_fraction=fraction[1],
         image_size=list(cfg.data.size_hw),
         channels=cfg.data.channels,
         bad_inputs=BadInputs(

@@ -7,7 +7,11 @@ as its condition. A one-level model gets one prior p(codes | class), configured 
 architecture from ``train_prior.<level>``.
 
 Writes ``<stage_dir>/<level>.pt`` (vq_core checkpoint format; extra: level, condition level, step,
-metrics) per prior. Held-out bits per code are logged as ``<level>/heldout_bits_per_code``.
+metrics) per prior. Validation bits per code are logged as ``<level>/heldout_bits_per_code``
+and pick the weights kept (the best step); the test split's figure is the evaluate stage's.
+Training reads the train split of the shards through a seeded per-rank reader
+(``pipelines.epochs``): shards permuted per epoch, a local shuffle buffer, the same batches
+whatever else runs.
 """
 
 from __future__ import annotations
@@ -24,12 +28,21 @@ from torch import nn
 
 from pipelines import storage
 from pipelines.config import PriorSection, TrainPriorSection
+from pipelines.epochs import EpochReader
 from pipelines.errors import ConfigError
 from pipelines.manifest import ManifestModel, StageManifest, require_manifest
 from pipelines.shards import code_dataset
 from pipelines.stage import StageContext, StageSpec
 from pipelines.stages.tokenize import TokenizeManifest
-from pipelines.training import fit, load_final_model, publish_model, run_trainer, take_columns
+from pipelines.training import (
+    fit,
+    is_local_ray,
+    load_final_model,
+    publish_model,
+    run_trainer,
+    take_columns,
+    training_threads,
+)
 from vq_core.checkpoint import load_checkpoint, model_from_config
 from vq_core.kinds import get_kind, prior_fields
 from vq_core.pixelcnn import bits_per_code
@@ -41,10 +54,10 @@ class PriorEntry(ManifestModel):
     checkpoint: str
     kind: str
     condition: str | None  # the level this prior is conditioned on (the top map, for bottom)
-    heldout_bits_per_code: float | None  # at the selected step
+    heldout_bits_per_code: float | None  # on the validation split, at the selected step
     train_bits_per_code: float | None
     steps: int
-    selected_step: int  # the step whose weights were kept (best held-out score)
+    selected_step: int  # the step whose weights were kept (best validation score)
 
 
 class TrainPriorManifest(StageManifest):
@@ -61,7 +74,7 @@ class TrainPriorManifest(StageManifest):
             for level, p in self.priors.items()
             if p.heldout_bits_per_code is not None
         }
-        return f"held-out bits/code {bits}"
+        return f"validation bits/code {bits}"
 
 
 @dataclass(frozen=True)
@@ -133,7 +146,7 @@ def evaluate_prior(
     plan: PriorPlan,
     batch_size: int,
 ) -> dict[str, float]:
-    """Held-out negative log-likelihood in bits per code (every code weighs the same)."""
+    """Validation negative log-likelihood in bits per code (every code weighs the same)."""
     num_classes = model.config.num_classes
     total, count = 0.0, 0
     for start in range(0, len(heldout[plan.level]), batch_size):
@@ -161,13 +174,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         model,
         prior_loss(plan, num_classes),
         plan.knobs,
+        data=config["data"],
+        threads=config["threads"],
         evaluate_fn=evaluate_fn,
         tracking=config["tracking"],
         metric_prefix=f"{plan.level}/",
         dtypes=config["dtypes"],
         checkpoint_extra={"level": plan.level, "condition": plan.condition},
         seed=config["seed"],
-        # Small corpora overfit a prior quickly: keep the weights with the best held-out score.
+        # Small corpora overfit a prior quickly: keep the weights with the best validation score.
         select_metric="heldout_bits_per_code",
     )
 
@@ -177,12 +192,16 @@ def _columns(plan: PriorPlan) -> list[str]:
 
 
 def read_heldout(tokenized: TokenizeManifest, plans: list[PriorPlan]) -> dict[str, np.ndarray]:
-    """The held-out codes every prior evaluates on, read once for all of them (int64)."""
+    """The validation codes every prior evaluates on, read once for all of them (int64): the
+    same key-hash subset in every run."""
     count = max(p.knobs.holdout_batches * p.knobs.batch_size for p in plans)
     columns = sorted({c for p in plans for c in _columns(p)})
-    heldout = take_columns(code_dataset(tokenized, split="holdout"), count, columns)
+    heldout = take_columns(code_dataset(tokenized, split="validation"), count, columns)
     if len(heldout["label"]) == 0:
-        log.warning("train_prior: the held-out split is empty; the priors train without evaluation")
+        log.warning(
+            "train_prior: the validation split is empty; the priors train without evaluation "
+            "and keep their last weights"
+        )
     return heldout
 
 
@@ -195,23 +214,31 @@ def _train_one(
     columns = _columns(plan)
     count = plan.knobs.holdout_batches * plan.knobs.batch_size
     heldout = {c: heldout[c][:count] for c in columns}
+    data = EpochReader.for_code_shards(
+        [shard.uri for shard in tokenized.shards],
+        list(tokenized.levels),
+        "train",
+        validation_fraction=tokenized.validation_fraction,
+        test_fraction=tokenized.test_fraction,
+        seed=ctx.cfg.seed,
+        shuffle_buffer=plan.knobs.shuffle_buffer,
+        columns=tuple(columns),
+    )
     loop_config = {
+        "data": data,
+        "threads": training_threads(plan.knobs, is_local_ray(ctx.cfg.ray)),
         "plan": plan,
         "heldout": ray.put(heldout) if len(heldout["label"]) else None,
         "tracking": ctx.tracking,
         "seed": ctx.cfg.seed,
         "dtypes": {c: torch.int64 for c in columns},
     }
-    # Training codes travel in their stored dtype (uint8/uint16: 4-8x less data than int64) and
-    # become int64 as torch batches.
-    train = code_dataset(tokenized, split="train", as_int64=False).select_columns(columns)
     result = run_trainer(
         train_loop_per_worker,
         loop_config,
         name=f"{ctx.stage}-{plan.level}-{ctx.fingerprint}",
         stage_dir=ctx.stage_dir,
         knobs=plan.knobs,
-        datasets={"train": train},
     )
     return load_final_model(result, prefer_best=True)
 

@@ -1,9 +1,15 @@
 """Stage 1: train the autoencoder (VQ-VAE-2, VQ-VAE or dVAE) on the image corpus with Ray Train.
 
 Writes ``<stage_dir>/model.pt`` (vq_core checkpoint format, extra: step, final metrics, image size,
-channels, class names) and ``<stage_dir>/reconstructions.png`` (held-out originals above their
+channels, class names) and ``<stage_dir>/reconstructions.png`` (validation originals above their
 reconstructions), logs both to the stage's MLflow run, and returns the manifest body that
 tokenize and sample read.
+
+Training reads the train split from the decoded-image cache (``pipelines.image_cache``: the corpus
+decoded once at the training resolution) through a seeded per-rank reader
+(``pipelines.epochs``), so the same config and seed give the same model whatever else runs. The
+``holdout/*`` metrics are measured on a fixed key-hash subset of the validation split; the test
+split is left to the evaluate stage.
 """
 
 from __future__ import annotations
@@ -20,10 +26,20 @@ from torch import nn
 from pipelines import storage
 from pipelines.config import TrainVQVAESection
 from pipelines.corpus import open_corpus
+from pipelines.epochs import EpochReader
+from pipelines.image_cache import ensure_image_cache
 from pipelines.images import encode_png, make_grid, to_model_input, to_uint8
 from pipelines.manifest import StageManifest, format_metrics
 from pipelines.stage import StageContext, StageSpec
-from pipelines.training import fit, load_final_model, publish_model, run_trainer, take_columns
+from pipelines.training import (
+    fit,
+    is_local_ray,
+    load_final_model,
+    publish_model,
+    run_trainer,
+    take_columns,
+    training_threads,
+)
 from vq_core.checkpoint import load_checkpoint, unwrap_model
 from vq_core.dvae import gumbel_temperature, kl_weight_schedule
 from vq_core.kinds import autoencoder_fields, get_kind
@@ -129,9 +145,10 @@ def autoencoder_loss(section: TrainVQVAESection, config: Any):
 def evaluate_autoencoder(
     model: nn.Module, device: torch.device, images: np.ndarray, batch_size: int
 ) -> dict[str, float]:
-    """Held-out reconstruction MSE (images in [-1, 1]) and code usage/perplexity per level.
+    """Validation reconstruction MSE (images in [-1, 1]) and code usage/perplexity per level
+    (logged as ``holdout/*``).
 
-    Usage and perplexity come from the code histogram of the whole held-out set, not a batch
+    Usage and perplexity come from the code histogram of the whole validation subset, not a batch
     average: a codebook that uses different codes in different batches is healthier than a
     per-batch figure suggests.
     """
@@ -164,6 +181,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         model,
         autoencoder_loss(section, model.config),
         section,
+        data=config["data"],
+        threads=config["threads"],
         evaluate_fn=evaluate_fn,
         tracking=config["tracking"],
         channels_last=True,
@@ -181,17 +200,17 @@ def reconstruction_grid(model: nn.Module, images: np.ndarray) -> np.ndarray:
 
 
 def _holdout_images(ctx: StageContext, corpus: Any) -> tuple[np.ndarray, np.ndarray]:
-    """(held-out images for evaluation, images for the reconstruction grid)."""
+    """(validation images for evaluation, images for the reconstruction grid)."""
     cfg, section = ctx.cfg, ctx.cfg.train_vqvae
     eval_count = section.holdout_batches * section.batch_size
     holdout = take_columns(
-        corpus.dataset("holdout"), max(eval_count, section.grid_images), ["image"]
+        corpus.dataset("validation"), max(eval_count, section.grid_images), ["image"]
     )["image"]
     if len(holdout) == 0:
         log.warning(
-            "train_vqvae: the held-out split is empty (data.holdout_fraction=%s): no held-out "
-            "metrics; the reconstruction grid shows training images",
-            cfg.data.holdout_fraction,
+            "train_vqvae: the validation split is empty (data.validation_fraction=%s): no "
+            "held-out metrics; the reconstruction grid shows training images",
+            cfg.data.validation_fraction,
         )
         grid_images = take_columns(corpus.dataset("train"), section.grid_images, ["image"])["image"]
     else:
@@ -213,7 +232,18 @@ def run(ctx: StageContext) -> TrainVQVAEManifest:
         model_bytes = storage.read_bytes(model_uri)
         model, extra = load_checkpoint(model_bytes)
     else:
+        cache = ensure_image_cache(cfg.data, cfg.output_dir)
+        data = EpochReader.for_images(
+            cache,
+            "train",
+            validation_fraction=cfg.data.validation_fraction,
+            test_fraction=cfg.data.test_fraction,
+            seed=cfg.seed,
+            shuffle_buffer=section.shuffle_buffer,
+        )
         loop_config = {
+            "data": data,
+            "threads": training_threads(section, is_local_ray(cfg.ray)),
             "section": section,
             "channels": cfg.data.channels,
             "holdout": ray.put(holdout) if len(holdout) else None,
@@ -227,7 +257,6 @@ def run(ctx: StageContext) -> TrainVQVAEManifest:
             name=f"{ctx.stage}-{ctx.fingerprint}",
             stage_dir=ctx.stage_dir,
             knobs=section,
-            datasets={"train": corpus.dataset("train").select_columns(["image"])},
         )
         model, extra = load_final_model(result)
         extra |= {

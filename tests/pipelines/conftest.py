@@ -47,7 +47,13 @@ def tiny_raw_config(output_dir: str, source: str) -> dict:
     return {
         "output_dir": output_dir,
         "seed": 0,
-        "data": {"source": source, "image_size": 16, "channels": 3, "holdout_fraction": 0.2},
+        "data": {
+            "source": source,
+            "image_size": 16,
+            "channels": 3,
+            "validation_fraction": 0.2,
+            "test_fraction": 0.2,
+        },
         "train_vqvae": {
             "kind": "vqvae2",
             "model": {

@@ -49,6 +49,25 @@ def test_image_size_must_divide_by_8():
         parse_config({"output_dir": "o", "data": {"source": "s", "image_size": 30}})
 
 
+def test_old_holdout_fraction_names_the_keys_that_replace_it():
+    with pytest.raises(ConfigError) as err:
+        parse_config({"output_dir": "o", "data": {"source": "s", "holdout_fraction": 0.1}})
+    message = str(err.value)
+    assert "data.holdout_fraction" in message and "0.1" in message
+    assert "data.validation_fraction" in message and "data.test_fraction" in message
+
+
+def test_split_fractions_must_leave_training_data():
+    cfg = parse_config(
+        minimal(data={"source": "s", "validation_fraction": 0.1, "test_fraction": 0})
+    )
+    assert (cfg.data.validation_fraction, cfg.data.test_fraction) == (0.1, 0.0)
+    with pytest.raises(ConfigError, match=r"validation_fraction \(0.6\) \+ data.test_fraction"):
+        parse_config(
+            minimal(data={"source": "s", "validation_fraction": 0.6, "test_fraction": 0.4})
+        )
+
+
 def test_missing_source_is_named():
     with pytest.raises(ConfigError, match=r"data\.source: Field required"):
         parse_config({"output_dir": "o", "data": {}})

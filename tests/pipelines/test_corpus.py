@@ -162,24 +162,30 @@ def test_resize_scales_the_short_side_and_crops_the_centre():
 def test_split_is_deterministic_and_stable_when_images_are_added(tmp_path, ray_local):
     root = str(tmp_path / "grow")
     generate_corpus(root, classes=("circle", "cross"), images_per_class=10, image_size=16)
-    data = {"image_size": 16, "holdout_fraction": 0.3}
-    train = set(_read(root, "train", **data))
-    holdout = set(_read(root, "holdout", **data))
-    assert train and holdout and not train & holdout
-    assert train | holdout == set(_read(root, "all", **data))
-    assert all(split_of(k, 0.3) == "holdout" for k in holdout)
+    data = {"image_size": 16, "validation_fraction": 0.25, "test_fraction": 0.25}
+    splits = {s: set(_read(root, s, **data)) for s in ("train", "validation", "test")}
+    assert all(splits.values())
+    assert sum(len(keys) for keys in splits.values()) == len(set().union(*splits.values()))
+    assert set().union(*splits.values()) == set(_read(root, "all", **data))
+    for split, keys in splits.items():
+        assert all(split_of(k, 0.25, 0.25) == split for k in keys)
 
     # Regenerating with more images keeps the first ten per class byte for byte.
     generate_corpus(root, classes=("circle", "cross"), images_per_class=15, image_size=16)
-    train2 = set(_read(root, "train", **data))
-    holdout2 = set(_read(root, "holdout", **data))
-    assert len(train2) + len(holdout2) == 30
-    assert train <= train2 and holdout <= holdout2  # no old image changed split
+    splits2 = {s: set(_read(root, s, **data)) for s in ("train", "validation", "test")}
+    assert sum(len(keys) for keys in splits2.values()) == 30
+    for split in splits:
+        assert splits[split] <= splits2[split]  # no old image changed split
 
-    assert split_of("circle/00001", 0.0) == "train"
-    assert [split_of(f"k{i}", 0.5) for i in range(50)] == [
-        split_of(f"k{i}", 0.5) for i in range(50)
+    assert split_of("circle/00001", 0.0, 0.0) == "train"
+    assert [split_of(f"k{i}", 0.3, 0.2) for i in range(50)] == [
+        split_of(f"k{i}", 0.3, 0.2) for i in range(50)
     ]
+    # Test takes the lowest hashes: a new validation fraction never moves a test key.
+    keys = [f"k{i}" for i in range(500)]
+    test = {k for k in keys if split_of(k, 0.1, 0.2) == "test"}
+    assert test == {k for k in keys if split_of(k, 0.4, 0.2) == "test"}
+    assert 60 < len(test) < 140
 
 
 def _png(image: Image.Image) -> bytes:

@@ -75,7 +75,7 @@ def test_tokenize_counts_every_valid_image_once(pipeline_run):
     assert tok.samples == PER_CLASS * len(CLASSES)
     assert tok.bad_inputs.count == CORRUPT
     assert sum(s.samples for s in tok.shards) == tok.samples
-    assert tok.splits["train"] + tok.splits["holdout"] == tok.samples
+    assert tok.splits["train"] + tok.splits["validation"] + tok.splits["test"] == tok.samples
     assert tok.class_names == sorted(CLASSES)
     assert tok.code_dtypes == {"top": "uint8", "bottom": "uint8"}  # K = 16
 

@@ -53,20 +53,22 @@ def write_tokenize(cfg) -> TokenizeManifest:
         write_shard(tok_dir, keys[s], labels[s], {k: v[s] for k, v in arrays.items()})
         for s in (slice(0, half), slice(half, None))
     ]
-    holdout = sum(split_of(k, cfg.data.holdout_fraction) == "holdout" for k in keys)
+    fractions = (cfg.data.validation_fraction, cfg.data.test_fraction)
+    counts = {s: sum(split_of(k, *fractions) == s for k in keys) for s in ("validation", "test")}
     return write_manifest(
         cfg.output_dir,
         TokenizeManifest(
             shards=shards,
             samples=len(keys),
-            splits={"train": len(keys) - holdout, "holdout": holdout},
+            splits={"train": len(keys) - sum(counts.values()), **counts},
             levels=vq.levels,
             code_shapes=vq.code_shapes,
             code_dtypes={level: "uint8" for level in vq.levels},
             codebook_sizes=vq.codebook_sizes,
             class_names=CLASSES,
             checkpoint=vq.checkpoint,
-            holdout_fraction=cfg.data.holdout_fraction,
+            validation_fraction=fractions[0],
+            test_fraction=fractions[1],
             image_size=vq.image_size,
             channels=vq.channels,
             bad_inputs=BadInputs(count=0, keys=[], table=""),
@@ -142,11 +144,11 @@ def test_codebook_stats_cover_every_held_out_code(evaluated):
     counts = {level: np.zeros(16, dtype=np.int64) for level in ("top", "bottom")}
     maps = 0
     for s in iter_code_samples([shard.uri for shard in tok.shards]):
-        if split_of(s["key"], cfg.data.holdout_fraction) == "holdout":
+        if split_of(s["key"], cfg.data.validation_fraction, cfg.data.test_fraction) == "test":
             maps += 1
             for level in counts:
                 counts[level] += np.bincount(np.asarray(s[level]).ravel(), minlength=16)
-    assert manifest.metrics["holdout/code_maps"] == maps == tok.splits["holdout"]
+    assert manifest.metrics["holdout/code_maps"] == maps == tok.splits["test"]
     for level, c in counts.items():
         p = c[c > 0] / c.sum()
         assert manifest.metrics[f"holdout/perplexity/{level}"] == pytest.approx(

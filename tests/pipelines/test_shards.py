@@ -110,7 +110,8 @@ def test_code_dataset_streams_codes_by_split(tmp_path, ray_local):
         levels=["top", "bottom"],
         code_shapes={"top": [2, 3], "bottom": [4, 6]},
         code_dtypes={"top": "uint8", "bottom": "uint16"},
-        holdout_fraction=0.3,
+        validation_fraction=0.3,
+        test_fraction=0.2,
     )
     expected = {s["key"]: s for s in iter_code_samples([i["uri"] for i in shards])}
 
@@ -121,10 +122,14 @@ def test_code_dataset_streams_codes_by_split(tmp_path, ray_local):
     np.testing.assert_array_equal(row["bottom"], expected[row["key"]]["bottom"])
     assert row["label"] == expected[row["key"]]["label"]
 
-    train = {r["key"] for r in code_dataset(manifest, "train").take_all()}
-    holdout = {r["key"] for r in code_dataset(manifest, "holdout").take_all()}
-    assert train | holdout == set(expected) and not train & holdout
-    assert all(split_of(k, 0.3) == "holdout" for k in holdout)
+    by_split = {
+        split: {r["key"] for r in code_dataset(manifest, split).take_all()}
+        for split in ("train", "validation", "test")
+    }
+    assert set().union(*by_split.values()) == set(expected)
+    assert sum(map(len, by_split.values())) == len(expected)
+    for split, keys in by_split.items():
+        assert all(split_of(k, 0.3, 0.2) == split for k in keys)
 
     stored = code_dataset(manifest, "all", as_int64=False).take(1)[0]
     assert stored["top"].dtype == np.uint8

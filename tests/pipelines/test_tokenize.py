@@ -114,9 +114,9 @@ def test_tokenize_writes_every_valid_image_once_with_the_models_codes(tokenize_s
 
     valid = CLASSES.__len__() * IMAGES_PER_CLASS
     assert manifest.samples == valid == len(images)
-    assert manifest.splits["train"] + manifest.splits["holdout"] == valid
-    expected_holdout = sum(split_of(k, 0.2) == "holdout" for k in images)
-    assert manifest.splits["holdout"] == expected_holdout
+    assert sum(manifest.splits.values()) == valid
+    for split in ("train", "validation", "test"):
+        assert manifest.splits[split] == sum(split_of(k, 0.2, 0.2) == split for k in images)
     assert manifest.code_dtypes == {"top": "uint8", "bottom": "uint16"}
     assert manifest.levels == ["top", "bottom"]
     assert manifest.class_names == sorted(CLASSES)

@@ -21,7 +21,7 @@ from vq_core.checkpoint import load_checkpoint
 
 CLASSES = ["circle", "cross", "square", "triangle"]
 K = 16
-HOLDOUT = 0.2
+VALIDATION, TEST = 0.2, 0.2
 STEPS = 4  # tiny_config: 4 steps per prior, eval/checkpoint every 2, log every 2
 
 
@@ -46,13 +46,15 @@ def write_tokenized(output_dir: str, count: int = 30) -> TokenizeManifest:
         )
         for part in (slice(0, count // 2), slice(count // 2, count))
     ]
-    holdout = sum(split_of(k, HOLDOUT) == "holdout" for k in keys)
+    counts = {
+        s: sum(split_of(k, VALIDATION, TEST) == s for k in keys) for s in ("validation", "test")
+    }
     return write_manifest(
         output_dir,
         tokenize_manifest(
             shards=shards,
             samples=count,
-            splits={"train": count - holdout, "holdout": holdout},
+            splits={"train": count - sum(counts.values()), **counts},
             levels=["top", "bottom"],
             code_shapes={"top": [2, 2], "bottom": [4, 4]},
             code_dtypes={"top": dtype.name, "bottom": dtype.name},
@@ -70,7 +72,8 @@ def tokenize_manifest(**fields) -> TokenizeManifest:
         "code_dtypes": {},
         "class_names": CLASSES,
         "checkpoint": "unused",
-        "holdout_fraction": HOLDOUT,
+        "validation_fraction": VALIDATION,
+        "test_fraction": TEST,
         "image_size": [16, 16],
         "channels": 3,
         "bad_inputs": BadInputs(count=0, keys=[], table=""),
@@ -84,7 +87,7 @@ def tokenize_manifest(**fields) -> TokenizeManifest:
 def trained(ray_local, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("prior")
     raw = tiny_raw_config(str(tmp / "out"), str(tmp / "unused-corpus"))
-    raw["data"]["holdout_fraction"] = HOLDOUT
+    raw["data"] |= {"validation_fraction": VALIDATION, "test_fraction": TEST}
     # The top prior trains on two DDP ranks: gradients, barriers and rank-0 evaluation together.
     raw["train_prior"]["top"] |= {"num_workers": 2, "cpus_per_worker": 0.5}
     cfg = parse_config(raw)
@@ -100,7 +103,7 @@ def heldout_codes(tokenized: TokenizeManifest) -> dict[str, np.ndarray]:
     samples = [
         s
         for s in iter_code_samples(sh.uri for sh in tokenized.shards)
-        if split_of(s["key"], HOLDOUT) == "holdout"
+        if split_of(s["key"], VALIDATION, TEST) == "validation"
     ]
     return {k: np.stack([s[k] for s in samples]) for k in ("top", "bottom", "label")}
 

@@ -1,0 +1,80 @@
+"""The same config and seed give the same codes and metrics, whatever else runs on the machine."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from pipelines.config import parse_config
+from pipelines.runner import run_stages
+from pipelines.shards import iter_code_samples
+from tests.pipelines.conftest import tiny_raw_config
+
+# Figures that measure the machine rather than the models.
+TIMINGS = ("seconds", "images_per_second", "evaluate/seconds")
+
+
+def _pipeline(root, name: str) -> dict:
+    raw = tiny_raw_config(str(root / name), str(root / "corpus"))
+    raw["data"]["generate"] = {
+        "images_per_class": 8,
+        "classes": ["circle", "square", "triangle", "cross"],
+        "image_size": 16,
+    }
+    # Two DDP ranks for the autoencoder: the per-rank reader and gradient averaging too.
+    raw["train_vqvae"] |= {"num_workers": 2, "cpus_per_worker": 0.5}
+    return {s: o.manifest for s, o in run_stages(parse_config(raw), run_name=name).items()}
+
+
+def _codes(tokenized) -> dict[str, tuple]:
+    return {
+        s["key"]: (s["label"], s["top"].tobytes(), s["bottom"].tobytes())
+        for s in iter_code_samples(shard.uri for shard in tokenized.shards)
+    }
+
+
+def _figures(manifests: dict) -> dict[str, float]:
+    figures = {}
+    figures |= {f"train_vqvae/{k}": v for k, v in manifests["train_vqvae"].metrics.items()}
+    for level, entry in manifests["train_prior"].priors.items():
+        figures[f"train_prior/{level}/validation"] = entry.heldout_bits_per_code
+        figures[f"train_prior/{level}/train"] = entry.train_bits_per_code
+        figures[f"train_prior/{level}/selected_step"] = entry.selected_step
+    figures |= {
+        f"evaluate/{k}": v
+        for k, v in manifests["evaluate"].metrics.items()
+        if not k.endswith(TIMINGS)
+    }
+    return figures
+
+
+@contextlib.contextmanager
+def competing_processes(count: int):
+    """CPU-bound processes, ``count`` of them, for as long as the block runs."""
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+    try:
+        yield
+    finally:
+        for process in spinners:
+            process.kill()
+            process.wait()
+
+
+def test_a_run_under_load_gives_the_same_codes_and_metrics(ray_local, tmp_path):
+    first = _pipeline(tmp_path, "first")
+    with competing_processes(os.cpu_count() or 2):
+        second = _pipeline(tmp_path, "second")
+
+    codes = _codes(first["tokenize"])
+    assert len(codes) == 32
+    assert _codes(second["tokenize"]) == codes  # every key: label and both code maps
+    assert first["tokenize"].splits == second["tokenize"].splits
+    one, two = _figures(first), _figures(second)
+    assert "evaluate/holdout/bits_per_code/top" in one and "evaluate/cas/generated_to_real" in one
+    assert one.keys() == two.keys()
+    for name, value in one.items():
+        assert (np.isnan(value) and np.isnan(two[name])) or two[name] == value, name
