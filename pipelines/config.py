@@ -176,7 +176,7 @@ class TrainVQVAESection(TrainingKnobs):
     model: dict[str, Any] = Field(
         default_factory=dict, description="Fields of the vq_core model config."
     )
-    grid_images: int = Field(16, gt=0, description="Held-out images in the reconstruction grid.")
+    grid_images: int = Field(16, gt=0, description="Validation images in the reconstruction grid.")
     temperature_end: float = Field(
         1.0 / 16,
         gt=0,
@@ -277,8 +277,8 @@ class EvaluateSection(Section):
     holdout_batches: int = Field(
         8,
         gt=0,
-        description="Held-out batches for the reconstruction error and the priors' bits per code "
-        "(codebook usage and perplexity always cover every held-out code).",
+        description="Test-split batches for the reconstruction error and the priors' bits per code "
+        "(codebook usage and perplexity always cover every test code).",
     )
     batch_size: int = Field(32, gt=0)
     classifier_steps: int = Field(
@@ -288,10 +288,10 @@ class EvaluateSection(Section):
     max_images: int = Field(
         4096,
         gt=0,
-        description="Most real images per split (train, holdout) used to train and test the "
-        "classifiers (a deterministic key-hash subset).",
+        description="Most real images per split (train for the reference classifier, test for "
+        "scoring both) used by CAS (a deterministic key-hash subset).",
     )
-    grid_images: int = Field(8, gt=0, description="Held-out images in the reconstruction grid.")
+    grid_images: int = Field(8, gt=0, description="Test images in the reconstruction grid.")
 
 
 class RaySection(Section):

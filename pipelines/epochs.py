@@ -188,37 +188,86 @@ class EpochReader:
         self, epoch: int, rank: int, world_size: int, batch_size: int
     ) -> Iterator[dict[str, np.ndarray]]:
         """Shuffled batches of this rank's rows of ``epoch``; the last one may be smaller."""
+        chunks = self.chunks(epoch, rank, world_size)
+        if not self.shuffle:
+            yield from _in_order(chunks, batch_size)
+            return
         rng = np.random.default_rng([self.seed, epoch, rank, 1])
-        # Half the buffer is handed out at each refill and half kept, so rows stay a while and
-        # mix with later reads; at least two batches, so every refill yields one.
-        capacity = max(self.shuffle_buffer, 2 * batch_size) if self.shuffle else batch_size
-        pool: list[dict[str, np.ndarray]] = []
-        pooled = 0
-        for chunk in self.chunks(epoch, rank, world_size):
-            pool.append(chunk)
-            pooled += len(next(iter(chunk.values())))
-            if pooled < capacity:
-                continue
-            rows = _concat(pool, rng if self.shuffle else None)
-            keep = capacity // 2 if self.shuffle else 0
-            out = (pooled - keep) // batch_size * batch_size
-            for start in range(0, out, batch_size):
-                yield {c: v[start : start + batch_size] for c, v in rows.items()}
-            pool = [{c: v[out:] for c, v in rows.items()}]
-            pooled -= out
-        if pooled:
-            rows = _concat(pool, rng if self.shuffle else None)
-            for start in range(0, pooled, batch_size):
-                yield {c: v[start : start + batch_size] for c, v in rows.items()}
+        buffer = _ShuffleBuffer(max(self.shuffle_buffer, 2 * batch_size), rng)
+        for chunk in chunks:
+            buffer.add(chunk)
+            if buffer.size >= buffer.capacity:
+                yield from buffer.take(batch_size, keep=buffer.capacity // 2)
+        yield from buffer.take(batch_size, keep=0)
 
 
-def _concat(
-    pool: list[dict[str, np.ndarray]], rng: np.random.Generator | None
-) -> dict[str, np.ndarray]:
-    """The pooled rows as one (shuffled) array per column (fresh arrays, safe to hand to torch)."""
-    columns = pool[0].keys()
-    merged = {c: np.concatenate([p[c] for p in pool]) for c in columns}
-    if rng is None:
-        return merged
-    order = rng.permutation(len(next(iter(merged.values()))))
-    return {c: v[order] for c, v in merged.items()}
+class _ShuffleBuffer:
+    """A pool of row slots that chunks are copied into and shuffled batches are drawn from.
+
+    When full, the live rows are permuted once, batches are gathered from the front of the
+    permutation and the last ``keep`` rows (half the pool) stay for the next round, so a row can
+    leave long after it arrived and mix with rows read later. A row is copied twice, into a free
+    slot and out with its batch; rows that stay are never moved.
+    """
+
+    def __init__(self, capacity: int, rng: np.random.Generator):
+        self.capacity, self.rng = capacity, rng
+        self.store: dict[str, np.ndarray] = {}
+        self.live = np.empty(0, dtype=np.int64)  # slots holding rows, in arrival order
+        self.free = np.empty(0, dtype=np.int64)
+
+    @property
+    def size(self) -> int:
+        return len(self.live)
+
+    def add(self, chunk: dict[str, np.ndarray]) -> None:
+        n = len(next(iter(chunk.values())))
+        if n > len(self.free):
+            # A chunk arrives only while size < capacity: capacity + one chunk of slots suffice.
+            old = len(next(iter(self.store.values()))) if self.store else 0
+            rows = max(self.capacity + n, old + n - len(self.free))
+            self.store = {c: _grown(self.store.get(c), old, rows, v) for c, v in chunk.items()}
+            self.free = np.concatenate([self.free, np.arange(old, rows)])
+        slots, self.free = self.free[:n], self.free[n:]
+        for c, v in chunk.items():
+            self.store[c][slots] = v
+        self.live = np.concatenate([self.live, slots])
+
+    def take(self, batch_size: int, keep: int) -> Iterator[dict[str, np.ndarray]]:
+        """Shuffled batches of all but ``keep`` rows (all rows, the last batch partial, when
+        ``keep`` is 0)."""
+        order = self.live[self.rng.permutation(self.size)]
+        out = self.size if keep == 0 else (self.size - keep) // batch_size * batch_size
+        for start in range(0, out, batch_size):
+            picked = order[start : min(start + batch_size, out)]
+            yield {c: v[picked] for c, v in self.store.items()}
+        self.free = np.concatenate([self.free, order[:out]])
+        self.live = order[out:]
+
+
+def _grown(old: np.ndarray | None, used: int, rows: int, like: np.ndarray) -> np.ndarray:
+    new = np.empty((rows, *like.shape[1:]), like.dtype)
+    if old is not None and used:
+        new[:used] = old[:used]
+    return new
+
+
+def _in_order(
+    chunks: Iterator[dict[str, np.ndarray]], batch_size: int
+) -> Iterator[dict[str, np.ndarray]]:
+    """Batches of the rows in the order read (no shuffle)."""
+    pending: list[dict[str, np.ndarray]] = []
+    pooled = 0
+    for chunk in chunks:
+        pending.append(chunk)
+        pooled += len(next(iter(chunk.values())))
+        if pooled >= batch_size:
+            rows = {c: np.concatenate([p[c] for p in pending]) for c in pending[0]}
+            full = pooled // batch_size * batch_size
+            for start in range(0, full, batch_size):
+                yield {c: v[start : start + batch_size] for c, v in rows.items()}
+            pending = [{c: v[full:] for c, v in rows.items()}]
+            pooled -= full
+    if pooled:
+        rows = {c: np.concatenate([p[c] for p in pending]) for c in pending[0]}
+        yield rows

@@ -88,7 +88,7 @@ def test_folder_webdataset_and_parquet_give_the_same_rows(shapes_corpus, tmp_pat
     for key, row in folder.items():
         assert row["image"].shape == (16, 8, 3) and row["image"].dtype == np.uint8
         assert row["label"] == CLASSES.index(key.split("/")[0])
-        assert row["split"] == split_of(key, 0.05)
+        assert row["split"] == split_of(key, 0.05, 0.05)  # the default fractions
         for other in (wds[key], parquet[key]):
             assert other["label"] == row["label"]
             np.testing.assert_array_equal(other["image"], row["image"])

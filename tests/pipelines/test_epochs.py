@@ -106,7 +106,8 @@ def test_batches_mix_classes_of_a_class_sorted_parquet_corpus(ray_local, tmp_pat
     for label in range(4):
         images = [encode_png(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)) for _ in range(256)]
         table = pa.table({"image": images, "label": [label] * 256})
-        pq.write_table(table, source / f"class-{label}.parquet", row_group_size=128)
+        # More row groups than the reader interleaves, so only the permutation can mix them.
+        pq.write_table(table, source / f"class-{label}.parquet", row_group_size=32)
     data = DataSection(
         source=str(source), image_size=16, validation_fraction=0.0, test_fraction=0.0
     )
