@@ -104,17 +104,16 @@ def test_batches_mix_classes_of_a_class_sorted_parquet_corpus(ray_local, tmp_pat
     source.mkdir()
     rng = np.random.default_rng(0)
     for label in range(4):
-        images = [encode_png(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)) for _ in range(256)]
-        table = pa.table({"image": images, "label": [label] * 256})
-        # More row groups than the reader interleaves, so only the permutation can mix them.
+        images = [encode_png(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)) for _ in range(512)]
+        table = pa.table({"image": images, "label": [label] * 512})
+        # 16 row groups per class, as many as the reader interleaves: only the permutation of
+        # the row groups brings several classes into the buffer at once.
         pq.write_table(table, source / f"class-{label}.parquet", row_group_size=32)
-    data = DataSection(
-        source=str(source), image_size=16, validation_fraction=0.0, test_fraction=0.0
-    )
+    data = DataSection(source=str(source), image_size=8, validation_fraction=0.0, test_fraction=0.0)
     cache = ensure_image_cache(data, str(tmp_path / "out"))
     reader = _reader(cache, buffer=512, columns=("label",))
     shares = [_majority_share(reader.batches(epoch, 0, 1, 32)) for epoch in range(3)]
-    uniform = _random_share(np.repeat(np.arange(4), 256), rng)
+    uniform = _random_share(np.repeat(np.arange(4), 512), rng)
     assert np.mean(shares) < 1.25 * uniform, (shares, uniform)
 
 
@@ -139,6 +138,7 @@ def test_code_shards_are_read_per_rank_by_split(tmp_path):
     per_rank = [list(reader.batches(0, rank, 4, 5)) for rank in range(4)]
     seen = [k for batches in per_rank for k in _keys(batches)]
     assert sorted(seen) == sorted(train)
+    assert all(_keys(batches) for batches in per_rank)  # no rank is left without data
     for batch in per_rank[0]:
         assert batch["codes"].dtype == np.uint16 and batch["codes"].shape[1:] == (2, 2)
         for key, code, label in zip(batch["key"], batch["codes"], batch["label"]):
