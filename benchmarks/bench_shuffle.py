@@ -1,10 +1,11 @@
 """Batch composition and read throughput of the training read path on class-sorted corpora.
 
 The worst layout for a training reader is a corpus stored class by class: every shard, Parquet
-file or row group holds one class. This script builds such corpora (image WebDataset shards, an
-image Parquet corpus, and code shards as tokenize writes them), reads them the way the training
-stages do (``pipelines.epochs.EpochReader``: units permuted per epoch from the seed, read a few at
-a time, a local shuffle buffer), and prints per layout:
+file or row group holds one class. This script builds such corpora (an image folder listed
+class by class, image WebDataset shards, an image Parquet corpus, and code shards as tokenize
+writes them), reads them the way the training stages do (``pipelines.epochs.EpochReader``: units
+permuted per epoch from the seed, read a few at a time, a local shuffle buffer), and prints per
+layout:
 
 - the mean share of the majority class in a batch, beside the same figure for batches drawn
   uniformly at random from the same labels; the ratio must stay within 1.25;
@@ -56,6 +57,14 @@ def write_wds(root: str, images: np.ndarray, labels: np.ndarray, per_shard: int)
                     info = tarfile.TarInfo(f"img{i:06d}.{suffix}")
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))
+
+
+def write_folder(root: str, images: np.ndarray, labels: np.ndarray, per_unit: int) -> None:
+    for i, (image, label) in enumerate(zip(images, labels)):
+        folder = os.path.join(root, f"class_{label}")
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, f"img{i:06d}.png"), "wb") as f:
+            f.write(encode_png(image))
 
 
 def write_parquet(root: str, images: np.ndarray, labels: np.ndarray, per_file: int) -> None:
@@ -137,7 +146,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     ok = True
     with tempfile.TemporaryDirectory() as tmp:
-        for name, writer in (("images, webdataset", write_wds), ("images, parquet", write_parquet)):
+        layouts = (
+            ("images, folder", write_folder),
+            ("images, webdataset", write_wds),
+            ("images, parquet", write_parquet),
+        )
+        for name, writer in layouts:
             source = os.path.join(tmp, name.split()[-1])
             writer(source, images, labels, args.per_unit)
             data = DataSection(

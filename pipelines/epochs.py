@@ -11,9 +11,12 @@ Every training read goes through ``EpochReader.batches(epoch, rank, world_size, 
    and hands out batches.
 
 Why not Ray Data's ``streaming_split``: it hands blocks to training workers in whatever order they
-finish, so the batches, and hence the model, change with the machine's load. Here a batch is a
-function of (data, seed, epoch, rank, world size) alone, which makes a run reproducible and lets a
-resumed run skip exactly the batches it had already trained on. Units are small (64-row row
+finish, so the batches, and hence the model, change with the machine's load. Ray Data with
+``preserve_order`` and an equal split would fix the order, but through a coordinator actor and
+read tasks that compete with training for the CPUs. Here each worker reads its own units with
+pyarrow, so a batch is a function of (data, seed, epoch, rank, world size) alone: a run is
+reproducible, a resumed run skips exactly the batches it had already trained on, and training
+needs no CPUs set aside for data tasks. Units are small (64-row row
 groups; shards read 16 at a time), so a permutation of them plus the buffer mixes classes even
 when the corpus is stored class by class; ``benchmarks/bench_shuffle.py`` measures it.
 """

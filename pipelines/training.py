@@ -83,7 +83,6 @@ def run_trainer(
     The run lives at ``<stage_dir>/ray/<name>``: running again with the same name after an
     interruption makes Ray Train hand the latest checkpoint to the loop, which resumes from it.
     """
-    _check_cpu_budget(knobs)
     ray_dir = storage.join(stage_dir, "ray")
     if not storage.is_url(ray_dir):
         ray_dir = os.path.abspath(ray_dir)  # Ray Train wants an absolute local path
@@ -133,22 +132,6 @@ def training_threads(knobs: TrainingKnobs, local: bool) -> int:
         total = int(ray.cluster_resources().get("CPU", 0)) or os.cpu_count() or 1
         return max(1, total // knobs.num_workers)
     return max(1, int(knobs.cpus_per_worker))
-
-
-def _check_cpu_budget(knobs: TrainingKnobs) -> None:
-    # Training workers that hold every CPU leave none for the Ray Data tasks that feed them, and
-    # the job then waits forever without an error. A cluster may still grow, so warn only.
-    total = ray.cluster_resources().get("CPU", 0.0)
-    held = knobs.num_workers * knobs.cpus_per_worker
-    if total and total - held < 1:
-        log.warning(
-            "%d training worker(s) x %s CPU leave %.1f of the cluster's %d CPUs for data loading; "
-            "the job may stall waiting for data: lower num_workers or cpus_per_worker",
-            knobs.num_workers,
-            knobs.cpus_per_worker,
-            max(total - held, 0.0),
-            int(total),
-        )
 
 
 def load_final_model(result, prefer_best: bool = False) -> tuple[nn.Module, dict[str, Any]]:
