@@ -210,7 +210,7 @@ def test_specs_name_every_metric_the_prior_stage_logs():
             held = evaluate_prior(model.eval(), torch.device("cpu"), batch, plan, batch_size=4)
         # fit() logs them under metric_prefix "<level>/".
         logged |= {f"{plan.level}/{k}" for k in {*logs, *held}}
-    (figure,) = stage_curve_specs(tokenized["levels"])["train_prior"]
+    (figure,) = stage_curve_specs(tokenized.levels)["train_prior"]
     assert logged == {
         "top/train_bits_per_code",
         "top/heldout_bits_per_code",

@@ -116,7 +116,8 @@ def test_both_priors_train_and_their_checkpoints_load(trained):
         assert extra["level"] == level and extra["step"] == STEPS
         assert (model.config.num_codes, model.config.num_classes) == (K, len(CLASSES))
         for name in ("heldout_bits_per_code", "train_bits_per_code"):
-            assert math.isfinite(prior[name]) and 0 < prior[name] < 2 * math.log2(K), name
+            value = getattr(prior, name)
+            assert math.isfinite(value) and 0 < value < 2 * math.log2(K), name
 
 
 def test_bottom_prior_is_conditioned_on_the_top_codes(trained):
