@@ -143,9 +143,9 @@ def code_metrics(
     priors: dict[str, tuple[torch.nn.Module, str | None]],
     batch_size: int,
     prior_batches: int,
-) -> dict[str, float]:
+) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """Per level: usage and perplexity over every held-out code map; each prior's bits per code
-    over the first ``prior_batches`` batches."""
+    over the first ``prior_batches`` batches. Also returns each level's code histogram."""
     counts = {level: np.zeros(codebook_sizes[level], dtype=np.int64) for level in levels}
     bits = {level: 0.0 for level in priors}
     maps_scored, maps_seen = 0, 0
@@ -179,7 +179,7 @@ def code_metrics(
         metrics[f"holdout/bits_per_code/{level}"] = (
             bits[level] / maps_scored if maps_scored else math.nan
         )
-    return metrics
+    return metrics, counts
 
 
 def generated_images(
@@ -293,8 +293,9 @@ def _reconstruction(
 
 def _codes_and_priors(
     ctx: StageContext, up: Upstream, device: torch.device, metrics: dict[str, float]
-) -> None:
-    """Add codebook usage per level and each prior's held-out bits per code."""
+) -> dict[str, np.ndarray]:
+    """Add codebook usage per level and each prior's held-out bits per code; return each
+    level's code histogram."""
     from pipelines.shards import code_dataset
 
     cfg = ctx.cfg.evaluate
@@ -306,16 +307,55 @@ def _codes_and_priors(
     codes = code_dataset(up.tok, split="holdout")
     # Which maps fall in the first holdout_batches batches must not depend on scheduling.
     codes.context.execution_options.preserve_order = True
-    metrics.update(
-        code_metrics(
-            codes, up.vq.levels, up.tok.codebook_sizes, priors, cfg.batch_size, cfg.holdout_batches
-        )
+    code_stats, counts = code_metrics(
+        codes, up.vq.levels, up.tok.codebook_sizes, priors, cfg.batch_size, cfg.holdout_batches
     )
+    metrics.update(code_stats)
     if metrics["holdout/code_maps"]:
         metrics["holdout/bits_per_image"] = sum(
             metrics[f"holdout/bits_per_code/{level}"] * math.prod(up.tok.code_shapes[level])
             for level in priors
         )
+    return counts
+
+
+@dataclass(frozen=True)
+class Figures:
+    """The pictures of the report: reconstructions, code histograms per level, training curves."""
+
+    reconstructions: np.ndarray | None
+    code_counts: dict[str, np.ndarray]
+    curves: list[Figure]
+
+
+def _training_curves(ctx: StageContext, up: Upstream, metrics: dict[str, float]) -> list[Figure]:
+    """The training stages' curves, read back from their MLflow runs (none without tracking)."""
+    from pipelines.figures import (
+        autoencoder_curves,
+        metric_history,
+        prior_curves,
+        training_curves_figure,
+    )
+
+    if not ctx.tracking.tracking_uri:
+        return []
+    client = ctx.tracking.client()
+    wanted = [(up.vq.mlflow_run_id, autoencoder_curves(up.vq.levels))]
+    wanted.append((up.priors.mlflow_run_id, prior_curves(up.priors.levels)))
+    figures = []
+    for run_id, specs in wanted:
+        if run_id is None:
+            continue
+        for spec in specs:
+            histories = metric_history(client, run_id, spec.keys)
+            # The test split's score, measured here once, drawn beside the training curves.
+            for key in spec.keys:
+                if key in metrics and not histories.get(key):
+                    histories[key] = [(0, metrics[key])]
+            png = training_curves_figure(histories, spec.title, spec.panels)
+            if png is not None:
+                figures.append(Figure(spec.caption, spec.filename, png))
+    return figures
 
 
 def _publish(ctx: StageContext, report: Report) -> dict[str, str]:
@@ -338,7 +378,7 @@ def run(ctx: StageContext) -> EvaluateManifest:
     metrics: dict[str, float] = {}
 
     recon_grid = _reconstruction(ctx, _load(up.vq.checkpoint, device), metrics, notes)
-    _codes_and_priors(ctx, up, device, metrics)
+    counts = _codes_and_priors(ctx, up, device, metrics)
     cas_note = "the sample stage has not run"
     if up.sample is not None:
         log.info("evaluate: Classification Accuracy Score")
@@ -349,7 +389,8 @@ def run(ctx: StageContext) -> EvaluateManifest:
     metrics = {k: float(v) for k, v in metrics.items()}
     ctx.tracking.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)})
 
-    uris = _publish(ctx, build_report(ctx, up, metrics, recon_grid, cas_note, notes))
+    figures = Figures(recon_grid, counts, _training_curves(ctx, up, metrics))
+    uris = _publish(ctx, build_report(ctx, up, metrics, figures, cas_note, notes))
     return EvaluateManifest(
         metrics=metrics,
         report=uris["markdown"],
@@ -416,8 +457,12 @@ def _reconstruction_section(metrics: dict[str, float], recon_grid: np.ndarray | 
     return section
 
 
-def _codebook_section(up: Upstream, metrics: dict[str, float]) -> Section:
-    return Section(
+def _codebook_section(
+    up: Upstream, metrics: dict[str, float], counts: dict[str, np.ndarray]
+) -> Section:
+    from pipelines.figures import code_usage_figure
+
+    section = Section(
         "Codebooks",
         [
             "Over every held-out code map "
@@ -439,6 +484,15 @@ def _codebook_section(up: Upstream, metrics: dict[str, float]) -> Section:
             ],
         ),
     )
+    if counts and any(c.sum() for c in counts.values()):
+        section.figures.append(
+            Figure(
+                "Code usage per level: each code's share of the held-out codes, most used first",
+                "figures/code-usage.png",
+                code_usage_figure(counts),
+            )
+        )
+    return section
 
 
 def _prior_section(ctx: StageContext, up: Upstream, metrics: dict[str, float]) -> Section:
@@ -545,7 +599,7 @@ def build_report(
     ctx: StageContext,
     up: Upstream,
     metrics: dict[str, float],
-    recon_grid: np.ndarray | None,
+    figures: Figures,
     cas_note: str | None,
     notes: list[str],
 ) -> Report:
@@ -557,9 +611,19 @@ def build_report(
         "Evaluation report",
         [
             _summary_section(up, notes),
-            _reconstruction_section(metrics, recon_grid),
-            _codebook_section(up, metrics),
+            _reconstruction_section(metrics, figures.reconstructions),
+            _codebook_section(up, metrics, figures.code_counts),
             _prior_section(ctx, up, metrics),
+            Section(
+                "Training curves",
+                [
+                    "Read back from the training stages' MLflow runs. Held-out curves during "
+                    "training are on the validation split; the test score is measured here."
+                ]
+                if figures.curves
+                else ["No training runs were tracked, so there are no curves."],
+                figures=figures.curves,
+            ),
             _samples_section(ctx, up.sample, metrics, cas_note),
             everything,
         ],

@@ -154,6 +154,33 @@ def test_mlflow_parent_and_stage_runs(pipeline_run):
     assert by_stage["evaluate"].data.metrics
 
 
+def test_report_shows_training_curves_and_code_usage(pipeline_run):
+    cfg, first, _ = pipeline_run
+    report = first["evaluate"].manifest.report
+    folder = os.path.dirname(report)
+    linked = [
+        line.split("](")[1].rstrip(")")
+        for line in open(report).read().splitlines()
+        if line.startswith("![")
+    ]
+    expected = {
+        "figures/curves-autoencoder-loss.png",
+        "figures/curves-autoencoder-codebooks.png",
+        "figures/curves-priors.png",
+        "figures/code-usage.png",
+        "figures/reconstructions.png",
+    }
+    assert expected <= set(linked)
+    for path in linked:
+        assert os.path.getsize(os.path.join(folder, path)) > 1000, path
+    client = MlflowClient(tracking_uri="sqlite:///" + os.path.join(cfg.output_dir, "mlflow.db"))
+    logged = {
+        a.path
+        for a in client.list_artifacts(first["evaluate"].manifest.mlflow_run_id, "report/figures")
+    }
+    assert {f"report/{name}" for name in expected} <= logged
+
+
 def test_second_run_skips_every_stage(pipeline_run):
     cfg, first, second = pipeline_run
     for stage in stage_names():

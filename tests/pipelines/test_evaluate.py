@@ -163,7 +163,9 @@ def test_report_files_mention_the_metrics(evaluated):
         for name in ("holdout/psnr", "cas/generated_to_real", "log2 K", "bits/code"):
             assert name in text, name
         assert f"{manifest.metrics['holdout/mse']:.4g}" in text
-    assert html.count("data:image/png;base64,") == 1 + len(CLASSES)  # reconstructions + class grids
+    # Reconstructions, code usage and the class grids; no curves: the upstream runs were not tracked.
+    assert html.count("data:image/png;base64,") == 2 + len(CLASSES)
+    assert "figures/code-usage.png" in markdown and "No training runs were tracked" in markdown
     folder = os.path.dirname(manifest.report)
     for line in markdown.splitlines():
         if line.startswith("!["):
