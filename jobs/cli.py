@@ -74,7 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("reconstruct", help="write reconstructions of an image folder (same layout)")
     p.add_argument(
-        "--checkpoint", required=True, help="autoencoder checkpoint (model.pt) path or URL"
+        "--checkpoint",
+        required=True,
+        help="autoencoder checkpoint (model.pt) path or URL, or a registered model "
+        "models:/<name>/<version or alias> (MLflow server from MLFLOW_TRACKING_URI)",
     )
     p.add_argument("--input", required=True, help="image folder (any layout of image files)")
     p.add_argument("--output", required=True, help="output folder")

@@ -26,8 +26,10 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".ti
 def _load_autoencoder(checkpoint: str):
     import io
 
+    from pipelines.mlflow_models import resolve_checkpoint
     from vq_core.checkpoint import load_checkpoint
 
+    checkpoint = resolve_checkpoint(checkpoint)
     if not storage.exists(checkpoint):
         raise MissingInputError(f"--checkpoint {checkpoint!r} does not exist")
     model, extra = load_checkpoint(io.BytesIO(storage.read_bytes(checkpoint)))

@@ -37,6 +37,7 @@ def pipeline_run(ray_local, tmp_path_factory):
     }
     # Rejection on, so that every section a stage can read is read (sample reads data for it).
     raw["sample"]["rejection"] = {"enabled": True, "keep_fraction": 0.5, "classifier_steps": 3}
+    raw["mlflow"] = {"registered_models": {"autoencoder": "e2e-tokenizer", "prior": "e2e-prior"}}
     cfg = parse_config(raw)
     first = run_stages(cfg, run_name="first")
     second = run_stages(cfg, run_name="second")
@@ -179,6 +180,30 @@ def test_report_shows_training_curves_and_code_usage(pipeline_run):
         for a in client.list_artifacts(first["evaluate"].manifest.mlflow_run_id, "report/figures")
     }
     assert {f"report/{name}" for name in expected} <= logged
+
+
+def test_registered_tokenizer_gives_the_shards_codes(pipeline_run):
+    import mlflow
+
+    from pipelines.corpus import open_corpus
+    from pipelines.shards import iter_code_samples
+
+    cfg, first, _ = pipeline_run
+    vq = first["train_vqvae"].manifest
+    assert vq.registered_model == "models:/e2e-tokenizer/1"
+    priors = first["train_prior"].manifest.priors
+    assert priors["top"].registered_model == "models:/e2e-prior-top/1"
+    assert priors["bottom"].registered_model == "models:/e2e-prior-bottom/1"
+
+    mlflow.set_tracking_uri("sqlite:///" + os.path.join(cfg.output_dir, "mlflow.db"))
+    tokenizer = mlflow.pyfunc.load_model(vq.registered_model)
+    rows = open_corpus(cfg.data).dataset("all").take(8)
+    codes = tokenizer.predict(np.stack([r["image"] for r in rows]))
+    shards = first["tokenize"].manifest.shards
+    stored = {s["key"]: s for s in iter_code_samples([shard.uri for shard in shards])}
+    for i, row in enumerate(rows):
+        for level in ("top", "bottom"):
+            np.testing.assert_array_equal(codes[level][i], stored[row["key"]][level])
 
 
 def test_second_run_skips_every_stage(pipeline_run):
