@@ -4,6 +4,7 @@
     vqpipe STAGE CONFIG.yaml [--set ...] [--force]       # one stage: train-vqvae, tokenize, ...
     vqpipe reconstruct --checkpoint CKPT --input DIR --output DIR
     vqpipe validate CONFIG.yaml [--set ...]
+    vqpipe status CONFIG.yaml [--set ...]                # done / stale / partial, runs nothing
 
 With no ``ray.address`` a local Ray starts in this process; MLflow tracks to
 ``<output_dir>/mlflow.db`` unless ``mlflow.tracking_uri`` is set. A mistake in the config or the
@@ -72,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_args(p)
 
+    p = sub.add_parser(
+        "status", help="say which stages are done, stale, partial or not started; runs nothing"
+    )
+    _add_config_args(p)
+
     p = sub.add_parser("reconstruct", help="write reconstructions of an image folder (same layout)")
     p.add_argument(
         "--checkpoint",
@@ -115,6 +121,11 @@ def _dispatch(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.command == "validate":
         print(json.dumps(cfg.model_dump(mode="json"), indent=2))
+        return 0
+    if args.command == "status":
+        from pipelines.status import format_status, pipeline_status
+
+        print(format_status(pipeline_status(cfg)))
         return 0
 
     from pipelines.runner import run_stages

@@ -51,13 +51,25 @@ def _upstream_state(output_dir: str, cls: type[StageManifest]) -> tuple:
     return (cls.stage, manifest.fingerprint, manifest.mlflow_run_id)
 
 
+def stage_inputs(
+    cfg: PipelineConfig, spec: StageSpec, corpus_listing: str | None = None
+) -> dict[str, str]:
+    """A hash per input of the stage: each config section it reads, each upstream manifest (its
+    fingerprint and MLflow run) and the corpus listing. Kept in the manifest, so that a stale
+    stage can say which input changed."""
+    dumped = cfg.model_dump(mode="json")
+    inputs = {f"config.{name}": fingerprint(dumped[name]) for name in spec.reads}
+    for cls in spec.upstream:
+        inputs[f"upstream.{cls.stage}"] = fingerprint(_upstream_state(cfg.output_dir, cls))
+    if spec.reads_corpus:
+        inputs["corpus"] = fingerprint(corpus_listing)
+    return inputs
+
+
 def stage_fingerprint(
     cfg: PipelineConfig, spec: StageSpec, corpus_listing: str | None = None
 ) -> str:
-    dumped = cfg.model_dump(mode="json")
-    sections = {name: dumped[name] for name in spec.reads}
-    upstream = [_upstream_state(cfg.output_dir, cls) for cls in spec.upstream]
-    return fingerprint(spec.name, sections, upstream, corpus_listing if spec.reads_corpus else None)
+    return fingerprint(spec.name, stage_inputs(cfg, spec, corpus_listing))
 
 
 def _prepare_stage_dir(stage_dir: str, fp: str, forced: bool) -> None:
@@ -188,6 +200,7 @@ def _run_one(
             result.model_copy(
                 update={
                     "fingerprint": fp,
+                    "inputs": stage_inputs(cfg, spec, listing),
                     "mlflow_run_id": tracking.run_id,
                     "seconds": round(time.time() - started, 2),
                 }

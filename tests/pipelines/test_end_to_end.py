@@ -224,6 +224,30 @@ def test_second_run_skips_every_stage(pipeline_run):
     assert all(parent.data.tags[f"vqpipe.{s}"] == "skipped" for s in stage_names())
 
 
+def test_status_says_what_is_done_and_what_changed(pipeline_run, tmp_path, capsys):
+    import yaml
+
+    from pipelines.status import pipeline_status
+
+    cfg, _, _ = pipeline_run
+    assert [(s.stage, s.state) for s in pipeline_status(cfg)] == [
+        (name, "done") for name in stage_names()
+    ]
+    changed = cfg.model_copy(deep=True)
+    changed.train_prior.top.lr = 1e-4
+    states = {s.stage: s for s in pipeline_status(changed)}
+    assert states["train_prior"].state == "stale"
+    assert states["train_prior"].detail == "changed: config.train_prior"
+    assert states["sample"].state == "stale" and "train_prior" in states["sample"].detail
+    assert states["tokenize"].state == "done"
+
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    assert cli_main(["status", str(config), "--set", "sample.temperature=0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "sample" in out and "changed: config.sample" in out
+
+
 def test_changed_sample_config_reruns_only_sample_and_evaluate(pipeline_run, tmp_path):
     cfg, first, _ = pipeline_run
     changed = cfg.model_copy(deep=True)
