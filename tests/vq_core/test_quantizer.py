@@ -295,15 +295,22 @@ def test_nearest_matches_brute_force(chunk_size):
     torch.testing.assert_close(chosen, best.values, rtol=1e-5, atol=1e-5)
 
 
-def test_nearest_under_bfloat16_autocast_equals_float32():
+@pytest.mark.parametrize("chunk_size", [None, 13])
+def test_nearest_under_bfloat16_autocast_equals_float32(chunk_size):
+    # Enough rows and codes that bfloat16 distances (8 mantissa bits) pick another code for a
+    # few dozen of the 4,096 vectors: a search that let autocast in would fail here. None is
+    # the default single-block path (plain addmm, which CPU autocast casts to bfloat16); 13
+    # sends every row through the chunked addmm(out=) path.
     gen = torch.Generator().manual_seed(0)
-    quantizer = VectorQuantizer(64, 8, chunk_size=13)
-    quantizer.codebook.copy_(torch.randn(64, 8, generator=gen))
-    z = torch.randn(4, 8, 6, 6, generator=gen)
-    reference = quantizer.nearest(z.movedim(1, -1).reshape(-1, 8))
+    quantizer = VectorQuantizer(512, 64, chunk_size=chunk_size)
+    quantizer.codebook.copy_(torch.randn(512, 64, generator=gen))
+    z = torch.randn(4, 64, 32, 32, generator=gen)
+    flat = z.movedim(1, -1).reshape(-1, 64)
+    reference = quantizer.nearest(flat)
+    assert torch.equal(reference, torch.cdist(flat.double(), quantizer.codebook.double()).argmin(1))
     quantizer.eval()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        codes = quantizer.nearest(z.movedim(1, -1).reshape(-1, 8))
+        codes = quantizer.nearest(flat)
         out = quantizer(z)
     assert torch.equal(codes, reference)
     assert torch.equal(out.codes.reshape(-1), reference)
