@@ -83,6 +83,9 @@ def test_top_p_keeps_the_smallest_nucleus():
     assert filter_logits(logits, top_p=0.85).isfinite().tolist() == [[False, True, True, True]]
     assert filter_logits(logits, top_p=1.0).isfinite().all()
     assert filter_logits(logits, top_p=1e-9).isfinite().tolist() == [[False, True, False, False]]
+    # top_p=1 switches the nucleus off, even where the float32 running mass reaches 1 before
+    # the last code (a "mass before >= top_p" test would drop the unlikely codes).
+    assert filter_logits(torch.tensor([[100.0, 0.0, 0.0]]), top_p=1.0).isfinite().all()
 
 
 @pytest.mark.parametrize(
@@ -98,6 +101,9 @@ def test_top_p_keeps_the_smallest_nucleus():
         dict(top_p=0.0),
         dict(top_p=1.5),
         dict(top_p=-0.1),
+        # Wrong types are refused with the same error, not a TypeError from a comparison.
+        dict(temperature="1"),
+        dict(top_p="0.5"),
     ],
 )
 def test_bad_filter_settings_raise_and_name_the_value(kwargs):
