@@ -312,6 +312,23 @@ def test_data_init_happens_once():
     assert torch.equal(quantizer.codebook.detach(), initialised)
 
 
+def test_data_init_edge_batches():
+    torch.manual_seed(0)
+    # Exactly as many vectors as codes: each code is one of them, none perturbed by noise.
+    z = torch.randn(16, 4)
+    quantizer = VectorQuantizer(16, 4, update="loss", data_init=True)
+    quantizer(z)
+    matches = (quantizer.codebook.detach()[:, None, :] == z[None]).all(dim=2)
+    assert (matches.sum(dim=1) == 1).all() and (matches.sum(dim=0) == 1).all()
+    # One vector: the codes are distinct copies of it with small noise.
+    one = VectorQuantizer(4, 4, update="loss", data_init=True)
+    one(z[:1])
+    assert (one.codebook.detach() - z[:1]).abs().max() < 0.05
+    assert torch.unique(one.codebook.detach(), dim=0).shape[0] == 4
+    with pytest.raises(ValueError, match="cannot draw code vectors from an empty batch"):
+        VectorQuantizer(4, 4, data_init=True)(torch.zeros(0, 4))
+
+
 def test_default_search_blocks_cover_large_batches():
     # More rows than one default block holds (2,048 at K = 8,192): the search runs in blocks
     # and still finds the nearest codes.
