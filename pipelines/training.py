@@ -390,6 +390,8 @@ def fit(
                 f"the training data shard of rank {rank} yielded no batches; the training split "
                 f"is empty or smaller than the number of workers ({context.get_world_size()})"
             )
+    # Metrics queued while the tracking server was unreachable leave with this process.
+    tracking.flush(raise_on_failure=False)
 
 
 def _evaluate(
