@@ -95,6 +95,13 @@ def aws_env(s3_server: S3Server) -> Iterator[dict[str, str]]:
 
 
 @pytest.fixture(scope="session")
+def job_env(s3_server: S3Server) -> dict[str, str]:
+    """What a job's runtime_env passes to every worker: where the store is, no credentials."""
+    env = s3_server.env()
+    return {k: env[k] for k in ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")}
+
+
+@pytest.fixture(scope="session")
 def mlflow_server(cluster_root: Path, s3_server: S3Server) -> Iterator[MlflowServer]:
     server = services.start_mlflow(cluster_root, s3_server)
     try:
@@ -104,8 +111,18 @@ def mlflow_server(cluster_root: Path, s3_server: S3Server) -> Iterator[MlflowSer
 
 
 @pytest.fixture(scope="session")
-def ray_cluster(cluster_root: Path) -> Iterator[RayCluster]:
-    cluster = services.start_ray_cluster(cluster_root, secrets.token_hex(32), workers=2)
+def ray_cluster(cluster_root: Path, s3_server: S3Server) -> Iterator[RayCluster]:
+    """Three nodes with token auth. The bucket's credentials are in every node's environment, as
+    a Kubernetes Secret puts them in a pod's: Ray writes a job's ``runtime_env`` (env_vars
+    included) to its runtime_env_agent.log, so jobs carry only the endpoint and region."""
+    secrets_env = {
+        k: v
+        for k, v in s3_server.env().items()
+        if k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+    }
+    cluster = services.start_ray_cluster(
+        cluster_root, secrets.token_hex(32), workers=2, node_env=secrets_env
+    )
     try:
         yield cluster
     finally:

@@ -353,6 +353,14 @@ class RayCluster:
             self.head,
         )
 
+    def node_service(self, node: dict[str, Any]) -> Service:
+        """The process tree of a node listed by ``alive_nodes``."""
+        names = [k[len("node_") :] for k in node["resources_total"] if k.startswith("node_")]
+        for service in [self.head, *self.workers]:
+            if service.name == f"ray node {names[0] if names else '?'}":
+                return service
+        raise KeyError(f"no service started node {node['node_id']} ({names})")
+
     def add_worker(self, name: str, num_cpus: int = 1) -> Service:
         worker = start_ray_node(
             self.root, name, self.env, head_address=self.address, num_cpus=num_cpus
@@ -401,6 +409,8 @@ def start_ray_node(
         "--max-worker-port",
         "0",
         "--disable-usage-stats",
+        "--resources",
+        json.dumps({f"node_{name}": 1}),  # names the node in the State API's resources
         *_node_ports(),
     ]
     if head_address is None:
@@ -430,17 +440,24 @@ def start_ray_node(
     ).start()
 
 
-def start_ray_cluster(root: Path, token: str, workers: int = 2) -> RayCluster:
-    env = base_env(root / "home") | {
-        "RAY_AUTH_MODE": "token",
-        "RAY_AUTH_TOKEN": token,
-        # Notice a dead node in seconds rather than the default half minute.
-        "RAY_health_check_period_ms": "1000",
-        "RAY_health_check_timeout_ms": "2000",
-        "RAY_health_check_failure_threshold": "3",
-        "RAY_DEDUP_LOGS": "0",
-        "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
-    }
+def start_ray_cluster(
+    root: Path, token: str, workers: int = 2, node_env: dict[str, str] | None = None
+) -> RayCluster:
+    """A head and ``workers`` worker nodes; ``node_env`` is added to every node's environment."""
+    env = (
+        base_env(root / "home")
+        | (node_env or {})
+        | {
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN": token,
+            # Notice a dead node in seconds rather than the default half minute.
+            "RAY_health_check_period_ms": "1000",
+            "RAY_health_check_timeout_ms": "2000",
+            "RAY_health_check_failure_threshold": "3",
+            "RAY_DEDUP_LOGS": "0",
+            "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+        }
+    )
     gcs, dashboard, client = free_port(), free_port(), free_port()
     head = start_ray_node(root, "h", env, head_ports=(gcs, dashboard, client))
     cluster = RayCluster(root, token, gcs, dashboard, head, [], env)

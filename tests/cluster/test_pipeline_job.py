@@ -28,13 +28,16 @@ CORRUPT = 2
 JOB_TIMEOUT_S = 420
 
 
-def submit(cluster, env: dict[str, str], config: Path, *overrides: str) -> tuple[Any, str]:
+def submit(
+    cluster, env: dict[str, str], config: Path, *overrides: str, module: str = "jobs.run_pipeline"
+) -> tuple[Any, str]:
+    """Submit ``python -m MODULE CONFIG --set ...`` with the auth token; the repo is the working dir."""
     from ray.job_submission import JobSubmissionClient
 
     client = JobSubmissionClient(cluster.dashboard, headers=cluster.auth_headers)
     sets = " ".join(f"--set {o}" for o in overrides)
     job_id = client.submit_job(
-        entrypoint=f"python -m jobs.run_pipeline {config} {sets}".strip(),
+        entrypoint=f"python -m {module} {config} {sets}".strip(),
         runtime_env={
             "working_dir": str(REPO),
             "excludes": [".venv", ".git", "runs", "tests/infra/kuberay", "*.pyc"],
@@ -67,7 +70,7 @@ def manifest(output_dir: str, stage: str) -> dict[str, Any] | None:
 
 
 @pytest.fixture(scope="module")
-def pipeline_job(ray_cluster, s3_server, aws_env, mlflow_server, cluster_root):
+def pipeline_job(ray_cluster, s3_server, aws_env, job_env, mlflow_server, cluster_root):
     """Run the pipeline as a job twice (the first one killed after train_vqvae); return a summary."""
     from pipelines.demo_data import generate_corpus
 
@@ -89,7 +92,7 @@ def pipeline_job(ray_cluster, s3_server, aws_env, mlflow_server, cluster_root):
     config.write_text(yaml.safe_dump(raw))
 
     started = time.monotonic()
-    client, first = submit(ray_cluster, aws_env, config, "mlflow.run_name=first")
+    client, first = submit(ray_cluster, job_env, config, "mlflow.run_name=first")
     deadline = time.monotonic() + JOB_TIMEOUT_S
     while not ((m := manifest(output_dir, "train_vqvae")) and m.get("complete")):
         status = client.get_job_status(first)
@@ -105,7 +108,7 @@ def pipeline_job(ray_cluster, s3_server, aws_env, mlflow_server, cluster_root):
     interrupted = {s: manifest(output_dir, s) for s in STAGES}
 
     restarted = time.monotonic()
-    client, second = submit(ray_cluster, aws_env, config, "mlflow.run_name=second")
+    client, second = submit(ray_cluster, job_env, config, "mlflow.run_name=second")
     second_status = wait_job(client, second)
     finished = time.monotonic()
     logs = client.get_job_logs(first) + client.get_job_logs(second)
@@ -203,7 +206,7 @@ def test_mlflow_runs_metrics_and_artifacts(pipeline_job, mlflow_server, s3_serve
 
 
 def test_credentials_appear_nowhere(
-    pipeline_job, secret_key, s3_server, mlflow_server, cluster_root
+    pipeline_job, secret_key, s3_server, mlflow_server, cluster_root, ray_cluster
 ):
     needle = secret_key.encode()
     leaks = []
@@ -221,8 +224,16 @@ def test_credentials_appear_nowhere(
     for path in [*(REPO / "infra").rglob("*"), REPO / "configs" / "cluster.yaml"]:
         if path.is_file() and needle in path.read_bytes():
             leaks.append(str(path.relative_to(REPO)))
-    # The Ray nodes' own logs (workers, raylets, job drivers).
-    for path in cluster_root.glob("*/session_latest/logs/**/*"):
-        if path.is_file() and needle in path.read_bytes():
+    # What Ray keeps about the jobs (their runtime_env).
+    from ray.job_submission import JobSubmissionClient
+
+    jobs = JobSubmissionClient(ray_cluster.dashboard, headers=ray_cluster.auth_headers)
+    for job_id in pipeline_job["jobs"]:
+        if secret_key in json.dumps(jobs.get_job_info(job_id).runtime_env or {}):
+            leaks.append(f"runtime_env of job {job_id}")
+    # Every file the services wrote: Ray nodes' logs (workers, raylets, runtime_env agents, job
+    # drivers), the MLflow server's log and database, the S3 server's log.
+    for path in cluster_root.rglob("*"):
+        if path.is_file() and not path.is_symlink() and needle in path.read_bytes():
             leaks.append(str(path.relative_to(cluster_root)))
     assert leaks == []
