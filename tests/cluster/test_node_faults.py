@@ -20,6 +20,7 @@ from tests.cluster.test_pipeline_job import CLASSES, manifest, submit, wait_job
 from tests.pipelines.conftest import tiny_raw_config
 
 STEPS = 16
+SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of registered checkpoints
 EVERY = 4
 
 
@@ -42,6 +43,12 @@ def _checkpoint_steps(ray_dir: str) -> list[int]:
         int(m.group(1)) for f in storage.list_files(ray_dir) if (m := re.search(r"step-(\d+)/", f))
     }
     return sorted(steps)
+
+
+def _registered_steps(ray_dir: str) -> list[int]:
+    snapshots = [f for f in storage.list_files(ray_dir) if f.endswith(SNAPSHOT)]
+    text = "".join(storage.read_bytes(f).decode(errors="replace") for f in snapshots)
+    return sorted({int(s) for s in re.findall(r"step-(\d+)", text)})
 
 
 def test_worker_node_killed_mid_training_with_a_replacement(
@@ -70,9 +77,11 @@ def test_worker_node_killed_mid_training_with_a_replacement(
     client, job = submit(ray_cluster, job_env, config, module="jobs.train_vqvae")
     client_job = (client, job)
     deadline = time.monotonic() + 300
-    while not _checkpoint_steps(ray_dir):
+    # Wait for a checkpoint Ray Train has registered (listed in its snapshot), not merely one
+    # whose files are being uploaded: a restart only resumes from a registered one.
+    while not (registered := _registered_steps(ray_dir)):
         assert not client.get_job_status(job).is_terminal(), client.get_job_logs(job)[-5000:]
-        assert time.monotonic() < deadline, "no checkpoint after 300 s"
+        assert time.monotonic() < deadline, "no registered checkpoint after 300 s"
         time.sleep(0.5)
 
     # Kill a worker node (not the head) that runs a DDP rank, all its processes at once.
@@ -80,7 +89,7 @@ def test_worker_node_killed_mid_training_with_a_replacement(
     victims = [nodes[i] for i in _train_worker_nodes(ray_cluster) if not nodes[i]["is_head_node"]]
     assert victims, "no DDP rank on a worker node"
     victim = ray_cluster.node_service(victims[0])
-    steps_at_kill = _checkpoint_steps(ray_dir)
+    steps_at_kill = registered
     killed_at = time.monotonic()
     pids = victim.kill(signal.SIGKILL)
     ray_cluster.add_worker(f"r{int(killed_at) % 1000}")  # the replacement node
@@ -110,6 +119,7 @@ def test_worker_node_killed_mid_training_with_a_replacement(
     )
     resumed = [int(h.value) for h in history]
     assert resumed and all(0 < r < STEPS and r % EVERY == 0 for r in resumed), resumed
+    assert resumed[0] >= max(steps_at_kill), (resumed, steps_at_kill)
     print(
         f"killed node {victim.name} ({len(pids)} processes) with checkpoints {steps_at_kill}; "
         f"resumed at {resumed}; job succeeded {recovered:.0f} s after the kill; "
