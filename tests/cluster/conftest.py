@@ -1,4 +1,5 @@
-"""Session fixtures for the cluster tests: real processes, stopped by process group at the end.
+"""Fixtures for the cluster tests: real processes, stopped by process group after the last test
+of this package.
 
 - ``s3_server``: ``moto_server`` (an S3-compatible server) on a free port, with one bucket;
 - ``mlflow_server``: ``mlflow server`` with a SQLite store and artifacts proxied to that bucket;
@@ -7,7 +8,7 @@
 - ``aws_env``: the standard AWS variables pointing this test process at the S3 server.
 
 Everything lives under one short temporary root (Ray's Unix sockets need short paths). Services
-are stopped when the session ends, also after failures; an ``atexit`` hook is the backstop.
+are stopped after the last cluster test, also after failures; an ``atexit`` hook is the backstop.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.cluster)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def cluster_root() -> Iterator[Path]:
     base = "/tmp" if os.path.isdir("/tmp") else None
     root = Path(tempfile.mkdtemp(prefix="vqc", dir=base))
@@ -48,13 +49,13 @@ def cluster_root() -> Iterator[Path]:
             shutil.rmtree(root, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def secret_key() -> str:
-    """The S3 secret of this session: random, so finding it anywhere is a real leak."""
+    """The S3 secret of this test run: random, so finding it anywhere is a real leak."""
     return "vqpipe-test-secret-" + secrets.token_hex(12)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def s3_server(cluster_root: Path, secret_key: str) -> Iterator[S3Server]:
     server = services.start_s3(cluster_root, BUCKET, ACCESS_KEY, secret_key)
     try:
@@ -78,7 +79,7 @@ def _create_bucket(server: S3Server) -> None:
     fs.create_dir(server.bucket)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def aws_env(s3_server: S3Server) -> Iterator[dict[str, str]]:
     """Point this process' S3 clients (pipelines.storage, pyarrow) at the test server."""
     env = s3_server.env()
@@ -94,14 +95,14 @@ def aws_env(s3_server: S3Server) -> Iterator[dict[str, str]]:
                 os.environ[k] = v
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def job_env(s3_server: S3Server) -> dict[str, str]:
     """What a job's runtime_env passes to every worker: where the store is, no credentials."""
     env = s3_server.env()
     return {k: env[k] for k in ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")}
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def mlflow_server(cluster_root: Path, s3_server: S3Server) -> Iterator[MlflowServer]:
     server = services.start_mlflow(cluster_root, s3_server)
     try:
@@ -110,7 +111,7 @@ def mlflow_server(cluster_root: Path, s3_server: S3Server) -> Iterator[MlflowSer
         server.service.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def ray_cluster(cluster_root: Path, s3_server: S3Server) -> Iterator[RayCluster]:
     """Three nodes with token auth. The bucket's credentials are in every node's environment, as
     a Kubernetes Secret puts them in a pod's: Ray writes a job's ``runtime_env`` (env_vars

@@ -63,7 +63,7 @@ def test_partial_objects_never_look_finished(aws_env, s3_server):
 
 @pytest.fixture
 def private_s3(cluster_root: Path, secret_key: str, monkeypatch):
-    """An S3 server of its own (stopping the session's one would lose its contents)."""
+    """An S3 server of its own (stopping the shared one would lose its contents)."""
     root = cluster_root / f"s3-{time.monotonic_ns()}"
     root.mkdir()
     (root / "home").mkdir()
