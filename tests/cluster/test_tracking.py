@@ -19,7 +19,9 @@ def fail_fast(monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
 
 
-def test_metrics_logged_while_the_server_is_down_arrive(mlflow_server, fail_fast):
+def test_metrics_logged_while_the_server_is_down_arrive(mlflow_server, fail_fast, monkeypatch):
+    # The restart itself takes 30 s on a quiet machine and minutes on a loaded one.
+    monkeypatch.setenv("VQPIPE_TRACKING_RETRY_SECONDS", "600")
     tracker = Tracker(mlflow_server.url, "blink")
     with tracker.pipeline_run("blink", {"a": 1}) as parent:
         with tracker.stage_run("train_vqvae") as ctx:
