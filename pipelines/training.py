@@ -450,6 +450,8 @@ def fit(
                 f"the training data shard of rank {loop.rank} yielded no batches; the training "
                 f"split is empty or smaller than the number of workers ({loop.world_size})"
             )
+    # Metrics queued while the tracking server was unreachable leave with this process.
+    tracking.flush(raise_on_failure=False)
 
 
 def _evaluate(
