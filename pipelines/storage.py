@@ -34,6 +34,8 @@ from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
 
+from pipelines.errors import UserError
+
 log = logging.getLogger("vqpipe")
 
 TMP_SUFFIX = ".partial"
@@ -45,8 +47,8 @@ MAX_BACKOFF_SECONDS = 8.0
 T = TypeVar("T")
 
 
-class StorageError(OSError):
-    """An object-store operation that kept failing after every retry."""
+class StorageError(UserError, OSError):
+    """An object-store operation that kept failing after every retry (the URL is named)."""
 
 
 def is_url(uri: str) -> bool:

@@ -33,6 +33,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pipelines import storage
+from pipelines.errors import ConfigError, UserError
 
 log = logging.getLogger("vqpipe")
 
@@ -59,7 +60,7 @@ _QUIET_UNTIL: dict[str, float] = {}
 T = TypeVar("T")
 
 
-class TrackingError(RuntimeError):
+class TrackingError(UserError, RuntimeError):
     """The tracking server stayed unreachable; what was logged since is named in the message."""
 
 
@@ -103,7 +104,7 @@ def _with_retries(what: str, tracking_uri: str, call: Callable[[], T]) -> T:
 
 def default_tracking_uri(output_dir: str) -> str:
     if storage.is_url(output_dir):
-        raise ValueError(
+        raise ConfigError(
             f"output_dir {output_dir!r} is remote, so a local SQLite tracking store cannot be shared with "
             "the workers: set mlflow.tracking_uri (e.g. http://mlflow:5000)"
         )

@@ -74,7 +74,7 @@ def test_worker_node_killed_mid_training_with_a_replacement(
     config.write_text(yaml.safe_dump(raw))
     ray_dir = storage.join(output_dir, "train_vqvae", "ray")
 
-    client, job = submit(ray_cluster, job_env, config, module="jobs.train_vqvae")
+    client, job = submit(ray_cluster, job_env, config, module="jobs.stage train_vqvae")
     client_job = (client, job)
     deadline = time.monotonic() + 300
     # Wait for a checkpoint Ray Train has registered (listed in its snapshot), not merely one
