@@ -14,7 +14,12 @@ from pipelines import storage
 from pipelines.config import PipelineConfig
 from pipelines.errors import ManifestError
 from pipelines.manifest import fingerprint, read_manifest
-from pipelines.runner import FINGERPRINT_FILE, stage_fingerprint, stage_inputs
+from pipelines.runner import (
+    FINGERPRINT_FILE,
+    manifest_fingerprint,
+    stage_fingerprint,
+    stage_inputs,
+)
 from pipelines.stages import STAGES
 
 
@@ -66,7 +71,9 @@ def pipeline_status(cfg: PipelineConfig) -> list[StageStatus]:
                 state = StageStatus(spec.name, "not started")
         elif waiting:
             state = StageStatus(spec.name, "stale", f"after {', '.join(waiting)}")
-        elif manifest.fingerprint == stage_fingerprint(cfg, spec, listing):
+        elif manifest.fingerprint == manifest_fingerprint(
+            spec, stage_fingerprint(cfg, spec, listing), listing
+        ):
             state = StageStatus(spec.name, "done", manifest.summary())
         else:
             now = stage_inputs(cfg, spec, listing)

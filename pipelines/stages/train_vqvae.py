@@ -294,4 +294,5 @@ SPEC = StageSpec(
     description="train the autoencoder (VQ-VAE-2, VQ-VAE or dVAE) on the corpus with Ray Train",
     sections=("seed", "data"),
     reads_corpus=True,
+    on_corpus_change="keep",
 )
