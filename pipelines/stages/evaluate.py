@@ -183,14 +183,14 @@ def code_metrics(
 
 
 def generated_images(
-    sample_manifest: SampleManifest, class_names: list[str], shape: tuple[int, int, int], size: int
+    sample_dirs: dict[str, str], class_names: list[str], shape: tuple[int, int, int], size: int
 ) -> LabelledImages:
     """The sample stage's PNGs, labelled with their requested class, resized to ``size``."""
     from pipelines.images import decode_image, to_model_input
 
     images, labels, keys = [], [], []
-    for name, entry in sample_manifest.classes.items():
-        files = [f for f in storage.list_files(entry.dir, recursive=False) if f.endswith(".png")]
+    for name, directory in sample_dirs.items():
+        files = [f for f in storage.list_files(directory, recursive=False) if f.endswith(".png")]
         if not files:
             continue
         pixels = np.stack([decode_image(storage.read_bytes(f), shape[:2], shape[2]) for f in files])
@@ -205,18 +205,19 @@ def generated_images(
 def classification_metrics(
     ctx: StageContext,
     class_names: list[str],
-    sample_manifest: SampleManifest,
+    sample_dirs: dict[str, str],
     shape: tuple[int, int, int],
 ) -> tuple[dict[str, float], str | None]:
-    """CAS and its two reference accuracies; or no metrics and the reason they are missing."""
+    """CAS and its two reference accuracies, from the generated images in ``sample_dirs`` (class
+    name -> folder of PNGs); or no metrics and the reason they are missing."""
     from pipelines.corpus import open_corpus
 
     cfg = ctx.cfg.evaluate
-    unknown = [n for n in sample_manifest.classes if n not in class_names]
+    unknown = [n for n in sample_dirs if n not in class_names]
     if len(class_names) < 2 or unknown:
         return {}, "the samples are not labelled with the corpus' classes, so CAS does not apply"
     input_size = ClassifierConfig(num_classes=len(class_names), in_channels=shape[2]).input_size
-    generated = generated_images(sample_manifest, class_names, shape, input_size)
+    generated = generated_images(sample_dirs, class_names, shape, input_size)
     sampled = sorted(set(generated.labels.tolist()))
     if len(sampled) < 2:
         return {}, "fewer than 2 classes were sampled; a classifier needs at least 2"
@@ -383,7 +384,8 @@ def run(ctx: StageContext) -> EvaluateManifest:
     if up.sample is not None:
         log.info("evaluate: Classification Accuracy Score")
         shape = (*up.vq.image_size, up.vq.channels)
-        cas_metrics, cas_note = classification_metrics(ctx, up.vq.class_names, up.sample, shape)
+        dirs = {name: entry.dir for name, entry in up.sample.classes.items()}
+        cas_metrics, cas_note = classification_metrics(ctx, up.vq.class_names, dirs, shape)
         metrics.update(cas_metrics)
     metrics["evaluate/seconds"] = time.time() - started
     metrics = {k: float(v) for k, v in metrics.items()}

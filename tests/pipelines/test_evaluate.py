@@ -247,17 +247,15 @@ def test_cas_trains_on_the_generated_images_and_tests_on_the_real_ones(ray_local
     ctx = make_context(cfg, str(tmp_path / "evaluate"))
 
     def cas_of(shift: int) -> dict[str, float]:
-        classes: dict[str, dict] = {}
+        classes: dict[str, str] = {}
         for label, name in enumerate(CLASSES):
             folder = tmp_path / f"generated-{shift}" / name
             folder.mkdir(parents=True)
             source = [i for i in holdout if labels[i] == (label + shift) % len(CLASSES)]
             for n, i in enumerate(source):
                 Image.fromarray(images[i]).save(folder / f"{n:05d}.png")
-            classes[name] = {"dir": str(folder)}
-        metrics, note = evaluate.classification_metrics(
-            ctx, list(CLASSES), {"classes": classes}, (16, 16, 3)
-        )
+            classes[name] = str(folder)
+        metrics, note = evaluate.classification_metrics(ctx, list(CLASSES), classes, (16, 16, 3))
         assert note is None
         assert metrics["cas/generated_images"] == len(holdout)
         assert metrics["cas/real_holdout_images"] == len(holdout)

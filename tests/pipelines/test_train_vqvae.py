@@ -183,7 +183,7 @@ def test_two_ranks_keep_identical_codebooks_and_restart_from_the_last_checkpoint
         train_vqvae, "train_loop_per_worker", loop_that_saves_each_ranks_quantizers(str(dump_dir))
     )
     manifest, client, run_id = run_stage(cfg, tmp_path, "fp-restart")
-    assert isinstance(manifest, dict), manifest
+    assert isinstance(manifest, train_vqvae.TrainVQVAEManifest), manifest
     assert manifest.steps == STEPS
     history = client.get_metric_history(run_id, "resumed_at_step")
     assert [(m.step, m.value) for m in history] == [(EVERY, float(EVERY))]
