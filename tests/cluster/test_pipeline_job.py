@@ -17,9 +17,12 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from pipelines import storage
-from pipelines.config import STAGES
+from pipelines.manifest import StageManifest, read_manifest
+from pipelines.stages import get_stage, stage_names
 from tests.cluster.services import http_get
 from tests.pipelines.conftest import tiny_raw_config
+
+STAGES = stage_names()
 
 REPO = Path(__file__).resolve().parents[2]
 CLASSES = ["circle", "square", "triangle", "cross"]
@@ -65,8 +68,9 @@ def read_json(uri: str) -> dict[str, Any] | None:
     return json.loads(storage.read_bytes(uri)) if storage.exists(uri) else None
 
 
-def manifest(output_dir: str, stage: str) -> dict[str, Any] | None:
-    return read_json(storage.join(output_dir, stage, "manifest.json"))
+def manifest(output_dir: str, stage: str) -> StageManifest | None:
+    """The stage's typed manifest, None until the stage has finished."""
+    return read_manifest(output_dir, get_stage(stage).manifest)
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +98,7 @@ def pipeline_job(ray_cluster, s3_server, aws_env, job_env, mlflow_server, cluste
     started = time.monotonic()
     client, first = submit(ray_cluster, job_env, config, "mlflow.run_name=first")
     deadline = time.monotonic() + JOB_TIMEOUT_S
-    while not ((m := manifest(output_dir, "train_vqvae")) and m.get("complete")):
+    while manifest(output_dir, "train_vqvae") is None:
         status = client.get_job_status(first)
         if status.is_terminal() or time.monotonic() > deadline:
             raise AssertionError(
@@ -133,29 +137,29 @@ def test_resubmitted_job_finishes_every_stage(pipeline_job):
     assert pipeline_job["second_status"] == "SUCCEEDED", pipeline_job["second_log"][-6000:]
     for stage in STAGES:
         m = pipeline_job["manifests"][stage]
-        assert m is not None and m["complete"], stage
+        assert m is not None, stage
 
 
 def test_finished_stage_skipped_after_the_driver_died(pipeline_job):
     interrupted = pipeline_job["interrupted"]
-    assert interrupted["tokenize"] is None or not interrupted["tokenize"].get("complete")
+    assert interrupted["tokenize"] is None
     before = interrupted["train_vqvae"]
     after = pipeline_job["manifests"]["train_vqvae"]
-    assert after["mlflow_run_id"] == before["mlflow_run_id"]  # not trained again
+    assert after.mlflow_run_id == before.mlflow_run_id  # not trained again
     assert "train_vqvae: up to date" in pipeline_job["second_log"]
 
 
 def test_outputs_sit_in_the_bucket(pipeline_job):
     out = pipeline_job["output_dir"]
     m = pipeline_job["manifests"]
-    assert m["train_vqvae"]["checkpoint"].startswith("s3://")
-    assert storage.exists(m["train_vqvae"]["checkpoint"])
+    assert m["train_vqvae"].checkpoint.startswith("s3://")
+    assert storage.exists(m["train_vqvae"].checkpoint)
     tok = m["tokenize"]
-    assert tok["samples"] == PER_CLASS * len(CLASSES)
-    assert tok["bad_inputs"]["count"] == CORRUPT
-    shards = [s["uri"] for s in tok["shards"]]
+    assert tok.samples == PER_CLASS * len(CLASSES)
+    assert tok.bad_inputs.count == CORRUPT
+    shards = [s.uri for s in tok.shards]
     assert shards and all(s.startswith(out) and storage.exists(s) for s in shards)
-    assert sum(s["samples"] for s in tok["shards"]) == tok["samples"]
+    assert sum(s.samples for s in tok.shards) == tok.samples
     assert not [f for f in storage.list_files(out) if f.endswith(storage.TMP_SUFFIX)]
     # Ray Train's checkpoints went to the bucket too, and the run ended at the configured step.
     ckpts = [f for f in storage.list_files(storage.join(out, "train_vqvae", "ray"))]
@@ -196,7 +200,7 @@ def test_mlflow_runs_metrics_and_artifacts(pipeline_job, mlflow_server, s3_serve
                 runs[run.data.tags["vqpipe.stage"]] = run
     assert set(runs) == set(STAGES)
     for stage, run in runs.items():
-        assert run.info.run_id == pipeline_job["manifests"][stage]["mlflow_run_id"], stage
+        assert run.info.run_id == pipeline_job["manifests"][stage].mlflow_run_id, stage
         assert "manifest.json" in {a.path for a in client.list_artifacts(run.info.run_id)}
     vq = runs["train_vqvae"]
     history = client.get_metric_history(vq.info.run_id, "train/loss")
