@@ -64,10 +64,6 @@ def wait_job(client, job_id: str, timeout: float = JOB_TIMEOUT_S) -> str:
     raise TimeoutError(f"job {job_id} not done after {timeout} s; log tail:\n{logs[-4000:]}")
 
 
-def read_json(uri: str) -> dict[str, Any] | None:
-    return json.loads(storage.read_bytes(uri)) if storage.exists(uri) else None
-
-
 def manifest(output_dir: str, stage: str) -> StageManifest | None:
     """The stage's typed manifest, None until the stage has finished."""
     return read_manifest(output_dir, get_stage(stage).manifest)
