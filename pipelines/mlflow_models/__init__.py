@@ -20,6 +20,8 @@ import numpy as np
 log = logging.getLogger("vqpipe")
 
 CHECKPOINT_ARTIFACT = "checkpoint"
+# The inference-time params each flavor reads, with their defaults.
+PARAMS: dict[str, dict[str, Any]] = {"prior": {"seed": 0, "temperature": 1.0}}
 _CODE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -50,7 +52,9 @@ def log_model(
     from mlflow.models import infer_signature
 
     mlflow.set_tracking_uri(tracking_uri)
-    signature = infer_signature(input_example, output_example)
+    # Inference-time params must be in the signature, or MLflow drops them.
+    params = PARAMS.get(flavor)
+    signature = infer_signature(input_example, output_example, params=params)
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name=name,

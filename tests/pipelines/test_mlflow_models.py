@@ -101,6 +101,10 @@ def test_prior_samples_codes_for_labels(tracker):
     first = loaded.predict(labels, params={"seed": 5})
     assert first.shape == (4, 2, 3) and first.dtype == np.int64 and first.max() < 8
     np.testing.assert_array_equal(loaded.predict(labels, params={"seed": 5}), first)
+    # The params reach the model (MLflow drops params its signature does not declare).
+    assert loaded.metadata.signature.params is not None
+    others = [loaded.predict(labels, params={"seed": seed}) for seed in range(6, 10)]
+    assert any(not np.array_equal(other, first) for other in others)
 
 
 def test_unknown_registered_model_is_named(tracker):
