@@ -20,6 +20,7 @@ import time
 import numpy as np
 import torch
 
+from benchmarks.bench_tokenize import MODEL  # the demo's autoencoder with K = 512 per level
 from pipelines.config import RaySection
 from pipelines.decode import decode_shards
 from pipelines.images import encode_png, to_uint8
@@ -28,14 +29,6 @@ from pipelines.stage import ensure_ray
 from vq_core.checkpoint import save_checkpoint
 from vq_core.vqvae import VQVAE2, VQVAE2Config
 
-MODEL = {
-    "channels": 64,
-    "res_blocks": 2,
-    "res_channels": 32,
-    "embed_dim": 32,
-    "codebook_size_top": 512,
-    "codebook_size_bottom": 512,
-}
 SHARD = 500
 
 
