@@ -27,29 +27,9 @@ import numpy as np
 
 from pipelines import storage
 from pipelines.errors import InputError, MissingInputError
+from pipelines.reconstruct import load_autoencoder
 
 log = logging.getLogger("vqpipe")
-
-
-def _load_autoencoder(checkpoint: str) -> tuple[Any, dict[str, Any]]:
-    from pipelines.mlflow_models import resolve_checkpoint
-    from vq_core.checkpoint import load_checkpoint
-
-    path = resolve_checkpoint(checkpoint)
-    if not storage.exists(path):
-        raise MissingInputError(f"--checkpoint {checkpoint!r} does not exist")
-    try:
-        model, extra = load_checkpoint(io.BytesIO(storage.read_bytes(path)))
-    except (ValueError, RuntimeError) as err:
-        raise InputError(
-            f"--checkpoint {checkpoint!r} is not a vq_core checkpoint: {err}"
-        ) from None
-    if not hasattr(model, "decode_codes") or not hasattr(model, "levels"):
-        raise InputError(
-            f"--checkpoint {checkpoint!r} holds a {type(model).__name__}, not an autoencoder "
-            "(VQ-VAE-2, VQ-VAE or dVAE)"
-        )
-    return model, extra or {}
 
 
 def shard_uris(source: str) -> list[str]:
@@ -132,7 +112,7 @@ class CodeDecoder:
         import torch
 
         torch.set_num_threads(max(1, threads))
-        self.model, _ = _load_autoencoder(checkpoint)
+        self.model, _ = load_autoencoder(checkpoint)
         self.model.eval()
         self.output, self.size_hw = output, size_hw
 
@@ -173,7 +153,7 @@ def decode_shards(
     """Decode every sample of the shards at ``source`` into ``<output>/<key>.png``."""
     import ray
 
-    model, extra = _load_autoencoder(checkpoint)
+    model, extra = load_autoencoder(checkpoint)
     size = image_size or extra.get("image_size")
     if size is None:
         raise InputError(f"{checkpoint!r} does not record its image size; pass --image-size H [W]")
