@@ -3,7 +3,9 @@
     vqpipe run CONFIG.yaml [--set key=value ...] [--force STAGE ...]
     vqpipe STAGE CONFIG.yaml [--set ...] [--force]       # one stage: train-vqvae, tokenize, ...
     vqpipe reconstruct --checkpoint CKPT --input DIR --output DIR
+    vqpipe decode --checkpoint CKPT --input SHARDS --output DIR
     vqpipe validate CONFIG.yaml [--set ...]
+    vqpipe status CONFIG.yaml [--set ...]                # done / stale / partial, runs nothing
 
 With no ``ray.address`` a local Ray starts in this process; MLflow tracks to
 ``<output_dir>/mlflow.db`` unless ``mlflow.tracking_uri`` is set. A mistake in the config or the
@@ -72,9 +74,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_args(p)
 
+    p = sub.add_parser(
+        "status", help="say which stages are done, stale, partial or not started; runs nothing"
+    )
+    _add_config_args(p)
+
     p = sub.add_parser("reconstruct", help="write reconstructions of an image folder (same layout)")
     p.add_argument(
-        "--checkpoint", required=True, help="autoencoder checkpoint (model.pt) path or URL"
+        "--checkpoint",
+        required=True,
+        help="autoencoder checkpoint (model.pt) path or URL, or a registered model "
+        "models:/<name>/<version or alias> (MLflow server from MLFLOW_TRACKING_URI)",
     )
     p.add_argument("--input", required=True, help="image folder (any layout of image files)")
     p.add_argument("--output", required=True, help="output folder")
@@ -85,6 +95,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--side-by-side", action="store_true", help="write original|reconstruction pairs"
     )
+
+    p = sub.add_parser(
+        "decode", help="turn code shards back into images, in the corpus' layout (Ray Data)"
+    )
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="autoencoder checkpoint path or URL, or models:/<name>/<version or alias>",
+    )
+    p.add_argument(
+        "--input",
+        required=True,
+        help="a tokenize stage folder, a folder of .tar shards, a .tar file or a brace pattern",
+    )
+    p.add_argument("--output", required=True, help="output folder: <key>.png per sample")
+    p.add_argument(
+        "--image-size", type=int, nargs="+", default=None, help="H [W]; default from the checkpoint"
+    )
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--num-actors", type=int, default=1, help="decoder replicas")
+    p.add_argument("--cpus-per-actor", type=float, default=1.0)
     return parser
 
 
@@ -104,14 +135,42 @@ def _reconstruct(args: argparse.Namespace) -> int:
     return 0
 
 
+def _decode(args: argparse.Namespace) -> int:
+    from types import SimpleNamespace
+
+    from pipelines.config import RaySection
+    from pipelines.decode import decode_shards
+    from pipelines.stage import ensure_ray
+
+    ensure_ray(SimpleNamespace(ray=RaySection()))  # joins RAY_ADDRESS's cluster, else local
+    summary = decode_shards(
+        args.checkpoint,
+        args.input,
+        args.output,
+        image_size=tuple(args.image_size) if args.image_size else None,
+        batch_size=args.batch_size,
+        num_actors=args.num_actors,
+        cpus_per_actor=args.cpus_per_actor,
+    )
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     from pipelines.config import load_config
 
     if args.command == "reconstruct":
         return _reconstruct(args)
+    if args.command == "decode":
+        return _decode(args)
     cfg = load_config(args.config, args.overrides)
     if args.command == "validate":
         print(json.dumps(cfg.model_dump(mode="json"), indent=2))
+        return 0
+    if args.command == "status":
+        from pipelines.status import format_status, pipeline_status
+
+        print(format_status(pipeline_status(cfg)))
         return 0
 
     from pipelines.runner import run_stages

@@ -302,10 +302,27 @@ class RaySection(Section):
     object_store_memory: int | None = Field(None, gt=0)
 
 
+class RegisteredModelsSection(Section):
+    """Names under which the trained models are registered in MLflow's model registry."""
+
+    autoencoder: str | None = Field(
+        None, description="The autoencoder, as a tokenizer (images in, codes out)."
+    )
+    prior: str | None = Field(
+        None, description="Prefix of the priors' names: each registers as <prior>-<level>."
+    )
+
+
 class MLflowSection(Section):
     tracking_uri: str | None = Field(None, description="Default: sqlite:///<output_dir>/mlflow.db.")
     experiment: str = "vqpipe"
     run_name: str | None = None
+    log_models: bool = Field(
+        True,
+        description="Log the autoencoder and the priors as MLflow models (pyfunc, defined from "
+        "code; the artifact is the vq_core checkpoint).",
+    )
+    registered_models: RegisteredModelsSection = Field(default_factory=RegisteredModelsSection)
 
 
 class PipelineConfig(Section):

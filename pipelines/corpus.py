@@ -451,20 +451,22 @@ class Corpus:
         split: str = "train",
         *,
         keep_errors: bool = False,
-        skip_keys: Iterable[str] | np.ndarray | None = None,
+        skip_keys: Iterable[str] | np.ndarray | Any | None = None,
     ):
         """A streaming ray.data.Dataset of decoded images.
 
         Columns: key (str), image (uint8 H x W x C at data.image_size / data.channels), label
         (int64), split (str). With ``keep_errors`` bad inputs stay in the stream as rows with a
         zero image, a non-empty ``error`` and their ``source`` (good rows have error ""); with
-        ``skip_keys`` (keys, or a ``key_hashes`` array) those rows are dropped before decoding,
-        which is how an interrupted stage resumes.
+        ``skip_keys`` (keys, a ``key_hashes`` array or an ObjectRef of one) those rows are dropped
+        before decoding, which is how an interrupted stage resumes.
         """
         import ray
 
         skip_ref = None
-        if skip_keys is not None:
+        if isinstance(skip_keys, ray.ObjectRef):
+            skip_ref = skip_keys  # a sorted key_hashes array already in the object store
+        elif skip_keys is not None:
             hashes = (
                 skip_keys
                 if isinstance(skip_keys, np.ndarray) and skip_keys.dtype == np.uint64

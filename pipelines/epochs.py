@@ -23,8 +23,8 @@ when the corpus is stored class by class; ``benchmarks/bench_shuffle.py`` measur
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -50,6 +50,8 @@ class EpochReader:
     interleave: int = 16
     image_shape: tuple[int, int, int] | None = None  # image_cache only
     levels: tuple[str, ...] = ()  # code_shards only
+    # code_shards only: shard name -> keys stored in it that no longer belong to the corpus
+    removed: Mapping[str, frozenset[str]] = field(default_factory=dict)
     # Off only to measure what shuffling costs (benchmarks/bench_shuffle.py): units in stored
     # order, no buffer.
     shuffle: bool = True
@@ -90,7 +92,9 @@ class EpochReader:
         seed: int,
         shuffle_buffer: int,
         columns: tuple[str, ...],
+        removed: Mapping[str, frozenset[str]] | None = None,
     ) -> EpochReader:
+        """``removed``: shard name -> stored keys to skip (``CodeShards.removed_keys()``)."""
         return cls(
             "code_shards",
             tuple(RowGroup(uri, -1, 0) for uri in sorted(shard_uris)),
@@ -101,6 +105,7 @@ class EpochReader:
             seed,
             shuffle_buffer,
             levels=tuple(levels),
+            removed=dict(removed or {}),
         )
 
     # ---------------------------------------------------------------------------------------------
@@ -133,7 +138,10 @@ class EpochReader:
         from pipelines.shards import iter_code_samples
 
         pending: list[dict] = []
+        removed = self.removed.get(unit.uri.rsplit("/", 1)[-1], frozenset())
         for sample in iter_code_samples([unit.uri], list(self.levels)):
+            if sample["key"] in removed:
+                continue
             pending.append(sample)
             if len(pending) == CHUNK_ROWS:
                 yield from self._code_chunk(pending)

@@ -5,7 +5,7 @@ Every function returns PNG bytes (or None when there is nothing to draw), ready 
 need no display and share no global state between threads or Ray workers.
 
 A training-curve figure is a list of ``Panel``s, each a list of ``Curve``s naming MLflow metrics.
-``stage_curve_specs`` says which figures each training stage's metrics make; the evaluate stage
+``autoencoder_curves`` and ``prior_curves`` say which figures the training stages' metrics make; the evaluate stage
 reads each stage run's history with ``metric_history`` and draws them with
 ``training_curves_figure``. A curve whose metric was not logged (a dVAE has no commitment loss, a
 run without a held-out split has no held-out curves) is left out, and so is a panel left empty.
@@ -107,29 +107,18 @@ def metric_history(client: MlflowClient, run_id: str, keys: Sequence[str]) -> di
 # What each training stage logs
 
 
-def stage_curve_specs(
-    levels: Sequence[str] = ("top", "bottom"),
-    prior_levels: Sequence[str] | None = None,
-) -> dict[str, list[CurveFigure]]:
-    """The training-curve figures of each stage, keyed by stage name.
+def autoencoder_curves(levels: Sequence[str] = ("top", "bottom")) -> list[CurveFigure]:
+    """The training-curve figures of the autoencoder stage.
 
-    ``levels`` are the autoencoder's code levels (the train_vqvae manifest's "levels": top and
-    bottom for VQ-VAE-2, "codes" for a one-level VQ-VAE or dVAE); ``prior_levels`` the levels with
-    a prior (default: all of them).
-
-    Metric names are those the stages log to their own MLflow run:
-    - train_vqvae: ``train/loss``, ``train/reconstruction``, ``train/commitment/<level>``,
-      ``train/codebook/<level>``, ``train/perplexity/<level>`` and ``train/usage/<level>``
-      (per training batch); ``train/kl``, ``train/temperature``, ``train/kl_weight`` (dVAE only);
-      ``holdout/mse``, ``holdout/perplexity/<level>`` and ``holdout/usage/<level>`` (every
-      eval_every steps).
-    - train_prior: ``<level>/train_bits_per_code`` and ``<level>/heldout_bits_per_code``.
-    The prior panels also draw ``holdout/bits_per_code/<level>``, which the evaluate stage
-    measures once: add it to the histories as a single point to see the test score beside the
-    curves.
+    ``levels`` are the autoencoder's code levels (top and bottom for VQ-VAE-2, "codes" for a
+    one-level VQ-VAE or dVAE). Metric names are those the stage logs to its MLflow run:
+    ``train/loss``, ``train/reconstruction``, ``train/commitment/<level>``,
+    ``train/codebook/<level>``, ``train/perplexity/<level>`` and ``train/usage/<level>`` (per
+    training batch); ``train/kl``, ``train/temperature``, ``train/kl_weight`` (dVAE only);
+    ``holdout/mse``, ``holdout/perplexity/<level>`` and ``holdout/usage/<level>`` (every
+    eval_every steps).
     """
     levels = list(levels)
-    prior_levels = levels if prior_levels is None else list(prior_levels)
     loss = Panel(
         "Autoencoder loss",
         "loss (log scale)",
@@ -173,7 +162,32 @@ def stage_curve_specs(
         "perplexity (codes)",
         _train_and_holdout("perplexity", levels),
     )
-    priors = tuple(
+    return [
+        CurveFigure(
+            "Autoencoder training",
+            "figures/curves-autoencoder-loss.png",
+            "Autoencoder losses over training steps (training batches: means over log_every "
+            "steps; held-out: every eval_every steps)",
+            (loss, quantizer, schedule),
+        ),
+        CurveFigure(
+            "Codebooks during training",
+            "figures/curves-autoencoder-codebooks.png",
+            "Code usage and perplexity per level: per training batch (solid) and over the "
+            "held-out images (dashed)",
+            (usage, perplexity),
+        ),
+    ]
+
+
+def prior_curves(levels: Sequence[str] = ("top", "bottom")) -> list[CurveFigure]:
+    """The training-curve figure of the priors, one panel per level with a prior.
+
+    Metric names: ``<level>/train_bits_per_code`` and ``<level>/heldout_bits_per_code`` from the
+    prior stage's run, and ``holdout/bits_per_code/<level>``, which the evaluate stage measures
+    once: add it to the histories as a single point to see the test score beside the curves.
+    """
+    panels = tuple(
         Panel(
             f"{level} prior",
             "bits per code",
@@ -183,35 +197,17 @@ def stage_curve_specs(
                 Curve(f"holdout/bits_per_code/{level}", "test (evaluate)", horizontal=True),
             ),
         )
-        for level in prior_levels
+        for level in levels
     )
-    return {
-        "train_vqvae": [
-            CurveFigure(
-                "Autoencoder training",
-                "figures/curves-train_vqvae-loss.png",
-                "Autoencoder losses over training steps (training batches: means over log_every "
-                "steps; held-out: every eval_every steps)",
-                (loss, quantizer, schedule),
-            ),
-            CurveFigure(
-                "Codebooks during training",
-                "figures/curves-train_vqvae-codebooks.png",
-                "Code usage and perplexity per level: per training batch (solid) and over the "
-                "held-out images (dashed)",
-                (usage, perplexity),
-            ),
-        ],
-        "train_prior": [
-            CurveFigure(
-                "Prior training",
-                "figures/curves-train_prior.png",
-                "Each prior's negative log-likelihood in bits per code: training batches, "
-                "validation during training (selects the kept weights), test in the evaluate stage",
-                priors,
-            )
-        ],
-    }
+    return [
+        CurveFigure(
+            "Prior training",
+            "figures/curves-priors.png",
+            "Each prior's negative log-likelihood in bits per code: training batches, "
+            "validation during training (selects the kept weights), test in the evaluate stage",
+            panels,
+        )
+    ]
 
 
 def _train_and_holdout(stat: str, levels: list[str]) -> tuple[Curve, ...]:

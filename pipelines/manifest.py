@@ -63,6 +63,7 @@ class StageManifest(ManifestModel):
 
     # Filled in by the runner when the stage finishes.
     fingerprint: str = ""
+    inputs: dict[str, str] = {}  # a hash per input (config section, upstream stage, corpus)
     mlflow_run_id: str | None = None
     seconds: float = 0.0
     written_at: str = ""

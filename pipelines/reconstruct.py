@@ -23,16 +23,28 @@ log = logging.getLogger("vqpipe")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
 
-def _load_autoencoder(checkpoint: str):
+def load_autoencoder(checkpoint: str) -> tuple[torch.nn.Module, dict]:
+    """The autoencoder (and its checkpoint's extra) at a path, URL or ``models:/`` URI; a clear
+    error when it is missing, not a vq_core checkpoint, or a model that is not an autoencoder."""
     import io
 
+    from pipelines.mlflow_models import resolve_checkpoint
     from vq_core.checkpoint import load_checkpoint
 
-    if not storage.exists(checkpoint):
+    path = resolve_checkpoint(checkpoint)
+    if not storage.exists(path):
         raise MissingInputError(f"--checkpoint {checkpoint!r} does not exist")
-    model, extra = load_checkpoint(io.BytesIO(storage.read_bytes(checkpoint)))
+    try:
+        model, extra = load_checkpoint(io.BytesIO(storage.read_bytes(path)))
+    except (ValueError, RuntimeError) as err:
+        raise InputError(
+            f"--checkpoint {checkpoint!r} is not a vq_core checkpoint: {err}"
+        ) from None
     if not hasattr(model, "encode") or not hasattr(model, "decode_codes"):
-        raise InputError(f"{checkpoint!r} holds a {type(model).__name__}, not an autoencoder")
+        raise InputError(
+            f"--checkpoint {checkpoint!r} holds a {type(model).__name__}, not an autoencoder "
+            "(VQ-VAE-2, VQ-VAE or dVAE)"
+        )
     return model, extra or {}
 
 
@@ -47,7 +59,7 @@ def reconstruct_folder(
     """Reconstruct every image under ``input_dir`` into ``output_dir``; returns counts."""
     if not storage.is_dir(input_dir):
         raise MissingInputError(f"--input {input_dir!r} is not a folder")
-    model, extra = _load_autoencoder(checkpoint)
+    model, extra = load_autoencoder(checkpoint)
     if image_size is None:
         size = extra.get("image_size")
         if size is None:

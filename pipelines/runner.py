@@ -1,11 +1,20 @@
 """Runs stages in order, skipping the ones that are up to date, and tracks them in MLflow.
 
 A stage is up to date when its manifest is complete and carries the fingerprint the stage would get
-now: a hash of the config sections it reads, of its input corpus' listing (for stages that read the
-images), and of the upstream manifests it consumes (their fingerprints and the MLflow runs that wrote
-them, so redoing an upstream stage redoes everything downstream). A stage directory left by an
-interrupted run with the same fingerprint is kept, so the stage resumes from its partial work; one
-with another fingerprint is stale and is cleared first.
+now. Two fingerprints are computed per stage:
+
+- its *identity*: a hash of the config sections it reads, of the upstream manifests it consumes
+  (their fingerprints and the MLflow runs that wrote them, so redoing an upstream stage redoes
+  everything downstream) and, for stages declared ``on_corpus_change="redo"``, of the corpus
+  listing. A stage directory left with the same identity is kept, so the stage resumes from its
+  partial work; one with another identity is stale and is cleared first.
+- its *manifest fingerprint*: the identity, joined by the corpus listing for stages declared
+  ``on_corpus_change="incremental"``. When only the listing changed, such a stage is not up to
+  date but its directory is kept: the stage runs again over its finished work (tokenize encodes
+  only the images it has not encoded). Its new manifest and MLflow run make every downstream
+  stage stale.
+
+Stages declared ``on_corpus_change="keep"`` ignore the listing altogether (train_vqvae).
 """
 
 from __future__ import annotations
@@ -51,17 +60,41 @@ def _upstream_state(output_dir: str, cls: type[StageManifest]) -> tuple:
     return (cls.stage, manifest.fingerprint, manifest.mlflow_run_id)
 
 
+def stage_inputs(
+    cfg: PipelineConfig, spec: StageSpec, corpus_listing: str | None = None
+) -> dict[str, str]:
+    """A hash per input of the stage: each config section it reads, each upstream manifest (its
+    fingerprint and MLflow run) and the corpus listing. Kept in the manifest, so that a stale
+    stage can say which input changed."""
+    dumped = cfg.model_dump(mode="json")
+    inputs = {f"config.{name}": fingerprint(dumped[name]) for name in spec.reads}
+    for cls in spec.upstream:
+        inputs[f"upstream.{cls.stage}"] = fingerprint(_upstream_state(cfg.output_dir, cls))
+    # A stage that keeps its outputs when the corpus changes does not depend on the listing.
+    if spec.listing_in_manifest:
+        inputs["corpus"] = fingerprint(corpus_listing)
+    return inputs
+
+
 def stage_fingerprint(
     cfg: PipelineConfig, spec: StageSpec, corpus_listing: str | None = None
 ) -> str:
-    dumped = cfg.model_dump(mode="json")
-    sections = {name: dumped[name] for name in spec.reads}
-    upstream = [_upstream_state(cfg.output_dir, cls) for cls in spec.upstream]
-    return fingerprint(spec.name, sections, upstream, corpus_listing if spec.reads_corpus else None)
+    """The stage's identity: config sections, upstream state, and the listing if it redoes on it."""
+    inputs = stage_inputs(cfg, spec, corpus_listing)
+    if not spec.listing_in_identity:
+        inputs.pop("corpus", None)
+    return fingerprint(spec.name, inputs)
+
+
+def manifest_fingerprint(spec: StageSpec, identity: str, corpus_listing: str | None) -> str:
+    """What the stage's manifest must carry to be up to date (see the module docstring)."""
+    if spec.listing_in_manifest and not spec.listing_in_identity:
+        return fingerprint(identity, corpus_listing)
+    return identity
 
 
 def _prepare_stage_dir(stage_dir: str, fp: str, forced: bool) -> None:
-    """Keep partial work of an interrupted run with this fingerprint; clear anything else."""
+    """Keep partial or finished work of a run with this identity; clear anything else."""
     marker = storage.join(stage_dir, FINGERPRINT_FILE)
     previous = storage.read_bytes(marker).decode() if storage.exists(marker) else None
     if storage.exists(stage_dir) and (forced or previous != fp):
@@ -69,7 +102,7 @@ def _prepare_stage_dir(stage_dir: str, fp: str, forced: bool) -> None:
         log.info("clearing %s (%s)", stage_dir, reason)
         storage.remove(stage_dir)
     elif previous == fp:
-        log.info("resuming partial work in %s", stage_dir)
+        log.info("resuming from the work in %s", stage_dir)
     storage.makedirs(stage_dir)
     storage.write_bytes(marker, fp.encode())
 
@@ -125,7 +158,7 @@ def run_stages(
     tracking_uri = cfg.mlflow.tracking_uri or default_tracking_uri(cfg.output_dir)
     tracker = Tracker(tracking_uri, cfg.mlflow.experiment)
     listing = None
-    if any(spec.reads_corpus for spec in specs):
+    if any(spec.listing_in_manifest for spec in specs):
         listing = fingerprint(storage.listing_fingerprint(cfg.data.source))
 
     name = run_name or cfg.mlflow.run_name or time.strftime("pipeline-%Y%m%d-%H%M%S")
@@ -160,13 +193,14 @@ def _run_one(
 ) -> StageOutcome:
     stage_dir = spec.manifest.directory(cfg.output_dir)
     fp = stage_fingerprint(cfg, spec, listing)
-    existing = None if forced else _up_to_date(cfg, spec, fp)
+    manifest_fp = manifest_fingerprint(spec, fp, listing)
+    existing = None if forced else _up_to_date(cfg, spec, manifest_fp)
     if existing is not None:
-        log.info("== %s: up to date (fingerprint %s), skipped", spec.name, fp)
+        log.info("== %s: up to date (fingerprint %s), skipped", spec.name, manifest_fp)
         parent.set_tags({f"vqpipe.{spec.name}": "skipped"})
         return StageOutcome(existing, skipped=True)
 
-    log.info("== %s: running (fingerprint %s)", spec.name, fp)
+    log.info("== %s: running (fingerprint %s)", spec.name, manifest_fp)
     ensure_ray(cfg)
     _prepare_stage_dir(stage_dir, fp, forced)
     started = time.time()
@@ -187,7 +221,8 @@ def _run_one(
             cfg.output_dir,
             result.model_copy(
                 update={
-                    "fingerprint": fp,
+                    "fingerprint": manifest_fp,
+                    "inputs": stage_inputs(cfg, spec, listing),
                     "mlflow_run_id": tracking.run_id,
                     "seconds": round(time.time() - started, 2),
                 }

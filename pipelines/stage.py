@@ -11,7 +11,7 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from pipelines.config import PipelineConfig
 from pipelines.manifest import StageManifest, cli_verb
@@ -26,6 +26,12 @@ log = logging.getLogger("vqpipe")
 INFRASTRUCTURE = frozenset({"output_dir", "ray", "mlflow"})
 
 
+# What a change in the corpus listing (images added, removed or touched) does to a stage that
+# reads the images; see StageSpec.on_corpus_change.
+CorpusChange = Literal["redo", "keep", "incremental"]
+CORPUS_CHANGES: tuple[str, ...] = ("redo", "keep", "incremental")
+
+
 def _always(cfg: PipelineConfig) -> bool:
     return True
 
@@ -37,9 +43,22 @@ class StageSpec:
     ``manifest`` is the stage's manifest model; its ``stage`` attribute is the stage's name, the
     name of its folder and of its config section. ``upstream`` are the manifests the stage reads
     (a redone upstream stage makes it stale); ``sections`` the config sections it reads besides its
-    own; ``reads_corpus`` whether it reads the images (their listing joins its fingerprint);
-    ``enabled`` lets a config turn the stage off. The manifest's ``summary()`` is the CLI's one
-    line about the finished stage.
+    own; ``reads_corpus`` whether it reads the images; ``enabled`` lets a config turn the stage
+    off. The manifest's ``summary()`` is the CLI's one line about the finished stage.
+
+    ``on_corpus_change`` says what a changed corpus listing (``data.source`` gained, lost or
+    touched files) means for a stage that reads the corpus:
+
+    - ``"redo"``: the listing is part of the stage's identity; the stage directory is cleared and
+      the stage runs from scratch (evaluate: its metrics describe one corpus).
+    - ``"keep"``: the listing is ignored; the stage stays up to date while its config and
+      upstream are unchanged (train_vqvae: an autoencoder trained on yesterday's images still
+      encodes today's; ``--force`` or a changed config retrains it).
+    - ``"incremental"``: the listing is not part of the stage's identity, but a changed listing
+      makes its manifest stale. The runner then keeps the stage directory, finished work
+      included, and runs the stage again, which must bring that work up to date with the new
+      listing (tokenize: encodes only new images, records removed ones). Its manifest carries a
+      fingerprint of identity and listing together, so downstream stages follow the change.
     """
 
     manifest: type[StageManifest]
@@ -48,7 +67,25 @@ class StageSpec:
     upstream: tuple[type[StageManifest], ...] = ()
     sections: tuple[str, ...] = ()
     reads_corpus: bool = False
+    on_corpus_change: CorpusChange = "redo"
     enabled: Callable[[PipelineConfig], bool] = field(default=_always)
+
+    def __post_init__(self) -> None:
+        if self.on_corpus_change not in CORPUS_CHANGES:
+            raise ValueError(
+                f"stage {self.name!r}: on_corpus_change must be one of {CORPUS_CHANGES}, "
+                f"got {self.on_corpus_change!r}"
+            )
+
+    @property
+    def listing_in_identity(self) -> bool:
+        """Whether a changed corpus listing clears the stage directory and redoes the stage."""
+        return self.reads_corpus and self.on_corpus_change == "redo"
+
+    @property
+    def listing_in_manifest(self) -> bool:
+        """Whether a changed corpus listing makes the stage's manifest stale."""
+        return self.reads_corpus and self.on_corpus_change != "keep"
 
     @property
     def name(self) -> str:
@@ -102,8 +139,9 @@ class StageContext:
 
     ``stage_dir`` is where the stage writes (``<output_dir>/<stage>``); ``fingerprint`` identifies the
     stage's config and upstream outputs, so partial work left by an interrupted run with the same
-    fingerprint can be resumed (Ray Train run names, finished shards); ``tracking`` logs to the stage's
-    MLflow child run.
+    fingerprint can be resumed (Ray Train run names, finished shards); for an incremental stage it
+    leaves the corpus listing out, since its finished work stays valid when the corpus changes.
+    ``tracking`` logs to the stage's MLflow child run.
     """
 
     cfg: PipelineConfig | ConfigView

@@ -463,6 +463,8 @@ def fit(
                 f"empty or holds fewer rows than there are workers ({loop.world_size})"
             )
         epoch, done = epoch + 1, 0
+    # Metrics queued while the tracking server was unreachable leave with this process.
+    loop.tracking.flush(raise_on_failure=False)
 
 
 def _to_torch(

@@ -37,7 +37,12 @@ def test_ray_up_cluster_config():
 def test_documented_entry_points_exist():
     texts = [
         (REPO / p).read_text()
-        for p in ("README.md", "infra/ray-cluster.yaml", "infra/kuberay/rayjob.yaml")
+        for p in (
+            "README.md",
+            "infra/ray-cluster.yaml",
+            "infra/kuberay/rayjob.yaml",
+            "infra/kuberay/raycronjob.yaml",
+        )
     ]
     modules = {m for t in texts for m in _entry_modules(t)}
     assert "jobs.run_pipeline" in modules

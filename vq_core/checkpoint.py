@@ -195,6 +195,14 @@ def _check_expected_config(name: str, stored: dict[str, Any], expected: dict[str
         )
 
 
+def _with_stored_defaults(name: str, config: dict[str, Any]) -> dict[str, Any]:
+    # A field added to a config after checkpoints were written gets, when such a checkpoint is
+    # loaded, the value the older code implied (the config class's `stored_defaults`), which may
+    # differ from the default a new model gets.
+    implied = getattr(model_class(name).config_class, "stored_defaults", {})
+    return {**{k: v for k, v in implied.items() if k not in config}, **config}
+
+
 def _load_state(model: nn.Module, name: str, state_dict: dict[str, torch.Tensor]) -> None:
     own = model.state_dict()
     problems = []
@@ -238,9 +246,10 @@ def load_checkpoint(
     name = payload["model"]
     if expected_model is not None and name != expected_model:
         raise ValueError(f"{where} holds a {name} model, expected {expected_model}")
+    config = _with_stored_defaults(name, payload["config"])
     if expected_config is not None:
-        _check_expected_config(name, payload["config"], expected_config)
-    model = model_from_config(name, payload["config"])
+        _check_expected_config(name, config, expected_config)
+    model = model_from_config(name, config)
     _load_state(model, name, payload["state_dict"])
     if isinstance(map_location, (str, torch.device)):
         model.to(map_location)

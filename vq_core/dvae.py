@@ -6,15 +6,24 @@ mixture of code embeddings, and a KL term to the uniform prior keeps the codeboo
 inference the argmax code is taken, so the model tokenizes exactly like a VQ model and shares
 their interface (levels, codebook_sizes, downsample, code_shape, encode, decode_codes).
 
-The paper anneals the relaxation temperature from 1 toward 1/16 and ramps the KL weight up early
-in training; `gumbel_temperature` and `kl_weight_schedule` give those schedules as functions of the
-step, and forward() takes both values as arguments so a training loop can pass them in.
+The paper anneals the relaxation temperature from 1 to 1/16 and ramps the KL weight up early in
+training, both along cosine curves; `gumbel_temperature` and `kl_weight_schedule` give those
+schedules as functions of the step, and forward() takes both values as arguments so a training
+loop can pass them in.
+
+Reconstruction is scored as in the paper by the logit-Laplace likelihood: pixels p in [0, 1] are
+first squeezed into [eps, 1 - eps] (eps = 0.1), because the density lives on the open interval
+(0, 1) and its log-Jacobian 1 / (p (1 - p)) would otherwise reward pushing every pixel to 0 or 1.
+The decoder then predicts, per pixel and channel, a location mu and a log-scale of a Laplace
+distribution over logit(p). The images the model takes and returns stay in [-1, 1] like every
+other vq_core autoencoder; the conversion happens inside.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -38,13 +47,22 @@ from vq_core.vqvae import (
 # Schedules (pure functions of the optimisation step)
 
 
-def gumbel_temperature(
-    step: int, *, start: float = 1.0, end: float = 1.0 / 16, anneal_steps: int = 150_000
-) -> float:
-    """Relaxation temperature at `step`: geometric decay from `start` to `end`, then constant.
+TEMPERATURE_SHAPES = ("cosine", "geometric")
 
-    Geometric rather than linear so that each halving of the temperature takes the same number
-    of steps; DALL-E anneals from 1 to 1/16 over its first 150,000 updates.
+
+def gumbel_temperature(
+    step: int,
+    *,
+    start: float = 1.0,
+    end: float = 1.0 / 16,
+    anneal_steps: int = 150_000,
+    shape: str = "cosine",
+) -> float:
+    """Relaxation temperature at `step`: annealed from `start` to `end`, then constant.
+
+    "cosine" (the paper's): half a cosine period from start to end, flat at both ends.
+    "geometric": each halving of the temperature takes the same number of steps. DALL-E anneals
+    from 1 to 1/16 over its first 150,000 updates (of 3 million).
     """
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
@@ -52,14 +70,18 @@ def gumbel_temperature(
         raise ValueError(f"anneal_steps must be > 0, got {anneal_steps}")
     if start <= 0 or end <= 0:
         raise ValueError(f"temperatures must be > 0, got start={start}, end={end}")
+    if shape not in TEMPERATURE_SHAPES:
+        raise ValueError(f"shape must be one of {TEMPERATURE_SHAPES}, got {shape!r}")
     progress = min(step / anneal_steps, 1.0)
-    return start * (end / start) ** progress
+    if shape == "geometric":
+        return start * (end / start) ** progress
+    return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def kl_weight_schedule(step: int, *, final: float, warmup_steps: int = 5000) -> float:
     """KL weight at `step`: a half-cosine ramp from 0 to `final` over `warmup_steps`, then flat.
 
-    Starting at 0 lets the encoder first learn to use its codes for reconstruction; a strong
+    The paper's ramp: 0 to 6.6 over the first 5,000 of 3 million updates. Starting at 0 lets the encoder first learn to use its codes for reconstruction; a strong
     pull toward the uniform prior from step 0 tends to leave the logits uninformative.
     """
     if step < 0:
@@ -77,9 +99,21 @@ def kl_weight_schedule(step: int, *, final: float, warmup_steps: int = 5000) -> 
 # Model
 
 
+RECONSTRUCTIONS = ("logit_laplace", "mse")
+
+# The paper's margin: pixels are mapped from [0, 1] into [eps, 1 - eps] before the likelihood.
+LOGIT_LAPLACE_EPS = 0.1
+
+
 @dataclass
 class DiscreteVAEConfig:
-    """dVAE hyper-parameters. temperature and kl_weight are the defaults used by forward()."""
+    """dVAE hyper-parameters. temperature and kl_weight are the defaults used by forward().
+
+    reconstruction: "logit_laplace" (the paper's likelihood; the decoder predicts a location and a
+    log-scale per channel) or "mse" (squared error on the [-1, 1] images; one output per channel).
+    hard: straight-through Gumbel samples in training: the decoder reads the one-hot of the
+    perturbed argmax, gradients flow through the relaxed sample.
+    """
 
     in_channels: int = 3
     channels: int = 128
@@ -92,6 +126,12 @@ class DiscreteVAEConfig:
     # The reconstruction term is a per-pixel mean and the KL a per-position mean in nats (up to
     # log K), so the weight that balances them is small.
     kl_weight: float = 1e-3
+    reconstruction: str = "logit_laplace"
+    hard: bool = False
+
+    # Values of fields that checkpoints written before the field existed implied: those models
+    # were trained with the MSE decoder (one output per channel) and soft samples.
+    stored_defaults: ClassVar[dict[str, object]] = {"reconstruction": "mse", "hard": False}
 
     def __post_init__(self) -> None:
         check_network_fields(self)
@@ -102,6 +142,12 @@ class DiscreteVAEConfig:
             raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
         if not isinstance(self.kl_weight, (int, float)) or self.kl_weight < 0:
             raise ValueError(f"kl_weight must be >= 0, got {self.kl_weight!r}")
+        if self.reconstruction not in RECONSTRUCTIONS:
+            raise ValueError(
+                f"reconstruction must be one of {RECONSTRUCTIONS}, got {self.reconstruction!r}"
+            )
+        if not isinstance(self.hard, bool):
+            raise ValueError(f"hard must be True or False, got {self.hard!r}")
 
 
 def kl_to_uniform(logits: torch.Tensor) -> torch.Tensor:
@@ -113,6 +159,31 @@ def kl_to_uniform(logits: torch.Tensor) -> torch.Tensor:
     log_q = F.log_softmax(logits.float(), dim=1)
     num_codes = logits.shape[1]
     return (log_q.exp() * log_q).sum(dim=1).mean() + math.log(num_codes)
+
+
+def map_pixels(x: torch.Tensor, eps: float = LOGIT_LAPLACE_EPS) -> torch.Tensor:
+    """Pixels in [0, 1] -> [eps, 1 - eps], where the logit-Laplace density is bounded."""
+    return (1.0 - 2.0 * eps) * x + eps
+
+
+def unmap_pixels(x: torch.Tensor, eps: float = LOGIT_LAPLACE_EPS) -> torch.Tensor:
+    """Inverse of map_pixels, clipped to [0, 1]: values outside [eps, 1 - eps] have no preimage."""
+    return ((x - eps) / (1.0 - 2.0 * eps)).clamp(0.0, 1.0)
+
+
+def logit_laplace_nll(
+    x: torch.Tensor, location: torch.Tensor, log_scale: torch.Tensor
+) -> torch.Tensor:
+    """Mean negative log-density (nats per value) of x in (0, 1) under the logit-Laplace
+    distribution: logit(x) ~ Laplace(location, exp(log_scale)).
+
+    density(x) = exp(-|logit(x) - mu| / b) / (2 b x (1 - x)); the x (1 - x) factor is the
+    Jacobian of the logit.
+    """
+    x, location, log_scale = x.float(), location.float(), log_scale.float()
+    distance = (torch.logit(x) - location).abs()
+    nll = distance * torch.exp(-log_scale) + log_scale + math.log(2.0)
+    return (nll + torch.log(x) + torch.log1p(-x)).mean()
 
 
 class DiscreteVAE(nn.Module):
@@ -132,8 +203,10 @@ class DiscreteVAE(nn.Module):
         )
         self.to_logits = nn.Conv2d(c.channels, c.codebook_size, 1)
         self.codebook = nn.Embedding(c.codebook_size, c.embed_dim)
+        # The logit-Laplace decoder predicts a location and a log-scale for each image channel.
+        out_channels = 2 * c.in_channels if c.reconstruction == "logit_laplace" else c.in_channels
         self.decoder = Decoder(
-            c.embed_dim, c.in_channels, c.channels, c.res_blocks, c.res_channels, c.downsample
+            c.embed_dim, out_channels, c.channels, c.res_blocks, c.res_channels, c.downsample
         )
         # The logits keep PyTorch's milder default init: starting close to uniform over the
         # codes lets every code receive gradient early on.
@@ -162,6 +235,21 @@ class DiscreteVAE(nn.Module):
         # weights: B x K x h x w (one-hot or relaxed) -> B x D x h x w mixture of code vectors.
         return torch.einsum("bkhw,kd->bdhw", weights, self.codebook.weight.to(weights.dtype))
 
+    def _image(self, decoded: torch.Tensor) -> torch.Tensor:
+        # The decoder's output -> the reconstruction in [-1, 1]: for logit-Laplace the location
+        # squashed back to a pixel, the distribution's median.
+        if self.config.reconstruction == "mse":
+            return decoded
+        location = decoded[:, : self.config.in_channels].float()
+        return (unmap_pixels(torch.sigmoid(location)) * 2.0 - 1.0).to(decoded.dtype)
+
+    def _reconstruction_loss(self, decoded: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if self.config.reconstruction == "mse":
+            return reconstruction_loss(decoded, x)
+        c = self.config.in_channels
+        target = map_pixels((x.float().clamp(-1.0, 1.0) + 1.0) / 2.0)
+        return logit_laplace_nll(target, decoded[:, :c], decoded[:, c:])
+
     def forward(
         self,
         x: torch.Tensor,
@@ -177,13 +265,16 @@ class DiscreteVAE(nn.Module):
         logits = self.logits(x).float()  # softmax and Gumbel noise in float32 under autocast
         codes = logits.argmax(dim=1)
         if self.training:
-            weights = F.gumbel_softmax(logits, tau=temperature, hard=False, dim=1)
+            # hard: one-hot of argmax(logits + Gumbel noise) forward, the relaxed sample's
+            # gradient backward (straight-through).
+            weights = F.gumbel_softmax(logits, tau=temperature, hard=self.config.hard, dim=1)
         else:
             weights = F.one_hot(codes, self.config.codebook_size).permute(0, 3, 1, 2).float()
-        reconstruction = self.decoder(self._embed(weights))
+        decoded = self.decoder(self._embed(weights))
+        reconstruction = self._image(decoded)
 
         terms = {
-            "reconstruction": reconstruction_loss(reconstruction, x),
+            "reconstruction": self._reconstruction_loss(decoded, x),
             "kl": kl_to_uniform(logits),
         }
         perplexity, usage = code_statistics(codes.detach(), self.config.codebook_size)
@@ -200,4 +291,4 @@ class DiscreteVAE(nn.Module):
     @torch.no_grad()
     def decode_codes(self, codes: tuple[torch.Tensor, ...]) -> torch.Tensor:
         check_codes(codes, self.levels, self.codebook_sizes)
-        return self.decoder(self.codebook(codes[0]).permute(0, 3, 1, 2))
+        return self._image(self.decoder(self.codebook(codes[0]).permute(0, 3, 1, 2)))

@@ -146,9 +146,9 @@ def code_metrics(
     priors: dict[str, tuple[torch.nn.Module, str | None]],
     batch_size: int,
     prior_batches: int,
-) -> dict[str, float]:
+) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """Per level: usage and perplexity over every held-out code map; each prior's bits per code
-    over the first ``prior_batches`` batches."""
+    over the first ``prior_batches`` batches. Also returns each level's code histogram."""
     counts = {level: np.zeros(codebook_sizes[level], dtype=np.int64) for level in levels}
     bits = {level: 0.0 for level in priors}
     maps_scored, maps_seen = 0, 0
@@ -182,18 +182,18 @@ def code_metrics(
         metrics[f"holdout/bits_per_code/{level}"] = (
             bits[level] / maps_scored if maps_scored else math.nan
         )
-    return metrics
+    return metrics, counts
 
 
 def generated_images(
-    sample_manifest: SampleManifest, class_names: list[str], shape: tuple[int, int, int], size: int
+    sample_dirs: dict[str, str], class_names: list[str], shape: tuple[int, int, int], size: int
 ) -> LabelledImages:
     """The sample stage's PNGs, labelled with their requested class, resized to ``size``."""
     from pipelines.images import decode_image, to_model_input
 
     images, labels, keys = [], [], []
-    for name, entry in sample_manifest.classes.items():
-        files = [f for f in storage.list_files(entry.dir, recursive=False) if f.endswith(".png")]
+    for name, directory in sample_dirs.items():
+        files = [f for f in storage.list_files(directory, recursive=False) if f.endswith(".png")]
         if not files:
             continue
         pixels = np.stack([decode_image(storage.read_bytes(f), shape[:2], shape[2]) for f in files])
@@ -208,18 +208,19 @@ def generated_images(
 def classification_metrics(
     ctx: StageContext,
     class_names: list[str],
-    sample_manifest: SampleManifest,
+    sample_dirs: dict[str, str],
     shape: tuple[int, int, int],
 ) -> tuple[dict[str, float], str | None]:
-    """CAS and its two reference accuracies; or no metrics and the reason they are missing."""
+    """CAS and its two reference accuracies, from the generated images in ``sample_dirs`` (class
+    name -> folder of PNGs); or no metrics and the reason they are missing."""
     from pipelines.corpus import open_corpus
 
     cfg = ctx.cfg.evaluate
-    unknown = [n for n in sample_manifest.classes if n not in class_names]
+    unknown = [n for n in sample_dirs if n not in class_names]
     if len(class_names) < 2 or unknown:
         return {}, "the samples are not labelled with the corpus' classes, so CAS does not apply"
     input_size = ClassifierConfig(num_classes=len(class_names), in_channels=shape[2]).input_size
-    generated = generated_images(sample_manifest, class_names, shape, input_size)
+    generated = generated_images(sample_dirs, class_names, shape, input_size)
     sampled = sorted(set(generated.labels.tolist()))
     if len(sampled) < 2:
         return {}, "fewer than 2 classes were sampled; a classifier needs at least 2"
@@ -294,8 +295,9 @@ def _reconstruction(
 
 def _codes_and_priors(
     ctx: StageContext, up: Upstream, device: torch.device, metrics: dict[str, float]
-) -> None:
-    """Add codebook usage per level and each prior's bits per code, on the test split."""
+) -> dict[str, np.ndarray]:
+    """Add codebook usage per level and each prior's bits per code, on the test split; return
+    each level's code histogram."""
     from pipelines.shards import code_dataset
 
     cfg = ctx.cfg.evaluate
@@ -307,16 +309,55 @@ def _codes_and_priors(
     codes = code_dataset(up.tok, split="test")
     # Which maps fall in the first holdout_batches batches must not depend on scheduling.
     codes.context.execution_options.preserve_order = True
-    metrics.update(
-        code_metrics(
-            codes, up.vq.levels, up.tok.codebook_sizes, priors, cfg.batch_size, cfg.holdout_batches
-        )
+    code_stats, counts = code_metrics(
+        codes, up.vq.levels, up.tok.codebook_sizes, priors, cfg.batch_size, cfg.holdout_batches
     )
+    metrics.update(code_stats)
     if metrics["holdout/code_maps"]:
         metrics["holdout/bits_per_image"] = sum(
             metrics[f"holdout/bits_per_code/{level}"] * math.prod(up.tok.code_shapes[level])
             for level in priors
         )
+    return counts
+
+
+@dataclass(frozen=True)
+class Figures:
+    """The pictures of the report: reconstructions, code histograms per level, training curves."""
+
+    reconstructions: np.ndarray | None
+    code_counts: dict[str, np.ndarray]
+    curves: list[Figure]
+
+
+def _training_curves(ctx: StageContext, up: Upstream, metrics: dict[str, float]) -> list[Figure]:
+    """The training stages' curves, read back from their MLflow runs (none without tracking)."""
+    from pipelines.figures import (
+        autoencoder_curves,
+        metric_history,
+        prior_curves,
+        training_curves_figure,
+    )
+
+    if not ctx.tracking.tracking_uri:
+        return []
+    client = ctx.tracking.client()
+    wanted = [(up.vq.mlflow_run_id, autoencoder_curves(up.vq.levels))]
+    wanted.append((up.priors.mlflow_run_id, prior_curves(up.priors.levels)))
+    figures = []
+    for run_id, specs in wanted:
+        if run_id is None:
+            continue
+        for spec in specs:
+            histories = metric_history(client, run_id, spec.keys)
+            # The test split's score, measured here once, drawn beside the training curves.
+            for key in spec.keys:
+                if key in metrics and not histories.get(key):
+                    histories[key] = [(0, metrics[key])]
+            png = training_curves_figure(histories, spec.title, spec.panels)
+            if png is not None:
+                figures.append(Figure(spec.caption, spec.filename, png))
+    return figures
 
 
 def _publish(ctx: StageContext, report: Report) -> dict[str, str]:
@@ -339,18 +380,20 @@ def run(ctx: StageContext) -> EvaluateManifest:
     metrics: dict[str, float] = {}
 
     recon_grid = _reconstruction(ctx, _load(up.vq.checkpoint, device), metrics, notes)
-    _codes_and_priors(ctx, up, device, metrics)
+    counts = _codes_and_priors(ctx, up, device, metrics)
     cas_note = "the sample stage has not run"
     if up.sample is not None:
         log.info("evaluate: Classification Accuracy Score")
         shape = (*up.vq.image_size, up.vq.channels)
-        cas_metrics, cas_note = classification_metrics(ctx, up.vq.class_names, up.sample, shape)
+        dirs = {name: entry.dir for name, entry in up.sample.classes.items()}
+        cas_metrics, cas_note = classification_metrics(ctx, up.vq.class_names, dirs, shape)
         metrics.update(cas_metrics)
     metrics["evaluate/seconds"] = time.time() - started
     metrics = {k: float(v) for k, v in metrics.items()}
     ctx.tracking.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)})
 
-    uris = _publish(ctx, build_report(ctx, up, metrics, recon_grid, cas_note, notes))
+    figures = Figures(recon_grid, counts, _training_curves(ctx, up, metrics))
+    uris = _publish(ctx, build_report(ctx, up, metrics, figures, cas_note, notes))
     return EvaluateManifest(
         metrics=metrics,
         report=uris["markdown"],
@@ -422,8 +465,12 @@ def _reconstruction_section(metrics: dict[str, float], recon_grid: np.ndarray | 
     return section
 
 
-def _codebook_section(up: Upstream, metrics: dict[str, float]) -> Section:
-    return Section(
+def _codebook_section(
+    up: Upstream, metrics: dict[str, float], counts: dict[str, np.ndarray]
+) -> Section:
+    from pipelines.figures import code_usage_figure
+
+    section = Section(
         "Codebooks",
         [
             "Over every code map of the test split "
@@ -445,6 +492,15 @@ def _codebook_section(up: Upstream, metrics: dict[str, float]) -> Section:
             ],
         ),
     )
+    if counts and any(c.sum() for c in counts.values()):
+        section.figures.append(
+            Figure(
+                "Code usage per level: each code's share of the held-out codes, most used first",
+                "figures/code-usage.png",
+                code_usage_figure(counts),
+            )
+        )
+    return section
 
 
 def _prior_section(ctx: StageContext, up: Upstream, metrics: dict[str, float]) -> Section:
@@ -551,7 +607,7 @@ def build_report(
     ctx: StageContext,
     up: Upstream,
     metrics: dict[str, float],
-    recon_grid: np.ndarray | None,
+    figures: Figures,
     cas_note: str | None,
     notes: list[str],
 ) -> Report:
@@ -563,9 +619,19 @@ def build_report(
         "Evaluation report",
         [
             _summary_section(up, notes),
-            _reconstruction_section(metrics, recon_grid),
-            _codebook_section(up, metrics),
+            _reconstruction_section(metrics, figures.reconstructions),
+            _codebook_section(up, metrics, figures.code_counts),
             _prior_section(ctx, up, metrics),
+            Section(
+                "Training curves",
+                [
+                    "Read back from the training stages' MLflow runs. Held-out curves during "
+                    "training are on the validation split; the test score is measured here."
+                ]
+                if figures.curves
+                else ["No training runs were tracked, so there are no curves."],
+                figures=figures.curves,
+            ),
             _samples_section(ctx, up.sample, metrics, cas_note),
             everything,
         ],

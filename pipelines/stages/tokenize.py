@@ -1,42 +1,65 @@
 """Stage 2: tokenize the corpus into code shards with the trained autoencoder.
 
-    corpus files --read+decode (Ray tasks)--> images --encode (actor pool, model loaded once per
-    actor)--> code maps --write (Ray tasks, one shard per call)--> codes-<hash>.tar
+    corpus files in key-hash order --read+decode (Ray tasks)--> images --encode (actor pool, model
+    loaded once per actor)--> code maps --write (Ray tasks, one shard per call)--> codes-<hash>.tar
+                                                                       + codes-<hash>.keys.parquet
 
 Everything streams: no stage holds more than a few batches, so memory stays flat with corpus size.
 Encoding runs under torch.inference_mode inside ``model.encode``; codes are narrowed to uint8 or
 uint16 in the actor, so what crosses the object store is already the stored size.
 
-Resume: shards appear atomically under content-derived names (pipelines.shards), so after a crash
-the stage directory holds complete shards and perhaps ``*.partial`` leftovers. A re-run removes the
-leftovers, reads the keys of the complete shards and drops those rows before decoding; every valid
-image still ends up in exactly one shard. Bad inputs are never written, so they are found (and
-reported) again on every run.
+Class-mixed shards: the files are read in the order of a hash of their keys (the listing is known
+before any image is read), so consecutive rows, and therefore each shard, are a class-blind
+sample of the whole corpus rather than a run of one class folder. A folder corpus is ordered image
+by image; WebDataset and Parquet corpora, whose keys live inside their files, file by file.
+
+Resume and growing corpora: shards appear atomically under content-derived names
+(pipelines.shards), each after its key index, so the stage directory holds complete shards and
+perhaps ``*.partial`` leftovers. A run first removes the leftovers, then one Ray task reads the key
+indexes (never the tars): the keys whose source file is still in the corpus become the set of
+finished keys, shipped to the reader tasks as a sorted hash array in the object store (the driver
+never holds it), and rows with those keys are dropped before decoding; the keys whose source file
+left the corpus are recorded as removed (``removed.parquet``, which every reader in
+pipelines.shards honours) while their shards stay byte-identical. So after an interruption, or
+when the runner re-runs the stage because only the corpus listing changed, only images not yet in
+a shard are encoded, into new shards, and every valid image is in exactly one live sample. Bad
+inputs are never written, so they are found (and reported) again on every run.
+
+A source file changed in place under the same name keeps its old codes; remove it in one run and
+add it back in a later one to re-encode it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
+import os
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar
 
 import numpy as np
 
 from pipelines import storage
-from pipelines.corpus import Corpus, open_corpus
+from pipelines.corpus import IMAGE_EXTENSIONS, Corpus, open_corpus
 from pipelines.errors import ConfigError
-from pipelines.keys import key_hashes, split_of
+from pipelines.keys import key_hashes, sanitize_key, split_of
 from pipelines.manifest import ManifestModel, StageManifest, require_manifest
 from pipelines.shards import (
+    KEY_INDEX_SUFFIX,
     CodeShards,
     ShardEntry,
     code_dtype,
+    key_index_uri,
     list_shards,
-    read_shard_keys,
+    read_key_index,
+    removed_table_bytes,
+    shard_of_key_index,
     write_shard,
+    write_wids_index,
 )
 from pipelines.stage import StageContext, StageSpec
 from pipelines.stages.train_vqvae import TrainVQVAEManifest
@@ -44,6 +67,7 @@ from pipelines.stages.train_vqvae import TrainVQVAEManifest
 log = logging.getLogger("vqpipe")
 
 BAD_INPUTS_NAME = "bad_inputs.parquet"
+REMOVED_NAME = "removed.parquet"
 BAD_KEYS_IN_MANIFEST = 100
 # Writing a shard is a few MB of serialisation and I/O. Writers reserve no CPU so they never wait
 # behind readers and encoders holding every slot, which would pile codes up in the object store.
@@ -71,9 +95,15 @@ class TokenizeManifest(StageManifest, CodeShards):
     channels: int
     bad_inputs: BadInputs
     metrics: dict[str, float]
+    removed: int = 0  # samples whose image left the corpus; listed in removed_table
+    wids_index: str = ""  # codes.wids.json beside the shards
 
     def summary(self) -> str:
-        return f"{self.samples} samples in {len(self.shards)} shards, {self.bad_inputs.count} bad inputs"
+        removed = f", {self.removed} removed" if self.removed else ""
+        return (
+            f"{self.samples} samples in {len(self.shards)} shards{removed}, "
+            f"{self.bad_inputs.count} bad inputs"
+        )
 
 
 class CodeEncoder:
@@ -121,7 +151,7 @@ def _write_batch(
     """Write the batch's valid rows as one shard; report the shard and the batch's bad rows."""
     good = np.flatnonzero(batch["error"] == "")
     bad = np.flatnonzero(batch["error"] != "")
-    info = {"name": "", "uri": "", "samples": 0, "bytes": 0}
+    info: dict[str, Any] = {"name": "", "uri": "", "samples": 0, "bytes": 0, "class_counts": {}}
     counts = {"validation": 0, "test": 0}
     if len(good):
         info = write_shard(
@@ -129,6 +159,7 @@ def _write_batch(
             [str(k) for k in batch["key"][good]],
             batch["label"][good].tolist(),
             {level: batch[level][good] for level in levels},
+            sources=[str(x) for x in batch["source"][good]],
         )
         for split in counts:
             counts[split] = int(sum(str(s) == split for s in batch["split"][good]))
@@ -147,31 +178,97 @@ def _write_batch(
         "bytes": np.array([info["bytes"]], dtype=np.int64),
         "validation": np.array([counts["validation"]], dtype=np.int64),
         "test": np.array([counts["test"]], dtype=np.int64),
+        "class_counts": np.array([json.dumps(info["class_counts"])], dtype=object),
         "bad": np.array([json.dumps(bad_rows)], dtype=object),
     }
 
 
-def _describe_shards(uris: list[str], fractions: tuple[float, float]) -> dict[str, dict[str, Any]]:
-    """name -> {name, uri, samples, bytes, validation, test, keys} for complete shards on storage."""
-    if not uris:
-        return {}
-    # Reading keys means streaming each tar once; threads overlap the I/O of an object store.
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        all_keys = list(pool.map(read_shard_keys, uris))
-    shards = {}
-    for uri, keys in zip(uris, all_keys):
-        fs, path = storage.resolve(uri)
-        name = uri.rsplit("/", 1)[-1]
-        shards[name] = {
+def _source_file(source: str, corpus_format: str) -> str:
+    """The corpus file a row's ``source`` (as the corpus reader writes it) came from."""
+    if corpus_format == "webdataset":
+        return source.rsplit(":", 1)[0]  # "<tar path>:<sample key>"
+    if corpus_format == "parquet":
+        return source.split("#row=", 1)[0]  # "<file>#row=<index>"
+    return source  # the image file itself
+
+
+def _describe_shard(
+    uri: str, present: frozenset[str], corpus_format: str, fractions: tuple[float, float]
+) -> dict[str, Any]:
+    """A finished shard from its key index: its entry, split counts, and its removed keys
+    (samples whose source file is not in ``present``) as (shard, key) pairs."""
+    fs, path = storage.resolve(uri)
+    name = uri.rsplit("/", 1)[-1]
+    index = read_key_index(uri)
+    live_keys, removed, counts, splits = [], [], Counter(), Counter()
+    keys = index.column("key").to_pylist()
+    labels = index.column("label").to_pylist()
+    sources = index.column("source").to_pylist()
+    for key, label, source in zip(keys, labels, sources):
+        # A shard written without sources (older runs, hand-made shards) is never pruned.
+        if source and _source_file(source, corpus_format) not in present:
+            removed.append((name, key))
+            continue
+        live_keys.append(key)
+        counts[int(label)] += 1
+        splits[split_of(key, *fractions)] += 1
+    return {
+        "entry": {
             "name": name,
             "uri": uri,
             "samples": len(keys),
             "bytes": fs.get_file_info(path).size,
-            "validation": sum(split_of(k, *fractions) == "validation" for k in keys),
-            "test": sum(split_of(k, *fractions) == "test" for k in keys),
-            "keys": keys,
-        }
-    return shards
+            "class_counts": dict(sorted(counts.items())),
+            "removed": len(removed),
+            "validation": splits["validation"],
+            "test": splits["test"],
+        },
+        "removed": removed,
+        "live_hashes": key_hashes(live_keys),
+    }
+
+
+def _scan_finished(
+    uris: list[str], present: frozenset[str], corpus_format: str, fractions: tuple[float, float]
+) -> tuple[np.ndarray, list[dict[str, Any]], list[tuple[str, str]]]:
+    """Runs as a Ray task: (sorted hashes of every live finished key, shard entries, removed
+    (shard, key) pairs). The hash array goes to the object store, not to the driver."""
+    # Key indexes are small files; threads overlap the latency of an object store.
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        described = list(
+            pool.map(lambda u: _describe_shard(u, present, corpus_format, fractions), uris)
+        )
+    hashes = np.unique(
+        np.concatenate([d["live_hashes"] for d in described] or [np.zeros(0, np.uint64)])
+    )
+    removed = [pair for d in described for pair in d["removed"]]
+    return hashes, [d["entry"] for d in described], removed
+
+
+def _remove_unfinished(stage_dir: str) -> list[str]:
+    """Delete what interrupted writers left; return the URIs of the complete shards.
+
+    A shard is complete when it and its key index exist. Temporary files and indexes whose shard
+    never appeared are removed; so are shards without an index (written before indexes
+    existed), whose samples are then simply encoded again.
+    """
+    storage.makedirs(stage_dir)
+    leftovers = storage.remove_partials(stage_dir)
+    files = set(storage.list_files(stage_dir, recursive=False))
+    shards = list_shards(stage_dir)
+    for uri in shards:
+        if key_index_uri(uri) not in files:
+            log.warning("tokenize: %s has no key index; its samples are encoded again", uri)
+            storage.remove(uri)
+            leftovers += 1
+    for uri in files:
+        if uri.endswith(KEY_INDEX_SUFFIX) and shard_of_key_index(uri) not in files:
+            storage.remove(uri)
+            leftovers += 1
+    complete = [u for u in shards if key_index_uri(u) in files]
+    if leftovers:
+        log.info("tokenize: removed %d leftover file(s) of unfinished writes", leftovers)
+    return complete
 
 
 def _write_bad_table(stage_dir: str, bad: list[dict[str, str]]) -> str:
@@ -201,22 +298,47 @@ def _check_upstream(upstream: TrainVQVAEManifest, size_hw: tuple[int, int], chan
         )
 
 
-def _resume(
-    stage_dir: str, fraction: tuple[float, float]
-) -> tuple[dict[str, dict[str, Any]], list[str]]:
-    """(complete shards already written, their keys); removes leftovers of unfinished writes."""
-    storage.makedirs(stage_dir)
-    leftovers = storage.remove_partials(stage_dir)
-    existing = _describe_shards(list_shards(stage_dir), fraction)
-    done_keys = [k for shard in existing.values() for k in shard.pop("keys")]
-    if leftovers or existing:
-        log.info(
-            "tokenize: resuming; removed %d partial file(s), keeping %d shard(s) with %d samples",
-            leftovers,
-            len(existing),
-            len(done_keys),
-        )
-    return existing, done_keys
+def _order_hash(key: str) -> int:
+    # Its own hash, independent of split_of's: ordering by the split hash would put every
+    # test and validation key in the first shards.
+    return int.from_bytes(
+        hashlib.blake2b(key.encode(), digest_size=8, person=b"vqpipe-order").digest(), "big"
+    )
+
+
+def _folder_images(corpus: Corpus) -> list[tuple[str, str]]:
+    """(key, file URI) of every image a folder corpus reader would read."""
+    root = storage.resolve(corpus.cfg.source)[1].rstrip("/")
+    suffixes = tuple(f".{e}" for e in IMAGE_EXTENSIONS)
+    found = []
+    for class_dir in corpus.files:
+        base = storage.resolve(class_dir)[1].rstrip("/")
+        for uri in storage.list_files(class_dir):
+            path = storage.resolve(uri)[1]
+            # The same files Ray's directory reader takes: no hidden entries, image suffixes.
+            if path[len(base) :].lstrip("/").startswith((".", "_")):
+                continue
+            if not path.lower().endswith(suffixes):
+                continue
+            rel = path[len(root) :].lstrip("/")
+            found.append((sanitize_key(os.path.splitext(rel)[0]), uri))
+    return found
+
+
+def in_key_hash_order(corpus: Corpus) -> tuple[Corpus, frozenset[str]]:
+    """The corpus with its files in key-hash order, and the set of its source files.
+
+    The files' names join the set both as URIs and as filesystem paths, the two forms in which
+    the corpus reader reports a row's source.
+    """
+    if corpus.format == "folder":
+        images = _folder_images(corpus)
+        images.sort(key=lambda item: _order_hash(item[0]))
+        files = [uri for _, uri in images]
+    else:
+        files = sorted(corpus.files, key=lambda uri: _order_hash(uri.rsplit("/", 1)[-1]))
+    present = frozenset(files) | frozenset(storage.resolve(u)[1] for u in files)
+    return Corpus(corpus.cfg, corpus.format, files, list(corpus.class_names)), present
 
 
 def _encode_and_write(
@@ -224,16 +346,15 @@ def _encode_and_write(
     corpus: Corpus,
     upstream: TrainVQVAEManifest,
     dtypes: dict[str, str],
-    done_keys: list[str],
+    skip_ref: Any,
 ):
     """The streaming dataset that encodes the images not yet in a shard and writes new shards;
-    one row per written batch: the shard's entry and the batch's bad inputs."""
+    one row per written batch: the shard's entry and the batch's bad inputs. ``skip_ref`` is an
+    ObjectRef of the sorted hashes of finished keys, or None."""
     import ray
 
     settings = ctx.cfg.tokenize
-    ds = corpus.dataset(
-        "all", keep_errors=True, skip_keys=key_hashes(done_keys) if done_keys else None
-    )
+    ds = corpus.dataset("all", keep_errors=True, skip_keys=skip_ref)
     ds = ds.map_batches(
         CodeEncoder,
         fn_constructor_kwargs={
@@ -273,6 +394,8 @@ def _collect(ds: Any, shards: dict[str, dict[str, Any]]) -> tuple[list[dict[str,
                 "uri": row["uri"],
                 "samples": int(row["samples"]),
                 "bytes": int(row["bytes"]),
+                "class_counts": {int(k): v for k, v in json.loads(row["class_counts"]).items()},
+                "removed": 0,
                 "validation": int(row["validation"]),
                 "test": int(row["test"]),
             }
@@ -282,7 +405,11 @@ def _collect(ds: Any, shards: dict[str, dict[str, Any]]) -> tuple[list[dict[str,
 
 
 def _reconcile(
-    stage_dir: str, shards: dict[str, dict[str, Any]], fraction: tuple[float, float]
+    stage_dir: str,
+    shards: dict[str, dict[str, Any]],
+    present: frozenset[str],
+    corpus_format: str,
+    fractions: tuple[float, float],
 ) -> None:
     """Cross-check the reported shards with the directory.
 
@@ -296,9 +423,35 @@ def _reconcile(
     unreported = sorted(set(on_disk) - set(shards))
     if unreported:
         log.warning("tokenize: listing shards nobody reported: %s", unreported)
-        for name, info in _describe_shards([on_disk[n] for n in unreported], fraction).items():
-            info.pop("keys")
-            shards[name] = info
+        for name in unreported:
+            shards[name] = _describe_shard(on_disk[name], present, corpus_format, fractions)[
+                "entry"
+            ]
+
+
+def _finished_work(
+    stage_dir: str, present: frozenset[str], corpus_format: str, fractions: tuple[float, float]
+) -> tuple[Any, dict[str, dict[str, Any]], list[tuple[str, str]]]:
+    """(ObjectRef of finished live key hashes or None, finished shards by name, removed pairs)."""
+    import ray
+
+    uris = _remove_unfinished(stage_dir)
+    if not uris:
+        return None, {}, []
+    scan = ray.remote(num_returns=3)(_scan_finished)
+    hashes_ref, entries_ref, removed_ref = scan.remote(uris, present, corpus_format, fractions)
+    entries, removed = ray.get([entries_ref, removed_ref])
+    return hashes_ref, {e["name"]: e for e in entries}, removed
+
+
+def _write_removed(stage_dir: str, removed: list[tuple[str, str]]) -> str:
+    """The removed-samples table, or "" (and no stale file) when nothing was removed."""
+    uri = storage.join(stage_dir, REMOVED_NAME)
+    if not removed:
+        storage.remove(uri)
+        return ""
+    storage.write_bytes(uri, removed_table_bytes(removed))
+    return uri
 
 
 def run(ctx: StageContext) -> TokenizeManifest:
@@ -310,7 +463,6 @@ def run(ctx: StageContext) -> TokenizeManifest:
     dtypes = {level: code_dtype(upstream.codebook_sizes[level]).name for level in levels}
     fraction = (cfg.data.validation_fraction, cfg.data.test_fraction)
 
-    shards, done_keys = _resume(ctx.stage_dir, fraction)
     ctx.tracking.log_params(
         {
             ctx.stage: cfg.tokenize.model_dump(),
@@ -319,16 +471,27 @@ def run(ctx: StageContext) -> TokenizeManifest:
             "checkpoint": upstream.checkpoint,
         }
     )
-    corpus = open_corpus(cfg.data)
+    corpus, present = in_key_hash_order(open_corpus(cfg.data))
+    skip_ref, shards, removed = _finished_work(ctx.stage_dir, present, corpus.format, fraction)
+    resumed = sum(s["samples"] - s["removed"] for s in shards.values())
+    if shards:
+        log.info(
+            "tokenize: keeping %d finished shard(s) with %d samples, %d removed from the corpus",
+            len(shards),
+            resumed,
+            len(removed),
+        )
     start = time.perf_counter()
-    bad, new_samples = _collect(_encode_and_write(ctx, corpus, upstream, dtypes, done_keys), shards)
+    bad, new_samples = _collect(_encode_and_write(ctx, corpus, upstream, dtypes, skip_ref), shards)
     elapsed = time.perf_counter() - start
-    _reconcile(ctx.stage_dir, shards, fraction)
+    _reconcile(ctx.stage_dir, shards, present, corpus.format, fraction)
 
     bad.sort(key=lambda b: b["key"])
     bad_table = _write_bad_table(ctx.stage_dir, bad)
+    removed_table = _write_removed(ctx.stage_dir, removed)
     listed = [shards[name] for name in sorted(shards)]
-    samples = sum(s["samples"] for s in listed)
+    wids_index = write_wids_index(ctx.stage_dir, listed)
+    samples = sum(s["samples"] - s["removed"] for s in listed)
     validation = sum(s["validation"] for s in listed)
     test = sum(s["test"] for s in listed)
     total_bytes = sum(s["bytes"] for s in listed)
@@ -336,7 +499,8 @@ def run(ctx: StageContext) -> TokenizeManifest:
     metrics = {
         "samples": samples,
         "new_samples": new_samples,
-        "resumed_samples": len(done_keys),
+        "resumed_samples": resumed,
+        "removed_samples": len(removed),
         "bad_inputs": len(bad),
         "shards": len(listed),
         "seconds": elapsed,
@@ -346,10 +510,12 @@ def run(ctx: StageContext) -> TokenizeManifest:
     }
     ctx.tracking.log_metrics(metrics)
     log.info(
-        "tokenize: %d samples in %d shards (%d new, %.1f images/s, %.0f bytes/image), %d bad inputs",
+        "tokenize: %d samples in %d shards (%d new, %d removed, %.1f images/s, %.0f bytes/image), "
+        "%d bad inputs",
         samples,
         len(listed),
         new_samples,
+        len(removed),
         metrics["images_per_second"],
         metrics["bytes_per_image"],
         len(bad),
@@ -366,6 +532,9 @@ def run(ctx: StageContext) -> TokenizeManifest:
         checkpoint=upstream.checkpoint,
         validation_fraction=fraction[0],
         test_fraction=fraction[1],
+        removed_table=removed_table,
+        removed=len(removed),
+        wids_index=wids_index,
         image_size=list(cfg.data.size_hw),
         channels=cfg.data.channels,
         bad_inputs=BadInputs(
@@ -384,4 +553,5 @@ SPEC = StageSpec(
     upstream=(TrainVQVAEManifest,),
     sections=("data",),
     reads_corpus=True,
+    on_corpus_change="incremental",
 )

@@ -58,6 +58,7 @@ class PriorEntry(ManifestModel):
     train_bits_per_code: float | None
     steps: int
     selected_step: int  # the step whose weights were kept (best validation score)
+    registered_model: str | None = None  # models:/<name>/<version>, when registered
 
 
 class TrainPriorManifest(StageManifest):
@@ -223,6 +224,7 @@ def _train_one(
         seed=ctx.cfg.seed,
         shuffle_buffer=plan.knobs.shuffle_buffer,
         columns=tuple(columns),
+        removed=tokenized.removed_keys(),
     )
     loop_config = {
         "data": data,
@@ -241,6 +243,32 @@ def _train_one(
         knobs=plan.knobs,
     )
     return load_final_model(result, prefer_best=True)
+
+
+def _log_prior(ctx: StageContext, plan: PriorPlan, checkpoint: bytes) -> str | None:
+    """Log the prior as an MLflow model that samples codes for class labels (registered as
+    ``<mlflow.registered_models.prior>-<level>`` when the config names a prefix)."""
+    settings = ctx.cfg.mlflow
+    if not (settings.log_models and ctx.tracking.enabled):
+        return None
+    from pipelines.mlflow_models import log_checkpoint_model
+
+    config = plan.model_config
+    example = {"labels": np.zeros(1, dtype=np.int64)}
+    if plan.condition:
+        shape = (1, config["condition_height"], config["condition_width"])
+        example["condition"] = np.zeros(shape, dtype=np.int64)
+    output = np.zeros((1, config["height"], config["width"]), dtype=np.int64)
+    prefix = settings.registered_models.prior
+    return log_checkpoint_model(
+        ctx.tracking,
+        "prior",
+        checkpoint,
+        example,
+        output,
+        f"{prefix}-{plan.level}" if prefix else None,
+        name=f"prior-{plan.level}",
+    )
 
 
 def _train_or_reuse(
@@ -265,6 +293,7 @@ def _train_or_reuse(
         model, extra = _train_one(ctx, plan, tokenized, heldout)
         data = publish_model(model, uri, extra)
     ctx.tracking.log_bytes(data, f"priors/{plan.level}.pt")
+    registered = _log_prior(ctx, plan, data)
     metrics = extra.get("metrics", {})
     entry = PriorEntry(
         checkpoint=uri,
@@ -274,6 +303,7 @@ def _train_or_reuse(
         train_bits_per_code=metrics.get("train_bits_per_code"),
         steps=plan.knobs.steps,
         selected_step=int(extra["step"]),
+        registered_model=registered,
     )
     log.info("train_prior: %s prior %s", plan.level, entry.model_dump())
     return entry, heldout

@@ -67,6 +67,7 @@ class TrainVQVAEManifest(StageManifest):
     steps: int
     metrics: dict[str, float]
     artifacts: dict[str, str]
+    registered_model: str | None = None  # models:/<name>/<version>, when registered
 
     @classmethod
     def for_model(
@@ -81,6 +82,7 @@ class TrainVQVAEManifest(StageManifest):
         steps: int = 0,
         metrics: dict[str, float] | None = None,
         artifacts: dict[str, str] | None = None,
+        registered_model: str | None = None,
     ) -> TrainVQVAEManifest:
         """The manifest of ``model`` saved at ``checkpoint``: levels and code shapes from the model."""
         height, width = image_size
@@ -97,6 +99,7 @@ class TrainVQVAEManifest(StageManifest):
             steps=steps,
             metrics=metrics or {},
             artifacts=artifacts or {},
+            registered_model=registered_model,
         )
 
     def summary(self) -> str:
@@ -218,6 +221,31 @@ def _holdout_images(ctx: StageContext, corpus: Any) -> tuple[np.ndarray, np.ndar
     return holdout[:eval_count], grid_images
 
 
+def _log_tokenizer(
+    ctx: StageContext, model: nn.Module, model_bytes: bytes, images: np.ndarray
+) -> str | None:
+    """Log the autoencoder as an MLflow tokenizer model (and register it when the config names
+    it); returns its ``models:/`` URI when registered."""
+    settings = ctx.cfg.mlflow
+    if not (settings.log_models and ctx.tracking.enabled):
+        return None
+    from pipelines.mlflow_models import log_checkpoint_model
+
+    example = np.ascontiguousarray(images[:2])
+    with torch.no_grad():
+        codes = unwrap_model(model).eval().encode(to_model_input(example))
+    output = {level: c.numpy().astype(np.int64) for level, c in zip(model.levels, codes)}
+    return log_checkpoint_model(
+        ctx.tracking,
+        "tokenizer",
+        model_bytes,
+        example,
+        output,
+        settings.registered_models.autoencoder,
+        name="tokenizer",
+    )
+
+
 def run(ctx: StageContext) -> TrainVQVAEManifest:
     cfg, section = ctx.cfg, ctx.cfg.train_vqvae
     height, width = cfg.data.size_hw
@@ -266,6 +294,7 @@ def run(ctx: StageContext) -> TrainVQVAEManifest:
         }
         model_bytes = publish_model(model, model_uri, extra)
     ctx.tracking.log_bytes(model_bytes, f"model/{MODEL_NAME}")
+    registered = _log_tokenizer(ctx, model, model_bytes, grid_images)
 
     grid = reconstruction_grid(model, grid_images)
     grid_uri = storage.join(ctx.stage_dir, GRID_NAME)
@@ -284,6 +313,7 @@ def run(ctx: StageContext) -> TrainVQVAEManifest:
         steps=int(extra["step"]),
         metrics=metrics,
         artifacts={"reconstructions": grid_uri},
+        registered_model=registered,
     )
 
 
@@ -293,4 +323,5 @@ SPEC = StageSpec(
     description="train the autoencoder (VQ-VAE-2, VQ-VAE or dVAE) on the corpus with Ray Train",
     sections=("seed", "data"),
     reads_corpus=True,
+    on_corpus_change="keep",
 )

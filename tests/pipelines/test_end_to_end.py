@@ -37,6 +37,7 @@ def pipeline_run(ray_local, tmp_path_factory):
     }
     # Rejection on, so that every section a stage can read is read (sample reads data for it).
     raw["sample"]["rejection"] = {"enabled": True, "keep_fraction": 0.5, "classifier_steps": 3}
+    raw["mlflow"] = {"registered_models": {"autoencoder": "e2e-tokenizer", "prior": "e2e-prior"}}
     cfg = parse_config(raw)
     first = run_stages(cfg, run_name="first")
     second = run_stages(cfg, run_name="second")
@@ -154,6 +155,57 @@ def test_mlflow_parent_and_stage_runs(pipeline_run):
     assert by_stage["evaluate"].data.metrics
 
 
+def test_report_shows_training_curves_and_code_usage(pipeline_run):
+    cfg, first, _ = pipeline_run
+    report = first["evaluate"].manifest.report
+    folder = os.path.dirname(report)
+    linked = [
+        line.split("](")[1].rstrip(")")
+        for line in open(report).read().splitlines()
+        if line.startswith("![")
+    ]
+    expected = {
+        "figures/curves-autoencoder-loss.png",
+        "figures/curves-autoencoder-codebooks.png",
+        "figures/curves-priors.png",
+        "figures/code-usage.png",
+        "figures/reconstructions.png",
+    }
+    assert expected <= set(linked)
+    for path in linked:
+        assert os.path.getsize(os.path.join(folder, path)) > 1000, path
+    client = MlflowClient(tracking_uri="sqlite:///" + os.path.join(cfg.output_dir, "mlflow.db"))
+    logged = {
+        a.path
+        for a in client.list_artifacts(first["evaluate"].manifest.mlflow_run_id, "report/figures")
+    }
+    assert {f"report/{name}" for name in expected} <= logged
+
+
+def test_registered_tokenizer_gives_the_shards_codes(pipeline_run):
+    import mlflow
+
+    from pipelines.corpus import open_corpus
+    from pipelines.shards import iter_code_samples
+
+    cfg, first, _ = pipeline_run
+    vq = first["train_vqvae"].manifest
+    assert vq.registered_model == "models:/e2e-tokenizer/1"
+    priors = first["train_prior"].manifest.priors
+    assert priors["top"].registered_model == "models:/e2e-prior-top/1"
+    assert priors["bottom"].registered_model == "models:/e2e-prior-bottom/1"
+
+    mlflow.set_tracking_uri("sqlite:///" + os.path.join(cfg.output_dir, "mlflow.db"))
+    tokenizer = mlflow.pyfunc.load_model(vq.registered_model)
+    rows = open_corpus(cfg.data).dataset("all").take(8)
+    codes = tokenizer.predict(np.stack([r["image"] for r in rows]))
+    shards = first["tokenize"].manifest.shards
+    stored = {s["key"]: s for s in iter_code_samples([shard.uri for shard in shards])}
+    for i, row in enumerate(rows):
+        for level in ("top", "bottom"):
+            np.testing.assert_array_equal(codes[level][i], stored[row["key"]][level])
+
+
 def test_second_run_skips_every_stage(pipeline_run):
     cfg, first, second = pipeline_run
     for stage in stage_names():
@@ -170,6 +222,30 @@ def test_second_run_skips_every_stage(pipeline_run):
     )
     assert children == []
     assert all(parent.data.tags[f"vqpipe.{s}"] == "skipped" for s in stage_names())
+
+
+def test_status_says_what_is_done_and_what_changed(pipeline_run, tmp_path, capsys):
+    import yaml
+
+    from pipelines.status import pipeline_status
+
+    cfg, _, _ = pipeline_run
+    assert [(s.stage, s.state) for s in pipeline_status(cfg)] == [
+        (name, "done") for name in stage_names()
+    ]
+    changed = cfg.model_copy(deep=True)
+    changed.train_prior.top.lr = 1e-4
+    states = {s.stage: s for s in pipeline_status(changed)}
+    assert states["train_prior"].state == "stale"
+    assert states["train_prior"].detail == "changed: config.train_prior"
+    assert states["sample"].state == "stale" and "train_prior" in states["sample"].detail
+    assert states["tokenize"].state == "done"
+
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    assert cli_main(["status", str(config), "--set", "sample.temperature=0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "sample" in out and "changed: config.sample" in out
 
 
 def test_changed_sample_config_reruns_only_sample_and_evaluate(pipeline_run, tmp_path):

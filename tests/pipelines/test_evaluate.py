@@ -165,7 +165,9 @@ def test_report_files_mention_the_metrics(evaluated):
         for name in ("holdout/psnr", "cas/generated_to_real", "log2 K", "bits/code"):
             assert name in text, name
         assert f"{manifest.metrics['holdout/mse']:.4g}" in text
-    assert html.count("data:image/png;base64,") == 1 + len(CLASSES)  # reconstructions + class grids
+    # Reconstructions, code usage and the class grids; no curves: the upstream runs were not tracked.
+    assert html.count("data:image/png;base64,") == 2 + len(CLASSES)
+    assert "figures/code-usage.png" in markdown and "No training runs were tracked" in markdown
     folder = os.path.dirname(manifest.report)
     for line in markdown.splitlines():
         if line.startswith("!["):
@@ -224,3 +226,47 @@ def test_histogram_stats_and_psnr_helpers():
     perplexity, usage, used = evaluate.histogram_stats(np.array([5, 5, 0, 0]))
     assert perplexity == pytest.approx(2.0) and usage == 0.5 and used == 2
     assert evaluate.psnr_from_mse(4 * 0.01) == pytest.approx(20.0)  # MSE 0.01 on the [0, 1] scale
+
+
+def test_cas_trains_on_the_generated_images_and_tests_on_the_real_ones(ray_local, tmp_path):
+    # "Generated" images that are a known set: the real held-out images themselves, filed under
+    # their own class, then under the next class's name. The small classifier memorises its few
+    # training images, so CAS (train on generated, test on real) is near 1 for the first set and
+    # near 0 for the second, whatever the real classifier's accuracy; and the real classifier
+    # scores the first set exactly as it scores the real held-out images. CAS computed with the
+    # two sets swapped (the real classifier on real images) fails the first assertion.
+    from pipelines.demo_data import generate_corpus
+
+    corpus = str(tmp_path / "shapes")
+    generate_corpus(corpus, classes=CLASSES, images_per_class=40, image_size=16, seed=5)
+    cfg = parse_config(
+        tiny_raw_config(str(tmp_path / "out"), corpus),
+        ["evaluate.classifier_steps=200", "evaluate.classifier_lr=3e-3"],
+    )
+    keys, images, labels = read_folder_corpus(corpus)
+    fractions = (cfg.data.validation_fraction, cfg.data.test_fraction)
+    holdout = [i for i, k in enumerate(keys) if split_of(k, *fractions) == "test"]
+    # One stage folder for both calls: the real classifier is trained once and cached.
+    ctx = make_context(cfg, str(tmp_path / "evaluate"))
+
+    def cas_of(shift: int) -> dict[str, float]:
+        classes: dict[str, str] = {}
+        for label, name in enumerate(CLASSES):
+            folder = tmp_path / f"generated-{shift}" / name
+            folder.mkdir(parents=True)
+            source = [i for i in holdout if labels[i] == (label + shift) % len(CLASSES)]
+            for n, i in enumerate(source):
+                Image.fromarray(images[i]).save(folder / f"{n:05d}.png")
+            classes[name] = str(folder)
+        metrics, note = evaluate.classification_metrics(ctx, list(CLASSES), classes, (16, 16, 3))
+        assert note is None
+        assert metrics["cas/generated_images"] == len(holdout)
+        assert metrics["cas/real_holdout_images"] == len(holdout)
+        return metrics
+
+    faithful = cas_of(0)
+    assert faithful["cas/generated_to_real"] >= 0.9
+    assert faithful["cas/real_to_generated"] == pytest.approx(faithful["cas/real_to_real"])
+    mislabelled = cas_of(1)
+    assert mislabelled["cas/generated_to_real"] <= 0.1
+    assert mislabelled["cas/real_to_real"] == pytest.approx(faithful["cas/real_to_real"])

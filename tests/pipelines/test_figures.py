@@ -13,9 +13,10 @@ from PIL import Image
 from pipelines.figures import (
     Curve,
     Panel,
+    autoencoder_curves,
     code_usage_figure,
     metric_history,
-    stage_curve_specs,
+    prior_curves,
     training_curves_figure,
 )
 from pipelines.tracking import TrackingContext
@@ -94,8 +95,7 @@ def test_metric_history_reads_every_step_and_the_latest_value_of_a_repeated_step
 
 def test_every_stage_figure_renders_from_mlflow_and_drops_panels_without_data(tracking, tmp_path):
     _log_vqvae2_run(tracking)
-    specs = stage_curve_specs(["top", "bottom"])
-    loss, codebooks = specs["train_vqvae"]
+    loss, codebooks = autoencoder_curves(["top", "bottom"])
     client = tracking.client()
 
     loss_png = training_curves_figure(
@@ -118,7 +118,7 @@ def test_every_stage_figure_renders_from_mlflow_and_drops_panels_without_data(tr
         tracking.log_metrics({"top/train_bits_per_code": 5 - step / 50}, step=step)
         if step % 50 == 0:
             tracking.log_metrics({"top/heldout_bits_per_code": 5.2 - step / 60}, step=step)
-    (prior,) = specs["train_prior"]
+    (prior,) = prior_curves(["top", "bottom"])
     histories = metric_history(client, tracking.run_id, prior.keys)
     # Before the evaluate stage has run there is no test score: the curves alone are drawn.
     assert _decode(training_curves_figure(histories, prior.title, prior.panels)).width == (
@@ -130,8 +130,7 @@ def test_every_stage_figure_renders_from_mlflow_and_drops_panels_without_data(tr
 
 
 def test_figure_with_no_data_at_all_is_none_not_an_error(tracking):
-    specs = stage_curve_specs(["codes"])
-    for figure in specs["train_vqvae"] + specs["train_prior"]:
+    for figure in autoencoder_curves(["codes"]) + prior_curves(["codes"]):
         histories = metric_history(tracking.client(), tracking.run_id, figure.keys)
         assert all(h == [] for h in histories.values())
         assert training_curves_figure(histories, figure.title, figure.panels) is None
@@ -175,9 +174,7 @@ def test_specs_name_every_metric_the_autoencoder_stage_logs(kind):
     _, logs = autoencoder_loss(section, model.config)(model, {"image": torch.from_numpy(images)}, 1)
     with torch.no_grad():
         held = evaluate_autoencoder(model.eval(), torch.device("cpu"), images, batch_size=4)
-    specified = {
-        k for figure in stage_curve_specs(model.levels)["train_vqvae"] for k in figure.keys
-    }
+    specified = {k for figure in autoencoder_curves(model.levels) for k in figure.keys}
     assert set(logs) | set(held) <= specified
 
 
@@ -210,7 +207,7 @@ def test_specs_name_every_metric_the_prior_stage_logs():
             held = evaluate_prior(model.eval(), torch.device("cpu"), batch, plan, batch_size=4)
         # fit() logs them under metric_prefix "<level>/".
         logged |= {f"{plan.level}/{k}" for k in {*logs, *held}}
-    (figure,) = stage_curve_specs(tokenized["levels"])["train_prior"]
+    (figure,) = prior_curves(tokenized.levels)
     assert logged == {
         "top/train_bits_per_code",
         "top/heldout_bits_per_code",

@@ -10,7 +10,9 @@ import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+from pipelines.classifier import load_classifier, predict_proba
 from pipelines.config import PipelineConfig
+from pipelines.images import to_model_input
 from pipelines.manifest import write_manifest
 from pipelines.stage import StageContext
 from pipelines.stages import sample
@@ -209,19 +211,58 @@ def test_rejection_keeps_per_class_and_reports_acceptance(ray_local, corpus, tin
     write_upstream(cfg)
     manifest = sample.run(make_context(cfg))
     assert manifest.settings.draws_per_class == 5  # ceil(2 / 0.4)
+    classifier_uri = os.path.join(cfg.stage_dir("sample"), "classifier.pt")
+    assert os.path.isfile(classifier_uri)
+    classifier, _ = load_classifier(classifier_uri)
     for name, entry in manifest.classes.items():
         assert png_files(entry.dir) == ["00000.png", "00001.png"], name
         stats = entry.rejection
         assert stats.drawn == 5 and stats.kept == 2
         assert stats.acceptance_rate == pytest.approx(0.4)
         assert 0.0 <= stats.drawn_classified_as_class <= 1.0
-        # The kept samples are the most confident ones.
-        assert (
-            stats.min_confidence_kept >= stats.mean_confidence_drawn - 1e-6
-            or stats.kept == stats.drawn
-        )
+        # The kept files, scored again by the saved classifier, are in decreasing confidence and
+        # are the ones the statistics describe (which k of the draws they are: the test below).
+        label = CLASSES.index(name)
+        confidence = [
+            float(predict_proba(classifier, to_model_input(read_png(entry.dir, f)))[0, label])
+            for f in png_files(entry.dir)
+        ]
+        assert confidence == sorted(confidence, reverse=True)
+        assert stats.min_confidence_kept == pytest.approx(confidence[-1], abs=1e-6)
+        assert stats.mean_confidence_kept == pytest.approx(np.mean(confidence), abs=1e-6)
         assert stats.mean_confidence_kept >= stats.mean_confidence_drawn - 1e-6
-    assert os.path.isfile(os.path.join(cfg.stage_dir("sample"), "classifier.pt"))
+
+
+def read_png(directory: str, name: str) -> np.ndarray:
+    return np.asarray(Image.open(os.path.join(directory, name)).convert("RGB"))[None]
+
+
+def test_rejection_keeps_exactly_the_most_confident_draws(tmp_path):
+    # Draws arrive in any order; the kept files are the k most confident, most confident first,
+    # ties going to the earlier draw. Each draw's image is a flat grey of value 10 * draw, so a
+    # file tells which draw it holds.
+    from pipelines.config import parse_config
+    from pipelines.images import encode_png
+    from tests.pipelines.conftest import tiny_raw_config
+
+    cfg = parse_config(
+        tiny_raw_config(str(tmp_path / "out"), str(tmp_path / "corpus")),
+        ["sample.per_class=3", "sample.rejection.enabled=true"],
+    ).sample
+    confidences = [0.30, 0.90, 0.10, 0.55, 0.90, 0.20, 0.70, 0.05]
+    output = sample.ClassOutput(str(tmp_path / "stage"), "circle", 0, cfg, (4, 4, 3))
+    for draw in [5, 1, 7, 0, 4, 2, 6, 3]:
+        image = np.full((4, 4, 3), 10 * draw, dtype=np.uint8)
+        output.add(draw, encode_png(image), confidences[draw], predicted=0)
+    entry = output.finish()
+
+    kept = [int(read_png(entry.dir, f)[0, 0, 0, 0]) // 10 for f in png_files(entry.dir)]
+    assert kept == [1, 4, 6]  # 0.90 (draw 1), 0.90 (draw 4), 0.70
+    stats = entry.rejection
+    assert (stats.drawn, stats.kept) == (8, 3)
+    assert stats.min_confidence_kept == pytest.approx(0.70)
+    assert stats.mean_confidence_kept == pytest.approx((0.90 + 0.90 + 0.70) / 3)
+    assert stats.mean_confidence_drawn == pytest.approx(np.mean(confidences))
 
 
 def test_single_level_model_and_resume(ray_local, corpus, tiny_config):

@@ -11,14 +11,19 @@ import pytest
 import webdataset as wds
 
 from pipelines import storage
+from pipelines.epochs import EpochReader
 from pipelines.keys import split_of
 from pipelines.shards import (
     CodeShards,
     code_dataset,
     code_dtype,
     iter_code_samples,
+    iter_manifest_samples,
+    key_index_uri,
     list_shards,
+    read_key_index,
     read_shard_keys,
+    removed_table_bytes,
     shard_bytes,
     write_shard,
 )
@@ -133,3 +138,66 @@ def test_code_dataset_streams_codes_by_split(tmp_path, ray_local):
 
     stored = code_dataset(manifest, "all", as_int64=False).take(1)[0]
     assert stored["top"].dtype == np.uint8
+
+
+def test_key_index_is_written_before_its_shard_and_matches_it(tmp_path):
+    keys, labels, codes = _samples(5)
+    sources = [f"/corpus/{k}.png" for k in keys]
+    info = write_shard(str(tmp_path), keys, labels, codes, sources=sources)
+    index = read_key_index(info["uri"]).to_pydict()
+    assert index == {"key": keys, "label": labels, "source": sources}
+    assert os.path.exists(key_index_uri(info["uri"]))
+    assert os.path.getmtime(key_index_uri(info["uri"])) <= os.path.getmtime(info["uri"])
+    assert info["class_counts"] == {c: labels.count(c) for c in sorted(set(labels))}
+    with pytest.raises(ValueError, match="5 keys but 1 sources"):
+        write_shard(str(tmp_path), keys, labels, codes, sources=sources[:1])
+
+
+def test_readers_skip_removed_samples_of_their_own_shard_only(tmp_path, ray_local):
+    """A key removed from one shard and written again to another (an image removed, then added
+    back) is read once, from the shard where it is live."""
+    keys, labels, codes = _samples(4, seed=1)
+    old = write_shard(str(tmp_path), keys, labels, codes)
+    again = {k: v[1:2] + 1 for k, v in codes.items()}  # key 1 re-encoded with other codes
+    new = write_shard(str(tmp_path), keys[1:2], labels[1:2], again)
+    table = tmp_path / "removed.parquet"
+    table.write_bytes(removed_table_bytes([(old["name"], keys[1]), (old["name"], keys[3])]))
+    manifest = CodeShards(
+        shards=[old, new],
+        levels=["top", "bottom"],
+        code_shapes={"top": [2, 3], "bottom": [4, 6]},
+        code_dtypes={"top": "uint8", "bottom": "uint16"},
+        validation_fraction=0.2,
+        test_fraction=0.1,
+        removed_table=str(table),
+    )
+    assert manifest.removed_keys() == {old["name"]: frozenset({keys[1], keys[3]})}
+    live = sorted([keys[0], keys[1], keys[2]])
+
+    streamed = {s["key"]: s for s in iter_manifest_samples(manifest)}
+    assert sorted(streamed) == live
+    np.testing.assert_array_equal(streamed[keys[1]]["top"], again["top"][0])
+
+    rows = code_dataset(manifest, "all", as_int64=False).take_all()
+    assert sorted(r["key"] for r in rows) == live
+    np.testing.assert_array_equal(
+        next(r for r in rows if r["key"] == keys[1])["top"], again["top"][0]
+    )
+    # The training reader (train_prior) skips the same samples.
+    reader = EpochReader.for_code_shards(
+        [old["uri"], new["uri"]],
+        ["top", "bottom"],
+        "all",
+        validation_fraction=0.2,
+        test_fraction=0.1,
+        seed=0,
+        shuffle_buffer=4,
+        columns=("key", "top"),
+        removed=manifest.removed_keys(),
+    )
+    trained = {str(k): t for b in reader.batches(0, 0, 1, 2) for k, t in zip(b["key"], b["top"])}
+    assert sorted(trained) == live
+    np.testing.assert_array_equal(trained[keys[1]], again["top"][0])
+    # Without the table every stored sample comes back.
+    everything = CodeShards(**{**manifest.model_dump(), "removed_table": ""})
+    assert len(code_dataset(everything, "all").take_all()) == 5

@@ -39,3 +39,25 @@ def test_config_view_refuses_undeclared_sections_and_records_reads():
     assert view.read == {"sample"}
     with pytest.raises(AttributeError):
         view.seed = 3
+
+
+def test_status_of_an_interrupted_first_stage(tmp_path):
+    from pipelines.runner import FINGERPRINT_FILE
+    from pipelines.status import format_status, pipeline_status
+
+    cfg = parse_config(tiny_raw_config(str(tmp_path / "out"), str(tmp_path / "corpus")))
+    stage_dir = tmp_path / "out" / "train_vqvae"
+    checkpoint = stage_dir / "ray" / "run" / "step-00000200"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "model.pt").write_bytes(b"weights")
+    (stage_dir / FINGERPRINT_FILE).write_text("abc")
+    statuses = pipeline_status(cfg)
+    assert [(s.stage, s.state) for s in statuses] == [
+        ("train_vqvae", "partial"),
+        ("tokenize", "not started"),
+        ("train_prior", "not started"),
+        ("sample", "not started"),
+        ("evaluate", "not started"),
+    ]
+    assert statuses[0].detail == "1 file(s) written, last checkpoint at step 200"
+    assert "train_vqvae  partial" in format_status(statuses)

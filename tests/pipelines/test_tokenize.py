@@ -1,8 +1,10 @@
-"""The tokenize stage end to end on a real local Ray: counts, codes, dtypes, formats, resume."""
+"""The tokenize stage end to end on a real local Ray: counts, codes, dtypes, formats, resume,
+class-mixed shards and the wids shard index."""
 
 from __future__ import annotations
 
 import io
+import json
 import os
 import tarfile
 
@@ -17,7 +19,7 @@ from pipelines.demo_data import generate_corpus
 from pipelines.images import to_model_input
 from pipelines.keys import split_of
 from pipelines.manifest import write_manifest
-from pipelines.shards import iter_code_samples, list_shards
+from pipelines.shards import WIDS_INDEX_NAME, iter_code_samples, list_shards, read_key_index
 from pipelines.stage import StageContext
 from pipelines.stages.tokenize import run
 from pipelines.stages.train_vqvae import TrainVQVAEManifest
@@ -49,17 +51,18 @@ def _make_autoencoder(images: torch.Tensor) -> VQVAE2:
     return model.eval()
 
 
-@pytest.fixture
-def tokenize_setup(tmp_path, tiny_config, ray_local):
+def _setup(tmp_path, tiny_config, images_per_class: int, corrupt: int, overrides=()):
+    """A demo corpus, an autoencoder initialised on it with its train_vqvae manifest, and the
+    tokenize StageContext: (ctx, model, images by key, labels by key)."""
     corpus_dir = str(tmp_path / "corpus")
     generate_corpus(
         corpus_dir,
         classes=CLASSES,
-        images_per_class=IMAGES_PER_CLASS,
+        images_per_class=images_per_class,
         image_size=16,
-        corrupt_files=CORRUPT,
+        corrupt_files=corrupt,
     )
-    cfg = tiny_config(corpus_dir)
+    cfg = tiny_config(corpus_dir, overrides)
     corpus = open_corpus(cfg.data)
     rows = corpus.dataset("all").take_all()
     images = {r["key"]: r["image"] for r in rows}
@@ -90,6 +93,11 @@ def tokenize_setup(tmp_path, tiny_config, ray_local):
         tracking=TrackingContext(tracking_uri="", run_id=None),
     )
     return ctx, model, images, labels
+
+
+@pytest.fixture
+def tokenize_setup(tmp_path, tiny_config, ray_local):
+    return _setup(tmp_path, tiny_config, IMAGES_PER_CLASS, CORRUPT)
 
 
 def _read_with_tarfile(uri: str) -> dict[str, dict]:
@@ -183,3 +191,105 @@ def test_tokenize_resumes_without_duplicating_or_losing_samples(tokenize_setup):
     for uri, mtime in kept.items():  # finished shards were kept, not rewritten
         assert os.path.getmtime(uri) == mtime
     assert second.bad_inputs.count == CORRUPT  # bad inputs are reported again
+
+
+# -------------------------------------------------------------------------------------------------
+# Class-mixed shards, per-shard class counts and the wids index
+
+MIXED_PER_CLASS = 50
+MIXED_SHARD = 40
+
+
+def _total_variation(counts: np.ndarray, reference: np.ndarray) -> float:
+    return 0.5 * float(np.abs(counts / counts.sum() - reference / reference.sum()).sum())
+
+
+def _max_tv_of_chunks(labels: np.ndarray, sizes: list[int], reference: np.ndarray) -> float:
+    bounds = np.cumsum([0, *sizes])
+    classes = len(reference)
+    return max(
+        _total_variation(np.bincount(labels[a:b], minlength=classes), reference)
+        for a, b in zip(bounds[:-1], bounds[1:])
+    )
+
+
+def test_shards_mix_the_classes_of_a_class_sorted_corpus(tmp_path, tiny_config, ray_local):
+    """On a corpus stored one class folder after another, every shard's class histogram is as
+    close to the corpus histogram as that of a random partition into shards of the same sizes."""
+    ctx, _, images, labels = _setup(
+        tmp_path,
+        tiny_config,
+        MIXED_PER_CLASS,
+        0,
+        [f"tokenize.shard_max_samples={MIXED_SHARD}"],
+    )
+    manifest = run(ctx)
+    assert manifest.samples == len(images) == MIXED_PER_CLASS * len(CLASSES)
+    classes = len(CLASSES)
+    corpus_hist = np.bincount([labels[k] for k in images], minlength=classes)
+
+    # Per-shard class counts in the manifest are the labels stored in each shard.
+    observed = []
+    for shard in manifest.shards:
+        stored = np.bincount(read_key_index(shard.uri).column("label").to_numpy(), minlength=4)
+        from_tar = np.bincount([s["label"] for s in iter_code_samples([shard.uri])], minlength=4)
+        np.testing.assert_array_equal(stored, from_tar)
+        assert shard.class_counts == {c: int(n) for c, n in enumerate(from_tar) if n}
+        observed.append(_total_variation(from_tar, corpus_hist))
+    np.testing.assert_array_equal(
+        sum(
+            np.bincount(list(s.class_counts), list(s.class_counts.values()), 4)
+            for s in manifest.shards
+        ),
+        corpus_hist,
+    )
+
+    # The bound: the 99.9th percentile, over random permutations of the corpus' labels cut into
+    # shards of the sizes written, of the largest shard's total-variation distance. Shards cut
+    # from a key-hash order are such a random partition (the hash knows nothing of classes).
+    sizes = [s.samples for s in manifest.shards]
+    rng = np.random.default_rng(0)
+    label_array = np.repeat(np.arange(classes), corpus_hist)
+    simulated = [
+        _max_tv_of_chunks(rng.permutation(label_array), sizes, corpus_hist) for _ in range(2000)
+    ]
+    bound = float(np.quantile(simulated, 0.999))
+    assert max(observed) <= bound, (observed, bound)
+    # The bound tells orders apart: shards cut from the folder listing (one class after another)
+    # break it, as tokenize's shards did before they were written in key-hash order.
+    assert _max_tv_of_chunks(label_array, sizes, corpus_hist) > bound
+
+
+def test_shards_read_back_with_webdataset_and_wids(tokenize_setup):
+    import webdataset as wds
+    import wids
+
+    ctx, _, images, labels = tokenize_setup
+    manifest = run(ctx)
+    index_uri = os.path.join(ctx.stage_dir, WIDS_INDEX_NAME)
+    assert manifest.wids_index == index_uri
+    index = json.loads(storage.read_bytes(index_uri))
+    assert index["__kind__"] == "wids-shard-index-v1" and index["wids_version"] == 1
+    assert [s["url"] for s in index["shardlist"]] == [s.name for s in manifest.shards]
+    assert [s["nsamples"] for s in index["shardlist"]] == [s.samples for s in manifest.shards]
+
+    ours = {s["key"]: s for s in iter_code_samples([s.uri for s in manifest.shards])}
+    # webdataset's streaming reader over the shard URLs.
+    streamed = list(wds.WebDataset([s.uri for s in manifest.shards], shardshuffle=False).decode())
+    assert sorted(s["__key__"] for s in streamed) == sorted(images)
+    for sample in streamed:
+        key = sample["__key__"]
+        assert int(sample["cls"]) == labels[key]
+        np.testing.assert_array_equal(sample["bottom.npy"], ours[key]["bottom"])
+
+    # wids' indexed reader on the index alone: relative shard names resolve next to it, and
+    # every sample is reachable by position.
+    dataset = wids.ShardListDataset(index_uri, transformations=[])
+    assert len(dataset) == manifest.samples == len(images)
+    by_index = [dataset[i] for i in range(len(dataset))]
+    assert sorted(s["__key__"] for s in by_index) == sorted(images)
+    for sample in by_index:
+        key = sample["__key__"]
+        assert int(sample[".cls"].read()) == labels[key]
+        top = np.load(sample[".top.npy"], allow_pickle=False)
+        np.testing.assert_array_equal(top, ours[key]["top"])

@@ -90,6 +90,9 @@ def trained(ray_local, tmp_path_factory):
     raw["data"] |= {"validation_fraction": VALIDATION, "test_fraction": TEST}
     # The top prior trains on two DDP ranks: gradients, barriers and rank-0 evaluation together.
     raw["train_prior"]["top"] |= {"num_workers": 2, "cpus_per_worker": 0.5}
+    # A learning rate at which the four steps learn some of the codes' structure.
+    for level in ("top", "bottom"):
+        raw["train_prior"][level]["lr"] = 6e-3
     cfg = parse_config(raw)
     tokenized = write_tokenized(cfg.output_dir)
     tracker = Tracker(f"sqlite:///{tmp}/mlflow.db", "test")
@@ -120,7 +123,11 @@ def test_both_priors_train_and_their_checkpoints_load(trained):
         assert (model.config.num_codes, model.config.num_classes) == (K, len(CLASSES))
         for name in ("heldout_bits_per_code", "train_bits_per_code"):
             value = getattr(prior, name)
-            assert math.isfinite(value) and 0 < value < 2 * math.log2(K), name
+            assert math.isfinite(value) and value > 0, name
+        # A uniform prior costs log2 K = 4 bits per code; these codes carry less (the top map is
+        # one of 4 codes per class, each bottom patch repeats its top code), and the trained
+        # priors must have learnt some of that: worse than uniform, or barely better, fails.
+        assert prior.heldout_bits_per_code < math.log2(K) - 0.2
 
 
 def test_bottom_prior_is_conditioned_on_the_top_codes(trained):

@@ -134,26 +134,73 @@ def test_rerun_continues_from_the_checkpoint_instead_of_restarting(trained):
     assert {int(s["step"]) for s in state.values()} == {STEPS}
 
 
-@pytest.mark.slow
-def test_lost_workers_restart_from_the_last_checkpoint(ray_local, corpus, tiny_config, tmp_path):
-    # Two DDP ranks both fail after the step-3 checkpoint; FailureConfig lets Ray Train start a
-    # new worker group inside the same job, which resumes from that checkpoint.
+def loop_that_saves_each_ranks_quantizers(dump_dir: str):
+    """train_vqvae's worker loop, after which every rank saves its quantizers' state (codebook and
+    EMA statistics) to ``dump_dir/rank-<rank>.pt``: rank 0 alone writes checkpoints, so the other
+    ranks' codebooks are otherwise never seen."""
+
+    def loop(config):
+        import ray.train
+
+        fit = train_vqvae.fit
+
+        def fit_then_save(model, *args, **kwargs):
+            fit(model, *args, **kwargs)  # trains `model` in place (DDP wraps the same module)
+            state = {k: v for k, v in model.state_dict().items() if k.startswith("quantizers.")}
+            rank = ray.train.get_context().get_world_rank()
+            torch.save(state, os.path.join(dump_dir, f"rank-{rank}.pt"))
+
+        train_vqvae.fit = fit_then_save  # in this worker process only
+        try:
+            # Looked up here, in the worker, where the module holds the stage's own loop.
+            train_vqvae.train_loop_per_worker(config)
+        finally:
+            train_vqvae.fit = fit
+
+    return loop
+
+
+def test_two_ranks_keep_identical_codebooks_and_restart_from_the_last_checkpoint(
+    ray_local, corpus, tiny_config, tmp_path, monkeypatch
+):
+    # Two DDP ranks, each on its own shard of the data: the quantizers' EMA statistics and data
+    # initialisation are all-reduced, so both ranks must end with the same codebooks. Both ranks
+    # also fail after the step-3 checkpoint; FailureConfig lets Ray Train start a new worker
+    # group inside the same job, which resumes from that checkpoint.
     cfg = tiny_config(
         corpus,
         [
             "train_vqvae.num_workers=2",
             "train_vqvae.cpus_per_worker=0.5",
+            "train_vqvae.batch_size=4",
             f"train_vqvae.fail_at_step={EVERY}",
             "train_vqvae.max_failures=1",
         ],
     )
+    dump_dir = tmp_path / "ranks"
+    dump_dir.mkdir()
+    monkeypatch.setattr(
+        train_vqvae, "train_loop_per_worker", loop_that_saves_each_ranks_quantizers(str(dump_dir))
+    )
     manifest, client, run_id = run_stage(cfg, tmp_path, "fp-restart")
-    assert isinstance(manifest, dict), manifest
+    assert isinstance(manifest, train_vqvae.TrainVQVAEManifest), manifest
     assert manifest.steps == STEPS
     history = client.get_metric_history(run_id, "resumed_at_step")
     assert [(m.step, m.value) for m in history] == [(EVERY, float(EVERY))]
     # Step 2 came before the failure and was not trained (or logged) again.
     assert metric_steps(client, run_id, "train/loss") == [2, 4, 6]
+
+    rank0 = torch.load(dump_dir / "rank-0.pt", weights_only=True)
+    rank1 = torch.load(dump_dir / "rank-1.pt", weights_only=True)
+    published, _ = load_checkpoint(manifest.checkpoint)
+    saved = published.state_dict()
+    for level in ("top", "bottom"):
+        for name in ("code_vectors", "cluster_size", "embed_sum", "num_updates"):
+            key = f"quantizers.{level}.{name}"
+            assert torch.equal(rank0[key], rank1[key]), key
+            assert torch.equal(rank0[key], saved[key]), key
+        # Data initialisation, then one update per step: the resumed run kept the statistics.
+        assert int(rank0[f"quantizers.{level}.num_updates"]) == STEPS + 1
 
 
 # -------------------------------------------------------------------------------------------------

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import io
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from tests.vq_core.conftest import make_shapes
+from vq_core.checkpoint import load_checkpoint, save_checkpoint
 from vq_core.dvae import (
     DiscreteVAE,
     DiscreteVAEConfig,
     gumbel_temperature,
     kl_to_uniform,
     kl_weight_schedule,
+    logit_laplace_nll,
+    map_pixels,
+    unmap_pixels,
 )
 
 
@@ -142,21 +148,38 @@ def test_loss_combines_reconstruction_and_weighted_kl():
     torch.testing.assert_close(out.loss, out.terms["reconstruction"] + 2.0 * out.terms["kl"])
 
 
-def test_temperature_schedule():
+def test_temperature_schedule_is_the_papers_cosine_from_1_to_1_16():
     assert gumbel_temperature(0) == pytest.approx(1.0)
     assert gumbel_temperature(150_000) == pytest.approx(1 / 16)
     assert gumbel_temperature(10**7) == pytest.approx(1 / 16)
-    # Geometric: half-way through the anneal is the geometric mean of the end points.
-    assert gumbel_temperature(75_000) == pytest.approx(0.25)
-    assert gumbel_temperature(50, start=2.0, end=0.5, anneal_steps=100) == pytest.approx(1.0)
+    # Cosine: half-way through the anneal is the arithmetic mean of the end points, and the
+    # curve is flat at both ends.
+    assert gumbel_temperature(75_000) == pytest.approx((1 + 1 / 16) / 2)
+    assert 1.0 - gumbel_temperature(1_500) < 0.01
+    assert gumbel_temperature(148_500) - 1 / 16 < 0.01
+    assert gumbel_temperature(25, start=2.0, end=0.5, anneal_steps=100) == pytest.approx(
+        0.5 + 1.5 * (1 + math.cos(math.pi / 4)) / 2
+    )
     values = [gumbel_temperature(s, anneal_steps=100) for s in range(0, 120, 10)]
     assert all(a > b for a, b in zip(values[:10], values[1:11]))
     with pytest.raises(ValueError, match="step.*-1"):
         gumbel_temperature(-1)
+    with pytest.raises(ValueError, match="shape.*'linear'"):
+        gumbel_temperature(0, shape="linear")
+
+
+def test_geometric_temperature_schedule():
+    # Half-way through, the geometric mean of the end points.
+    assert gumbel_temperature(75_000, shape="geometric") == pytest.approx(0.25)
+    assert gumbel_temperature(0, shape="geometric") == pytest.approx(1.0)
+    assert gumbel_temperature(150_000, shape="geometric") == pytest.approx(1 / 16)
 
 
 def test_kl_weight_schedule():
     assert kl_weight_schedule(0, final=6.6) == 0.0
+    # The paper's default ramp: 5,000 steps, then flat at the final weight.
+    assert kl_weight_schedule(4_999, final=6.6) < 6.6
+    assert kl_weight_schedule(5_000, final=6.6) == pytest.approx(6.6)
     assert kl_weight_schedule(2500, final=6.6, warmup_steps=5000) == pytest.approx(3.3)
     assert kl_weight_schedule(5000, final=6.6, warmup_steps=5000) == pytest.approx(6.6)
     assert kl_weight_schedule(10**6, final=6.6) == pytest.approx(6.6)
@@ -183,3 +206,177 @@ def test_bad_inputs_and_config():
         DiscreteVAEConfig(codebook_size=1)
     with pytest.raises(ValueError, match="kl_weight.*-0.1"):
         DiscreteVAEConfig(kl_weight=-0.1)
+
+
+# -------------------------------------------------------------------------------------------------
+# Logit-Laplace reconstruction
+
+
+def test_logit_laplace_nll_matches_a_hand_computation():
+    # One value: x = 0.3, mu = 0.5, b = e^-0.7. density = exp(-|logit x - mu| / b) / (2 b x (1-x)).
+    x, mu, log_b = 0.3, 0.5, -0.7
+    b = math.exp(log_b)
+    logit = math.log(x / (1 - x))
+    density = math.exp(-abs(logit - mu) / b) / (2 * b * x * (1 - x))
+    nll = logit_laplace_nll(torch.tensor([x]), torch.tensor([mu]), torch.tensor([log_b]))
+    assert nll.item() == pytest.approx(-math.log(density), rel=1e-6)
+    # A batch: the mean of the per-value terms, the same as a Laplace density on logit(x) with
+    # the log-Jacobian of the logit.
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 4, 4, generator=g) * 0.8 + 0.1
+    mu, log_b = torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 3, 4, 4, generator=g)
+    laplace = torch.distributions.Laplace(mu.double(), log_b.double().exp())
+    expected = -(laplace.log_prob(torch.logit(x.double())) - torch.log(x * (1 - x)).double())
+    torch.testing.assert_close(logit_laplace_nll(x, mu, log_b).double(), expected.mean())
+
+
+def test_pixel_mapping_round_trips_and_squeezes_into_eps_margin():
+    p = torch.linspace(0, 1, 101)
+    mapped = map_pixels(p)
+    assert mapped.min().item() == pytest.approx(0.1) and mapped.max().item() == pytest.approx(0.9)
+    torch.testing.assert_close(unmap_pixels(mapped), p)
+    # Values outside the margin (a sigmoid can reach them) clip to the valid pixel range.
+    assert unmap_pixels(torch.tensor([0.0, 0.05, 0.95, 1.0])).tolist() == [0.0, 0.0, 1.0, 1.0]
+
+
+def test_model_scores_its_images_by_logit_laplace_and_returns_the_location_as_image():
+    torch.manual_seed(0)
+    model = tiny_dvae().eval()
+    x = make_shapes(2)  # in [-1, 1], the project's image convention
+    assert model.decoder.up[-1].out_channels == 6  # a location and a log-scale per channel
+    out = model(x)
+    with torch.no_grad():
+        (codes,) = model.encode(x)
+        decoded = model.decoder(model.codebook(codes).permute(0, 3, 1, 2))
+    mu, log_b = decoded[:, :3], decoded[:, 3:]
+    expected = logit_laplace_nll(0.1 + 0.8 * (x + 1) / 2, mu, log_b)
+    torch.testing.assert_close(out.terms["reconstruction"], expected)
+    image = ((torch.sigmoid(mu) - 0.1) / 0.8).clamp(0, 1) * 2 - 1
+    torch.testing.assert_close(out.reconstruction, image)
+    torch.testing.assert_close(model.decode_codes((codes,)), image)
+    assert out.reconstruction.min() >= -1 and out.reconstruction.max() <= 1
+
+
+def test_mse_reconstruction_option():
+    torch.manual_seed(0)
+    model = tiny_dvae(reconstruction="mse").eval()
+    assert model.decoder.up[-1].out_channels == 3
+    x = make_shapes(2)
+    out = model(x)
+    torch.testing.assert_close(out.terms["reconstruction"], F.mse_loss(out.reconstruction, x))
+    with pytest.raises(ValueError, match="reconstruction must be one of.*'l1'"):
+        DiscreteVAEConfig(reconstruction="l1")
+
+
+def test_logit_laplace_training_lowers_reconstruction_error():
+    torch.manual_seed(0)
+    model = tiny_dvae()
+    x = make_shapes(16, seed=1)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+
+    def mse() -> float:
+        model.eval()
+        with torch.no_grad():
+            error = F.mse_loss(model(x).reconstruction, x).item()
+        model.train()
+        return error
+
+    before = mse()
+    for _ in range(30):
+        opt.zero_grad()
+        model(x, temperature=0.5).loss.backward()
+        opt.step()
+    assert mse() < 0.5 * before
+
+
+# -------------------------------------------------------------------------------------------------
+# Straight-through hard samples
+
+
+def decoder_inputs(model: DiscreteVAE, x: torch.Tensor) -> torch.Tensor:
+    """The code weights the decoder read in a training forward (the codebook set to identity)."""
+    seen: list[torch.Tensor] = []
+    handle = model.decoder.register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+    try:
+        out = model(x, temperature=0.5)
+    finally:
+        handle.remove()
+    out.loss.backward()
+    return seen[0]
+
+
+@pytest.mark.parametrize("hard", [True, False])
+def test_hard_samples_are_one_hot_forward_and_pass_gradients(hard):
+    torch.manual_seed(0)
+    # embed_dim == codebook_size with an identity codebook: the decoder input is the weights.
+    model = tiny_dvae(embed_dim=32, hard=hard)
+    with torch.no_grad():
+        model.codebook.weight.copy_(torch.eye(32))
+    weights = decoder_inputs(model, make_shapes(2))
+    one_hot = ((weights == 0) | (weights == 1)).all() and torch.equal(
+        weights.sum(dim=1), torch.ones_like(weights[:, 0])
+    )
+    assert bool(one_hot) == hard
+    assert model.to_logits.weight.grad.abs().sum() > 0
+    assert model.encoder.conv.weight.grad.abs().sum() > 0
+
+
+def test_hard_samples_follow_the_perturbed_argmax():
+    # Very peaked logits: the Gumbel noise cannot overturn a 40-nat margin, so the one-hot sits
+    # on the argmax; with flat logits the noise spreads the choices over many codes.
+    torch.manual_seed(0)
+    model = tiny_dvae(embed_dim=32, hard=True)
+    with torch.no_grad():
+        model.codebook.weight.copy_(torch.eye(32))
+        model.to_logits.weight.zero_()
+        model.to_logits.bias.zero_()
+        model.to_logits.bias[7] = 40.0
+    weights = decoder_inputs(model, make_shapes(2))
+    assert (weights.argmax(dim=1) == 7).all()
+    with torch.no_grad():
+        model.to_logits.bias.zero_()
+    model.zero_grad()
+    weights = decoder_inputs(model, make_shapes(2))
+    assert weights.argmax(dim=1).unique().numel() > 8
+
+
+# -------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+@pytest.mark.parametrize(
+    "overrides", [{}, {"reconstruction": "mse"}, {"hard": True, "reconstruction": "mse"}]
+)
+def test_checkpoint_round_trip(overrides):
+    torch.manual_seed(0)
+    model = tiny_dvae(**overrides).eval()
+    buffer = io.BytesIO()
+    save_checkpoint(model, buffer)
+    buffer.seek(0)
+    loaded, _ = load_checkpoint(buffer)
+    assert loaded.config == model.config
+    x = make_shapes(2)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).reconstruction, model(x).reconstruction)
+
+
+def test_checkpoint_written_before_the_reconstruction_option_loads_as_mse():
+    # Such checkpoints have no "reconstruction" or "hard" key and a one-output-per-channel
+    # decoder trained by MSE.
+    torch.manual_seed(0)
+    model = tiny_dvae(reconstruction="mse").eval()
+    buffer = io.BytesIO()
+    save_checkpoint(model, buffer)
+    buffer.seek(0)
+    payload = torch.load(buffer, weights_only=True)
+    del payload["config"]["reconstruction"], payload["config"]["hard"]
+    old = io.BytesIO()
+    torch.save(payload, old)
+    old.seek(0)
+    loaded, _ = load_checkpoint(old)
+    assert loaded.config.reconstruction == "mse" and loaded.config.hard is False
+    x = make_shapes(2)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).reconstruction, model(x).reconstruction)
+    # A model built today without saying otherwise uses the paper's likelihood.
+    assert DiscreteVAEConfig().reconstruction == "logit_laplace"

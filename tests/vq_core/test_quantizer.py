@@ -68,11 +68,71 @@ def test_lookup_rejects_bad_codes():
         quantizer.lookup(torch.tensor([[0, 16]]))
 
 
-def test_invalid_constructor_arguments():
-    with pytest.raises(ValueError, match="'kmeans'"):
-        VectorQuantizer(16, 8, update="kmeans")
-    with pytest.raises(ValueError, match="decay"):
-        VectorQuantizer(16, 8, decay=1.0)
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(update="kmeans"), "'kmeans'"),
+        (dict(decay=1.0), r"decay must lie in \(0, 1\), got 1.0"),
+        (dict(decay=0.0), r"decay must lie in \(0, 1\), got 0.0"),
+        (dict(num_codes=0), "num_codes must be >= 1, got 0"),
+        (dict(dim=0), "dim must be >= 1, got 0"),
+        (dict(beta=-0.5), "beta must be >= 0, got -0.5"),
+        (dict(epsilon=0.0), "epsilon must be > 0, got 0.0"),
+        (dict(dead_code_threshold=-1.0), "dead_code_threshold must be >= 0, got -1.0"),
+        (dict(chunk_size=0), "chunk_size must be >= 1 or None, got 0"),
+    ],
+)
+def test_invalid_constructor_arguments_name_the_value(kwargs, match):
+    args = dict(num_codes=16, dim=8) | kwargs
+    with pytest.raises(ValueError, match=match):
+        VectorQuantizer(args.pop("num_codes"), args.pop("dim"), **args)
+
+
+def test_smallest_valid_sizes_work():
+    quantizer = VectorQuantizer(1, 1, chunk_size=1, beta=0.0)
+    out = quantizer(torch.randn(3, 1, 2))
+    assert out.codes.tolist() == [[0, 0]] * 3
+
+
+def test_construction_follows_the_paper_and_keeps_integer_state():
+    torch.manual_seed(0)
+    quantizer = VectorQuantizer(4, 4096)
+    assert quantizer.beta == 0.25
+    # Initial codebook uniform in [-1/K, 1/K], filling the range.
+    codebook = quantizer.codebook
+    assert codebook.min() >= -0.25 and codebook.max() <= 0.25
+    assert codebook.min() < -0.24 and codebook.max() > 0.24
+    # The initial codebook is one pseudo-observation per code: the bias-corrected averages
+    # (t = 1) equal it.
+    torch.testing.assert_close(quantizer.embed_sum / quantizer.cluster_size[:, None], codebook)
+    for name in ("num_updates", "restart_count", "rng_seed"):
+        assert getattr(quantizer, name).dtype == torch.long, name
+
+
+def test_statistics_of_single_vectors():
+    quantizer = VectorQuantizer(8, 2).eval()
+    quantizer.codebook.copy_(torch.arange(16.0).reshape(8, 2) * 10)
+    one = quantizer(torch.tensor([[0.1, 0.0]]))
+    assert one.perplexity.item() == pytest.approx(1.0) and one.usage.item() == 1 / 8
+    three = quantizer(torch.tensor([[0.1, 0.0], [20.0, 30.0], [60.0, 70.0]]))
+    assert three.perplexity.item() == pytest.approx(3.0) and three.usage.item() == 3 / 8
+
+
+def test_lookup_of_empty_and_single_code_maps():
+    quantizer = VectorQuantizer(16, 8)
+    assert quantizer.lookup(torch.zeros(0, 2, 2, dtype=torch.long)).shape == (0, 8, 2, 2)
+    with pytest.raises(ValueError, match=r"\[0, 15\].*\[16, 16\]"):
+        quantizer.lookup(torch.tensor([16]))
+    with pytest.raises(ValueError, match=r"batch dimension, got shape \(\)"):
+        quantizer.lookup(torch.tensor(3))
+
+
+def test_bad_inputs_name_the_shape_or_dtype():
+    quantizer = VectorQuantizer(16, 8)
+    with pytest.raises(ValueError, match=r"B x 8 x \.\.\. tensor, got shape \(8,\)"):
+        quantizer(torch.randn(8))
+    with pytest.raises(TypeError, match="floating-point input, got torch.int64"):
+        quantizer(torch.zeros(2, 8, dtype=torch.long))
 
 
 def test_statistics_of_a_known_assignment():
@@ -242,6 +302,46 @@ def test_dead_codes_are_reseeded_from_batch_vectors_and_counted(update):
     assert quantizer.restarts >= restarts_after_one
 
 
+def test_data_init_happens_once():
+    torch.manual_seed(0)
+    # "loss" mode without restarts: after data init only the optimizer moves the codebook.
+    quantizer = VectorQuantizer(8, 4, update="loss", data_init=True)
+    quantizer(torch.randn(32, 4))
+    initialised = quantizer.codebook.detach().clone()
+    quantizer(torch.randn(32, 4) + 10.0)
+    assert torch.equal(quantizer.codebook.detach(), initialised)
+
+
+def test_data_init_edge_batches():
+    torch.manual_seed(0)
+    # Exactly as many vectors as codes: each code is one of them, none perturbed by noise.
+    z = torch.randn(16, 4)
+    quantizer = VectorQuantizer(16, 4, update="loss", data_init=True)
+    quantizer(z)
+    matches = (quantizer.codebook.detach()[:, None, :] == z[None]).all(dim=2)
+    assert (matches.sum(dim=1) == 1).all() and (matches.sum(dim=0) == 1).all()
+    # One vector: the codes are distinct copies of it with small noise.
+    one = VectorQuantizer(4, 4, update="loss", data_init=True)
+    one(z[:1])
+    assert (one.codebook.detach() - z[:1]).abs().max() < 0.05
+    assert torch.unique(one.codebook.detach(), dim=0).shape[0] == 4
+    with pytest.raises(ValueError, match="cannot draw code vectors from an empty batch"):
+        VectorQuantizer(4, 4, data_init=True)(torch.zeros(0, 4))
+
+
+def test_default_search_blocks_cover_large_batches():
+    # More rows than one default block holds (2,048 at K = 8,192): the search runs in blocks
+    # and still finds the nearest codes.
+    gen = torch.Generator().manual_seed(0)
+    quantizer = VectorQuantizer(8192, 4)
+    quantizer.codebook.copy_(torch.randn(8192, 4, generator=gen))
+    flat = torch.randn(2100, 4, generator=gen)
+    assert quantizer.search_block_bytes() == 2048 * 8192 * 4
+    distances = torch.cdist(flat.double(), quantizer.codebook.double())
+    chosen = distances.gather(1, quantizer.nearest(flat)[:, None]).squeeze(1)
+    torch.testing.assert_close(chosen, distances.min(dim=1).values, rtol=1e-5, atol=1e-5)
+
+
 def test_data_init_picks_distinct_batch_vectors():
     torch.manual_seed(0)
     # "loss" mode: a forward pass alone does not move the codebook after data init.
@@ -295,15 +395,22 @@ def test_nearest_matches_brute_force(chunk_size):
     torch.testing.assert_close(chosen, best.values, rtol=1e-5, atol=1e-5)
 
 
-def test_nearest_under_bfloat16_autocast_equals_float32():
+@pytest.mark.parametrize("chunk_size", [None, 13])
+def test_nearest_under_bfloat16_autocast_equals_float32(chunk_size):
+    # Enough rows and codes that bfloat16 distances (8 mantissa bits) pick another code for a
+    # few dozen of the 4,096 vectors: a search that let autocast in would fail here. None is
+    # the default single-block path (plain addmm, which CPU autocast casts to bfloat16); 13
+    # sends every row through the chunked addmm(out=) path.
     gen = torch.Generator().manual_seed(0)
-    quantizer = VectorQuantizer(64, 8, chunk_size=13)
-    quantizer.codebook.copy_(torch.randn(64, 8, generator=gen))
-    z = torch.randn(4, 8, 6, 6, generator=gen)
-    reference = quantizer.nearest(z.movedim(1, -1).reshape(-1, 8))
+    quantizer = VectorQuantizer(512, 64, chunk_size=chunk_size)
+    quantizer.codebook.copy_(torch.randn(512, 64, generator=gen))
+    z = torch.randn(4, 64, 32, 32, generator=gen)
+    flat = z.movedim(1, -1).reshape(-1, 64)
+    reference = quantizer.nearest(flat)
+    assert torch.equal(reference, torch.cdist(flat.double(), quantizer.codebook.double()).argmin(1))
     quantizer.eval()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        codes = quantizer.nearest(z.movedim(1, -1).reshape(-1, 8))
+        codes = quantizer.nearest(flat)
         out = quantizer(z)
     assert torch.equal(codes, reference)
     assert torch.equal(out.codes.reshape(-1), reference)

@@ -13,6 +13,7 @@ from vq_core.pixelcnn import GatedPixelCNN, GatedPixelCNNConfig
 from vq_core.pixelsnail import PixelSNAIL, PixelSNAILConfig
 from vq_core.sampling import (
     CausalConv2d,
+    PointwiseConv,
     StepCache,
     draw_categorical,
     filter_logits,
@@ -83,6 +84,9 @@ def test_top_p_keeps_the_smallest_nucleus():
     assert filter_logits(logits, top_p=0.85).isfinite().tolist() == [[False, True, True, True]]
     assert filter_logits(logits, top_p=1.0).isfinite().all()
     assert filter_logits(logits, top_p=1e-9).isfinite().tolist() == [[False, True, False, False]]
+    # top_p=1 switches the nucleus off, even where the float32 running mass reaches 1 before
+    # the last code (a "mass before >= top_p" test would drop the unlikely codes).
+    assert filter_logits(torch.tensor([[100.0, 0.0, 0.0]]), top_p=1.0).isfinite().all()
 
 
 @pytest.mark.parametrize(
@@ -98,6 +102,9 @@ def test_top_p_keeps_the_smallest_nucleus():
         dict(top_p=0.0),
         dict(top_p=1.5),
         dict(top_p=-0.1),
+        # Wrong types are refused with the same error, not a TypeError from a comparison.
+        dict(temperature="1"),
+        dict(top_p="0.5"),
     ],
 )
 def test_bad_filter_settings_raise_and_name_the_value(kwargs):
@@ -121,6 +128,15 @@ def test_seeded_draws_are_reproducible_and_follow_the_distribution():
     assert torch.allclose(frequencies, probs, atol=0.015)
 
 
+def test_draws_without_a_generator_use_the_global_one():
+    logits = torch.tensor([[0.0, -math.inf, 5.0]]).expand(100, 3)
+    torch.manual_seed(0)
+    first = draw_categorical(logits)
+    torch.manual_seed(0)
+    assert torch.equal(draw_categorical(logits), first)
+    assert (first != 1).all()
+
+
 # --------------------------------------------------------------------------- CausalConv2d
 
 
@@ -140,9 +156,10 @@ def expected_footprint(footprint: str, kh: int, kw: int, i: int, j: int) -> set[
     return {(r, c) for r in rows for c in cols if 0 <= r < H and 0 <= c < W}
 
 
+@pytest.mark.parametrize("kernel", [(2, 3), (3, 5)])
 @pytest.mark.parametrize("footprint", CausalConv2d.FOOTPRINTS)
-def test_causal_conv_reads_exactly_its_documented_footprint(footprint):
-    kh, kw = 2, 3
+def test_causal_conv_reads_exactly_its_documented_footprint(footprint, kernel):
+    kh, kw = kernel
     conv = CausalConv2d(1, 1, (kh, kw), footprint)
     with torch.no_grad():
         conv.weight.fill_(1.0)
@@ -152,6 +169,25 @@ def test_causal_conv_reads_exactly_its_documented_footprint(footprint):
             conv(x)[0, 0, i, j].backward()
             read = {tuple(p) for p in x.grad[0, 0].nonzero().tolist()}
             assert read == expected_footprint(footprint, kh, kw, i, j), (i, j)
+
+
+def test_causal_conv_refuses_unknown_footprints_and_even_vertical_widths():
+    with pytest.raises(ValueError, match="footprint must be one of.*got 'diagonal'"):
+        CausalConv2d(1, 1, (2, 3), "diagonal")
+    for footprint in ("vertical", "vertical_strict"):
+        with pytest.raises(ValueError, match=f"a {footprint} convolution needs an odd kernel"):
+            CausalConv2d(1, 1, (2, 4), footprint)
+    CausalConv2d(1, 1, (2, 4), "horizontal")  # no centre column needed
+
+
+def test_pointwise_conv_has_a_bias_and_equals_a_1x1_convolution():
+    torch.manual_seed(0)
+    conv = PointwiseConv(4, 6)
+    assert conv.bias is not None and PointwiseConv(4, 6, bias=False).bias is None
+    for shape in [(2, 4, 1, 1), (2, 4, 3, 5)]:
+        x = torch.randn(shape)
+        expected = torch.nn.functional.conv2d(x, conv.weight, conv.bias)
+        torch.testing.assert_close(conv(x), expected)
 
 
 @pytest.mark.parametrize("footprint", CausalConv2d.FOOTPRINTS)

@@ -140,6 +140,27 @@ def test_decode_codes_builds_no_graph():
     assert not decoded.requires_grad and decoded.grad_fn is None
 
 
+def test_changing_one_top_code_changes_the_decoded_image_around_it_only():
+    # The top codes must reach the image (a decoder that ignored them would still produce images
+    # of the right shape), and only near where they sit: a top code at (1, 1) of an 8 x 8 top
+    # map covers pixels 8..16 of a 64 x 64 image; the decoder's receptive field (a few pixels
+    # at 1/4 resolution) keeps the far corner untouched.
+    torch.manual_seed(0)
+    model = tiny_vqvae2().eval()
+    for quantizer in model.quantizers.values():
+        quantizer.codebook.copy_(torch.randn_like(quantizer.codebook))
+    g = torch.Generator().manual_seed(0)
+    top = torch.randint(0, 16, (1, 8, 8), generator=g)
+    bottom = torch.randint(0, 24, (1, 16, 16), generator=g)
+    changed = top.clone()
+    changed[0, 1, 1] = (top[0, 1, 1] + 1) % 16
+
+    difference = (model.decode_codes((changed, bottom)) - model.decode_codes((top, bottom))).abs()
+    difference = difference.amax(dim=1)[0]  # H x W
+    assert difference[8:16, 8:16].mean() > 1e-2
+    assert torch.count_nonzero(difference[40:, 40:]) == 0
+
+
 @pytest.mark.parametrize("update", ["ema", "loss"])
 def test_gradients_reach_both_encoders(update):
     torch.manual_seed(0)

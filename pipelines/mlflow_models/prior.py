@@ -1,0 +1,38 @@
+"""MLflow pyfunc model (defined from code): class labels (and a condition map) in, sampled codes out.
+
+Input: ``{"labels": int64 N}``, plus ``{"condition": int64 N x h' x w'}`` for a prior conditioned
+on a coarser code map (the bottom prior of a VQ-VAE-2 takes the top codes). Params: ``seed``,
+``temperature``, ``top_k``, ``top_p``. Output: int64 codes N x h x w.
+"""
+
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+
+
+class PriorSampler(mlflow.pyfunc.PythonModel):
+    def load_context(self, context) -> None:
+        from vq_core.checkpoint import load_checkpoint
+
+        self.model, _ = load_checkpoint(context.artifacts["checkpoint"])
+        self.model.eval()
+
+    def predict(self, context, model_input, params=None):
+        import torch
+
+        params = params or {}
+        labels = torch.as_tensor(np.asarray(model_input["labels"]), dtype=torch.long).flatten()
+        condition = model_input.get("condition") if isinstance(model_input, dict) else None
+        generator = torch.Generator().manual_seed(int(params.get("seed", 0)))
+        codes = self.model.sample(
+            len(labels),
+            labels=labels if self.model.config.num_classes > 0 else None,
+            condition=None if condition is None else torch.as_tensor(np.asarray(condition)).long(),
+            temperature=float(params.get("temperature", 1.0)),
+            generator=generator,
+        )
+        return codes.numpy().astype(np.int64)
+
+
+mlflow.models.set_model(PriorSampler())
