@@ -115,7 +115,7 @@ def autoencoder_curves(levels: Sequence[str] = ("top", "bottom")) -> list[CurveF
     ``train/loss``, ``train/reconstruction``, ``train/commitment/<level>``,
     ``train/codebook/<level>``, ``train/perplexity/<level>`` and ``train/usage/<level>`` (per
     training batch); ``train/kl``, ``train/temperature``, ``train/kl_weight`` (dVAE only);
-    ``holdout/mse``, ``holdout/perplexity/<level>`` and ``holdout/usage/<level>`` (every
+    ``validation/mse``, ``validation/perplexity/<level>`` and ``validation/usage/<level>`` (every
     eval_every steps).
     """
     levels = list(levels)
@@ -125,7 +125,7 @@ def autoencoder_curves(levels: Sequence[str] = ("top", "bottom")) -> list[CurveF
         (
             Curve("train/loss", "total loss (train)"),
             Curve("train/reconstruction", "reconstruction MSE (train)", group="mse"),
-            Curve("holdout/mse", "reconstruction MSE (held-out)", group="mse", dashed=True),
+            Curve("validation/mse", "reconstruction MSE (validation)", group="mse", dashed=True),
             Curve("train/kl", "KL to uniform (train)", group="kl"),
         ),
         log_y=True,
@@ -167,14 +167,14 @@ def autoencoder_curves(levels: Sequence[str] = ("top", "bottom")) -> list[CurveF
             "Autoencoder training",
             "figures/curves-autoencoder-loss.png",
             "Autoencoder losses over training steps (training batches: means over log_every "
-            "steps; held-out: every eval_every steps)",
+            "steps; validation: every eval_every steps)",
             (loss, quantizer, schedule),
         ),
         CurveFigure(
             "Codebooks during training",
             "figures/curves-autoencoder-codebooks.png",
             "Code usage and perplexity per level: per training batch (solid) and over the "
-            "held-out images (dashed)",
+            "validation images (dashed)",
             (usage, perplexity),
         ),
     ]
@@ -183,8 +183,8 @@ def autoencoder_curves(levels: Sequence[str] = ("top", "bottom")) -> list[CurveF
 def prior_curves(levels: Sequence[str] = ("top", "bottom")) -> list[CurveFigure]:
     """The training-curve figure of the priors, one panel per level with a prior.
 
-    Metric names: ``<level>/train_bits_per_code`` and ``<level>/heldout_bits_per_code`` from the
-    prior stage's run, and ``holdout/bits_per_code/<level>``, which the evaluate stage measures
+    Metric names: ``<level>/train_bits_per_code`` and ``<level>/validation_bits_per_code`` from the
+    prior stage's run, and ``test/bits_per_code/<level>``, which the evaluate stage measures
     once: add it to the histories as a single point to see the test score beside the curves.
     """
     panels = tuple(
@@ -193,8 +193,8 @@ def prior_curves(levels: Sequence[str] = ("top", "bottom")) -> list[CurveFigure]
             "bits per code",
             (
                 Curve(f"{level}/train_bits_per_code", "train", group=level),
-                Curve(f"{level}/heldout_bits_per_code", "validation", group=level, dashed=True),
-                Curve(f"holdout/bits_per_code/{level}", "test (evaluate)", horizontal=True),
+                Curve(f"{level}/validation_bits_per_code", "validation", group=level, dashed=True),
+                Curve(f"test/bits_per_code/{level}", "test (evaluate)", horizontal=True),
             ),
         )
         for level in levels
@@ -216,7 +216,7 @@ def _train_and_holdout(stat: str, levels: list[str]) -> tuple[Curve, ...]:
         for level in levels
         for curve in (
             Curve(f"train/{stat}/{level}", f"{level} (train batch)", group=level),
-            Curve(f"holdout/{stat}/{level}", f"{level} (held-out)", group=level, dashed=True),
+            Curve(f"validation/{stat}/{level}", f"{level} (validation)", group=level, dashed=True),
         )
     )
 

@@ -66,7 +66,7 @@ class EvaluateManifest(StageManifest):
 
     def summary(self) -> str:
         shown = (
-            "holdout/psnr",
+            "test/psnr",
             "cas/generated_to_real",
             "cas/real_to_generated",
             "cas/real_to_real",
@@ -132,9 +132,9 @@ def reconstruction_metrics(
     reconstructions = to_uint8(torch.cat(shown_out)[:n])
     grid = make_grid(np.concatenate([originals, reconstructions]), nrow=n)
     return {
-        "holdout/mse": mse,
-        "holdout/psnr": psnr_from_mse(mse),
-        "holdout/images": len(holdout),
+        "test/mse": mse,
+        "test/psnr": psnr_from_mse(mse),
+        "test/images": len(holdout),
     }, grid
 
 
@@ -147,7 +147,7 @@ def code_metrics(
     batch_size: int,
     prior_batches: int,
 ) -> tuple[dict[str, float], dict[str, np.ndarray]]:
-    """Per level: usage and perplexity over every held-out code map; each prior's bits per code
+    """Per level: usage and perplexity over every code map of the test split; each prior's bits per code
     over the first ``prior_batches`` batches. Also returns each level's code histogram."""
     counts = {level: np.zeros(codebook_sizes[level], dtype=np.int64) for level in levels}
     bits = {level: 0.0 for level in priors}
@@ -172,14 +172,14 @@ def code_metrics(
             )
             bits[level] += float(loss) * n  # every map has h*w codes: weight batches by maps
         maps_scored += n
-    metrics: dict[str, float] = {"holdout/code_maps": maps_seen}
+    metrics: dict[str, float] = {"test/code_maps": maps_seen}
     for level in levels:
         perplexity, usage, used = histogram_stats(counts[level])
-        metrics[f"holdout/perplexity/{level}"] = perplexity
-        metrics[f"holdout/usage/{level}"] = usage
-        metrics[f"holdout/codes_used/{level}"] = used
+        metrics[f"test/perplexity/{level}"] = perplexity
+        metrics[f"test/usage/{level}"] = usage
+        metrics[f"test/codes_used/{level}"] = used
     for level in priors:
-        metrics[f"holdout/bits_per_code/{level}"] = (
+        metrics[f"test/bits_per_code/{level}"] = (
             bits[level] / maps_scored if maps_scored else math.nan
         )
     return metrics, counts
@@ -263,7 +263,7 @@ def classification_metrics(
         ),
         "cas/ratio": cas / real if real > 0 else math.nan,
         "cas/generated_images": len(generated),
-        "cas/real_holdout_images": len(holdout),
+        "cas/real_test_images": len(holdout),
         "cas/classes": len(sampled),
     }
     return metrics, None
@@ -313,9 +313,9 @@ def _codes_and_priors(
         codes, up.vq.levels, up.tok.codebook_sizes, priors, cfg.batch_size, cfg.holdout_batches
     )
     metrics.update(code_stats)
-    if metrics["holdout/code_maps"]:
-        metrics["holdout/bits_per_image"] = sum(
-            metrics[f"holdout/bits_per_code/{level}"] * math.prod(up.tok.code_shapes[level])
+    if metrics["test/code_maps"]:
+        metrics["test/bits_per_image"] = sum(
+            metrics[f"test/bits_per_code/{level}"] * math.prod(up.tok.code_shapes[level])
             for level in priors
         )
     return counts
@@ -448,9 +448,9 @@ def _reconstruction_section(metrics: dict[str, float], recon_grid: np.ndarray | 
         _metric_table(
             metrics,
             [
-                ("holdout/mse", "mean squared error, images in [-1, 1]"),
-                ("holdout/psnr", "dB, [0, 1] scale"),
-                ("holdout/images", "test images measured"),
+                ("test/mse", "mean squared error, images in [-1, 1]"),
+                ("test/psnr", "dB, [0, 1] scale"),
+                ("test/images", "test images measured"),
             ],
         ),
     )
@@ -474,7 +474,7 @@ def _codebook_section(
         "Codebooks",
         [
             "Over every code map of the test split "
-            f"({int(metrics.get('holdout/code_maps', 0))} maps). Usage is the fraction of codes that "
+            f"({int(metrics.get('test/code_maps', 0))} maps). Usage is the fraction of codes that "
             "occur; perplexity is exp(entropy) of the code histogram, the number of equally likely "
             "codes with the same spread (at most K)."
         ],
@@ -484,9 +484,9 @@ def _codebook_section(
                 [
                     level,
                     up.tok.codebook_sizes[level],
-                    int(metrics.get(f"holdout/codes_used/{level}", 0)),
-                    metrics.get(f"holdout/usage/{level}", math.nan),
-                    metrics.get(f"holdout/perplexity/{level}", math.nan),
+                    int(metrics.get(f"test/codes_used/{level}", 0)),
+                    metrics.get(f"test/usage/{level}", math.nan),
+                    metrics.get(f"test/perplexity/{level}", math.nan),
                 ]
                 for level in up.vq.levels
             ],
@@ -495,7 +495,7 @@ def _codebook_section(
     if counts and any(c.sum() for c in counts.values()):
         section.figures.append(
             Figure(
-                "Code usage per level: each code's share of the held-out codes, most used first",
+                "Code usage per level: each code's share of the test split's codes, most used first",
                 "figures/code-usage.png",
                 code_usage_figure(counts),
             )
@@ -510,7 +510,7 @@ def _prior_section(ctx: StageContext, up: Upstream, metrics: dict[str, float]) -
         if entry is None:
             continue
         k = up.tok.codebook_sizes[level]
-        bits = metrics.get(f"holdout/bits_per_code/{level}", math.nan)
+        bits = metrics.get(f"test/bits_per_code/{level}", math.nan)
         rows.append(
             [
                 level,
@@ -520,7 +520,9 @@ def _prior_section(ctx: StageContext, up: Upstream, metrics: dict[str, float]) -
                 math.log2(k),
                 bits,
                 bits / math.log2(k) if k > 1 else math.nan,
-                math.nan if entry.heldout_bits_per_code is None else entry.heldout_bits_per_code,
+                math.nan
+                if entry.validation_bits_per_code is None
+                else entry.validation_bits_per_code,
             ]
         )
     cfg = ctx.cfg.evaluate
@@ -625,7 +627,7 @@ def build_report(
             Section(
                 "Training curves",
                 [
-                    "Read back from the training stages' MLflow runs. Held-out curves during "
+                    "Read back from the training stages' MLflow runs. Validation curves during "
                     "training are on the validation split; the test score is measured here."
                 ]
                 if figures.curves

@@ -7,7 +7,7 @@ as its condition. A one-level model gets one prior p(codes | class), configured 
 architecture from ``train_prior.<level>``.
 
 Writes ``<stage_dir>/<level>.pt`` (vq_core checkpoint format; extra: level, condition level, step,
-metrics) per prior. Validation bits per code are logged as ``<level>/heldout_bits_per_code``
+metrics) per prior. Validation bits per code are logged as ``<level>/validation_bits_per_code``
 and pick the weights kept (the best step); the test split's figure is the evaluate stage's.
 Training reads the train split of the shards through a seeded per-rank reader
 (``pipelines.epochs``): shards permuted per epoch, a local shuffle buffer, the same batches
@@ -54,7 +54,7 @@ class PriorEntry(ManifestModel):
     checkpoint: str
     kind: str
     condition: str | None  # the level this prior is conditioned on (the top map, for bottom)
-    heldout_bits_per_code: float | None  # on the validation split, at the selected step
+    validation_bits_per_code: float | None  # on the validation split, at the selected step
     train_bits_per_code: float | None
     steps: int
     selected_step: int  # the step whose weights were kept (best validation score)
@@ -71,9 +71,9 @@ class TrainPriorManifest(StageManifest):
 
     def summary(self) -> str:
         bits = {
-            level: round(p.heldout_bits_per_code, 3)
+            level: round(p.validation_bits_per_code, 3)
             for level, p in self.priors.items()
-            if p.heldout_bits_per_code is not None
+            if p.validation_bits_per_code is not None
         }
         return f"validation bits/code {bits}"
 
@@ -157,7 +157,7 @@ def evaluate_prior(
         codes, labels, condition = prior_inputs(batch, plan, num_classes)
         total += float(model.loss(codes, labels, condition)) * codes.numel()
         count += codes.numel()
-    return {"heldout_bits_per_code": total / max(count, 1)}
+    return {"validation_bits_per_code": total / max(count, 1)}
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -184,7 +184,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         checkpoint_extra={"level": plan.level, "condition": plan.condition},
         seed=config["seed"],
         # Small corpora overfit a prior quickly: keep the weights with the best validation score.
-        select_metric="heldout_bits_per_code",
+        select_metric="validation_bits_per_code",
     )
 
 
@@ -299,7 +299,7 @@ def _train_or_reuse(
         checkpoint=uri,
         kind=plan.knobs.kind,
         condition=plan.condition,
-        heldout_bits_per_code=metrics.get("heldout_bits_per_code"),
+        validation_bits_per_code=metrics.get("validation_bits_per_code"),
         train_bits_per_code=metrics.get("train_bits_per_code"),
         steps=plan.knobs.steps,
         selected_step=int(extra["step"]),

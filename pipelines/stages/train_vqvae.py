@@ -8,7 +8,7 @@ tokenize and sample read.
 Training reads the train split from the decoded-image cache (``pipelines.image_cache``: the corpus
 decoded once at the training resolution) through a seeded per-rank reader
 (``pipelines.epochs``), so the same config and seed give the same model whatever else runs. The
-``holdout/*`` metrics are measured on a fixed key-hash subset of the validation split; the test
+``validation/*`` metrics are measured on a fixed key-hash subset of the validation split; the test
 split is left to the evaluate stage.
 """
 
@@ -103,7 +103,7 @@ class TrainVQVAEManifest(StageManifest):
         )
 
     def summary(self) -> str:
-        shown = ["holdout/mse"] + [f"holdout/perplexity/{level}" for level in self.levels]
+        shown = ["validation/mse"] + [f"validation/perplexity/{level}" for level in self.levels]
         return format_metrics(self.metrics, shown)
 
 
@@ -149,7 +149,7 @@ def evaluate_autoencoder(
     model: nn.Module, device: torch.device, images: np.ndarray, batch_size: int
 ) -> dict[str, float]:
     """Validation reconstruction MSE (images in [-1, 1]) and code usage/perplexity per level
-    (logged as ``holdout/*``).
+    (logged as ``validation/*``).
 
     Usage and perplexity come from the code histogram of the whole validation subset, not a batch
     average: a codebook that uses different codes in different batches is healthier than a
@@ -164,11 +164,11 @@ def evaluate_autoencoder(
         pixels += x.numel()
         for level_codes, c in zip(codes, model.encode(x)):
             level_codes.append(c.flatten().cpu())
-    metrics = {"holdout/mse": squared_error / max(pixels, 1)}
+    metrics = {"validation/mse": squared_error / max(pixels, 1)}
     for level, num_codes, level_codes in zip(model.levels, model.codebook_sizes, codes):
         perplexity, usage = code_statistics(torch.cat(level_codes), num_codes)
-        metrics[f"holdout/perplexity/{level}"] = float(perplexity)
-        metrics[f"holdout/usage/{level}"] = float(usage)
+        metrics[f"validation/perplexity/{level}"] = float(perplexity)
+        metrics[f"validation/usage/{level}"] = float(usage)
     return metrics
 
 

@@ -58,7 +58,7 @@ def test_every_stage_has_a_complete_manifest(pipeline_run):
     priors = first["train_prior"].manifest.priors
     for level in ("top", "bottom"):
         assert os.path.isfile(priors[level].checkpoint)
-        assert np.isfinite(priors[level].heldout_bits_per_code)
+        assert np.isfinite(priors[level].validation_bits_per_code)
     assert priors["bottom"].condition == "top"
 
 
@@ -147,7 +147,7 @@ def test_mlflow_parent_and_stage_runs(pipeline_run):
         assert "manifest.json" in artifacts, stage
     vq = by_stage["train_vqvae"]
     assert "train_vqvae.steps" in vq.data.params
-    assert any(k.startswith("holdout/") for k in vq.data.metrics)
+    assert any(k.startswith("validation/") for k in vq.data.metrics)
     history = client.get_metric_history(vq.info.run_id, "train/loss")
     assert len(history) >= 2 and history[-1].step > history[0].step
     prior_metrics = by_stage["train_prior"].data.metrics

@@ -105,15 +105,15 @@ def evaluated(ray_local, corpus, tmp_path_factory):
 
 
 EXPECTED_METRICS = [
-    "holdout/mse",
-    "holdout/psnr",
-    "holdout/perplexity/top",
-    "holdout/perplexity/bottom",
-    "holdout/usage/top",
-    "holdout/usage/bottom",
-    "holdout/bits_per_code/top",
-    "holdout/bits_per_code/bottom",
-    "holdout/bits_per_image",
+    "test/mse",
+    "test/psnr",
+    "test/perplexity/top",
+    "test/perplexity/bottom",
+    "test/usage/top",
+    "test/usage/bottom",
+    "test/bits_per_code/top",
+    "test/bits_per_code/bottom",
+    "test/bits_per_image",
     "cas/generated_to_real",
     "cas/real_to_real",
     "cas/real_to_generated",
@@ -126,7 +126,7 @@ def test_every_metric_present_and_finite(evaluated):
     for name in EXPECTED_METRICS:
         assert name in metrics, name
         assert math.isfinite(metrics[name]), (name, metrics[name])
-    assert metrics["holdout/psnr"] == pytest.approx(10 * math.log10(4 / metrics["holdout/mse"]))
+    assert metrics["test/psnr"] == pytest.approx(10 * math.log10(4 / metrics["test/mse"]))
     for name in ("cas/generated_to_real", "cas/real_to_real", "cas/real_to_generated"):
         assert 0.0 <= metrics[name] <= 1.0, name
     assert metrics["cas/generated_images"] == 3 * len(CLASSES)
@@ -136,7 +136,7 @@ def test_untrained_priors_cost_about_log2_k_bits(evaluated):
     _, _, manifest, _, _ = evaluated
     for level in ("top", "bottom"):
         # Near-uniform logits: close to log2(16) = 4 bits, far from 4 nats (5.8 bits) or 4 * h * w.
-        assert 3.0 < manifest.metrics[f"holdout/bits_per_code/{level}"] < 5.0
+        assert 3.0 < manifest.metrics[f"test/bits_per_code/{level}"] < 5.0
 
 
 def test_codebook_stats_cover_every_held_out_code(evaluated):
@@ -148,13 +148,13 @@ def test_codebook_stats_cover_every_held_out_code(evaluated):
             maps += 1
             for level in counts:
                 counts[level] += np.bincount(np.asarray(s[level]).ravel(), minlength=16)
-    assert manifest.metrics["holdout/code_maps"] == maps == tok.splits["test"]
+    assert manifest.metrics["test/code_maps"] == maps == tok.splits["test"]
     for level, c in counts.items():
         p = c[c > 0] / c.sum()
-        assert manifest.metrics[f"holdout/perplexity/{level}"] == pytest.approx(
+        assert manifest.metrics[f"test/perplexity/{level}"] == pytest.approx(
             np.exp(-(p * np.log(p)).sum())
         )
-        assert manifest.metrics[f"holdout/usage/{level}"] == pytest.approx((c > 0).sum() / 16)
+        assert manifest.metrics[f"test/usage/{level}"] == pytest.approx((c > 0).sum() / 16)
 
 
 def test_report_files_mention_the_metrics(evaluated):
@@ -162,9 +162,9 @@ def test_report_files_mention_the_metrics(evaluated):
     markdown = open(manifest.report).read()
     html = open(manifest.report_html).read()
     for text in (markdown, html):
-        for name in ("holdout/psnr", "cas/generated_to_real", "log2 K", "bits/code"):
+        for name in ("test/psnr", "cas/generated_to_real", "log2 K", "bits/code"):
             assert name in text, name
-        assert f"{manifest.metrics['holdout/mse']:.4g}" in text
+        assert f"{manifest.metrics['test/mse']:.4g}" in text
     # Reconstructions, code usage and the class grids; no curves: the upstream runs were not tracked.
     assert html.count("data:image/png;base64,") == 2 + len(CLASSES)
     assert "figures/code-usage.png" in markdown and "No training runs were tracked" in markdown
@@ -261,7 +261,7 @@ def test_cas_trains_on_the_generated_images_and_tests_on_the_real_ones(ray_local
         metrics, note = evaluate.classification_metrics(ctx, list(CLASSES), classes, (16, 16, 3))
         assert note is None
         assert metrics["cas/generated_images"] == len(holdout)
-        assert metrics["cas/real_holdout_images"] == len(holdout)
+        assert metrics["cas/real_test_images"] == len(holdout)
         return metrics
 
     faithful = cas_of(0)

@@ -67,28 +67,28 @@ def _log_vqvae2_run(tracking: TrackingContext, steps: int = 40) -> None:
             }
         tracking.log_metrics(metrics, step=step)
         if step % 10 == 0:
-            held = {"holdout/mse": 0.35 * decay}
+            held = {"validation/mse": 0.35 * decay}
             for level in ("top", "bottom"):
                 held |= {
-                    f"holdout/perplexity/{level}": 5 + step / 4,
-                    f"holdout/usage/{level}": min(1.0, 0.3 + step / 50),
+                    f"validation/perplexity/{level}": 5 + step / 4,
+                    f"validation/usage/{level}": min(1.0, 0.3 + step / 50),
                 }
             tracking.log_metrics(held, step=step)
 
 
 def test_metric_history_reads_every_step_and_the_latest_value_of_a_repeated_step(tracking):
-    tracking.log_metrics({"train/loss": 3.0, "holdout/mse": 0.5}, step=2)
+    tracking.log_metrics({"train/loss": 3.0, "validation/mse": 0.5}, step=2)
     tracking.log_metrics({"train/loss": 2.0}, step=4)
-    tracking.log_metrics({"train/loss": 1.0, "holdout/mse": 0.25}, step=6)
+    tracking.log_metrics({"train/loss": 1.0, "validation/mse": 0.25}, step=6)
     # A resumed run logs the steps after its last checkpoint again; the rerun's value counts.
     tracking.log_metrics({"train/loss": 1.5}, step=4)
 
     histories = metric_history(
-        tracking.client(), tracking.run_id, ["train/loss", "holdout/mse", "never/logged"]
+        tracking.client(), tracking.run_id, ["train/loss", "validation/mse", "never/logged"]
     )
     assert histories == {
         "train/loss": [(2, 3.0), (4, 1.5), (6, 1.0)],
-        "holdout/mse": [(2, 0.5), (6, 0.25)],
+        "validation/mse": [(2, 0.5), (6, 0.25)],
         "never/logged": [],
     }
 
@@ -117,14 +117,14 @@ def test_every_stage_figure_renders_from_mlflow_and_drops_panels_without_data(tr
     for step in range(10, 101, 10):
         tracking.log_metrics({"top/train_bits_per_code": 5 - step / 50}, step=step)
         if step % 50 == 0:
-            tracking.log_metrics({"top/heldout_bits_per_code": 5.2 - step / 60}, step=step)
+            tracking.log_metrics({"top/validation_bits_per_code": 5.2 - step / 60}, step=step)
     (prior,) = prior_curves(["top", "bottom"])
     histories = metric_history(client, tracking.run_id, prior.keys)
     # Before the evaluate stage has run there is no test score: the curves alone are drawn.
     assert _decode(training_curves_figure(histories, prior.title, prior.panels)).width == (
         PANEL_WIDTH
     )
-    histories["holdout/bits_per_code/top"] = [(0, 3.6)]
+    histories["test/bits_per_code/top"] = [(0, 3.6)]
     prior_png = training_curves_figure(histories, prior.title, prior.panels)
     assert _decode(prior_png).width == PANEL_WIDTH
 
@@ -210,9 +210,9 @@ def test_specs_name_every_metric_the_prior_stage_logs():
     (figure,) = prior_curves(tokenized.levels)
     assert logged == {
         "top/train_bits_per_code",
-        "top/heldout_bits_per_code",
+        "top/validation_bits_per_code",
         "bottom/train_bits_per_code",
-        "bottom/heldout_bits_per_code",
+        "bottom/validation_bits_per_code",
     }
     assert logged <= set(figure.keys)
 

@@ -41,7 +41,7 @@ def _figures(manifests: dict) -> dict[str, float]:
     figures = {}
     figures |= {f"train_vqvae/{k}": v for k, v in manifests["train_vqvae"].metrics.items()}
     for level, entry in manifests["train_prior"].priors.items():
-        figures[f"train_prior/{level}/validation"] = entry.heldout_bits_per_code
+        figures[f"train_prior/{level}/validation"] = entry.validation_bits_per_code
         figures[f"train_prior/{level}/train"] = entry.train_bits_per_code
         figures[f"train_prior/{level}/selected_step"] = entry.selected_step
     figures |= {
@@ -78,7 +78,7 @@ def test_a_run_under_load_gives_the_same_codes_and_metrics(ray_local, tmp_path):
     assert _codes(second["tokenize"]) == codes  # every key: label and both code maps
     assert first["tokenize"].splits == second["tokenize"].splits
     one, two = _figures(first), _figures(second)
-    assert "evaluate/holdout/bits_per_code/top" in one and "evaluate/cas/generated_to_real" in one
+    assert "evaluate/test/bits_per_code/top" in one and "evaluate/cas/generated_to_real" in one
     assert one.keys() == two.keys()
     for name, value in one.items():
         assert (np.isnan(value) and np.isnan(two[name])) or two[name] == value, name

@@ -91,7 +91,7 @@ def prior_entry(checkpoint: str, condition: str | None) -> PriorEntry:
         checkpoint=checkpoint,
         kind="pixelsnail",
         condition=condition,
-        heldout_bits_per_code=4.0,
+        validation_bits_per_code=4.0,
         train_bits_per_code=4.0,
         steps=0,
         selected_step=0,

@@ -121,13 +121,13 @@ def test_both_priors_train_and_their_checkpoints_load(trained):
         assert type(model).__name__ == "PixelSNAIL"
         assert extra["level"] == level and extra["step"] == STEPS
         assert (model.config.num_codes, model.config.num_classes) == (K, len(CLASSES))
-        for name in ("heldout_bits_per_code", "train_bits_per_code"):
+        for name in ("validation_bits_per_code", "train_bits_per_code"):
             value = getattr(prior, name)
             assert math.isfinite(value) and value > 0, name
         # A uniform prior costs log2 K = 4 bits per code; these codes carry less (the top map is
         # one of 4 codes per class, each bottom patch repeats its top code), and the trained
         # priors must have learnt some of that: worse than uniform, or barely better, fails.
-        assert prior.heldout_bits_per_code < math.log2(K) - 0.2
+        assert prior.validation_bits_per_code < math.log2(K) - 0.2
 
 
 def test_bottom_prior_is_conditioned_on_the_top_codes(trained):
@@ -151,7 +151,7 @@ def test_bottom_prior_is_conditioned_on_the_top_codes(trained):
     assert top.config.condition_num_codes == 0
 
 
-def test_heldout_bits_per_code_is_the_models_loss_on_the_heldout_codes(trained):
+def test_validation_bits_per_code_is_the_models_loss_on_the_heldout_codes(trained):
     _, tokenized, manifest, _, _ = trained
     codes = heldout_codes(tokenized)
     assert 0 < len(codes["label"]) <= 8  # all of them fit the single held-out batch
@@ -161,7 +161,9 @@ def test_heldout_bits_per_code_is_the_models_loss_on_the_heldout_codes(trained):
         model, _ = load_checkpoint(manifest.priors[level].checkpoint)
         with torch.no_grad():
             bits = model.loss(torch.as_tensor(codes[level]).long(), labels, condition)
-        assert manifest.priors[level].heldout_bits_per_code == pytest.approx(float(bits), rel=1e-4)
+        assert manifest.priors[level].validation_bits_per_code == pytest.approx(
+            float(bits), rel=1e-4
+        )
 
 
 def test_mlflow_has_per_level_metrics_and_checkpoints(trained):
@@ -171,7 +173,7 @@ def test_mlflow_has_per_level_metrics_and_checkpoints(trained):
         return sorted(m.step for m in client.get_metric_history(run_id, name))
 
     for level in ("top", "bottom"):
-        assert steps(f"{level}/heldout_bits_per_code") == [2, 4]
+        assert steps(f"{level}/validation_bits_per_code") == [2, 4]
         assert steps(f"{level}/train_bits_per_code") == [2, 4]
     names = {a.path for a in client.list_artifacts(run_id, "priors")}
     assert names == {"priors/top.pt", "priors/bottom.pt"}

@@ -93,10 +93,10 @@ def test_manifest_describes_the_model(trained):
     assert manifest.class_names == sorted(CLASSES)
     assert manifest.steps == STEPS
     metrics = manifest.metrics
-    assert math.isfinite(metrics["holdout/mse"])
+    assert math.isfinite(metrics["validation/mse"])
     for level in ("top", "bottom"):
-        assert 0 < metrics[f"holdout/usage/{level}"] <= 1
-        assert 1 <= metrics[f"holdout/perplexity/{level}"] <= 16
+        assert 0 < metrics[f"validation/usage/{level}"] <= 1
+        assert 1 <= metrics[f"validation/perplexity/{level}"] <= 16
 
 
 def test_reconstruction_grid_shows_originals_above_reconstructions(trained):
@@ -111,11 +111,11 @@ def test_mlflow_runs_have_step_and_holdout_metrics_and_artifacts(trained):
     _, _, client, first_run, run_id = trained
     # Logged at the global step: the interrupted attempt up to its checkpoint, the rest after.
     assert metric_steps(client, first_run, "train/loss") == [2]
-    assert metric_steps(client, first_run, "holdout/mse") == [3]
+    assert metric_steps(client, first_run, "validation/mse") == [3]
     assert metric_steps(client, run_id, "train/loss") == [4, 6]
     assert metric_steps(client, run_id, "train/perplexity/top") == [4, 6]
-    assert metric_steps(client, run_id, "holdout/mse") == [6]
-    assert metric_steps(client, run_id, "holdout/usage/bottom") == [6]
+    assert metric_steps(client, run_id, "validation/mse") == [6]
+    assert metric_steps(client, run_id, "validation/usage/bottom") == [6]
     artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert "reconstructions.png" in artifacts
     assert [a.path for a in client.list_artifacts(run_id, "model")] == ["model/model.pt"]
@@ -247,5 +247,5 @@ def test_holdout_evaluation_counts_codes_over_the_whole_set():
         x = to_model_input(images)
         expected_mse = float(((model(x).reconstruction - x) ** 2).mean())
         codes = model.encode(x)[0]
-    assert metrics["holdout/mse"] == pytest.approx(expected_mse, rel=1e-5)
-    assert metrics["holdout/usage/codes"] == pytest.approx(len(codes.unique()) / 8)
+    assert metrics["validation/mse"] == pytest.approx(expected_mse, rel=1e-5)
+    assert metrics["validation/usage/codes"] == pytest.approx(len(codes.unique()) / 8)
