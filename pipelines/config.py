@@ -161,6 +161,13 @@ class TrainingKnobs(Section):
         description="Torch threads per training worker. Default: with a local Ray, the machine's "
         "CPUs divided among the workers; on a cluster, cpus_per_worker.",
     )
+    early_stopping: int = Field(
+        0,
+        ge=0,
+        description="Stop training once this many evaluations in a row (every eval_every steps, "
+        "on the validation split) have not beaten the best validation score; 0 trains for all "
+        "steps. For stages that select their weights on validation (train_prior).",
+    )
     fail_at_step: int | None = Field(
         None,
         gt=0,
@@ -202,6 +209,11 @@ class TrainVQVAESection(TrainingKnobs):
                     raise ValueError(
                         f"train_vqvae.{name} only applies to kind 'dvae', got kind {self.kind!r}"
                     )
+        if self.early_stopping:
+            raise ValueError(
+                f"train_vqvae.early_stopping (got {self.early_stopping}) is not supported: the "
+                "autoencoder keeps its final weights; early stopping applies to train_prior"
+            )
         return self
 
 

@@ -193,6 +193,7 @@ class _Best:
         self.step = 0
         self.metrics: dict[str, float] = {}
         self.model: nn.Module | None = None
+        self.stale = 0  # evaluations in a row that did not beat the best (early stopping)
 
     def offer(self, model: nn.Module, metrics: Mapping[str, float], step: int) -> None:
         """Keep a copy of ``model`` if ``metrics`` (training means and evaluation) beat the best."""
@@ -201,6 +202,9 @@ class _Best:
         if metrics[self.metric] < self.value:
             self.value, self.step, self.metrics = float(metrics[self.metric]), step, dict(metrics)
             self.model = copy.deepcopy(unwrap_model(model)).eval()
+            self.stale = 0
+        else:
+            self.stale += 1
 
     def save(self, directory: str, extra: dict) -> None:
         if self.model is not None:
@@ -213,6 +217,7 @@ class _Best:
             self.model, extra = load_checkpoint(path, map_location=device)
             self.metrics, self.step = dict(extra["metrics"]), int(extra["step"])
             self.value = float(self.metrics[self.metric])
+            self.stale = int(extra.get("stale_evaluations", 0))
 
 
 def _save(
@@ -378,26 +383,56 @@ class _Loop:
 
     def checkpoint(self, step: int) -> None:
         metrics = {"step": step, **self.train_means, **self.evaluation}
-        extra = {**self.extra, **self.position}
+        # trained_steps survives in the selected weights' extra, whose "step" is the step selected.
+        extra = {
+            **self.extra,
+            **self.position,
+            "trained_steps": step,
+            "stale_evaluations": self.best.stale,
+        }
         _report(self.model, self.optimizer, self.rank, metrics, extra, self.best)
 
-    def after_step(self, step: int, start_step: int) -> None:
-        """Log, evaluate and checkpoint when due; evaluation and checkpoints are not step time."""
+    def should_stop(self) -> bool:
+        """After an evaluation step: whether ``early_stopping`` evaluations in a row missed the
+        best score. Rank 0 decides (it alone evaluates) and every rank gets its answer."""
+        stop = self.best.metric is not None and self.best.stale >= self.knobs.early_stopping
+        if self.world_size > 1:
+            flag = torch.tensor([1.0 if stop else 0.0], device=self.device)
+            torch.distributed.broadcast(flag, src=0)
+            stop = bool(flag.item())
+        return stop
+
+    def after_step(self, step: int, start_step: int) -> bool:
+        """Log, evaluate and checkpoint when due; evaluation and checkpoints are not step time.
+        Returns True when early stopping ends training at this step (after a checkpoint)."""
         knobs = self.knobs
-        if _due(step, knobs.log_every, knobs.steps):
-            self.log(step)
         paused = time.perf_counter()
-        if (
-            self.evaluate_fn is not None
-            and self.rank == 0
-            and _due(step, knobs.eval_every, knobs.steps)
-        ):
+        evaluated = self.evaluate_fn is not None and _due(step, knobs.eval_every, knobs.steps)
+        if evaluated and self.rank == 0:
             self.evaluate(step)
-        if _due(step, knobs.checkpoint_every, knobs.steps):
+        stop = evaluated and knobs.early_stopping > 0 and self.should_stop()
+        if _due(step, knobs.log_every, knobs.steps) or stop:
+            self.window_started += time.perf_counter() - paused
+            paused = time.perf_counter()
+            self.log(step)
+        if stop and self.rank == 0:
+            log.info(
+                "early stopping at step %d of %d: %s has not improved for %d evaluations "
+                "(best %.4g at step %d)",
+                step,
+                knobs.steps,
+                self.best.metric,
+                self.best.stale,
+                self.best.value,
+                self.best.step,
+            )
+            self.tracking.log_metrics({f"{self.prefix}early_stopped_at_step": step}, step=step)
+        if _due(step, knobs.checkpoint_every, knobs.steps) or stop:
             self.checkpoint(step)
         self.window_started += time.perf_counter() - paused
         if knobs.fail_at_step == step and start_step < step:
             raise InjectedFailure(f"fault injected after step {step} (fail_at_step)")
+        return stop
 
 
 def fit(
@@ -416,7 +451,8 @@ def fit(
     select_metric: str | None = None,
     threads: int | None = None,
 ) -> None:
-    """Train ``model`` for ``knobs.steps`` optimizer steps on this worker's batches of ``data``.
+    """Train ``model`` for ``knobs.steps`` optimizer steps on this worker's batches of ``data``,
+    or fewer when ``knobs.early_stopping`` evaluations in a row miss the best ``select_metric``.
 
     Call from a Ray Train ``train_loop_per_worker``. Every rank runs the same number of steps and
     reports at the same steps (``ray.train.report`` is a barrier); rank 0 alone evaluates, logs to
@@ -444,7 +480,10 @@ def fit(
 
     step = start_step
     epoch, done = loop.position["epoch"], loop.position["epoch_batch"]
-    while step < knobs.steps:
+    if start_step and knobs.early_stopping and loop.should_stop():
+        return  # the checkpoint resumed from is where an earlier attempt stopped early
+    stopped = False
+    while step < knobs.steps and not stopped:
         batches = 0
         stream = data.batches(epoch, loop.rank, loop.world_size, knobs.batch_size)
         for index, batch in enumerate(stream):
@@ -454,8 +493,8 @@ def fit(
             loop.position = {"epoch": epoch, "epoch_batch": index + 1}
             loop.train_step(_to_torch(batch, dtypes, loop.device), step)
             step += 1
-            loop.after_step(step, start_step)
-            if step >= knobs.steps:
+            stopped = loop.after_step(step, start_step)
+            if step >= knobs.steps or stopped:
                 break
         if batches == 0 and done == 0:
             raise ValueError(

@@ -56,7 +56,8 @@ class PriorEntry(ManifestModel):
     condition: str | None  # the level this prior is conditioned on (the top map, for bottom)
     validation_bits_per_code: float | None  # on the validation split, at the selected step
     train_bits_per_code: float | None
-    steps: int
+    steps: int  # configured
+    trained_steps: int | None = None  # fewer than steps when early stopping ended training
     selected_step: int  # the step whose weights were kept (best validation score)
     registered_model: str | None = None  # models:/<name>/<version>, when registered
 
@@ -302,6 +303,7 @@ def _train_or_reuse(
         validation_bits_per_code=metrics.get("validation_bits_per_code"),
         train_bits_per_code=metrics.get("train_bits_per_code"),
         steps=plan.knobs.steps,
+        trained_steps=int(extra.get("trained_steps", plan.knobs.steps)),
         selected_step=int(extra["step"]),
         registered_model=registered,
     )

@@ -92,7 +92,7 @@ def trained(ray_local, tmp_path_factory):
     raw["train_prior"]["top"] |= {"num_workers": 2, "cpus_per_worker": 0.5}
     # A learning rate at which the four steps learn some of the codes' structure.
     for level in ("top", "bottom"):
-        raw["train_prior"][level]["lr"] = 6e-3
+        raw["train_prior"][level]["lr"] = 1e-2
     cfg = parse_config(raw)
     tokenized = write_tokenized(cfg.output_dir)
     tracker = Tracker(f"sqlite:///{tmp}/mlflow.db", "test")
