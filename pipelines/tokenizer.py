@@ -148,11 +148,19 @@ def read_tokenizer(checkpoint: str, tracking_uri: str | None = None) -> PinnedTo
     name = version = None
     where = checkpoint
     if key[0] == "registry":
+        import mlflow
+
         from pipelines.mlflow_models import resolve_checkpoint
 
         name, version = key[1], key[2]
         where = f"models:/{name}/{version}"
-        path = resolve_checkpoint(where, tracking_uri)
+        # resolve_checkpoint points MLflow's global tracking URI at the registry; the stage's
+        # own tracking must keep going where it went.
+        previous = mlflow.get_tracking_uri()
+        try:
+            path = resolve_checkpoint(where, tracking_uri)
+        finally:
+            mlflow.set_tracking_uri(previous)
     else:
         path = checkpoint
     if storage.is_dir(path):
