@@ -2,6 +2,7 @@
 
     vqpipe run CONFIG.yaml [--set key=value ...] [--force STAGE ...]
     vqpipe STAGE CONFIG.yaml [--set ...] [--force]       # one stage: train-vqvae, tokenize, ...
+    vqpipe tokenize --checkpoint CKPT --input CORPUS --output DIR [--set ...]   # no config file
     vqpipe reconstruct --checkpoint CKPT --input DIR --output DIR
     vqpipe decode --checkpoint CKPT --input SHARDS --output DIR
     vqpipe validate CONFIG.yaml [--set ...]
@@ -33,8 +34,11 @@ def _version() -> str:
         return "unknown"
 
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help="YAML configuration file")
+def _add_config_args(p: argparse.ArgumentParser, optional: bool = False) -> None:
+    if optional:
+        p.add_argument("config", nargs="?", help="YAML configuration file (optional, see below)")
+    else:
+        p.add_argument("config", help="YAML configuration file")
     p.add_argument(
         "--set",
         dest="overrides",
@@ -66,8 +70,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     for spec in STAGES:
         p = sub.add_parser(spec.verb, help=f"{spec.description} (this stage alone)")
-        _add_config_args(p)
+        _add_config_args(p, optional=spec.name == "tokenize")
         p.add_argument("--force", action="store_true", help="redo the stage even if up to date")
+        if spec.name == "tokenize":
+            p.add_argument(
+                "--checkpoint",
+                help="pinned autoencoder: checkpoint path or URL, or models:/<name>/<version or "
+                "@alias>; sets tokenize.checkpoint",
+            )
+            p.add_argument("--input", help="the corpus to encode; sets data.source")
+            p.add_argument("--output", help="where the code dataset goes; sets output_dir")
+            p.epilog = (
+                "Without CONFIG, --checkpoint, --input and --output are required and the rest of "
+                "the configuration takes its defaults, with data.image_size and data.channels "
+                "read from the checkpoint (unless --set)."
+            )
 
     p = sub.add_parser(
         "validate", help="check a configuration and print it with defaults filled in"
@@ -156,14 +173,51 @@ def _decode(args: argparse.Namespace) -> int:
     return 0
 
 
-def _dispatch(args: argparse.Namespace) -> int:
+def _one_line_tokenize_config(args: argparse.Namespace):
+    """The configuration of ``vqpipe tokenize --checkpoint --input --output``: defaults, the three
+    options, the image size and channels of the checkpoint, then --set."""
+    from pipelines.config import parse_config
+    from pipelines.errors import ConfigError
+    from pipelines.tokenizer import read_tokenizer, tracking_uri_for
+
+    missing = [f"--{name}" for name in ("checkpoint", "input", "output") if not getattr(args, name)]
+    if missing:
+        raise ConfigError(
+            f"vqpipe tokenize needs a CONFIG file, or --checkpoint, --input and --output "
+            f"(missing: {', '.join(missing)})"
+        )
+    raw = {
+        "output_dir": args.output,
+        "data": {"source": args.input},
+        "tokenize": {"checkpoint": args.checkpoint},
+    }
+    draft = parse_config(raw, args.overrides)
+    pinned = read_tokenizer(draft.tokenize.checkpoint, tracking_uri_for(draft))
+    if pinned.image_size is not None:
+        raw["data"]["image_size"] = list(pinned.image_size)
+    raw["data"]["channels"] = pinned.channels
+    return parse_config(raw, args.overrides)
+
+
+def _load(args: argparse.Namespace):
     from pipelines.config import load_config
 
+    one_line = {"checkpoint": "tokenize.checkpoint", "input": "data.source", "output": "output_dir"}
+    if getattr(args, "command", None) == "tokenize" and args.config is None:
+        return _one_line_tokenize_config(args)
+    overrides = list(args.overrides)
+    for option, key in one_line.items():
+        if getattr(args, option, None) and args.command == "tokenize":
+            overrides.insert(0, f"{key}={getattr(args, option)}")
+    return load_config(args.config, overrides)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "reconstruct":
         return _reconstruct(args)
     if args.command == "decode":
         return _decode(args)
-    cfg = load_config(args.config, args.overrides)
+    cfg = _load(args)
     if args.command == "validate":
         print(json.dumps(cfg.model_dump(mode="json"), indent=2))
         return 0

@@ -225,6 +225,13 @@ class PriorSection(TrainingKnobs):
 
 
 class TrainPriorSection(Section):
+    shards: list[str] | None = Field(
+        None,
+        description="Code datasets to train on together: tokenize stage folders, output_dirs "
+        "holding one, or their manifest.json files, all made with the same tokenizer. Keys are "
+        "prefixed with each corpus' tokenize.corpus_name; classes are merged by name. Default: "
+        "this run's tokenize (list this output_dir to include it with others).",
+    )
     top: PriorSection = Field(
         default_factory=PriorSection,
         description="Prior of the top codes, or of the only code map of a one-level model.",
@@ -234,6 +241,15 @@ class TrainPriorSection(Section):
         description="Prior of the bottom codes given the top codes (two-level models only). "
         "A PixelSNAIL bottom prior has no attention unless model.attention says so, as in the paper.",
     )
+
+    @field_validator("shards")
+    @classmethod
+    def _absolute_shards(cls, v: list[str] | None) -> list[str] | None:
+        if v is None:
+            return None
+        if not v:
+            raise ValueError("train_prior.shards is an empty list; leave it unset for this run's")
+        return [_absolute(s) for s in v]
 
     @model_validator(mode="after")
     def _check_models(self) -> TrainPriorSection:
@@ -247,11 +263,36 @@ class TrainPriorSection(Section):
 
 
 class TokenizeSection(Section):
+    checkpoint: str = Field(
+        "",
+        description="The autoencoder to encode with: a vq_core checkpoint path or URL, or a "
+        "registered model models:/<name>/<version or @alias> (looked up on mlflow.tracking_uri, "
+        "else MLFLOW_TRACKING_URI). Empty: the one train_vqvae trains in this output_dir. When "
+        "set, train_vqvae is not needed and `vqpipe run` leaves it out.",
+    )
+    corpus_name: str | None = Field(
+        None,
+        description="Name of this corpus in a union of code datasets (train_prior.shards); its "
+        "keys are prefixed with it there. Default: the last folder name of data.source.",
+    )
     batch_size: int = Field(64, gt=0, description="Images per encoder call.")
     num_actors: int = Field(1, ge=1, description="Encoder actors (model replicas).")
     cpus_per_actor: float = Field(1.0, gt=0)
     gpus_per_actor: float = Field(0.0, ge=0)
     shard_max_samples: int = Field(1000, gt=0)
+
+    @field_validator("checkpoint")
+    @classmethod
+    def _absolute_checkpoint(cls, v: str) -> str:
+        v = v.strip()
+        return v if not v or v.startswith("models:/") else _absolute(v)
+
+    @field_validator("corpus_name")
+    @classmethod
+    def _plain_corpus_name(cls, v: str | None) -> str | None:
+        if v is not None and (not v or v in (".", "..") or "/" in v or "\\" in v):
+            raise ValueError(f"a corpus name must be a non-empty name without '/', got {v!r}")
+        return v
 
 
 class RejectionSection(Section):

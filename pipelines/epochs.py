@@ -50,8 +50,11 @@ class EpochReader:
     interleave: int = 16
     image_shape: tuple[int, int, int] | None = None  # image_cache only
     levels: tuple[str, ...] = ()  # code_shards only
-    # code_shards only: shard name -> keys stored in it that no longer belong to the corpus
+    # code_shards only: shard URI -> keys stored in it that no longer belong to the corpus
     removed: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    # code_shards only: shard URI -> new label of each stored label, for shards of several
+    # corpora trained on together (classes merged by name); shards not listed keep their labels
+    label_maps: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     # Off only to measure what shuffling costs (benchmarks/bench_shuffle.py): units in stored
     # order, no buffer.
     shuffle: bool = True
@@ -93,8 +96,16 @@ class EpochReader:
         shuffle_buffer: int,
         columns: tuple[str, ...],
         removed: Mapping[str, frozenset[str]] | None = None,
+        label_maps: Mapping[str, tuple[int, ...]] | None = None,
     ) -> EpochReader:
-        """``removed``: shard name -> stored keys to skip (``CodeShards.removed_keys()``)."""
+        """``removed``: shard name (``CodeShards.removed_keys()``) or URI -> stored keys to skip;
+        ``label_maps``: shard URI -> the label each stored label becomes."""
+        removed = removed or {}
+        by_uri = {}
+        for uri in shard_uris:
+            skip = removed.get(uri, removed.get(uri.rsplit("/", 1)[-1]))
+            if skip:
+                by_uri[uri] = frozenset(skip)
         return cls(
             "code_shards",
             tuple(RowGroup(uri, -1, 0) for uri in sorted(shard_uris)),
@@ -105,7 +116,8 @@ class EpochReader:
             seed,
             shuffle_buffer,
             levels=tuple(levels),
-            removed=dict(removed or {}),
+            removed=by_uri,
+            label_maps={uri: tuple(m) for uri, m in (label_maps or {}).items()},
         )
 
     # ---------------------------------------------------------------------------------------------
@@ -138,10 +150,13 @@ class EpochReader:
         from pipelines.shards import iter_code_samples
 
         pending: list[dict] = []
-        removed = self.removed.get(unit.uri.rsplit("/", 1)[-1], frozenset())
+        removed = self.removed.get(unit.uri, frozenset())
+        label_map = self.label_maps.get(unit.uri)
         for sample in iter_code_samples([unit.uri], list(self.levels)):
             if sample["key"] in removed:
                 continue
+            if label_map is not None:
+                sample["label"] = label_map[sample["label"]]
             pending.append(sample)
             if len(pending) == CHUNK_ROWS:
                 yield from self._code_chunk(pending)

@@ -105,7 +105,11 @@ def read_manifest(output_dir: str, cls: type[M]) -> M | None:
     Raises ManifestError when a manifest is there but cannot be trusted: not JSON, of another
     stage or format version, or missing fields this version needs.
     """
-    uri = cls.uri(output_dir)
+    return read_manifest_at(cls.uri(output_dir), cls)
+
+
+def read_manifest_at(uri: str, cls: type[M]) -> M | None:
+    """``read_manifest`` for a manifest file anywhere (another run's stage folder)."""
     if not storage.exists(uri):
         return None
     try:

@@ -15,6 +15,10 @@ now. Two fingerprints are computed per stage:
   stage stale.
 
 Stages declared ``on_corpus_change="keep"`` ignore the listing altogether (train_vqvae).
+
+Inputs from outside ``output_dir`` (``StageSpec.external_inputs``: a pinned tokenizer checkpoint's
+sha256, the manifests of other runs' code shards) join the identity too, and are read and checked
+before the first stage writes anything.
 """
 
 from __future__ import annotations
@@ -68,8 +72,10 @@ def stage_inputs(
     stage can say which input changed."""
     dumped = cfg.model_dump(mode="json")
     inputs = {f"config.{name}": fingerprint(dumped[name]) for name in spec.reads}
-    for cls in spec.upstream:
+    for cls in spec.upstream_of(cfg):
         inputs[f"upstream.{cls.stage}"] = fingerprint(_upstream_state(cfg.output_dir, cls))
+    for name, digest in spec.external_of(cfg).items():
+        inputs[f"external.{name}"] = digest
     # A stage that keeps its outputs when the corpus changes does not depend on the listing.
     if spec.listing_in_manifest:
         inputs["corpus"] = fingerprint(corpus_listing)
@@ -142,6 +148,10 @@ def _select(
         )
     if "all" in force:
         force = set(names)
+    if stages is not None:
+        for spec in STAGES:
+            if spec.name in wanted and not spec.enabled(cfg):
+                log.warning("== %s: disabled by the configuration, not run", spec.name)
     return [s for s in STAGES if s.name in wanted and s.enabled(cfg)], force
 
 
@@ -153,6 +163,10 @@ def run_stages(
 ) -> dict[str, StageOutcome]:
     """Run ``stages`` (default: all) in pipeline order; returns each stage's outcome."""
     specs, force = _select(cfg, stages, force)
+    # Inputs from outside output_dir (a pinned tokenizer, other runs' code shards) are checked
+    # before anything is written, so a bad one leaves no trace.
+    for spec in specs:
+        spec.external_of(cfg)
     ensure_corpus(cfg)
     storage.makedirs(cfg.output_dir)
     tracking_uri = cfg.mlflow.tracking_uri or default_tracking_uri(cfg.output_dir)

@@ -42,7 +42,12 @@ class StageSpec:
 
     ``manifest`` is the stage's manifest model; its ``stage`` attribute is the stage's name, the
     name of its folder and of its config section. ``upstream`` are the manifests the stage reads
-    (a redone upstream stage makes it stale); ``sections`` the config sections it reads besides its
+    (a redone upstream stage makes it stale), all it may read; ``upstream_for`` narrows them for a
+    given config (a tokenize stage with a pinned checkpoint reads no train_vqvae manifest);
+    ``external_inputs`` reads and checks the inputs that live outside ``output_dir`` (a pinned
+    checkpoint, other runs' code shards) and returns a hash per input for the stage's fingerprint;
+    it raises a UserError for an unusable input, and the runner calls it before writing anything.
+    ``sections`` the config sections it reads besides its
     own; ``reads_corpus`` whether it reads the images; ``enabled`` lets a config turn the stage
     off. The manifest's ``summary()`` is the CLI's one line about the finished stage.
 
@@ -69,6 +74,8 @@ class StageSpec:
     reads_corpus: bool = False
     on_corpus_change: CorpusChange = "redo"
     enabled: Callable[[PipelineConfig], bool] = field(default=_always)
+    upstream_for: Callable[[PipelineConfig], tuple[type[StageManifest], ...]] | None = None
+    external_inputs: Callable[[PipelineConfig], dict[str, str]] | None = None
 
     def __post_init__(self) -> None:
         if self.on_corpus_change not in CORPUS_CHANGES:
@@ -103,6 +110,14 @@ class StageSpec:
     @property
     def upstream_names(self) -> tuple[str, ...]:
         return tuple(m.stage for m in self.upstream)
+
+    def upstream_of(self, cfg: PipelineConfig) -> tuple[type[StageManifest], ...]:
+        """The upstream manifests the stage reads under ``cfg``."""
+        return self.upstream_for(cfg) if self.upstream_for is not None else self.upstream
+
+    def external_of(self, cfg: PipelineConfig) -> dict[str, str]:
+        """A hash per input outside ``output_dir`` (empty when there are none)."""
+        return self.external_inputs(cfg) if self.external_inputs is not None else {}
 
 
 class ConfigView:

@@ -57,7 +57,7 @@ def pipeline_status(cfg: PipelineConfig) -> list[StageStatus]:
         if not spec.enabled(cfg):
             statuses[spec.name] = StageStatus(spec.name, "disabled")
             continue
-        waiting = [up for up in spec.upstream_names if statuses[up].state != "done"]
+        waiting = [up.stage for up in spec.upstream_of(cfg) if statuses[up.stage].state != "done"]
         try:
             manifest = read_manifest(cfg.output_dir, spec.manifest)
         except ManifestError as err:

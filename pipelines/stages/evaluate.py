@@ -41,6 +41,8 @@ from pipelines.classifier import (
     resize_images,
     train_classifier,
 )
+from pipelines.code_union import relabel
+from pipelines.errors import InputError
 from pipelines.manifest import StageManifest, format_metrics, read_manifest, require_manifest
 from pipelines.report import Figure, Report, Section, Table, write_report
 from pipelines.stage import StageContext, StageSpec, ensure_ray
@@ -48,6 +50,7 @@ from pipelines.stages.sample import REJECTION_CLASSIFIER, SampleManifest
 from pipelines.stages.tokenize import TokenizeManifest
 from pipelines.stages.train_prior import TrainPriorManifest
 from pipelines.stages.train_vqvae import TrainVQVAEManifest
+from pipelines.tokenizer import read_identified, tracking_uri_for
 from vq_core.quantizer import code_histogram_stats
 
 log = logging.getLogger("vqpipe")
@@ -76,21 +79,44 @@ class EvaluateManifest(StageManifest):
 
 @dataclass(frozen=True)
 class Upstream:
-    """The manifests the evaluation reads; ``sample`` is None when that stage has not run."""
+    """The manifests the evaluation reads; ``sample`` is None when that stage has not run, ``vq``
+    when the tokenizer was pinned rather than trained here."""
 
-    vq: TrainVQVAEManifest
+    vq: TrainVQVAEManifest | None
     tok: TokenizeManifest
     priors: TrainPriorManifest
     sample: SampleManifest | None
 
     @classmethod
     def read(cls, output_dir: str) -> Upstream:
+        tok = require_manifest(output_dir, TokenizeManifest)
+        priors = require_manifest(output_dir, TrainPriorManifest)
+        if priors.tokenizer.sha256 != tok.tokenizer.sha256:
+            raise InputError(
+                f"the priors model codes of the tokenizer {priors.tokenizer.describe()}, but this "
+                f"run's corpus was tokenized with {tok.tokenizer.describe()}; their bits per code "
+                "on it would mean nothing"
+            )
+        vq = read_manifest(output_dir, TrainVQVAEManifest)
+        if vq is not None and vq.checkpoint != tok.tokenizer.checkpoint:
+            vq = None  # a pinned tokenizer: this output_dir's train_vqvae is not the one used
         return cls(
-            vq=require_manifest(output_dir, TrainVQVAEManifest),
-            tok=require_manifest(output_dir, TokenizeManifest),
-            priors=require_manifest(output_dir, TrainPriorManifest),
+            vq=vq,
+            tok=tok,
+            priors=priors,
             sample=read_manifest(output_dir, SampleManifest),
         )
+
+    def prior_labels(self) -> np.ndarray | None:
+        """The priors' label of each of the corpus' labels (None when they are the same)."""
+        names = self.priors.class_names
+        missing = [n for n in self.tok.class_names if n not in names]
+        if missing:
+            raise InputError(
+                f"the priors know no class {missing} of this corpus (their classes: {names})"
+            )
+        labels = [names.index(n) for n in self.tok.class_names]
+        return None if labels == list(range(len(labels))) else np.asarray(labels, np.int64)
 
 
 def psnr_from_mse(mse: float) -> float:
@@ -275,6 +301,14 @@ def _load(uri: str, device: torch.device) -> torch.nn.Module:
     return load_checkpoint(storage.read_bytes(uri), map_location=device)[0]
 
 
+def _load_tokenizer(ctx: StageContext, up: Upstream, device: torch.device) -> torch.nn.Module:
+    """The autoencoder the corpus was tokenized with (trained here or pinned)."""
+    from vq_core.checkpoint import load_checkpoint
+
+    data = read_identified(up.tok.tokenizer, tracking_uri_for(ctx.cfg))
+    return load_checkpoint(data, map_location=device)[0]
+
+
 def _reconstruction(
     ctx: StageContext, autoencoder: torch.nn.Module, metrics: dict[str, float], notes: list[str]
 ) -> np.ndarray | None:
@@ -307,10 +341,13 @@ def _codes_and_priors(
         for level, entry in up.priors.priors.items()
     }
     codes = code_dataset(up.tok, split="test")
+    labels = up.prior_labels()
+    if labels is not None:  # the priors trained on several corpora, classes merged by name
+        codes = codes.map_batches(relabel, batch_format="numpy", fn_kwargs={"labels": labels})
     # Which maps fall in the first holdout_batches batches must not depend on scheduling.
     codes.context.execution_options.preserve_order = True
     code_stats, counts = code_metrics(
-        codes, up.vq.levels, up.tok.codebook_sizes, priors, cfg.batch_size, cfg.holdout_batches
+        codes, up.tok.levels, up.tok.codebook_sizes, priors, cfg.batch_size, cfg.holdout_batches
     )
     metrics.update(code_stats)
     if metrics["test/code_maps"]:
@@ -342,7 +379,7 @@ def _training_curves(ctx: StageContext, up: Upstream, metrics: dict[str, float])
     if not ctx.tracking.tracking_uri:
         return []
     client = ctx.tracking.client()
-    wanted = [(up.vq.mlflow_run_id, autoencoder_curves(up.vq.levels))]
+    wanted = [(up.vq.mlflow_run_id, autoencoder_curves(up.vq.levels))] if up.vq else []
     wanted.append((up.priors.mlflow_run_id, prior_curves(up.priors.levels)))
     figures = []
     for run_id, specs in wanted:
@@ -379,14 +416,14 @@ def run(ctx: StageContext) -> EvaluateManifest:
     notes: list[str] = []
     metrics: dict[str, float] = {}
 
-    recon_grid = _reconstruction(ctx, _load(up.vq.checkpoint, device), metrics, notes)
+    recon_grid = _reconstruction(ctx, _load_tokenizer(ctx, up, device), metrics, notes)
     counts = _codes_and_priors(ctx, up, device, metrics)
     cas_note = "the sample stage has not run"
     if up.sample is not None:
         log.info("evaluate: Classification Accuracy Score")
-        shape = (*up.vq.image_size, up.vq.channels)
+        shape = (*up.tok.image_size, up.tok.channels)
         dirs = {name: entry.dir for name, entry in up.sample.classes.items()}
-        cas_metrics, cas_note = classification_metrics(ctx, up.vq.class_names, dirs, shape)
+        cas_metrics, cas_note = classification_metrics(ctx, up.tok.class_names, dirs, shape)
         metrics.update(cas_metrics)
     metrics["evaluate/seconds"] = time.time() - started
     metrics = {k: float(v) for k, v in metrics.items()}
@@ -398,7 +435,7 @@ def run(ctx: StageContext) -> EvaluateManifest:
         metrics=metrics,
         report=uris["markdown"],
         report_html=uris["html"],
-        levels=up.vq.levels,
+        levels=up.tok.levels,
         cas_skipped=cas_note,
     )
 
@@ -416,16 +453,21 @@ def _metric_table(metrics: dict[str, float], names: list[tuple[str, str]]) -> Ta
 
 def _summary_section(up: Upstream, notes: list[str]) -> Section:
     vq, tok = up.vq, up.tok
-    shapes = ", ".join(f"{level} {h}x{w}" for level, (h, w) in vq.code_shapes.items())
+    shapes = ", ".join(f"{level} {h}x{w}" for level, (h, w) in tok.code_shapes.items())
     splits = ", ".join(f"{split} {n}" for split, n in tok.splits.items())
+    trained = (
+        f"{vq.model} trained for {vq.steps} steps"
+        if vq is not None
+        else f"pinned tokenizer {tok.tokenizer.describe()}"
+    )
     return Section(
         "Summary",
         [
-            f"Autoencoder: {vq.model} trained for {vq.steps} steps on "
-            f"{vq.image_size[0]}x{vq.image_size[1]} images with {vq.channels} channel(s); "
+            f"Autoencoder: {trained} on "
+            f"{tok.image_size[0]}x{tok.image_size[1]} images with {tok.channels} channel(s); "
             f"code maps: {shapes}.",
             f"Corpus: {tok.samples} images tokenized ({splits}), classes: "
-            f"{', '.join(vq.class_names) or 'none (unconditional)'}.",
+            f"{', '.join(tok.class_names) or 'none (unconditional)'}.",
             "Splits are by key hash (data.validation_fraction, data.test_fraction). The training "
             "stages select on the validation split (the best prior step, the held-out curves); "
             "every figure in this report is measured on the test split, which nothing selects "
@@ -488,7 +530,7 @@ def _codebook_section(
                     metrics.get(f"test/usage/{level}", math.nan),
                     metrics.get(f"test/perplexity/{level}", math.nan),
                 ]
-                for level in up.vq.levels
+                for level in up.tok.levels
             ],
         ),
     )
@@ -505,7 +547,7 @@ def _codebook_section(
 
 def _prior_section(ctx: StageContext, up: Upstream, metrics: dict[str, float]) -> Section:
     rows = []
-    for level in up.vq.levels:
+    for level in up.tok.levels:
         entry = up.priors.priors.get(level)
         if entry is None:
             continue
@@ -645,6 +687,11 @@ SPEC = StageSpec(
     run=run,
     description="measure reconstructions, codebooks, priors and samples; write the report",
     upstream=(TrainVQVAEManifest, TokenizeManifest, TrainPriorManifest, SampleManifest),
+    upstream_for=lambda cfg: (
+        (TokenizeManifest, TrainPriorManifest, SampleManifest)
+        if cfg.tokenize.checkpoint
+        else (TrainVQVAEManifest, TokenizeManifest, TrainPriorManifest, SampleManifest)
+    ),
     sections=("seed", "data"),
     reads_corpus=True,
     enabled=lambda cfg: cfg.evaluate.enabled,

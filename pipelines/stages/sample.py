@@ -39,7 +39,7 @@ from pipelines.errors import ConfigError
 from pipelines.manifest import ManifestModel, StageManifest, require_manifest
 from pipelines.stage import StageContext, StageSpec, ensure_ray
 from pipelines.stages.train_prior import TrainPriorManifest
-from pipelines.stages.train_vqvae import TrainVQVAEManifest
+from pipelines.tokenizer import read_identified, tracking_uri_for
 
 log = logging.getLogger("vqpipe")
 
@@ -160,18 +160,20 @@ class Sampler:
 
     def __init__(
         self,
-        autoencoder_uri: str,
+        autoencoder: list,
         priors: list[dict[str, Any]],
         settings: dict[str, Any],
         classifier_uri: str | None = None,
         use_gpu: bool = False,
     ):
+        import ray
+
         from vq_core.checkpoint import load_checkpoint
 
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        self.autoencoder, _ = load_checkpoint(
-            storage.read_bytes(autoencoder_uri), map_location=self.device
-        )
+        # The autoencoder's checkpoint bytes, as an ObjectRef in a list: the driver read them
+        # (and checked their sha256); a pinned checkpoint may be a file only the driver sees.
+        self.autoencoder, _ = load_checkpoint(ray.get(autoencoder[0]), map_location=self.device)
         # Sampled in this order; a prior's condition level always comes before it.
         self.priors = [
             (
@@ -330,7 +332,7 @@ def _done_uri(stage_dir: str, name: str) -> str:
 def _generate(
     ctx: StageContext,
     batches: list[SampleBatch],
-    autoencoder_uri: str,
+    autoencoder: bytes,
     priors: list[dict[str, Any]],
     classifier_uri: str | None,
     image_shape: tuple[int, int, int],
@@ -349,7 +351,7 @@ def _generate(
     dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         Sampler,
         fn_constructor_kwargs={
-            "autoencoder_uri": autoencoder_uri,
+            "autoencoder": [ray.put(autoencoder)],
             "priors": priors,
             "settings": settings,
             "classifier_uri": classifier_uri,
@@ -384,11 +386,9 @@ def _generate(
     return entries
 
 
-def _prior_order(vq: TrainVQVAEManifest, trained: TrainPriorManifest) -> list[dict[str, Any]]:
+def _prior_order(trained: TrainPriorManifest) -> list[dict[str, Any]]:
     """The priors in sampling order; each one's condition level is sampled before it."""
     levels = trained.levels
-    if levels != vq.levels:
-        raise ValueError(f"the priors cover levels {levels}, the autoencoder has {vq.levels}")
     priors = []
     for level in levels:
         entry = trained.priors[level]
@@ -468,9 +468,11 @@ def _log_results(
 
 def run(ctx: StageContext) -> SampleManifest:
     cfg = ctx.cfg.sample
-    vq = require_manifest(ctx.cfg.output_dir, TrainVQVAEManifest)
-    priors = _prior_order(vq, require_manifest(ctx.cfg.output_dir, TrainPriorManifest))
-    class_names = vq.class_names
+    trained = require_manifest(ctx.cfg.output_dir, TrainPriorManifest)
+    priors = _prior_order(trained)
+    # The autoencoder whose codes the priors model (pinned or trained), and the priors' classes
+    # (merged by name when they trained on several corpora).
+    class_names = trained.class_names
     classes = resolve_classes(cfg.classes, class_names)
     for name in classes:
         _check_path_safe(name)
@@ -490,8 +492,9 @@ def run(ctx: StageContext) -> SampleManifest:
             len(batches),
             cfg.num_workers,
         )
-        image_shape = (*vq.image_size, vq.channels)
-        entries.update(_generate(ctx, batches, vq.checkpoint, priors, classifier_uri, image_shape))
+        image_shape = (*trained.image_size, trained.channels)
+        autoencoder = read_identified(trained.tokenizer, tracking_uri_for(ctx.cfg))
+        entries.update(_generate(ctx, batches, autoencoder, priors, classifier_uri, image_shape))
     seconds = time.time() - started
     entries = {name: entries[name] for name in classes}  # request order
     _log_results(ctx, entries, sum(entries[name].drawn for name in todo), seconds)
@@ -513,7 +516,7 @@ def run(ctx: StageContext) -> SampleManifest:
         samples=sum(e.count for e in entries.values()),
         levels=[p["level"] for p in priors],
         class_names=class_names,
-        checkpoint=vq.checkpoint,
+        checkpoint=trained.tokenizer.checkpoint,
         priors={p["level"]: p["checkpoint"] for p in priors},
         sampling_seconds=round(seconds, 2),
     )
@@ -523,7 +526,8 @@ SPEC = StageSpec(
     manifest=SampleManifest,
     run=run,
     description="sample codes class by class from the priors and decode them into images",
-    upstream=(TrainVQVAEManifest, TrainPriorManifest),
+    # The priors' manifest names the autoencoder too (trained here or pinned).
+    upstream=(TrainPriorManifest,),
     # data: the rejection classifier trains on the corpus.
     sections=("data",),
 )

@@ -1,4 +1,4 @@
-"""Stage 2: tokenize the corpus into code shards with the trained autoencoder.
+"""Stage 2: tokenize the corpus into code shards with the trained or a pinned autoencoder.
 
     corpus files in key-hash order --read+decode (Ray tasks)--> images --encode (actor pool, model
     loaded once per actor)--> code maps --write (Ray tasks, one shard per call)--> codes-<hash>.tar
@@ -27,6 +27,13 @@ inputs are never written, so they are found (and reported) again on every run.
 
 A source file changed in place under the same name keeps its old codes; remove it in one run and
 add it back in a later one to re-encode it.
+
+The autoencoder is this run's train_vqvae, or the checkpoint ``tokenize.checkpoint`` pins
+(``pipelines.tokenizer``): then train_vqvae is not an upstream stage, the checkpoint's sha256 is
+part of the stage's identity (another tokenizer re-encodes everything), and the checkpoint is
+read and checked against data.image_size/channels before anything is written. The manifest names
+the tokenizer (sha256, and the registered model's name and version) and the corpus
+(``tokenize.corpus_name``), which is how train_prior unites code datasets safely.
 """
 
 from __future__ import annotations
@@ -63,6 +70,12 @@ from pipelines.shards import (
 )
 from pipelines.stage import StageContext, StageSpec
 from pipelines.stages.train_vqvae import TrainVQVAEManifest
+from pipelines.tokenizer import (
+    PinnedTokenizer,
+    TokenizerIdentity,
+    read_tokenizer,
+    tracking_uri_for,
+)
 
 log = logging.getLogger("vqpipe")
 
@@ -91,6 +104,8 @@ class TokenizeManifest(StageManifest, CodeShards):
     codebook_sizes: dict[str, int]
     class_names: list[str]
     checkpoint: str
+    tokenizer: TokenizerIdentity
+    corpus_name: str
     image_size: list[int]
     channels: int
     bad_inputs: BadInputs
@@ -110,19 +125,22 @@ class CodeEncoder:
     """Ray Data actor: loads the autoencoder once and turns image batches into code maps."""
 
     def __init__(
-        self, checkpoint: str, levels: list[str], dtypes: dict[str, str], threads: int, gpu: bool
+        self, checkpoint: list, levels: list[str], dtypes: dict[str, str], threads: int, gpu: bool
     ):
+        import ray
         import torch
 
         from vq_core.checkpoint import load_checkpoint
 
         torch.set_num_threads(max(1, threads))
         self.device = torch.device("cuda" if gpu and torch.cuda.is_available() else "cpu")
-        self.model, _ = load_checkpoint(storage.read_bytes(checkpoint), map_location=self.device)
+        # The checkpoint's bytes come through the object store (an ObjectRef in a list, so that
+        # nothing resolves it early): a pinned checkpoint may be a file only the driver can read.
+        self.model, _ = load_checkpoint(ray.get(checkpoint[0]), map_location=self.device)
         if list(self.model.levels) != list(levels):
             raise ValueError(
-                f"{checkpoint} holds a model with levels {list(self.model.levels)}, but the "
-                f"train_vqvae manifest says {levels}"
+                f"the tokenizer holds a model with levels {list(self.model.levels)}, expected "
+                f"{levels}"
             )
         self.levels = list(levels)
         self.dtypes = {level: np.dtype(dtypes[level]) for level in levels}
@@ -344,7 +362,7 @@ def in_key_hash_order(corpus: Corpus) -> tuple[Corpus, frozenset[str]]:
 def _encode_and_write(
     ctx: StageContext,
     corpus: Corpus,
-    upstream: TrainVQVAEManifest,
+    tokenizer: PinnedTokenizer,
     dtypes: dict[str, str],
     skip_ref: Any,
 ):
@@ -358,8 +376,8 @@ def _encode_and_write(
     ds = ds.map_batches(
         CodeEncoder,
         fn_constructor_kwargs={
-            "checkpoint": upstream.checkpoint,
-            "levels": upstream.levels,
+            "checkpoint": [ray.put(tokenizer.data)],
+            "levels": list(tokenizer.levels),
             "dtypes": dtypes,
             "threads": int(settings.cpus_per_actor),
             "gpu": settings.gpus_per_actor > 0,
@@ -372,7 +390,7 @@ def _encode_and_write(
     )
     return ds.map_batches(
         _write_batch,
-        fn_kwargs={"stage_dir": ctx.stage_dir, "levels": upstream.levels},
+        fn_kwargs={"stage_dir": ctx.stage_dir, "levels": list(tokenizer.levels)},
         batch_size=settings.shard_max_samples,
         batch_format="numpy",
         num_cpus=WRITER_CPUS,
@@ -454,21 +472,68 @@ def _write_removed(stage_dir: str, removed: list[tuple[str, str]]) -> str:
     return uri
 
 
+def default_corpus_name(source: str) -> str:
+    """The last folder (or file, without its suffix) name of a corpus' source."""
+    name = source.rstrip("/").rsplit("/", 1)[-1]
+    return os.path.splitext(name)[0] or name or "corpus"
+
+
+def pinned_tokenizer(cfg: Any) -> PinnedTokenizer:
+    """The checkpoint tokenize.checkpoint pins, read and checked against the data settings."""
+    pinned = read_tokenizer(cfg.tokenize.checkpoint, tracking_uri_for(cfg))
+    pinned.check_fits(cfg.data.size_hw, cfg.data.channels, "data.image_size/data.channels")
+    return pinned
+
+
+def _tokenizer(cfg: Any) -> tuple[PinnedTokenizer, TokenizerIdentity]:
+    """The autoencoder to encode with (pinned, or this run's train_vqvae) and its identity."""
+    if cfg.tokenize.checkpoint:
+        pinned = pinned_tokenizer(cfg)
+        return pinned, pinned.identity
+    upstream = require_manifest(cfg.output_dir, TrainVQVAEManifest)
+    _check_upstream(upstream, cfg.data.size_hw, cfg.data.channels)
+    trained = read_tokenizer(upstream.checkpoint)
+    identity = trained.identity
+    if upstream.registered_model:
+        name, _, version = upstream.registered_model[len("models:/") :].partition("/")
+        identity = identity.model_copy(update={"model_name": name, "model_version": version})
+    return trained, identity
+
+
+def _external_inputs(cfg: Any) -> dict[str, str]:
+    """A pinned tokenizer's sha256 (read and checked: a bad one fails before any write)."""
+    if not cfg.tokenize.checkpoint:
+        return {}
+    return {"tokenizer": pinned_tokenizer(cfg).identity.sha256}
+
+
+def _upstream_for(cfg: Any) -> tuple:
+    return () if cfg.tokenize.checkpoint else (TrainVQVAEManifest,)
+
+
 def run(ctx: StageContext) -> TokenizeManifest:
     """Tokenize the corpus into code shards; returns the stage's manifest."""
     cfg = ctx.cfg
-    upstream = require_manifest(cfg.output_dir, TrainVQVAEManifest)
-    _check_upstream(upstream, cfg.data.size_hw, cfg.data.channels)
-    levels = upstream.levels
-    dtypes = {level: code_dtype(upstream.codebook_sizes[level]).name for level in levels}
+    tokenizer, identity = _tokenizer(cfg)
+    model = tokenizer.model
+    levels = list(model.levels)
+    codebook_sizes = dict(zip(levels, (int(k) for k in model.codebook_sizes)))
+    code_shapes = {
+        level: [int(h), int(w)]
+        for level, (h, w) in zip(levels, model.code_shape(*cfg.data.size_hw))
+    }
+    dtypes = {level: code_dtype(codebook_sizes[level]).name for level in levels}
     fraction = (cfg.data.validation_fraction, cfg.data.test_fraction)
+    corpus_name = cfg.tokenize.corpus_name or default_corpus_name(cfg.data.source)
 
     ctx.tracking.log_params(
         {
             ctx.stage: cfg.tokenize.model_dump(),
             "levels": levels,
             "code_dtypes": dtypes,
-            "checkpoint": upstream.checkpoint,
+            "checkpoint": identity.checkpoint,
+            "tokenizer_sha256": identity.sha256,
+            "corpus_name": corpus_name,
         }
     )
     corpus, present = in_key_hash_order(open_corpus(cfg.data))
@@ -482,7 +547,7 @@ def run(ctx: StageContext) -> TokenizeManifest:
             len(removed),
         )
     start = time.perf_counter()
-    bad, new_samples = _collect(_encode_and_write(ctx, corpus, upstream, dtypes, skip_ref), shards)
+    bad, new_samples = _collect(_encode_and_write(ctx, corpus, tokenizer, dtypes, skip_ref), shards)
     elapsed = time.perf_counter() - start
     _reconcile(ctx.stage_dir, shards, present, corpus.format, fraction)
 
@@ -495,7 +560,7 @@ def run(ctx: StageContext) -> TokenizeManifest:
     validation = sum(s["validation"] for s in listed)
     test = sum(s["test"] for s in listed)
     total_bytes = sum(s["bytes"] for s in listed)
-    codes_per_image = sum(h * w for h, w in (upstream.code_shapes[level] for level in levels))
+    codes_per_image = sum(h * w for h, w in (code_shapes[level] for level in levels))
     metrics = {
         "samples": samples,
         "new_samples": new_samples,
@@ -525,11 +590,13 @@ def run(ctx: StageContext) -> TokenizeManifest:
         samples=samples,
         splits={"train": samples - validation - test, "validation": validation, "test": test},
         levels=levels,
-        code_shapes={level: list(upstream.code_shapes[level]) for level in levels},
+        code_shapes=code_shapes,
         code_dtypes=dtypes,
-        codebook_sizes={level: upstream.codebook_sizes[level] for level in levels},
+        codebook_sizes=codebook_sizes,
         class_names=list(corpus.class_names),
-        checkpoint=upstream.checkpoint,
+        checkpoint=identity.checkpoint,
+        tokenizer=identity,
+        corpus_name=corpus_name,
         validation_fraction=fraction[0],
         test_fraction=fraction[1],
         removed_table=removed_table,
@@ -554,4 +621,6 @@ SPEC = StageSpec(
     sections=("data",),
     reads_corpus=True,
     on_corpus_change="incremental",
+    upstream_for=_upstream_for,
+    external_inputs=_external_inputs,
 )

@@ -6,6 +6,11 @@ as its condition. A one-level model gets one prior p(codes | class), configured 
 ``train_prior.top``. Sizes (codes, map shapes, classes) come from the tokenize manifest; the
 architecture from ``train_prior.<level>``.
 
+The codes are this run's tokenize output, or the union of the code datasets that
+``train_prior.shards`` lists (``pipelines.code_union``: one tokenizer, keys prefixed with each
+corpus' name, classes merged by name). The manifest records the tokenizer, the merged class names
+(the labels the priors are conditioned on, which sample uses) and each corpus' label mapping.
+
 Writes ``<stage_dir>/<level>.pt`` (vq_core checkpoint format; extra: level, condition level, step,
 metrics) per prior. Validation bits per code are logged as ``<level>/validation_bits_per_code``
 and pick the weights kept (the best step); the test split's figure is the evaluate stage's.
@@ -27,13 +32,14 @@ import torch
 from torch import nn
 
 from pipelines import storage
+from pipelines.code_union import CodeUnion, CorpusCodes, manifest_uri, read_member, unite
 from pipelines.config import PriorSection, TrainPriorSection
 from pipelines.epochs import EpochReader
 from pipelines.errors import ConfigError
-from pipelines.manifest import ManifestModel, StageManifest, require_manifest
-from pipelines.shards import code_dataset
+from pipelines.manifest import ManifestModel, StageManifest, fingerprint, require_manifest
 from pipelines.stage import StageContext, StageSpec
 from pipelines.stages.tokenize import TokenizeManifest
+from pipelines.tokenizer import TokenizerIdentity
 from pipelines.training import (
     fit,
     is_local_ray,
@@ -69,6 +75,11 @@ class TrainPriorManifest(StageManifest):
 
     levels: list[str]
     priors: dict[str, PriorEntry]
+    tokenizer: TokenizerIdentity  # the autoencoder whose codes the priors model
+    image_size: list[int]  # [H, W] of the tokenizer's images
+    channels: int
+    class_names: list[str]  # the priors' labels: merged by name over the corpora
+    corpora: list[CorpusCodes]  # the code datasets trained on, with their label mappings
 
     def summary(self) -> str:
         bits = {
@@ -90,8 +101,13 @@ class PriorPlan:
     model_config: dict[str, Any]
 
 
-def plan_priors(tokenized: TokenizeManifest, section: TrainPriorSection) -> list[PriorPlan]:
-    """The priors a tokenize manifest calls for, coarsest level first, with derived sizes."""
+def plan_priors(
+    tokenized: TokenizeManifest, section: TrainPriorSection, num_classes: int | None = None
+) -> list[PriorPlan]:
+    """The priors a tokenize manifest calls for, coarsest level first, with derived sizes;
+    ``num_classes`` (default: the manifest's) is the merged count of a union."""
+    if num_classes is None:
+        num_classes = len(tokenized.class_names)
     levels = tokenized.levels
     if len(levels) not in (1, 2):
         raise ValueError(f"expected one or two code levels in the tokenize manifest, got {levels}")
@@ -104,7 +120,7 @@ def plan_priors(tokenized: TokenizeManifest, section: TrainPriorSection) -> list
         derived = prior_fields(
             sizes[level],
             shapes[level],
-            len(tokenized.class_names),
+            num_classes,
             (sizes[condition], shapes[condition]) if condition else None,
         )
         kind = get_kind(knobs.kind)
@@ -193,12 +209,12 @@ def _columns(plan: PriorPlan) -> list[str]:
     return [plan.level, "label"] + ([plan.condition] if plan.condition else [])
 
 
-def read_heldout(tokenized: TokenizeManifest, plans: list[PriorPlan]) -> dict[str, np.ndarray]:
+def read_heldout(union: CodeUnion, plans: list[PriorPlan]) -> dict[str, np.ndarray]:
     """The validation codes every prior evaluates on, read once for all of them (int64): the
     same key-hash subset in every run."""
     count = max(p.knobs.holdout_batches * p.knobs.batch_size for p in plans)
     columns = sorted({c for p in plans for c in _columns(p)})
-    heldout = take_columns(code_dataset(tokenized, split="validation"), count, columns)
+    heldout = take_columns(union.dataset("validation"), count, columns)
     if len(heldout["label"]) == 0:
         log.warning(
             "train_prior: the validation split is empty; the priors train without evaluation "
@@ -210,14 +226,15 @@ def read_heldout(tokenized: TokenizeManifest, plans: list[PriorPlan]) -> dict[st
 def _train_one(
     ctx: StageContext,
     plan: PriorPlan,
-    tokenized: TokenizeManifest,
+    union: CodeUnion,
     heldout: dict[str, np.ndarray],
 ) -> tuple[nn.Module, dict]:
     columns = _columns(plan)
     count = plan.knobs.holdout_batches * plan.knobs.batch_size
     heldout = {c: heldout[c][:count] for c in columns}
+    tokenized = union.first
     data = EpochReader.for_code_shards(
-        [shard.uri for shard in tokenized.shards],
+        union.shard_uris(),
         list(tokenized.levels),
         "train",
         validation_fraction=tokenized.validation_fraction,
@@ -225,7 +242,8 @@ def _train_one(
         seed=ctx.cfg.seed,
         shuffle_buffer=plan.knobs.shuffle_buffer,
         columns=tuple(columns),
-        removed=tokenized.removed_keys(),
+        removed=union.removed(),
+        label_maps=union.shard_label_maps(),
     )
     loop_config = {
         "data": data,
@@ -274,7 +292,7 @@ def _log_prior(ctx: StageContext, plan: PriorPlan, checkpoint: bytes) -> str | N
 
 def _train_or_reuse(
     ctx: StageContext,
-    tokenized: TokenizeManifest,
+    union: CodeUnion,
     plan: PriorPlan,
     plans: list[PriorPlan],
     heldout: dict | None,
@@ -290,8 +308,8 @@ def _train_or_reuse(
     else:
         log.info("train_prior: training the %s prior (%s)", plan.level, plan.knobs.kind)
         if heldout is None:
-            heldout = read_heldout(tokenized, plans)
-        model, extra = _train_one(ctx, plan, tokenized, heldout)
+            heldout = read_heldout(union, plans)
+        model, extra = _train_one(ctx, plan, union, heldout)
         data = publish_model(model, uri, extra)
     ctx.tracking.log_bytes(data, f"priors/{plan.level}.pt")
     registered = _log_prior(ctx, plan, data)
@@ -311,14 +329,75 @@ def _train_or_reuse(
     return entry, heldout
 
 
+def _is_this_run(entry: str, output_dir: str) -> bool:
+    """Whether a train_prior.shards entry names this run's own tokenize output."""
+    here = TokenizeManifest.directory(output_dir)
+    return entry.rstrip("/") in (output_dir.rstrip("/"), here, TokenizeManifest.uri(output_dir))
+
+
+def code_union(cfg: Any) -> CodeUnion:
+    """What the priors train on: this run's tokenize output, or the train_prior.shards union."""
+    entries = cfg.train_prior.shards
+    if entries is None:
+        return unite(
+            [require_manifest(cfg.output_dir, TokenizeManifest)],
+            [TokenizeManifest.uri(cfg.output_dir)],
+        )
+    members, sources = [], []
+    for entry in entries:
+        if _is_this_run(entry, cfg.output_dir):
+            members.append(require_manifest(cfg.output_dir, TokenizeManifest))
+            sources.append(TokenizeManifest.uri(cfg.output_dir))
+        else:
+            members.append(read_member(entry))
+            sources.append(manifest_uri(entry))
+    return unite(members, sources)
+
+
+def _external_inputs(cfg: Any) -> dict[str, str]:
+    """The other runs' code datasets in train_prior.shards: their fingerprints and runs. Read and
+    checked against each other here, so a mismatch fails before anything is written."""
+    entries = [e for e in cfg.train_prior.shards or () if not _is_this_run(e, cfg.output_dir)]
+    members = [read_member(entry) for entry in entries]
+    if members:
+        unite(members, [manifest_uri(e) for e in entries])
+    return {
+        f"shards.{manifest_uri(e)}": fingerprint(m.fingerprint, m.mlflow_run_id)
+        for e, m in zip(entries, members)
+    }
+
+
+def _upstream_for(cfg: Any) -> tuple:
+    entries = cfg.train_prior.shards
+    if entries is None or any(_is_this_run(e, cfg.output_dir) for e in entries):
+        return (TokenizeManifest,)
+    return ()
+
+
 def run(ctx: StageContext) -> TrainPriorManifest:
-    tokenized = require_manifest(ctx.cfg.output_dir, TokenizeManifest)
-    plans = plan_priors(tokenized, ctx.cfg.train_prior)
+    union = code_union(ctx.cfg)
+    tokenized = union.first
+    if union.prefixed:
+        log.info(
+            "train_prior: %d code datasets, %d samples, classes %s",
+            len(union.members),
+            sum(m.samples for m in union.members),
+            list(union.class_names),
+        )
+    plans = plan_priors(tokenized, ctx.cfg.train_prior, num_classes=len(union.class_names))
     heldout = None
     priors: dict[str, PriorEntry] = {}
     for plan in plans:
-        priors[plan.level], heldout = _train_or_reuse(ctx, tokenized, plan, plans, heldout)
-    return TrainPriorManifest(levels=[p.level for p in plans], priors=priors)
+        priors[plan.level], heldout = _train_or_reuse(ctx, union, plan, plans, heldout)
+    return TrainPriorManifest(
+        levels=[p.level for p in plans],
+        priors=priors,
+        tokenizer=union.tokenizer,
+        image_size=list(tokenized.image_size),
+        channels=tokenized.channels,
+        class_names=list(union.class_names),
+        corpora=union.corpora(),
+    )
 
 
 SPEC = StageSpec(
@@ -327,4 +406,6 @@ SPEC = StageSpec(
     description="train the class-conditional priors over the code shards with Ray Train",
     upstream=(TokenizeManifest,),
     sections=("seed",),
+    upstream_for=_upstream_for,
+    external_inputs=_external_inputs,
 )

@@ -324,4 +324,6 @@ SPEC = StageSpec(
     sections=("seed", "data"),
     reads_corpus=True,
     on_corpus_change="keep",
+    # A pinned tokenizer (tokenize.checkpoint) replaces the autoencoder this stage would train.
+    enabled=lambda cfg: not cfg.tokenize.checkpoint,
 )

@@ -11,6 +11,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+from pipelines import storage
 from pipelines.classifier import ImageClassifier, accuracy, train_classifier
 from pipelines.config import parse_config
 from pipelines.images import to_model_input
@@ -21,6 +22,7 @@ from pipelines.stage import StageContext
 from pipelines.stages import evaluate, sample
 from pipelines.stages.tokenize import BadInputs, TokenizeManifest
 from pipelines.stages.train_vqvae import TrainVQVAEManifest
+from pipelines.tokenizer import TokenizerIdentity, sha256_of
 from pipelines.tracking import Tracker
 from tests.pipelines.conftest import tiny_raw_config
 from tests.pipelines.test_sample import CLASSES, make_context, write_upstream
@@ -67,6 +69,10 @@ def write_tokenize(cfg) -> TokenizeManifest:
             codebook_sizes=vq.codebook_sizes,
             class_names=CLASSES,
             checkpoint=vq.checkpoint,
+            tokenizer=TokenizerIdentity(
+                checkpoint=vq.checkpoint, sha256=sha256_of(storage.read_bytes(vq.checkpoint))
+            ),
+            corpus_name="shapes",
             validation_fraction=fractions[0],
             test_fraction=fractions[1],
             image_size=vq.image_size,

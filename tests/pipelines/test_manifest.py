@@ -10,12 +10,20 @@ from pipelines.errors import ManifestError, UserError
 from pipelines.manifest import read_manifest, require_manifest, write_manifest
 from pipelines.stages.train_prior import PriorEntry, TrainPriorManifest
 from pipelines.stages.train_vqvae import TrainVQVAEManifest
+from pipelines.tokenizer import TokenizerIdentity
 from tests.pipelines.test_sample import prior_entry
 
 
 def _priors() -> TrainPriorManifest:
     return TrainPriorManifest(
-        levels=["top"], priors={"top": prior_entry("top.pt", None)}, fingerprint="abc"
+        levels=["top"],
+        priors={"top": prior_entry("top.pt", None)},
+        tokenizer=TokenizerIdentity(checkpoint="model.pt", sha256="0" * 64),
+        image_size=[16, 16],
+        channels=3,
+        class_names=["a", "b"],
+        corpora=[],
+        fingerprint="abc",
     )
 
 

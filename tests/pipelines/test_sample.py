@@ -10,6 +10,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+from pipelines import storage
 from pipelines.classifier import load_classifier, predict_proba
 from pipelines.config import PipelineConfig
 from pipelines.images import to_model_input
@@ -18,6 +19,7 @@ from pipelines.stage import StageContext
 from pipelines.stages import sample
 from pipelines.stages.train_prior import PriorEntry, TrainPriorManifest
 from pipelines.stages.train_vqvae import TrainVQVAEManifest
+from pipelines.tokenizer import TokenizerIdentity, sha256_of
 from pipelines.tracking import Tracker, TrackingContext
 
 CLASSES = ["circle", "cross", "square", "triangle"]  # sorted, as a folder corpus names them
@@ -82,7 +84,21 @@ def write_upstream(cfg: PipelineConfig, single_level: bool = False) -> None:
         path = os.path.join(prior_dir, f"{level}.pt")
         save_checkpoint(prior, path)
         priors[level] = prior_entry(path, condition)
-    write_manifest(cfg.output_dir, TrainPriorManifest(levels=levels, priors=priors))
+    write_manifest(
+        cfg.output_dir,
+        TrainPriorManifest(
+            levels=levels,
+            priors=priors,
+            tokenizer=TokenizerIdentity(
+                checkpoint=manifest.checkpoint,
+                sha256=sha256_of(storage.read_bytes(manifest.checkpoint)),
+            ),
+            image_size=[height, width],
+            channels=cfg.data.channels,
+            class_names=CLASSES,
+            corpora=[],
+        ),
+    )
 
 
 def prior_entry(checkpoint: str, condition: str | None) -> PriorEntry:

@@ -15,6 +15,7 @@ from pipelines.shards import code_dtype, iter_code_samples, write_shard
 from pipelines.stage import StageContext
 from pipelines.stages import train_prior
 from pipelines.stages.tokenize import BadInputs, TokenizeManifest
+from pipelines.tokenizer import TokenizerIdentity
 from pipelines.tracking import Tracker
 from tests.pipelines.conftest import tiny_raw_config
 from vq_core.checkpoint import load_checkpoint
@@ -72,6 +73,8 @@ def tokenize_manifest(**fields) -> TokenizeManifest:
         "code_dtypes": {},
         "class_names": CLASSES,
         "checkpoint": "unused",
+        "tokenizer": TokenizerIdentity(checkpoint="unused", sha256="0" * 64),
+        "corpus_name": "corpus",
         "validation_fraction": VALIDATION,
         "test_fraction": TEST,
         "image_size": [16, 16],
