@@ -47,6 +47,10 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override a config key, e.g. --set train_vqvae.steps=500 (repeatable)",
     )
+    # Also after the command; SUPPRESS leaves the top-level flag's value when not given here.
+    p.add_argument(
+        "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-PLAIN_EVERY_SECONDS = 30.0
+PLAIN_EVERY_SECONDS = 60.0
 PLAIN_FRACTION = 0.1  # a plain progress line at every tenth of the work
 RATE_WINDOW_SECONDS = 30.0  # rates and ETAs follow the last half minute, not the whole run
 SHOWN_PER_TEMPLATE = 3

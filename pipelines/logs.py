@@ -91,7 +91,9 @@ def routed_logs(output_dir: str, console: Console, *, verbose: bool = False):
     block runs (to the console too with ``verbose``); yields the folder. Restores the logging
     setup on exit."""
     global _routing
-    import ray.data  # configures the ray.data logger on import: replace its handlers after
+    # Both configure their loggers on import: replace the handlers after that.
+    import mlflow.utils.logging_utils
+    import ray.data
 
     log_dir = log_dir_for(output_dir)
     os.makedirs(log_dir, exist_ok=True)
@@ -129,6 +131,10 @@ def routed_logs(output_dir: str, console: Console, *, verbose: bool = False):
     data_context = ray.data.DataContext.get_current()
     progress_bars = data_context.enable_progress_bars
     data_context.enable_progress_bars = verbose
+    # MLflow prints some events ("Successfully registered model ...") past its logger.
+    mlflow_stream = mlflow.utils.logging_utils.MLFLOW_LOGGING_STREAM
+    mlflow_printing = mlflow_stream.enabled
+    mlflow_stream.enabled = verbose
 
     _routing = _Routing(console, verbose, log_dir)
     try:
@@ -139,6 +145,7 @@ def routed_logs(output_dir: str, console: Console, *, verbose: bool = False):
             _routing.workers_file.close()
         _routing = None
         data_context.enable_progress_bars = progress_bars
+        mlflow_stream.enabled = mlflow_printing
         logging.captureWarnings(False)
         for logger, handler in added:
             logger.removeHandler(handler)
@@ -197,8 +204,13 @@ def _worker_output(routing: _Routing, data: dict[str, Any]) -> None:
     prefix = f"({name} pid={data.get('pid')})" if name else f"(pid={data.get('pid')})"
     if data.get("ip") and data.get("ip") != data.get("localhost"):
         prefix = f"{prefix[:-1]}, ip={data['ip']})"
+    lines = data.get("lines", [])
+    if data.get("pid") == "autoscaler":  # the monitor's whole log: keep its events, as Ray does
+        from ray._private.worker import filter_autoscaler_events
+
+        lines = list(filter_autoscaler_events(lines))
     written = []
-    for line in data.get("lines", []):
+    for line in lines:
         if line.startswith(WORKER_MARK):
             try:
                 record = json.loads(line[len(WORKER_MARK) :])

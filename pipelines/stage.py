@@ -155,7 +155,7 @@ def ensure_ray(cfg: PipelineConfig) -> None:
     """Join the configured cluster, or start a local Ray in this process sized to the machine."""
     import ray
 
-    from pipelines import logs
+    from pipelines import console, logs
 
     if ray.is_initialized():
         logs.attach_ray()
@@ -179,3 +179,4 @@ def ensure_ray(cfg: PipelineConfig) -> None:
     logs.attach_ray()
     if context.dashboard_url:
         log.info("Ray dashboard: http://%s", context.dashboard_url)
+        console.current().line(f"Ray dashboard: http://{context.dashboard_url}")
