@@ -17,7 +17,6 @@ as a library (no CLI), ``current()`` is a console that prints nothing.
 
 from __future__ import annotations
 
-import math
 import sys
 import threading
 import time
@@ -27,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 
 PLAIN_EVERY_SECONDS = 60.0
-PLAIN_FRACTION = 0.1  # a plain progress line at every tenth of the work
+PLAIN_LINES = 10  # a plain progress line at every tenth of the work
 RATE_WINDOW_SECONDS = 30.0  # rates and ETAs follow the last half minute, not the whole run
 SHOWN_PER_TEMPLATE = 3
 
@@ -94,7 +93,7 @@ class Progress:
         if rate_from_start:  # else from the first update (work that starts after a while)
             self.rate.add(time.monotonic(), 0)
         self._lock = threading.Lock()
-        self._next_fraction = PLAIN_FRACTION
+        self._next_line = 1  # in tenths of the total
         self._last_line = time.monotonic()
         self._printed_done = -1
         self._task = console._add_task(self)
@@ -145,15 +144,14 @@ class Progress:
             return False
         if self.total and self.done >= self.total:
             return True
-        if self.total and self.done / self.total >= self._next_fraction:
+        if self.total and self.done * PLAIN_LINES >= self._next_line * self.total:
             return True
         return now - self._last_line >= PLAIN_EVERY_SECONDS
 
     def printed(self, now: float) -> None:
         self._printed_done, self._last_line = self.done, now
         if self.total:
-            fraction = self.done / self.total
-            self._next_fraction = (math.floor(fraction / PLAIN_FRACTION) + 1) * PLAIN_FRACTION
+            self._next_line = self.done * PLAIN_LINES // self.total + 1
 
     def close(self) -> None:
         self.console._remove_task(self)

@@ -6,7 +6,9 @@ terminal), on a tiny generated corpus with a real local Ray.
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import os
 import re
 import subprocess
@@ -14,6 +16,8 @@ import sys
 
 import pytest
 
+from pipelines import console, logs
+from pipelines.console import Console
 from pipelines.stages import STAGES
 from tests.pipelines.conftest import tiny_raw_config
 
@@ -146,3 +150,39 @@ def test_a_failing_stage_says_so_and_where_the_logs_are(first_run, config):
     assert "sample: failed after " in done.stdout
     assert "hexagon" in done.stderr
     assert f"logs are in {os.path.join(output_dir, 'logs')}" in done.stderr
+
+
+# Without Ray: the console and the log routing on their own.
+
+
+def test_plain_progress_prints_a_line_per_tenth_of_the_work():
+    stream = io.StringIO()
+    shown = Console(stream)
+    with console.active(shown), shown.progress("tokenize", 200, "images") as bar:
+        for _ in range(200):
+            bar.update(advance=1, shards=3)
+    lines = stream.getvalue().splitlines()
+    done = [int(re.match(r"  tokenize  images (\d+)/200 ", line)[1]) for line in lines]
+    assert done == list(range(20, 201, 20)), lines
+    assert lines[-1].startswith("  tokenize  images 200/200 (100%)  shards 3  ")
+
+
+def test_warnings_of_one_log_call_are_capped_and_counted(tmp_path):
+    stream = io.StringIO()
+    shown = Console(stream)
+    log = logging.getLogger("vqpipe")
+    with console.active(shown), logs.routed_logs(str(tmp_path), shown):
+        for i in range(10):
+            log.warning("skipping bad input %s", f"file-{i}")
+        log.warning("skipping bad input %s", "file-0")
+        shown.flush_warnings("tokenize")
+    lines = stream.getvalue().splitlines()
+    assert lines == [
+        "warning: skipping bad input file-0",
+        "warning: skipping bad input file-1",
+        "warning: skipping bad input file-2",
+        "tokenize: warning 'skipping bad input file-0' (2 times)",
+        "tokenize: 7 more warning(s) like 'skipping bad input %s'",
+    ]
+    with open(tmp_path / "logs" / "vqpipe.log") as f:
+        assert len([line for line in f if "skipping bad input" in line]) == 11
