@@ -242,6 +242,12 @@ def main(argv: list[str] | None = None) -> int:
         print("vqpipe: internal error (traceback above)", file=sys.stderr)
         _where_logs()
         return 1
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C; Ray Train's SIGINT handler exits
+        if _log_dir is None:
+            raise
+        print("vqpipe: interrupted", file=sys.stderr)
+        _where_logs()
+        return 130
 
 
 def _where_logs() -> None:
