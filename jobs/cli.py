@@ -12,6 +12,10 @@ With no ``ray.address`` a local Ray starts in this process; MLflow tracks to
 ``<output_dir>/mlflow.db`` unless ``mlflow.tracking_uri`` is set. A mistake in the config or the
 inputs prints ``vqpipe: error: ...`` and exits with status 2; anything else is a bug, printed with
 its traceback (status 1).
+
+While stages run, the console shows a line per stage, its progress and its summary
+(``pipelines.console``); Ray's, Ray Data's and the workers' logs go to ``<output_dir>/logs/``
+(``pipelines.logs``) unless ``--verbose``.
 """
 
 from __future__ import annotations
@@ -47,6 +51,10 @@ def _add_config_args(p: argparse.ArgumentParser, optional: bool = False) -> None
         metavar="KEY=VALUE",
         help="override a config key, e.g. --set train_vqvae.steps=500 (repeatable)",
     )
+    # Also after the command; SUPPRESS leaves the top-level flag's value when not given here.
+    p.add_argument(
+        "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"vqpipe {_version()}")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="also show Ray's, Ray Data's and the workers' logs (otherwise in <output_dir>/logs/)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("run", help="run every stage in order, skipping those already up to date")
@@ -227,33 +241,72 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(format_status(pipeline_status(cfg)))
         return 0
 
+    return _run_stages(args, cfg)
+
+
+# Where the running command's logs go, for the error message of a failed run.
+_log_dir: str | None = None
+
+
+def _run_stages(args: argparse.Namespace, cfg) -> int:
+    global _log_dir
+    from pipelines import console, logs
     from pipelines.runner import run_stages
 
-    if args.command == "run":
-        outcomes = run_stages(cfg, force=args.force)
-    else:
-        stage = get_stage(args.command).name
-        outcomes = run_stages(cfg, stages=[stage], force=[stage] if args.force else [])
+    shown = console.Console(quiet=args.quiet)
+    with (
+        console.active(shown),
+        logs.routed_logs(cfg.output_dir, shown, verbose=args.verbose) as (log_dir),
+    ):
+        _log_dir = log_dir
+        if not args.verbose:
+            shown.line(f"vqpipe: logs in {log_dir} (--verbose shows them here)")
+        if args.command == "run":
+            outcomes = run_stages(cfg, force=args.force)
+        else:
+            stage = get_stage(args.command).name
+            outcomes = run_stages(cfg, stages=[stage], force=[stage] if args.force else [])
+        shown.run_finished()
     print(_summary(outcomes))
     return 0
 
 
+def _runs_stages(command: str) -> bool:
+    return command == "run" or command in {spec.verb for spec in STAGES}
+
+
 def main(argv: list[str] | None = None) -> int:
+    global _log_dir
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.WARNING if args.quiet else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    _log_dir = None
+    if not _runs_stages(args.command):  # a stage run routes its logs itself (pipelines.logs)
+        logging.basicConfig(
+            level=logging.WARNING if args.quiet else logging.INFO,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+            datefmt="%H:%M:%S",
+        )
     try:
         return _dispatch(args)
     except UserError as err:
         print(f"vqpipe: error: {err}", file=sys.stderr)
+        _where_logs()
         return 2
     except Exception:  # a bug, not the user's mistake: show where it happened
         traceback.print_exc()
         print("vqpipe: internal error (traceback above)", file=sys.stderr)
+        _where_logs()
         return 1
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C; Ray Train's SIGINT handler exits
+        if _log_dir is None:
+            raise
+        print("vqpipe: interrupted", file=sys.stderr)
+        _where_logs()
+        return 130
+
+
+def _where_logs() -> None:
+    if _log_dir is not None:
+        print(f"vqpipe: Ray's and the workers' logs are in {_log_dir}", file=sys.stderr)
 
 
 def _summary(outcomes: dict) -> str:

@@ -28,7 +28,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from pipelines import storage
+from pipelines import console, storage
 from pipelines.config import PipelineConfig
 from pipelines.errors import ConfigError, ManifestError, MissingInputError
 from pipelines.manifest import StageManifest, fingerprint, read_manifest, write_manifest
@@ -211,10 +211,37 @@ def _run_one(
     existing = None if forced else _up_to_date(cfg, spec, manifest_fp)
     if existing is not None:
         log.info("== %s: up to date (fingerprint %s), skipped", spec.name, manifest_fp)
+        console.current().stage_skipped(spec.name, existing.summary())
         parent.set_tags({f"vqpipe.{spec.name}": "skipped"})
         return StageOutcome(existing, skipped=True)
 
     log.info("== %s: running (fingerprint %s)", spec.name, manifest_fp)
+    console.current().stage_started(spec.name, spec.description)
+    started = time.time()
+    try:
+        outcome = _run_stage(
+            cfg, spec, forced, listing, tracker, parent, stage_dir, fp, manifest_fp
+        )
+    except BaseException:
+        console.current().stage_failed(spec.name, time.time() - started)
+        raise
+    console.current().stage_finished(
+        spec.name, outcome.manifest.seconds, outcome.manifest.summary()
+    )
+    return outcome
+
+
+def _run_stage(
+    cfg: PipelineConfig,
+    spec: StageSpec,
+    forced: bool,
+    listing: str | None,
+    tracker: Tracker,
+    parent: TrackingContext,
+    stage_dir: str,
+    fp: str,
+    manifest_fp: str,
+) -> StageOutcome:
     ensure_ray(cfg)
     _prepare_stage_dir(stage_dir, fp, forced)
     started = time.time()

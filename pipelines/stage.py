@@ -170,13 +170,17 @@ def ensure_ray(cfg: PipelineConfig) -> None:
     """Join the configured cluster, or start a local Ray in this process sized to the machine."""
     import ray
 
+    from pipelines import console, logs
+
     if ray.is_initialized():
+        logs.attach_ray()
         return
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
         # `ray job submit` sets RAY_ADDRESS for the driver; the cluster's size is its own.
         log.info("joining Ray cluster at %s", address)
-        ray.init(address=cfg.ray.address, log_to_driver=True)
+        ray.init(address=cfg.ray.address, **logs.ray_init_options())
+        logs.attach_ray()
         return
     num_cpus = cfg.ray.num_cpus or os.cpu_count() or 1
     log.info("starting a local Ray with %d CPUs", num_cpus)
@@ -185,7 +189,9 @@ def ensure_ray(cfg: PipelineConfig) -> None:
     context = ray.init(
         num_cpus=num_cpus,
         object_store_memory=cfg.ray.object_store_memory,
-        log_to_driver=True,
+        **logs.ray_init_options(),
     )
+    logs.attach_ray()
     if context.dashboard_url:
         log.info("Ray dashboard: http://%s", context.dashboard_url)
+        console.current().line(f"Ray dashboard: http://{context.dashboard_url}")

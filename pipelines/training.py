@@ -25,8 +25,10 @@ import io
 import logging
 import os
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -38,7 +40,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from torch import nn
 
-from pipelines import storage
+from pipelines import console, storage
 from pipelines.config import RaySection, TrainingKnobs
 from pipelines.epochs import EpochReader
 from pipelines.tracking import TrackingContext
@@ -66,6 +68,109 @@ class InjectedFailure(RuntimeError):
 
 
 # -------------------------------------------------------------------------------------------------
+# Progress, from rank 0 back to the console of the driver
+#
+# The driver starts a small named actor per run; rank 0 looks it up by the run's name and leaves
+# its latest step and loss there (fire and forget, at most every REPORT_SECONDS); a driver thread
+# reads it. A restarted worker finds the same actor; on a cluster the actor stays on the driver's
+# node. Progress is best effort: a lost actor never stops training.
+
+REPORT_SECONDS = 1.0
+POLL_SECONDS = 0.5
+
+
+@ray.remote(num_cpus=0)
+class _ProgressBoard:
+    """The latest progress rank 0 reported: {"step": int, "figures": {name: value}}."""
+
+    def __init__(self) -> None:
+        self.latest: dict[str, Any] | None = None
+
+    def put(self, state: dict[str, Any]) -> None:
+        self.latest = state
+
+    def get(self) -> dict[str, Any] | None:
+        return self.latest
+
+
+def _board_name(run_name: str) -> str:
+    return f"vqpipe-progress-{run_name}"
+
+
+@contextmanager
+def _shown_progress(run_name: str, label: str, knobs: TrainingKnobs) -> Iterator[None]:
+    """Show the progress of Ray Train run ``run_name`` on the console while the block runs."""
+    shown = console.current()
+    if shown.quiet:
+        yield
+        return
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    board = _ProgressBoard.options(
+        name=_board_name(run_name),
+        scheduling_strategy=NodeAffinitySchedulingStrategy(
+            ray.get_runtime_context().get_node_id(), soft=True
+        ),
+    ).remote()
+    stop = threading.Event()
+    images_per_step = knobs.batch_size * knobs.num_workers
+    # Rates from the first step on: starting the workers is not training time.
+    with shown.progress(
+        label, knobs.steps, "step", "img/s", images_per_step, rate_from_start=False
+    ) as bar:
+
+        def show_latest() -> None:
+            try:
+                state = ray.get(board.get.remote(), timeout=10)
+            except Exception:  # the board is gone or slow: try again next time
+                return
+            if state:
+                bar.update(done=state["step"], **state["figures"])
+
+        def follow() -> None:
+            while not stop.wait(POLL_SECONDS):
+                show_latest()
+
+        thread = threading.Thread(target=follow, name=f"progress-{label}", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+            show_latest()
+            ray.kill(board)
+
+
+class _ProgressReport:
+    """Rank 0's side: the latest step and training loss to the driver's board, if it has one."""
+
+    def __init__(self, rank: int):
+        self.board = None
+        self.last = 0.0
+        if rank != 0:
+            return
+        try:
+            self.board = ray.get_actor(_board_name(ray.train.get_context().get_experiment_name()))
+        except Exception:  # no console follows this run (library use, quiet)
+            self.board = None
+
+    def __call__(self, step: int, last_step: int, means: Mapping[str, float]) -> None:
+        now = time.monotonic()
+        if self.board is None or (now - self.last < REPORT_SECONDS and step != last_step):
+            return
+        self.last = now
+        figures = {}
+        name = "train/loss" if "train/loss" in means else next(iter(means), None)
+        if name is not None:
+            figures[name.removeprefix("train/").removeprefix("train_")] = means[name]
+        try:
+            self.board.put.remote({"step": step, "figures": figures})
+        except Exception:  # progress is best effort
+            self.board = None
+
+
+# -------------------------------------------------------------------------------------------------
 # Driver side
 
 
@@ -77,11 +182,13 @@ def run_trainer(
     stage_dir: str,
     knobs: TrainingKnobs,
     datasets: Mapping[str, Any] | None = None,
+    label: str | None = None,
 ):
     """Run one Ray Train job and return its ``ray.train.Result`` (with a final checkpoint).
 
     The run lives at ``<stage_dir>/ray/<name>``: running again with the same name after an
     interruption makes Ray Train hand the latest checkpoint to the loop, which resumes from it.
+    Its progress shows on the console under ``label`` (default: the stage folder's name).
     """
     ray_dir = storage.join(stage_dir, "ray")
     if not storage.is_url(ray_dir):
@@ -109,7 +216,9 @@ def run_trainer(
         knobs.num_workers,
         ray_dir,
     )
-    result = trainer.fit()
+    label = label or os.path.basename(stage_dir.rstrip("/"))
+    with _shown_progress(name, label, knobs):
+        result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"Ray Train run {name!r} finished without a checkpoint in {ray_dir}")
     return result
@@ -338,6 +447,7 @@ class _Loop:
         self.train_means: dict[str, float] = {}
         self.evaluation: dict[str, float] = {}
         self.window_started = time.perf_counter()
+        self.report_progress = _ProgressReport(self.rank)
         # Where in the data the next step's batch comes from; saved in checkpoints.
         self.position = {"epoch": 0, "epoch_batch": 0}
 
@@ -430,6 +540,7 @@ class _Loop:
         if _due(step, knobs.checkpoint_every, knobs.steps) or stop:
             self.checkpoint(step)
         self.window_started += time.perf_counter() - paused
+        self.report_progress(step, knobs.steps, self.train_means)
         if knobs.fail_at_step == step and start_step < step:
             raise InjectedFailure(f"fault injected after step {step} (fail_at_step)")
         return stop

@@ -3,7 +3,13 @@
 # Extra arguments go to `vqpipe run`, e.g. --set train_vqvae.steps=100.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+mkdir -p runs
+echo "Setting up .venv (log: runs/setup.log)"
+if ! bash scripts/setup.sh > runs/setup.log 2>&1; then
+  cat runs/setup.log
+  echo "setup failed (log above: runs/setup.log)"
+  exit 1
+fi
 . .venv/bin/activate
 vqpipe run configs/demo.yaml "$@"
 echo

@@ -33,7 +33,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from pipelines import storage
+from pipelines import console, storage
 from pipelines.config import SampleSection
 from pipelines.errors import ConfigError
 from pipelines.manifest import ManifestModel, StageManifest, require_manifest
@@ -369,13 +369,16 @@ def _generate(
                 ctx.stage_dir, b.class_name, b.label, cfg, image_shape
             )
     done = 0
-    for rows in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-        for name, draw, png, confidence, predicted in zip(
-            rows["class_name"], rows["draw"], rows["png"], rows["confidence"], rows["predicted"]
-        ):
-            outputs[str(name)].add(int(draw), bytes(png), float(confidence), int(predicted))
-        done += len(rows["draw"])
-        log.info("sample: %d of %d draws", done, sum(b.count for b in batches))
+    total = sum(b.count for b in batches)
+    with console.current().progress("sample", total, "images") as progress:
+        for rows in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+            for name, draw, png, confidence, predicted in zip(
+                rows["class_name"], rows["draw"], rows["png"], rows["confidence"], rows["predicted"]
+            ):
+                outputs[str(name)].add(int(draw), bytes(png), float(confidence), int(predicted))
+            done += len(rows["draw"])
+            progress.update(done=done)
+            log.info("sample: %d of %d draws", done, total)
     entries = {}
     for name, output in outputs.items():
         entries[name] = output.finish()

@@ -50,7 +50,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from pipelines import storage
+from pipelines import console, storage
 from pipelines.corpus import IMAGE_EXTENSIONS, Corpus, open_corpus
 from pipelines.errors import ConfigError
 from pipelines.keys import key_hashes, sanitize_key, split_of
@@ -400,12 +400,22 @@ def _encode_and_write(
     )
 
 
-def _collect(ds: Any, shards: dict[str, dict[str, Any]]) -> tuple[list[dict[str, str]], int]:
-    """Run the dataset; add each written shard to ``shards``; return (bad inputs, new samples)."""
+def _collect(
+    ds: Any, shards: dict[str, dict[str, Any]], progress: Any = None
+) -> tuple[list[dict[str, str]], int]:
+    """Run the dataset; add each written shard to ``shards``; return (bad inputs, new samples).
+
+    ``progress`` (a ``pipelines.console.Progress``) counts the images done and shards written.
+    """
     bad: list[dict[str, str]] = []
     new_samples = 0
     for row in ds.iter_rows():
-        bad.extend(json.loads(row["bad"]))
+        row_bad = json.loads(row["bad"])
+        bad.extend(row_bad)
+        if progress is not None:
+            progress.update(
+                advance=int(row["samples"]) + len(row_bad), shards=len(shards) + bool(row["name"])
+            )
         if row["name"]:
             shards[row["name"]] = {
                 "name": row["name"],
@@ -547,7 +557,12 @@ def run(ctx: StageContext) -> TokenizeManifest:
             len(removed),
         )
     start = time.perf_counter()
-    bad, new_samples = _collect(_encode_and_write(ctx, corpus, tokenizer, dtypes, skip_ref), shards)
+    # Folder corpora list one file per image; tar and Parquet corpora count their images as
+    # they are read.
+    total = len(corpus.files) - resumed if corpus.format == "folder" else None
+    with console.current().progress("tokenize", total, "images") as progress:
+        ds = _encode_and_write(ctx, corpus, tokenizer, dtypes, skip_ref)
+        bad, new_samples = _collect(ds, shards, progress)
     elapsed = time.perf_counter() - start
     _reconcile(ctx.stage_dir, shards, present, corpus.format, fraction)
 

@@ -260,6 +260,7 @@ def _train_one(
         name=f"{ctx.stage}-{plan.level}-{ctx.fingerprint}",
         stage_dir=ctx.stage_dir,
         knobs=plan.knobs,
+        label=f"{ctx.stage} {plan.level}",
     )
     return load_final_model(result, prefer_best=True)
 

@@ -1,0 +1,188 @@
+"""What `vqpipe run` prints: a line per stage, progress, a summary; Ray's logs in <output_dir>/logs.
+
+The CLI runs as a user runs it, in its own process with its stdout and stderr to pipes (not a
+terminal), on a tiny generated corpus with a real local Ray.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from pipelines import console, logs
+from pipelines.console import Console
+from pipelines.stages import STAGES
+from tests.pipelines.conftest import tiny_raw_config
+
+# Ray's own console output: Ray Data's execution plans and dataset lines, Ray Train's reports.
+RAY_NOISE = (
+    "Execution plan of Dataset",
+    "Starting execution of Dataset",
+    "execution finished in",
+    "Reporting training result",
+    "Checkpoint successfully created",
+    "(TrainController pid=",
+)
+BF16_WARNING = "precision bf16 applies on GPU only"
+
+
+def _cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "RAY_DEDUP_LOGS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "jobs.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+    return done
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+    root = tmp_path_factory.mktemp("console")
+    raw = tiny_raw_config(str(root / "out"), str(root / "corpus"))
+    raw["data"]["generate"] = {
+        "images_per_class": 6,
+        "classes": ["circle", "square"],
+        "image_size": 16,
+        "corrupt_files": 2,
+    }
+    raw["ray"] = {"num_cpus": 2, "object_store_memory": 256 * 1024**2}
+    # On CPU each prior's training warns that bf16 is GPU-only: one warning, twice in the stage.
+    for level in ("top", "bottom"):
+        raw["train_prior"][level]["precision"] = "bf16"
+    path = root / "config.yaml"
+    path.write_text(json.dumps(raw))
+    return str(path), raw["output_dir"]
+
+
+@pytest.fixture(scope="module")
+def first_run(config):
+    path, _ = config
+    done = _cli("run", path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done
+
+
+def test_each_stage_has_a_start_line_and_a_summary(first_run, config):
+    _, output_dir = config
+    lines = first_run.stdout.splitlines()
+    assert (
+        lines[0]
+        == f"vqpipe: logs in {os.path.join(output_dir, 'logs')} (--verbose shows them here)"
+    )
+    for spec in STAGES:
+        assert f"{spec.name}: {spec.description}" in lines, spec.name
+        done = [line for line in lines if line.startswith(f"{spec.name}: done in ")]
+        assert len(done) == 1, spec.name
+    summary = [line for line in lines if line.startswith("train_vqvae: done in ")][0]
+    assert "holdout/mse" in summary
+    assert "vqpipe finished:" in lines
+
+
+def test_training_and_tokenize_show_plain_progress_lines(first_run):
+    out = first_run.stdout
+    # Not a terminal: plain lines, the last one at the end of the work.
+    assert re.search(r"^  train_vqvae  step 6/6 \(100%\)  loss \d", out, re.MULTILINE), out
+    for level in ("top", "bottom"):
+        assert re.search(rf"^  train_prior {level}  step 4/4 \(100%\)", out, re.MULTILINE), out
+    steps = [int(m) for m in re.findall(r"^  train_vqvae  step (\d+)/6", out, re.MULTILINE)]
+    assert steps == sorted(steps) and len(steps) >= 2, out  # a line per tenth of the work
+    match = re.search(r"^  tokenize  images (\d+)/(\d+) \(100%\)  shards (\d+)", out, re.MULTILINE)
+    assert match, out
+    assert match[1] == match[2] == "14"  # 2 classes x 6 images and the 2 bad files
+    assert "\x1b[" not in out  # no terminal control codes in a pipe
+
+
+def test_ray_logs_go_to_the_log_folder_not_the_console(first_run, config):
+    _, output_dir = config
+    console = first_run.stdout + first_run.stderr
+    for noise in RAY_NOISE:
+        assert noise not in console, noise
+    log_dir = os.path.join(output_dir, "logs")
+    with open(os.path.join(log_dir, "vqpipe.log")) as f:
+        driver_log = f.read()
+    assert "Execution plan of Dataset" in driver_log
+    assert "execution finished in" in driver_log
+    with open(os.path.join(log_dir, "ray-workers.log")) as f:
+        workers_log = f.read()
+    assert "(TrainController pid=" in workers_log
+    assert BF16_WARNING in workers_log
+
+
+def test_a_repeated_warning_is_shown_once_with_its_count(first_run):
+    lines = first_run.stdout.splitlines()
+    shown = [line for line in lines if line.startswith("warning: ") and BF16_WARNING in line]
+    assert len(shown) == 1, lines
+    counted = [line for line in lines if BF16_WARNING in line and "(2 times)" in line]
+    assert len(counted) == 1 and counted[0].startswith("train_prior: warning "), lines
+    # Each bad input is named once, by the first stage that read it; the stages after it that
+    # read it again add to its count, given at the end of the run.
+    for name in ("broken-000", "broken-001"):
+        named = [line for line in lines if line.startswith("warning: ") and name in line]
+        assert len(named) == 1, lines
+        total = [line for line in lines if name in line and "times in all)" in line]
+        assert len(total) == 1 and total[0].startswith("vqpipe: warning "), lines
+        assert int(re.search(r"\((\d+) times in all\)", total[0])[1]) >= 2
+
+
+def test_verbose_shows_rays_logs_on_the_console(first_run, config):
+    path, _ = config
+    done = _cli("--verbose", "tokenize", path, "--force")
+    assert done.returncode == 0, done.stdout + done.stderr
+    console = done.stdout + done.stderr
+    assert "Execution plan of Dataset" in console
+    assert "tokenize: done in " in done.stdout
+
+
+def test_a_failing_stage_says_so_and_where_the_logs_are(first_run, config):
+    path, output_dir = config
+    done = _cli("sample", path, "--force", "--set", "sample.classes=[hexagon]")
+    assert done.returncode == 2
+    assert "sample: failed after " in done.stdout
+    assert "hexagon" in done.stderr
+    assert f"logs are in {os.path.join(output_dir, 'logs')}" in done.stderr
+
+
+# Without Ray: the console and the log routing on their own.
+
+
+def test_plain_progress_prints_a_line_per_tenth_of_the_work():
+    stream = io.StringIO()
+    shown = Console(stream)
+    with console.active(shown), shown.progress("tokenize", 200, "images") as bar:
+        for _ in range(200):
+            bar.update(advance=1, shards=3)
+    lines = stream.getvalue().splitlines()
+    done = [int(re.match(r"  tokenize  images (\d+)/200 ", line)[1]) for line in lines]
+    assert done == list(range(20, 201, 20)), lines
+    assert lines[-1].startswith("  tokenize  images 200/200 (100%)  shards 3  ")
+
+
+def test_warnings_of_one_log_call_are_capped_and_counted(tmp_path):
+    stream = io.StringIO()
+    shown = Console(stream)
+    log = logging.getLogger("vqpipe")
+    with console.active(shown), logs.routed_logs(str(tmp_path), shown):
+        for i in range(10):
+            log.warning("skipping bad input %s", f"file-{i}")
+        log.warning("skipping bad input %s", "file-0")
+        shown.flush_warnings("tokenize")
+    lines = stream.getvalue().splitlines()
+    assert lines == [
+        "warning: skipping bad input file-0",
+        "warning: skipping bad input file-1",
+        "warning: skipping bad input file-2",
+        "tokenize: warning 'skipping bad input file-0' (2 times)",
+        "tokenize: 7 more warning(s) like 'skipping bad input %s'",
+    ]
+    with open(tmp_path / "logs" / "vqpipe.log") as f:
+        assert len([line for line in f if "skipping bad input" in line]) == 11
