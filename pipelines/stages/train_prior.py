@@ -241,6 +241,8 @@ def _train_one(
         name=f"{ctx.stage}-{plan.level}-{ctx.fingerprint}",
         stage_dir=ctx.stage_dir,
         knobs=plan.knobs,
+        section=f"{ctx.stage}.{'top' if plan.condition is None else 'bottom'}",
+        resource_wait_seconds=ctx.cfg.ray.resource_wait_seconds,
     )
     return load_final_model(result, prefer_best=True)
 
