@@ -353,6 +353,12 @@ class RaySection(Section):
     )
     num_cpus: int | None = Field(None, gt=0)
     object_store_memory: int | None = Field(None, gt=0)
+    resource_wait_seconds: float = Field(
+        300.0,
+        gt=0,
+        description="Longest wait for the cluster to place all workers of a training stage, at "
+        "its start and after a lost worker; then the stage fails naming what it asked for.",
+    )
 
 
 class RegisteredModelsSection(Section):

@@ -30,3 +30,7 @@ class BadInputError(InputError):
 
 class ManifestError(UserError):
     """A stage manifest that is missing, incomplete or of another format version."""
+
+
+class CapacityError(UserError, RuntimeError):
+    """A cluster that cannot place the workers a stage asked for within the configured wait."""

@@ -36,13 +36,17 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, ControllerError, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
+from ray.train.v2._internal.constants import WORKER_GROUP_START_TIMEOUT_S_ENV_VAR
+from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
+from ray.train.v2._internal.execution.callback import ControllerCallback
 from torch import nn
 
 from pipelines import console, storage
 from pipelines.config import RaySection, TrainingKnobs
 from pipelines.epochs import EpochReader
+from pipelines.errors import CapacityError
 from pipelines.tracking import TrackingContext
 from vq_core.checkpoint import load_checkpoint, save_checkpoint, unwrap_model
 
@@ -174,6 +178,54 @@ class _ProgressReport:
 # Driver side
 
 
+class _ResourceWait(ControllerCallback):
+    """Bounds how long Ray Train's controller waits for room for the workers.
+
+    Left alone, the controller waits a minute for a placement group of all workers, gives up on
+    it and asks again, forever: a run whose cluster lost too many nodes hangs. This callback runs
+    in the controller: it sets that wait to ``seconds`` and turns its first expiry, at the start
+    or after a lost worker, into a ``CapacityError`` that ends the run.
+    """
+
+    def __init__(self, seconds: float, section: str, knobs: TrainingKnobs):
+        self.seconds, self.section, self.knobs = seconds, section, knobs
+
+    def after_controller_start(self, train_run_context) -> None:
+        # Read by each worker group the controller creates (this process is the controller's own).
+        os.environ[WORKER_GROUP_START_TIMEOUT_S_ENV_VAR] = str(self.seconds)
+
+    def after_controller_state_update(self, previous_state, current_state) -> None:
+        error = getattr(current_state, "training_failed_error", None)
+        if isinstance(getattr(error, "controller_failure", None), WorkerGroupStartupTimeoutError):
+            raise CapacityError(self.message())
+
+    def message(self) -> str:
+        knobs, section = self.knobs, self.section
+        per_worker = worker_resources(knobs)
+        wanted = {k: v * knobs.num_workers for k, v in per_worker.items()}
+        total, free = ray.cluster_resources(), ray.available_resources()
+        nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+        return (
+            f"{section}: the Ray cluster could not place {knobs.num_workers} training worker(s) "
+            f"of {_resources(per_worker)} each ({_resources(wanted)} in all) within "
+            f"ray.resource_wait_seconds={self.seconds:g}; it has "
+            f"{_resources({k: total.get(k, 0.0) for k in wanted})} on {nodes} alive node(s), "
+            f"{_resources({k: free.get(k, 0.0) for k in wanted})} free. Add nodes, lower "
+            f"{section}.num_workers or {section}.cpus_per_worker, or raise "
+            "ray.resource_wait_seconds; checkpoints already written are kept and a new run of "
+            "the stage resumes from the last one"
+        )
+
+
+def worker_resources(knobs: TrainingKnobs) -> dict[str, float]:
+    """What one training worker reserves."""
+    return {"CPU": knobs.cpus_per_worker} | ({"GPU": 1.0} if knobs.use_gpu else {})
+
+
+def _resources(amounts: Mapping[str, float]) -> str:
+    return ", ".join(f"{v:g} {k}" for k, v in amounts.items())
+
+
 def run_trainer(
     train_loop_per_worker: Callable[[dict[str, Any]], None],
     loop_config: dict[str, Any],
@@ -181,6 +233,8 @@ def run_trainer(
     name: str,
     stage_dir: str,
     knobs: TrainingKnobs,
+    section: str,
+    resource_wait_seconds: float,
     datasets: Mapping[str, Any] | None = None,
     label: str | None = None,
 ):
@@ -189,6 +243,9 @@ def run_trainer(
     The run lives at ``<stage_dir>/ray/<name>``: running again with the same name after an
     interruption makes Ray Train hand the latest checkpoint to the loop, which resumes from it.
     Its progress shows on the console under ``label`` (default: the stage folder's name).
+    ``section`` is where ``knobs`` sit in the config (``train_vqvae``, ``train_prior.top``).
+    Workers that the cluster cannot place within ``resource_wait_seconds``, at the start or
+    after a lost worker, fail the run with a ``CapacityError``.
     """
     ray_dir = storage.join(stage_dir, "ray")
     if not storage.is_url(ray_dir):
@@ -206,6 +263,7 @@ def run_trainer(
             storage_path=ray_dir,
             failure_config=FailureConfig(max_failures=knobs.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=[_ResourceWait(resource_wait_seconds, section, knobs)],
         ),
         datasets=dict(datasets or {}),
     )
@@ -217,8 +275,13 @@ def run_trainer(
         ray_dir,
     )
     label = label or os.path.basename(stage_dir.rstrip("/"))
-    with _shown_progress(name, label, knobs):
-        result = trainer.fit()
+    try:
+        with _shown_progress(name, label, knobs):
+            result = trainer.fit()
+    except ControllerError as err:
+        if isinstance(err.controller_failure, CapacityError):
+            raise err.controller_failure from None
+        raise
     if result.checkpoint is None:
         raise RuntimeError(f"Ray Train run {name!r} finished without a checkpoint in {ray_dir}")
     return result

@@ -261,6 +261,8 @@ def _train_one(
         stage_dir=ctx.stage_dir,
         knobs=plan.knobs,
         label=f"{ctx.stage} {plan.level}",
+        section=f"{ctx.stage}.{plan.level}",
+        resource_wait_seconds=ctx.cfg.ray.resource_wait_seconds,
     )
     return load_final_model(result, prefer_best=True)
 

@@ -285,6 +285,8 @@ def run(ctx: StageContext) -> TrainVQVAEManifest:
             name=f"{ctx.stage}-{ctx.fingerprint}",
             stage_dir=ctx.stage_dir,
             knobs=section,
+            section=ctx.stage,
+            resource_wait_seconds=cfg.ray.resource_wait_seconds,
         )
         model, extra = load_final_model(result)
         extra |= {

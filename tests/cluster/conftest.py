@@ -31,9 +31,17 @@ ACCESS_KEY = "AKIAVQPIPETESTKEY000"
 
 def pytest_collection_modifyitems(config, items):
     here = Path(__file__).parent
-    for item in items:
-        if here in Path(str(item.fspath)).parents:
+    mine = [here in Path(str(item.fspath)).parents for item in items]
+    for item, is_mine in zip(items, mine):
+        if is_mine:
             item.add_marker(pytest.mark.cluster)
+    if any(mine):
+        # The node-fault tests take worker nodes away for good: they run after the other cluster
+        # tests (and within this package, so its services start once).
+        start, end = mine.index(True), len(mine) - mine[::-1].index(True)
+        block = items[start:end]
+        block.sort(key=lambda item: Path(str(item.fspath)).name == "test_node_faults.py")
+        items[start:end] = block
 
 
 @pytest.fixture(scope="package")

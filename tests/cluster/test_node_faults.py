@@ -1,30 +1,53 @@
-"""A worker node SIGKILLed (raylet, object store and its workers at once) in the middle of a DDP
-train_vqvae job; a replacement node joins. Judged by what ends up in storage."""
+"""Worker nodes SIGKILLed (raylet, object store and their workers at once) while a stage runs as a
+Ray job, with no node to replace them. Judged by what ends up in storage.
+
+- train_vqvae loses a node with a DDP rank while the cluster still has room for both ranks
+  elsewhere: the run ends at exactly the configured step, model and optimizer resumed;
+- tokenize, on the autoencoder that run trained, loses a node while shards are being written
+  (a node is added first: the readers need a whole free CPU beside the encoder actor): every image
+  ends up in exactly one complete shard;
+- train_vqvae loses a node and no room is left for its ranks: the stage fails within
+  ``ray.resource_wait_seconds`` with an error naming what it asked for, checkpoints kept.
+
+Each kill takes a node away for good, so conftest runs this module after every other cluster test.
+The three-node cluster (one CPU each) goes: head + 2 workers -> head + 1 -> head + 2 (one added) ->
+head + 1 -> head alone.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import re
 import signal
+import tarfile
 import time
+from collections.abc import Iterator
+from typing import Any
 
+import pytest
 import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
 from pipelines import storage
+from pipelines.shards import KEY_INDEX_SUFFIX, read_key_index
 from pipelines.training import OPTIMIZER_FILE
-from tests.cluster.services import http_get
+from tests.cluster.services import RayCluster, http_get
 from tests.cluster.test_pipeline_job import CLASSES, manifest, submit, wait_job
 from tests.pipelines.conftest import tiny_raw_config
+from vq_core.checkpoint import load_checkpoint
 
+PER_CLASS = 20  # 80 images: 10 shards of 8 in tokenize, so the kill lands while it writes
 STEPS = 16
 SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of registered checkpoints
 EVERY = 4
+WAIT = 15  # ray.resource_wait_seconds of the run that is left without room
 
 
-def _train_worker_nodes(cluster) -> set[str]:
+def _actor_nodes(cluster: RayCluster, class_name: str) -> set[str]:
+    """Nodes of the alive actors whose class name contains ``class_name``."""
     body = http_get(
         f"{cluster.dashboard}/api/v0/actors?limit=10000&detail=true",
         cluster.auth_headers,
@@ -34,8 +57,32 @@ def _train_worker_nodes(cluster) -> set[str]:
     return {
         a["node_id"]
         for a in actors
-        if a.get("class_name") == "RayTrainWorker" and a.get("state") == "ALIVE"
+        if class_name in (a.get("class_name") or "") and a.get("state") == "ALIVE"
     }
+
+
+def _kill_worker_node(cluster: RayCluster, among: set[str] | None = None) -> dict[str, Any]:
+    """SIGKILL every process of one worker node (never the head), preferring nodes in ``among``;
+    the node is not replaced."""
+    nodes = [n for n in cluster.alive_nodes() if not n["is_head_node"]]
+    assert nodes, "no worker node left to kill"
+    preferred = [n for n in nodes if among and n["node_id"] in among]
+    victim = cluster.node_service((preferred or nodes)[0])
+    killed_at = time.monotonic()
+    pids = victim.kill(signal.SIGKILL)
+    cluster.workers.remove(victim)
+    return {"name": victim.name, "pids": pids, "at": killed_at, "preferred": bool(preferred)}
+
+
+@contextlib.contextmanager
+def _stopped_on_failure(client, job: str) -> Iterator[None]:
+    """Stop the job if the block fails, so that it does not run on into the next test."""
+    try:
+        yield
+    except BaseException:
+        if not client.get_job_status(job).is_terminal():
+            client.stop_job(job)
+        raise
 
 
 def _checkpoint_steps(ray_dir: str) -> list[int]:
@@ -51,55 +98,76 @@ def _registered_steps(ray_dir: str) -> list[int]:
     return sorted({int(s) for s in re.findall(r"step-(\d+)", text)})
 
 
-def test_worker_node_killed_mid_training_with_a_replacement(
-    ray_cluster, s3_server, aws_env, job_env, mlflow_server, cluster_root
-):
-    from pipelines.demo_data import generate_corpus
-
-    source = s3_server.url("corpus-faults")
-    output_dir = s3_server.url("runs", "node-kill")
-    generate_corpus(source, classes=CLASSES, images_per_class=6, image_size=16)
-    raw = tiny_raw_config(output_dir, source)
-    raw["ray"] = {"address": "auto"}
-    raw["mlflow"] = {"tracking_uri": mlflow_server.url, "experiment": "node-kill"}
-    raw["train_vqvae"] |= {
-        "num_workers": 2,
-        "cpus_per_worker": 1,
-        "steps": STEPS,
-        "checkpoint_every": EVERY,
-        "eval_every": EVERY,
-        "max_failures": 3,
-    }
-    config = cluster_root / "node-kill.yaml"
-    config.write_text(yaml.safe_dump(raw))
-    ray_dir = storage.join(output_dir, "train_vqvae", "ray")
-
-    client, job = submit(ray_cluster, job_env, config, module="jobs.stage train_vqvae")
-    client_job = (client, job)
+def _wait_for_registered_checkpoint(client, job: str, ray_dir: str) -> list[int]:
+    """Wait for a checkpoint Ray Train has registered (listed in its snapshot), not merely one
+    whose files are being uploaded: a restart only resumes from a registered one."""
     deadline = time.monotonic() + 300
-    # Wait for a checkpoint Ray Train has registered (listed in its snapshot), not merely one
-    # whose files are being uploaded: a restart only resumes from a registered one.
     while not (registered := _registered_steps(ray_dir)):
         assert not client.get_job_status(job).is_terminal(), client.get_job_logs(job)[-5000:]
         assert time.monotonic() < deadline, "no registered checkpoint after 300 s"
         time.sleep(0.5)
+    return registered
 
-    # Kill a worker node (not the head) that runs a DDP rank, all its processes at once.
-    nodes = {n["node_id"]: n for n in ray_cluster.alive_nodes()}
-    victims = [nodes[i] for i in _train_worker_nodes(ray_cluster) if not nodes[i]["is_head_node"]]
-    assert victims, "no DDP rank on a worker node"
-    victim = ray_cluster.node_service(victims[0])
-    steps_at_kill = registered
-    killed_at = time.monotonic()
-    pids = victim.kill(signal.SIGKILL)
-    ray_cluster.add_worker(f"r{int(killed_at) % 1000}")  # the replacement node
-    ray_cluster.workers.remove(victim)
-    ray_cluster.wait_for_nodes(3, timeout=120)
 
-    status = wait_job(*client_job)
-    recovered = time.monotonic() - killed_at
-    log = client.get_job_logs(job)
-    assert status == "SUCCEEDED", log[-6000:]
+@pytest.fixture(scope="module")
+def fault_config(ray_cluster, s3_server, aws_env, mlflow_server, cluster_root):
+    """Write a config for a run under ``runs/<name>``; returns (config path, output dir)."""
+    from pipelines.demo_data import generate_corpus
+
+    source = s3_server.url("corpus-faults")
+    generate_corpus(source, classes=CLASSES, images_per_class=PER_CLASS, image_size=16)
+
+    def make(name: str, **train_vqvae: Any) -> tuple[Any, str]:
+        output_dir = s3_server.url("runs", name)
+        raw = tiny_raw_config(output_dir, source)
+        raw["ray"] = {"address": "auto", "resource_wait_seconds": WAIT}
+        raw["mlflow"] = {"tracking_uri": mlflow_server.url, "experiment": name}
+        raw["train_vqvae"] |= {
+            "num_workers": 2,
+            "cpus_per_worker": 1,
+            "steps": STEPS,
+            "checkpoint_every": EVERY,
+            "eval_every": EVERY,
+            "max_failures": 3,
+            **train_vqvae,
+        }
+        # One encoder actor of half a CPU: wherever it restarts, a node keeps a whole CPU for the
+        # readers (a read task takes one).
+        raw["tokenize"] |= {"num_actors": 1, "cpus_per_actor": 0.5, "shard_max_samples": 8}
+        config = cluster_root / f"{name}.yaml"
+        config.write_text(yaml.safe_dump(raw))
+        return config, output_dir
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def trained(ray_cluster, job_env, fault_config) -> dict[str, Any]:
+    """train_vqvae as a job; once a checkpoint is registered, a worker node with a DDP rank is
+    killed. Head and the other worker node are left: room for both ranks."""
+    config, output_dir = fault_config("node-kill")
+    ray_dir = storage.join(output_dir, "train_vqvae", "ray")
+    client, job = submit(ray_cluster, job_env, config, module="jobs.stage train_vqvae")
+    with _stopped_on_failure(client, job):
+        registered = _wait_for_registered_checkpoint(client, job, ray_dir)
+        kill = _kill_worker_node(ray_cluster, among=_actor_nodes(ray_cluster, "RayTrainWorker"))
+        assert kill["preferred"], "no DDP rank on a worker node"
+        status = wait_job(client, job, timeout=600)
+    return {
+        "config": config,
+        "output_dir": output_dir,
+        "ray_dir": ray_dir,
+        "status": status,
+        "log": client.get_job_logs(job),
+        "registered_at_kill": registered,
+        "kill": kill,
+        "recovered_s": time.monotonic() - kill["at"],
+    }
+
+
+def test_worker_node_killed_mid_training_without_a_replacement(trained, mlflow_server):
+    assert trained["status"] == "SUCCEEDED", trained["log"][-6000:]
+    output_dir, ray_dir = trained["output_dir"], trained["ray_dir"]
 
     # Storage: the stage finished at exactly the configured step, from resumed state.
     m = manifest(output_dir, "train_vqvae")
@@ -119,9 +187,102 @@ def test_worker_node_killed_mid_training_with_a_replacement(
     )
     resumed = [int(h.value) for h in history]
     assert resumed and all(0 < r < STEPS and r % EVERY == 0 for r in resumed), resumed
-    assert resumed[0] >= max(steps_at_kill), (resumed, steps_at_kill)
+    assert resumed[0] >= max(trained["registered_at_kill"]), resumed
+    kill = trained["kill"]
     print(
-        f"killed node {victim.name} ({len(pids)} processes) with checkpoints {steps_at_kill}; "
-        f"resumed at {resumed}; job succeeded {recovered:.0f} s after the kill; "
-        f"checkpoints in storage {steps}"
+        f"\nkilled {kill['name']} ({len(kill['pids'])} processes) with checkpoints "
+        f"{trained['registered_at_kill']}; resumed at {resumed}; job succeeded "
+        f"{trained['recovered_s']:.0f} s after the kill; checkpoints in storage {steps}"
+    )
+
+
+def _tar_keys(uri: str) -> list[str]:
+    """The sample keys of a shard, read from the tar itself (one ``.cls`` member per sample)."""
+    with tarfile.open(fileobj=io.BytesIO(storage.read_bytes(uri))) as tar:
+        names = [member.name for member in tar.getmembers()]
+    return [name[: -len(".cls")] for name in names if name.endswith(".cls")]
+
+
+def test_worker_node_killed_mid_tokenize(trained, ray_cluster, job_env):
+    assert trained["status"] == "SUCCEEDED", "tokenize needs the autoencoder trained above"
+    config, output_dir = trained["config"], trained["output_dir"]
+    stage_dir = storage.join(output_dir, "tokenize")
+    ray_cluster.add_worker("n1")
+    ray_cluster.wait_for_nodes(3)
+    client, job = submit(ray_cluster, job_env, config, module="jobs.stage tokenize")
+    with _stopped_on_failure(client, job):
+        deadline = time.monotonic() + 300
+        while not [f for f in storage.list_files(stage_dir) if f.endswith(".tar")]:
+            assert not client.get_job_status(job).is_terminal(), client.get_job_logs(job)[-5000:]
+            assert time.monotonic() < deadline, "no shard written after 300 s"
+            time.sleep(0.2)
+        shards_at_kill = len([f for f in storage.list_files(stage_dir) if f.endswith(".tar")])
+        kill = _kill_worker_node(ray_cluster, among=_actor_nodes(ray_cluster, "MapWorker"))
+        statuses = [wait_job(client, job, timeout=600)]
+    logs = client.get_job_logs(job)
+    if statuses[0] != "SUCCEEDED":  # the lost node failed the job: submit it again
+        client, job = submit(ray_cluster, job_env, config, module="jobs.stage tokenize")
+        statuses.append(wait_job(client, job, timeout=600))
+        logs += client.get_job_logs(job)
+    recovered = time.monotonic() - kill["at"]
+    assert statuses[-1] == "SUCCEEDED", logs[-6000:]
+
+    m = manifest(output_dir, "tokenize")
+    corpus_keys = {f"{c}/{i:05d}" for c in CLASSES for i in range(PER_CLASS)}
+    assert m.samples == len(corpus_keys) and m.bad_inputs.count == 0, m.summary()
+    # Read back from the tars: every image exactly once, none counted twice.
+    keys_by_shard = {s.uri: _tar_keys(s.uri) for s in m.shards}
+    keys = [k for shard_keys in keys_by_shard.values() for k in shard_keys]
+    assert sorted(keys) == sorted(corpus_keys)
+    assert sum(s.samples for s in m.shards) == len(keys)
+    for shard in m.shards:
+        assert shard.samples == len(keys_by_shard[shard.uri]), shard.name
+        index = read_key_index(shard.uri).column("key").to_pylist()
+        assert sorted(index) == sorted(keys_by_shard[shard.uri]), shard.name
+    # No partial shard visible, nothing in the directory beside what the manifest lists.
+    files = storage.list_files(stage_dir)
+    assert not [f for f in files if f.endswith(storage.TMP_SUFFIX)], files
+    assert sorted(f for f in files if f.endswith(".tar")) == sorted(keys_by_shard)
+    indexes = sorted(f for f in files if f.endswith(KEY_INDEX_SUFFIX))
+    assert len(indexes) == len(m.shards), indexes
+    print(
+        f"\nkilled {kill['name']} ({len(kill['pids'])} processes, encoder actor on it: "
+        f"{kill['preferred']}) with {shards_at_kill} shard(s) written; jobs {statuses}; done "
+        f"{recovered:.0f} s after the kill; {len(m.shards)} shards, {len(keys)} keys"
+    )
+
+
+def test_no_room_left_after_a_lost_node_fails_within_the_wait(ray_cluster, job_env, fault_config):
+    # Head and one worker node are left: room for the two ranks, one on each, until the kill.
+    ray_cluster.wait_for_nodes(2)
+    config, output_dir = fault_config("no-room", steps=100_000)
+    ray_dir = storage.join(output_dir, "train_vqvae", "ray")
+    client, job = submit(ray_cluster, job_env, config, module="jobs.stage train_vqvae")
+    with _stopped_on_failure(client, job):
+        registered = _wait_for_registered_checkpoint(client, job, ray_dir)
+        kill = _kill_worker_node(ray_cluster, among=_actor_nodes(ray_cluster, "RayTrainWorker"))
+        assert kill["preferred"], "no DDP rank on the worker node"
+        status = wait_job(client, job, timeout=300)
+    failed_after = time.monotonic() - kill["at"]
+    log = client.get_job_logs(job)
+
+    assert status == "FAILED", log[-6000:]
+    assert "vqpipe: error: train_vqvae: the Ray cluster could not place 2 training worker(s)" in log
+    assert "of 1 CPU each (2 CPU in all) within ray.resource_wait_seconds=15" in log
+    assert "it has 1 CPU on 1 alive node(s)" in log
+    # It waited the configured time for room, and not much longer.
+    assert WAIT <= failed_after < WAIT + 120, failed_after
+    # What was written stays: the last registered checkpoint (where a new run of the stage
+    # resumes) is complete and loadable; no manifest claims the stage finished.
+    assert manifest(output_dir, "train_vqvae") is None
+    last = max(_registered_steps(ray_dir))
+    assert last >= max(registered)
+    models = [f for f in storage.list_files(ray_dir) if f"step-{last:08d}/model.pt" in f]
+    assert len(models) == 1, models
+    _, extra = load_checkpoint(storage.read_bytes(models[0]))
+    assert extra["step"] == last
+    steps = _checkpoint_steps(ray_dir)
+    print(
+        f"\nkilled {kill['name']} with checkpoints {registered}; job failed {failed_after:.0f} s "
+        f"later; checkpoints in storage {steps}"
     )

@@ -96,6 +96,8 @@ def test_early_stopping_stops_every_rank_at_the_same_step(ray_local, reader, tmp
         name="early-stop",
         stage_dir=str(tmp_path),
         knobs=knobs,
+        section="train_prior.top",
+        resource_wait_seconds=120,
     )
     # The run ended (no rank left waiting in a collective) with a checkpoint at the stop step.
     assert result.metrics["step"] == 10
