@@ -131,10 +131,11 @@ def routed_logs(output_dir: str, console: Console, *, verbose: bool = False):
     data_context = ray.data.DataContext.get_current()
     progress_bars = data_context.enable_progress_bars
     data_context.enable_progress_bars = verbose
-    # MLflow prints some events ("Successfully registered model ...") past its logger.
+    # MLflow prints some events ("Created version '1' of model ...") past its logger, to a stream
+    # of its own (which it switches on and off itself): its lines go to the file instead.
     mlflow_stream = mlflow.utils.logging_utils.MLFLOW_LOGGING_STREAM
-    mlflow_printing = mlflow_stream.enabled
-    mlflow_stream.enabled = verbose
+    if not verbose:
+        mlflow_stream.write = _LinesToLog(logging.getLogger("mlflow.events")).write
 
     _routing = _Routing(console, verbose, log_dir)
     try:
@@ -145,7 +146,7 @@ def routed_logs(output_dir: str, console: Console, *, verbose: bool = False):
             _routing.workers_file.close()
         _routing = None
         data_context.enable_progress_bars = progress_bars
-        mlflow_stream.enabled = mlflow_printing
+        mlflow_stream.__dict__.pop("write", None)
         logging.captureWarnings(False)
         for logger, handler in added:
             logger.removeHandler(handler)
@@ -155,6 +156,21 @@ def routed_logs(output_dir: str, console: Console, *, verbose: bool = False):
             logger.propagate = propagate
         root.setLevel(root_level)
         driver_file.close()
+
+
+class _LinesToLog:
+    """A text stream whose lines become INFO records of ``logger``."""
+
+    def __init__(self, logger: logging.Logger):
+        self.logger, self.pending = logger, ""
+
+    def write(self, text: str) -> int:
+        self.pending += text
+        *lines, self.pending = self.pending.split("\n")
+        for line in lines:
+            if line.strip():
+                self.logger.info(line)
+        return len(text)
 
 
 def ray_init_options() -> dict[str, Any]:
