@@ -5,7 +5,7 @@
     train_vqvae: done in 4m12s  holdout/mse=0.0101, holdout/perplexity/top=25.58, ...
 
 On a terminal the progress is a live bar (rich); elsewhere (a pipe, CI, ``ray job logs``) it is
-a plain line at every tenth of the work and at least every ``PLAIN_EVERY_SECONDS``.
+a plain line at every fifth of the work and at least every ``PLAIN_EVERY_SECONDS``.
 
 Warnings are shown once: a repeat of the same message is counted, not printed, and the stage's
 last lines say how often each repeated warning came ("(N times)"). Beyond ``SHOWN_PER_TEMPLATE``
@@ -25,8 +25,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-PLAIN_EVERY_SECONDS = 60.0
-PLAIN_LINES = 10  # a plain progress line at every tenth of the work
+PLAIN_EVERY_SECONDS = 120.0
+PLAIN_LINES = 5  # a plain progress line at every fifth of the work
 RATE_WINDOW_SECONDS = 30.0  # rates and ETAs follow the last half minute, not the whole run
 SHOWN_PER_TEMPLATE = 3
 
@@ -93,7 +93,7 @@ class Progress:
         if rate_from_start:  # else from the first update (work that starts after a while)
             self.rate.add(time.monotonic(), 0)
         self._lock = threading.Lock()
-        self._next_line = 1  # in tenths of the total
+        self._next_line = 1  # in fifths of the total
         self._last_line = time.monotonic()
         self._printed_done = -1
         self._task = console._add_task(self)
@@ -139,7 +139,7 @@ class Progress:
         return "  ".join(parts)
 
     def plain_due(self, now: float) -> bool:
-        """Whether a plain line is due: a tenth of the work more, or a while without a line."""
+        """Whether a plain line is due: a fifth of the work more, or a while without a line."""
         if self.done == self._printed_done:
             return False
         if self.total and self.done >= self.total:

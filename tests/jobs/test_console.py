@@ -95,7 +95,7 @@ def test_training_and_tokenize_show_plain_progress_lines(first_run):
     for level in ("top", "bottom"):
         assert re.search(rf"^  train_prior {level}  step 4/4 \(100%\)", out, re.MULTILINE), out
     steps = [int(m) for m in re.findall(r"^  train_vqvae  step (\d+)/6", out, re.MULTILINE)]
-    assert steps == sorted(steps) and len(steps) >= 2, out  # a line per tenth of the work
+    assert steps == sorted(steps) and len(steps) >= 2, out  # a line per fifth of the work
     match = re.search(r"^  tokenize  images (\d+)/(\d+) \(100%\)  shards (\d+)", out, re.MULTILINE)
     assert match, out
     assert match[1] == match[2] == "14"  # 2 classes x 6 images and the 2 bad files
@@ -155,7 +155,7 @@ def test_a_failing_stage_says_so_and_where_the_logs_are(first_run, config):
 # Without Ray: the console and the log routing on their own.
 
 
-def test_plain_progress_prints_a_line_per_tenth_of_the_work():
+def test_plain_progress_prints_a_line_per_fifth_of_the_work():
     stream = io.StringIO()
     shown = Console(stream)
     with console.active(shown), shown.progress("tokenize", 200, "images") as bar:
@@ -163,7 +163,7 @@ def test_plain_progress_prints_a_line_per_tenth_of_the_work():
             bar.update(advance=1, shards=3)
     lines = stream.getvalue().splitlines()
     done = [int(re.match(r"  tokenize  images (\d+)/200 ", line)[1]) for line in lines]
-    assert done == list(range(20, 201, 20)), lines
+    assert done == list(range(40, 201, 40)), lines
     assert lines[-1].startswith("  tokenize  images 200/200 (100%)  shards 3  ")
 
 
