@@ -201,7 +201,7 @@ class _ResourceWait(ControllerCallback):
 
     def message(self) -> str:
         knobs, section = self.knobs, self.section
-        per_worker = worker_resources(knobs)
+        per_worker = _worker_resources(knobs)
         wanted = {k: v * knobs.num_workers for k, v in per_worker.items()}
         total, free = ray.cluster_resources(), ray.available_resources()
         nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
@@ -212,12 +212,12 @@ class _ResourceWait(ControllerCallback):
             f"{_resources({k: total.get(k, 0.0) for k in wanted})} on {nodes} alive node(s), "
             f"{_resources({k: free.get(k, 0.0) for k in wanted})} free. Add nodes, lower "
             f"{section}.num_workers or {section}.cpus_per_worker, or raise "
-            "ray.resource_wait_seconds; checkpoints already written are kept and a new run of "
-            "the stage resumes from the last one"
+            "ray.resource_wait_seconds. The checkpoints written are kept: the same config "
+            "submitted again once the cluster has room resumes from the last one"
         )
 
 
-def worker_resources(knobs: TrainingKnobs) -> dict[str, float]:
+def _worker_resources(knobs: TrainingKnobs) -> dict[str, float]:
     """What one training worker reserves."""
     return {"CPU": knobs.cpus_per_worker} | ({"GPU": 1.0} if knobs.use_gpu else {})
 

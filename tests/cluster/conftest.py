@@ -18,6 +18,7 @@ import secrets
 import shutil
 import tempfile
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -135,6 +136,6 @@ def ray_cluster(cluster_root: Path, s3_server: S3Server) -> Iterator[RayCluster]
     try:
         yield cluster
     finally:
-        for worker in cluster.workers:
-            worker.stop()
-        cluster.head.stop()
+        # All nodes at once: each may take its grace period to stop.
+        with ThreadPoolExecutor(max_workers=len(cluster.workers) + 1) as pool:
+            list(pool.map(lambda node: node.stop(), [*cluster.workers, cluster.head]))

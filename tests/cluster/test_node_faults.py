@@ -43,7 +43,7 @@ PER_CLASS = 20  # 80 images: 10 shards of 8 in tokenize, so the kill lands while
 STEPS = 16
 SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of registered checkpoints
 EVERY = 4
-WAIT = 15  # ray.resource_wait_seconds of the run that is left without room
+WAIT = 10  # ray.resource_wait_seconds of the run that is left without room
 
 
 def _actor_nodes(cluster: RayCluster, class_name: str) -> set[str]:
@@ -268,7 +268,7 @@ def test_no_room_left_after_a_lost_node_fails_within_the_wait(ray_cluster, job_e
 
     assert status == "FAILED", log[-6000:]
     assert "vqpipe: error: train_vqvae: the Ray cluster could not place 2 training worker(s)" in log
-    assert "of 1 CPU each (2 CPU in all) within ray.resource_wait_seconds=15" in log
+    assert "of 1 CPU each (2 CPU in all) within ray.resource_wait_seconds=10" in log
     assert "it has 1 CPU on 1 alive node(s)" in log
     # It waited the configured time for room, and not much longer.
     assert WAIT <= failed_after < WAIT + 120, failed_after
