@@ -16,15 +16,20 @@ A single member (the default: this run's tokenize) is read as it is: no prefix, 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from pipelines import storage
 from pipelines.errors import ConfigError, InputError, MissingInputError
 from pipelines.manifest import MANIFEST_NAME, ManifestModel, read_manifest_at
-from pipelines.stages.tokenize import TokenizeManifest
+from pipelines.shards import relabel_codes
 from pipelines.tokenizer import TokenizerIdentity
+
+if TYPE_CHECKING:  # imported where used: the stages import this module
+    from pipelines.stages.tokenize import TokenizeManifest
+
+TOKENIZE_STAGE = "tokenize"
 
 
 class CorpusCodes(ManifestModel):
@@ -46,10 +51,12 @@ def manifest_uri(entry: str) -> str:
     direct = storage.join(entry, MANIFEST_NAME)
     if storage.exists(direct):
         return direct
-    return storage.join(entry, TokenizeManifest.stage, MANIFEST_NAME)
+    return storage.join(entry, TOKENIZE_STAGE, MANIFEST_NAME)
 
 
 def read_member(entry: str) -> TokenizeManifest:
+    from pipelines.stages.tokenize import TokenizeManifest
+
     uri = manifest_uri(entry)
     manifest = read_manifest_at(uri, TokenizeManifest)
     if manifest is None:
@@ -117,26 +124,13 @@ class CodeUnion:
             return code_dataset(self.first, split=split)
         parts = [
             code_dataset(m, split=split).map_batches(
-                relabel,
+                relabel_codes,
                 batch_format="numpy",
                 fn_kwargs={"prefix": m.corpus_name, "labels": np.asarray(labels, dtype=np.int64)},
             )
             for m, labels in zip(self.members, self.label_maps)
         ]
         return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-
-
-def relabel(
-    batch: dict[str, np.ndarray], labels: np.ndarray, prefix: str | None = None
-) -> dict[str, Any]:
-    """A batch of ``shards.code_dataset`` with merged labels (``labels[stored]``) and, given a
-    prefix, keys ``<prefix>/<key>``."""
-    out = dict(batch)
-    if prefix is not None:
-        out["key"] = np.array([f"{prefix}/{k}" for k in batch["key"]], dtype=object)
-    if len(labels):
-        out["label"] = labels[np.asarray(batch["label"], dtype=np.int64)]
-    return out
 
 
 def _same(members: list[TokenizeManifest], sources: list[str], what: str, get) -> None:

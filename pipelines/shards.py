@@ -397,6 +397,19 @@ def _decode_code_batch(
     return out
 
 
+def relabel_codes(
+    batch: dict[str, np.ndarray], labels: np.ndarray, prefix: str | None = None
+) -> dict[str, np.ndarray]:
+    """A batch of ``code_dataset`` with each label replaced by ``labels[label]`` and, given a
+    prefix, keys ``<prefix>/<key>``: one corpus' samples in a union of corpora."""
+    out = dict(batch)
+    if prefix is not None:
+        out["key"] = np.array([f"{prefix}/{k}" for k in batch["key"]], dtype=object)
+    if len(labels):
+        out["label"] = labels[np.asarray(batch["label"], dtype=np.int64)]
+    return out
+
+
 def code_dataset(codes: CodeShards, split: str = "train", *, as_int64: bool = True):
     """Code shards (a tokenize manifest, say) as a streaming ray.data.Dataset.
 

@@ -41,7 +41,6 @@ from pipelines.classifier import (
     resize_images,
     train_classifier,
 )
-from pipelines.code_union import relabel
 from pipelines.errors import InputError
 from pipelines.manifest import StageManifest, format_metrics, read_manifest, require_manifest
 from pipelines.report import Figure, Report, Section, Table, write_report
@@ -332,7 +331,7 @@ def _codes_and_priors(
 ) -> dict[str, np.ndarray]:
     """Add codebook usage per level and each prior's bits per code, on the test split; return
     each level's code histogram."""
-    from pipelines.shards import code_dataset
+    from pipelines.shards import code_dataset, relabel_codes
 
     cfg = ctx.cfg.evaluate
     log.info("evaluate: codebooks and priors on the test split of the code shards")
@@ -343,7 +342,7 @@ def _codes_and_priors(
     codes = code_dataset(up.tok, split="test")
     labels = up.prior_labels()
     if labels is not None:  # the priors trained on several corpora, classes merged by name
-        codes = codes.map_batches(relabel, batch_format="numpy", fn_kwargs={"labels": labels})
+        codes = codes.map_batches(relabel_codes, batch_format="numpy", fn_kwargs={"labels": labels})
     # Which maps fall in the first holdout_batches batches must not depend on scheduling.
     codes.context.execution_options.preserve_order = True
     code_stats, counts = code_metrics(
