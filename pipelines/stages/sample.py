@@ -384,7 +384,7 @@ def _generate(
     return entries
 
 
-def _prior_order(vq: TrainVQVAEManifest, trained: TrainPriorManifest) -> list[dict[str, Any]]:
+def prior_order(vq: TrainVQVAEManifest, trained: TrainPriorManifest) -> list[dict[str, Any]]:
     """The priors in sampling order; each one's condition level is sampled before it."""
     levels = trained.levels
     if levels != vq.levels:
@@ -403,7 +403,7 @@ def _prior_order(vq: TrainVQVAEManifest, trained: TrainPriorManifest) -> list[di
     return priors
 
 
-def _draws_per_class(cfg: SampleSection, class_names: list[str]) -> int:
+def draws_per_class(cfg: SampleSection, class_names: list[str]) -> int:
     """Draws per class: per_class, or enough that rejection keeps per_class of them."""
     rejection = cfg.rejection
     if not rejection.enabled:
@@ -466,35 +466,59 @@ def _log_results(
     ctx.tracking.log_metrics(metrics)
 
 
-def run(ctx: StageContext) -> SampleManifest:
-    cfg = ctx.cfg.sample
-    vq = require_manifest(ctx.cfg.output_dir, TrainVQVAEManifest)
-    priors = _prior_order(vq, require_manifest(ctx.cfg.output_dir, TrainPriorManifest))
-    class_names = vq.class_names
-    classes = resolve_classes(cfg.classes, class_names)
-    for name in classes:
-        _check_path_safe(name)
-    draws = _draws_per_class(cfg, class_names)
+def draw_samples(
+    ctx: StageContext,
+    vq: TrainVQVAEManifest,
+    priors: list[dict[str, Any]],
+    classes: list[str],
+    seed: int,
+    draws: int,
+    classifier_uri: str | None = None,
+) -> dict[str, ClassSamples]:
+    """Draw ``classes`` into ``ctx.stage_dir`` with ``seed`` as ``ctx.cfg.sample`` says (classes
+    an interrupted run finished are kept); their manifest entries in request order.
 
+    With rejection on, draws are scored by the classifier at ``classifier_uri``, or by one trained
+    here (``<stage_dir>/classifier.pt``) when none is given. The evaluate stage calls this with
+    other seeds to repeat the sampling.
+    """
+    cfg = ctx.cfg.sample
     entries = _finished_classes(ctx.stage_dir, classes)
     todo = [name for name in classes if name not in entries]
-    started = time.time()
     if todo:
         ensure_ray(ctx.cfg)
-        classifier_uri = _rejection_classifier(ctx, class_names)
-        batches = plan_batches(todo, class_names, draws, cfg.batch_size, cfg.seed)
+        if classifier_uri is None:
+            classifier_uri = _rejection_classifier(ctx, vq.class_names)
+        batches = plan_batches(todo, vq.class_names, draws, cfg.batch_size, seed)
         log.info(
-            "sample: %d draws per class for %s in %d batches on %d worker(s)",
+            "sample: %d draws per class for %s in %d batches on %d worker(s), seed %d",
             draws,
             todo,
             len(batches),
             cfg.num_workers,
+            seed,
         )
         image_shape = (*vq.image_size, vq.channels)
         entries.update(_generate(ctx, batches, vq.checkpoint, priors, classifier_uri, image_shape))
+    return {name: entries[name] for name in classes}
+
+
+def run(ctx: StageContext) -> SampleManifest:
+    cfg = ctx.cfg.sample
+    vq = require_manifest(ctx.cfg.output_dir, TrainVQVAEManifest)
+    priors = prior_order(vq, require_manifest(ctx.cfg.output_dir, TrainPriorManifest))
+    class_names = vq.class_names
+    classes = resolve_classes(cfg.classes, class_names)
+    for name in classes:
+        _check_path_safe(name)
+    draws = draws_per_class(cfg, class_names)
+
+    finished = [name for name in classes if storage.exists(_done_uri(ctx.stage_dir, name))]
+    started = time.time()
+    entries = draw_samples(ctx, vq, priors, classes, cfg.seed, draws)
     seconds = time.time() - started
-    entries = {name: entries[name] for name in classes}  # request order
-    _log_results(ctx, entries, sum(entries[name].drawn for name in todo), seconds)
+    drawn_now = sum(entries[name].drawn for name in classes if name not in finished)
+    _log_results(ctx, entries, drawn_now, seconds)
     ctx.tracking.log_params({"resolved": {"classes": classes, "draws_per_class": draws}})
 
     settings = SampleSettings(
