@@ -16,6 +16,7 @@ its reference trains the same classifier on real images. Three things keep the c
 from __future__ import annotations
 
 import hashlib
+import math
 
 import numpy as np
 
@@ -63,7 +64,8 @@ def bootstrap(
     ``correct[name]`` is an S x N bool array: for each of S repetitions (seeds), whether each of
     the N test images was classified correctly; the accuracy is the mean over both. Every
     resample draws N test images with replacement, the same ones for every name and repetition.
-    ``ratios[name] = (numerator, denominator)`` adds the interval of that ratio.
+    ``ratios[name] = (numerator, denominator)`` adds the interval of that ratio; NaN when the
+    denominator is 0 in more than 2.5% of the resamples (the upper bound would be infinite).
     """
     arrays = {name: np.atleast_2d(np.asarray(c, dtype=float)) for name, c in correct.items()}
     sizes = {a.shape[1] for a in arrays.values()}
@@ -76,13 +78,19 @@ def bootstrap(
     draws = rng.integers(0, n, size=(samples, n))
     # Per image, the mean over repetitions; then each resample's mean over its drawn images.
     resampled = {name: a.mean(axis=0)[draws].mean(axis=1) for name, a in arrays.items()}
-    for name, (top, bottom) in ratios.items():
-        with np.errstate(divide="ignore", invalid="ignore"):
-            resampled[name] = resampled[top] / resampled[bottom]
-    return {
-        name: (float(np.nanpercentile(v, 2.5)), float(np.nanpercentile(v, 97.5)))
+    intervals = {
+        name: (float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5)))
         for name, v in resampled.items()
     }
+    for name, (top, bottom) in ratios.items():
+        if (resampled[bottom] > 0).mean() < 0.975:
+            # The denominator is 0 in more than 2.5% of resamples: no finite upper bound.
+            intervals[name] = (math.nan, math.nan)
+            continue
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = resampled[top] / resampled[bottom]
+        intervals[name] = (float(np.percentile(ratio, 2.5)), float(np.percentile(ratio, 97.5)))
+    return intervals
 
 
 def spread(values: list[float]) -> dict[str, float]:

@@ -55,6 +55,10 @@ def test_bootstrap_is_paired_and_averages_repetitions():
     two_seeds = np.array([[True] * 50, [False] * 50])
     low, high = bootstrap({"a": two_seeds}, {}, samples=200)["a"]
     assert low == high == 0.5
+    # A reference right on no image: the ratio has no finite interval.
+    nothing = np.zeros(30, dtype=bool)
+    low, high = bootstrap({"a": correct[:1].repeat(30), "b": nothing}, {"r": ("a", "b")}, 200)["r"]
+    assert np.isnan(low) and np.isnan(high)
     with pytest.raises(ValueError, match="same test images"):
         bootstrap({"a": np.ones(3), "b": np.ones(4)}, {}, samples=10)
 
