@@ -396,7 +396,8 @@ def summarise_seeds(
             for stat, value in spread(values).items():
                 if stat != "mean":
                     metrics[f"{name}/{stat}"] = value
-    return metrics
+    # An undefined figure (a ratio to a reference that got nothing right) is left out, not NaN.
+    return {k: v for k, v in metrics.items() if math.isfinite(v)}
 
 
 def sample_sets(ctx: StageContext, up: Upstream) -> list[tuple[int, dict[str, str]]]:
