@@ -103,7 +103,7 @@ def test_family_runs_every_stage(name, ray_local, shared_root):
     assert not results["train_prior"].skipped
 
     vq = results["train_vqvae"].manifest
-    assert vq.levels == levels and vq.model == get_kind(kind).class_name
+    assert vq.levels == levels and vq.model == kind
 
     # Codes: one map per image, of the declared shape, inside the codebook.
     tok = results["tokenize"].manifest
