@@ -91,12 +91,26 @@ class ImageClassifier(nn.Module):
         self.head = nn.Linear(4 * w, config.num_classes)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(images))
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """The penultimate layer: globally pooled features B x (4 * width), the head's input."""
         if images.ndim != 4 or images.shape[1] != self.config.in_channels:
             raise ValueError(
                 f"expected images B x {self.config.in_channels} x H x W, got {tuple(images.shape)}"
             )
         x = self.features(resize_images(images.float(), self.config.input_size))
-        return self.head(x.mean(dim=(2, 3)))
+        return x.mean(dim=(2, 3))
+
+    def describe(self) -> str:
+        """The architecture in one line, for reports."""
+        w = self.config.width
+        return (
+            f"ImageClassifier: input resized to {self.config.input_size}x{self.config.input_size}, "
+            f"5 conv3x3-BatchNorm-ReLU blocks ({w}, {w}, {2 * w}, {2 * w}, {4 * w} channels; "
+            f"stride 2 in blocks 1, 3 and 5), global average pooling to {4 * w} features, a "
+            f"linear head over {self.config.num_classes} classes"
+        )
 
 
 # -------------------------------------------------------------------------------------------------
@@ -248,6 +262,34 @@ def predict_proba(
     return torch.cat(out)
 
 
+@torch.inference_mode()
+def embed_images(model: ImageClassifier, images: torch.Tensor, batch_size: int = 256) -> np.ndarray:
+    """Penultimate-layer features N x D (float64 numpy) of N x C x H x W images in [-1, 1]."""
+    model.eval()
+    device = next(model.parameters()).device
+    out = [
+        model.embed(images[i : i + batch_size].to(device)).double().cpu()
+        for i in range(0, len(images), batch_size)
+    ]
+    return torch.cat(out).numpy() if out else np.empty((0, 4 * model.config.width))
+
+
+def correct_predictions(
+    model: ImageClassifier,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    among: list[int] | None = None,
+) -> np.ndarray:
+    """Per image, whether its most probable class (among ``among``, when given) is its label."""
+    probs = predict_proba(model, images)
+    if among is None:
+        predicted = probs.argmax(dim=1)
+    else:
+        allowed = torch.tensor(sorted(among), dtype=torch.long)
+        predicted = allowed[probs[:, allowed].argmax(dim=1)]
+    return (predicted == labels.long().cpu()).numpy()
+
+
 def accuracy(
     model: ImageClassifier,
     images: torch.Tensor,
@@ -261,13 +303,7 @@ def accuracy(
     """
     if len(images) == 0:
         raise ValueError("accuracy of zero images is undefined")
-    probs = predict_proba(model, images)
-    if among is None:
-        predicted = probs.argmax(dim=1)
-    else:
-        allowed = torch.tensor(sorted(among), dtype=torch.long)
-        predicted = allowed[probs[:, allowed].argmax(dim=1)]
-    return float((predicted == labels.long().cpu()).float().mean())
+    return float(correct_predictions(model, images, labels, among).mean())
 
 
 # -------------------------------------------------------------------------------------------------

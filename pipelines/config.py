@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipelines.errors import ConfigError
-from vq_core.kinds import get_kind, kinds_of
+from vq_core.kinds import code_levels, get_kind, kinds_of
 
 # The kinds a config may name, from vq_core's table of model kinds.
 AutoencoderKind = Literal[kinds_of("autoencoder")]  # type: ignore[valid-type]
@@ -225,6 +225,10 @@ class PriorSection(TrainingKnobs):
 
 
 class TrainPriorSection(Section):
+    """One prior per code level, in a section named after the level (``vq_core.kinds`` declares
+    each autoencoder kind's levels): ``top`` and ``bottom`` for a VQ-VAE-2, ``codes`` for a
+    one-level VQ-VAE or a dVAE. Sections of levels the autoencoder does not have are refused."""
+
     shards: list[str] | None = Field(
         None,
         description="Code datasets to train on together: tokenize stage folders, output_dirs "
@@ -233,13 +237,16 @@ class TrainPriorSection(Section):
         "this run's tokenize (list this output_dir to include it with others).",
     )
     top: PriorSection = Field(
-        default_factory=PriorSection,
-        description="Prior of the top codes, or of the only code map of a one-level model.",
+        default_factory=PriorSection, description="Prior of the top codes (two-level models)."
     )
     bottom: PriorSection = Field(
         default_factory=PriorSection,
-        description="Prior of the bottom codes given the top codes (two-level models only). "
+        description="Prior of the bottom codes given the top codes (two-level models). "
         "A PixelSNAIL bottom prior has no attention unless model.attention says so, as in the paper.",
+    )
+    codes: PriorSection = Field(
+        default_factory=PriorSection,
+        description="Prior of the only code map of a one-level model (vqvae, dvae).",
     )
 
     @field_validator("shards")
@@ -253,13 +260,21 @@ class TrainPriorSection(Section):
 
     @model_validator(mode="after")
     def _check_models(self) -> TrainPriorSection:
-        for level in ("top", "bottom"):
+        for level in code_levels():
             section = getattr(self, level)
             get_kind(section.kind).check_user_fields(section.model, f"train_prior.{level}.model")
         if self.bottom.kind == "pixelsnail" and "attention" not in self.bottom.model:
             # The paper's bottom prior relies on the top codes for global structure: no attention.
             self.bottom.model = {**self.bottom.model, "attention": False}
         return self
+
+    def for_level(self, level: str) -> PriorSection:
+        """The section of the prior over ``level``."""
+        if level not in code_levels():
+            raise ConfigError(
+                f"no train_prior section for code level {level!r}; sections: {list(code_levels())}"
+            )
+        return getattr(self, level)
 
 
 class TokenizeSection(Section):
@@ -335,14 +350,30 @@ class EvaluateSection(Section):
     )
     batch_size: int = Field(32, gt=0)
     classifier_steps: int = Field(
-        300, gt=0, description="Training steps of each CAS classifier (on samples, on real images)."
+        300,
+        gt=0,
+        description="Training steps of each classifier: CAS on samples, its size-matched real "
+        "reference, and the judge.",
     )
     classifier_lr: float = Field(1e-3, gt=0)
     max_images: int = Field(
         4096,
         gt=0,
-        description="Most real images per split (train for the reference classifier, test for "
-        "scoring both) used by CAS (a deterministic key-hash subset).",
+        description="Most real images per split (train: the judge's data and the pool of the "
+        "size-matched reference; test: scoring) (a deterministic key-hash subset).",
+    )
+    seeds: int = Field(
+        1,
+        ge=1,
+        description="Sampling seeds to repeat CAS and the feature-space figures over: the "
+        "sample stage's images, then seeds sample.seed + 1, ... drawn here. Reports mean, std, "
+        "min and max over seeds.",
+    )
+    bootstrap_samples: int = Field(
+        1000, ge=100, description="Resamples of the test images behind each 95% interval."
+    )
+    neighbours: int = Field(
+        3, ge=1, description="k of the k-nearest-neighbour manifolds of precision and recall."
     )
     grid_images: int = Field(8, gt=0, description="Test images in the reconstruction grid.")
 
@@ -395,6 +426,24 @@ class PipelineConfig(Section):
     train_prior: TrainPriorSection = Field(default_factory=TrainPriorSection)
     sample: SampleSection = Field(default_factory=SampleSection)
     evaluate: EvaluateSection = Field(default_factory=EvaluateSection)
+
+    @model_validator(mode="after")
+    def _prior_sections_match_the_levels(self) -> PipelineConfig:
+        if self.tokenize.checkpoint:
+            return self  # a pinned tokenizer's levels are known once its checkpoint is read
+        levels = get_kind(self.train_vqvae.kind).levels
+        stray = [
+            level
+            for level in code_levels()
+            if level in self.train_prior.model_fields_set and level not in levels
+        ]
+        if stray:
+            raise ValueError(
+                f"train_prior.{stray[0]} configures a prior for code level {stray[0]!r}, but "
+                f"train_vqvae.kind {self.train_vqvae.kind!r} has levels {list(levels)}; "
+                f"configure train_prior.{' and train_prior.'.join(levels)} instead"
+            )
+        return self
 
     @field_validator("output_dir")
     @classmethod

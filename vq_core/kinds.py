@@ -38,6 +38,9 @@ class ModelKind:
     name: str
     role: Role
     target: str  # "module:Class"
+    # An autoencoder's code maps, coarsest first; its model class declares the same tuple. Each
+    # level gets one prior, conditioned on the level before it (see ``prior_conditions``).
+    levels: tuple[str, ...] = ()
 
     @property
     def class_name(self) -> str:
@@ -96,9 +99,9 @@ class ModelKind:
 KINDS: dict[str, ModelKind] = {
     kind.name: kind
     for kind in (
-        ModelKind("vqvae2", "autoencoder", "vq_core.vqvae:VQVAE2"),
-        ModelKind("vqvae", "autoencoder", "vq_core.vqvae:VQVAE"),
-        ModelKind("dvae", "autoencoder", "vq_core.dvae:DiscreteVAE"),
+        ModelKind("vqvae2", "autoencoder", "vq_core.vqvae:VQVAE2", ("top", "bottom")),
+        ModelKind("vqvae", "autoencoder", "vq_core.vqvae:VQVAE", ("codes",)),
+        ModelKind("dvae", "autoencoder", "vq_core.dvae:DiscreteVAE", ("codes",)),
         ModelKind("pixelsnail", "prior", "vq_core.pixelsnail:PixelSNAIL"),
         ModelKind("pixelcnn", "prior", "vq_core.pixelcnn:GatedPixelCNN"),
     )
@@ -108,6 +111,23 @@ KINDS: dict[str, ModelKind] = {
 def kinds_of(role: Role) -> tuple[str, ...]:
     """The kind names of one role, in table order."""
     return tuple(name for name, kind in KINDS.items() if kind.role == role)
+
+
+def code_levels() -> tuple[str, ...]:
+    """Every level name some autoencoder kind declares, in table order, each once."""
+    return tuple(dict.fromkeys(level for kind in KINDS.values() for level in kind.levels))
+
+
+def prior_conditions(levels: tuple[str, ...] | list[str]) -> dict[str, str | None]:
+    """Each level's prior and the level it is conditioned on, coarsest first.
+
+    The coarsest level's prior sees only the class; every finer level's prior also reads the level
+    just before it (VQ-VAE-2: p(top | class), then p(bottom | top, class)).
+    """
+    levels = list(levels)
+    if not levels or len(set(levels)) != len(levels):
+        raise ValueError(f"expected distinct code level names, got {levels}")
+    return {level: (levels[i - 1] if i else None) for i, level in enumerate(levels)}
 
 
 def get_kind(name: str) -> ModelKind:

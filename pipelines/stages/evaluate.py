@@ -14,16 +14,25 @@ so figures measured on it would be optimistic. Each subset below is a fixed key-
   cost of a uniform guess.
 
 On the sample stage's images, the Classification Accuracy Score (CAS, Ravuri & Vinyals 2019): a
-classifier trained only on generated images, tested on real test images, reported beside the
-same classifier trained on real train images for the same number of steps, and beside that real
-classifier's accuracy on the generated images (does each sample look like its class?). Accuracies
-are among the sampled classes only, so sampling a subset of classes is still a fair comparison.
+classifier trained only on generated images, tested on real test images, beside the same
+classifier trained for the same steps on as many real train images as there are generated ones,
+class by class (``pipelines.cas``), with bootstrap 95% intervals over the test images and
+per-class accuracies. A judge, a classifier trained on real train images with its own seed (never
+the classifier that rejection sampling picked the samples with), scores the samples
+(``cas/real_to_generated``); its penultimate layer is the feature space of a Fréchet distance to
+the real test images and of the samples' precision and recall (``pipelines.feature_space``).
+With ``evaluate.seeds`` > 1, sampling and CAS are repeated with further sampling seeds and the
+figures are means, with their standard deviation and range across seeds. Accuracies are among
+the sampled classes only, so sampling a subset of classes is still a fair comparison.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import logging
 import math
+import re
 import time
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -35,8 +44,6 @@ from pipelines import storage
 from pipelines.classifier import (
     ClassifierConfig,
     LabelledImages,
-    accuracy,
-    corpus_classifier,
     labelled_images,
     resize_images,
     train_classifier,
@@ -54,6 +61,8 @@ from vq_core.quantizer import code_histogram_stats
 
 log = logging.getLogger("vqpipe")
 
+JUDGE = "judge.pt"
+
 
 class EvaluateManifest(StageManifest):
     """The pipeline's figures and where its report is."""
@@ -65,6 +74,8 @@ class EvaluateManifest(StageManifest):
     report_html: str
     levels: list[str]
     cas_skipped: str | None  # why CAS was not computed, when it was not
+    judge_seed: int | None = None  # seed of the classifier judging the samples (never rejection's)
+    feature_network: str | None = None  # what computed quality/fid, precision and recall
 
     def summary(self) -> str:
         shown = (
@@ -230,68 +241,284 @@ def generated_images(
     return LabelledImages(torch.cat(images), torch.tensor(labels, dtype=torch.long), keys)
 
 
+def judge_seed(seed: int, avoid: int | None) -> int:
+    """The judge's seed: derived from the pipeline seed, and never the rejection classifier's."""
+    digest = hashlib.sha256(f"judge/{seed}".encode()).digest()
+    derived = int.from_bytes(digest[:4], "big")
+    return derived + 1 if derived == avoid else derived
+
+
+@dataclass(frozen=True)
+class RealImages:
+    """The real images CAS needs: a pool from the train split, and the test images it scores on."""
+
+    pool: LabelledImages
+    test: LabelledImages
+
+
+@dataclass(frozen=True)
+class Judge:
+    """The classifier that judges the samples (cas/real_to_generated) and whose penultimate layer
+    is the feature space of the FID, precision and recall; trained on real train images only."""
+
+    model: Any
+    seed: int
+    train_images: int
+    steps: int
+    lr: float
+
+    def describe(self) -> str:
+        return (
+            f"{self.model.describe()}; trained from scratch on {self.train_images} real images of "
+            f"the train split for {self.steps} Adam steps (lr {self.lr}, batches of 64, random "
+            f"flips and shifts, seed {self.seed}); features: its {4 * self.model.config.width} "
+            "pooled penultimate activations"
+        )
+
+
+def train_judge(ctx: StageContext, pool: LabelledImages, num_classes: int, avoid: int | None):
+    """Train the judge with its own seed (so its own initial weights, batch order and
+    augmentations), independent of the sample stage's rejection classifier; save it."""
+    from pipelines.classifier import save_classifier
+
+    cfg = ctx.cfg.evaluate
+    seed = judge_seed(ctx.cfg.seed, avoid)
+    log.info("evaluate: judge classifier on %d real train images, seed %d", len(pool), seed)
+    model = train_classifier(
+        pool.images,
+        pool.labels,
+        num_classes,
+        steps=cfg.classifier_steps,
+        lr=cfg.classifier_lr,
+        seed=seed,
+    )
+    save_classifier(model, storage.join(ctx.stage_dir, JUDGE), key=f"judge seed {seed}")
+    return Judge(model, seed, len(pool), cfg.classifier_steps, cfg.classifier_lr)
+
+
+@dataclass
+class SeedScores:
+    """One sampling seed's results: per test image, whether each classifier got it right; the
+    judge's verdict per generated image; and the feature-space figures."""
+
+    seed: int
+    generated_images: int
+    real_train_images: int
+    on_generated: np.ndarray  # bool per test image
+    on_real: np.ndarray  # bool per test image
+    judged: np.ndarray  # bool per generated image
+    quality: dict[str, float]
+
+
+def score_seed(
+    ctx: StageContext,
+    seed: int,
+    generated: LabelledImages,
+    real: RealImages,
+    judge: Judge,
+    test_features: np.ndarray,
+    sampled: list[int],
+    num_classes: int,
+) -> SeedScores:
+    """CAS for one set of samples: a classifier on the samples, the same classifier on as many
+    real train images of each class as the samples have, both tested on the real test images."""
+    from pipelines.cas import class_counts, matched_subset
+    from pipelines.classifier import correct_predictions, embed_images
+    from pipelines.feature_space import frechet_distance, precision_recall
+
+    cfg = ctx.cfg.evaluate
+    matched = matched_subset(real.pool, class_counts(generated.labels.numpy()), salt=seed)
+    log.info(
+        "evaluate: seed %d: classifiers on %d generated and %d real images",
+        seed,
+        len(generated),
+        len(matched),
+    )
+    kwargs = {"steps": cfg.classifier_steps, "lr": cfg.classifier_lr, "seed": seed}
+    on_generated = train_classifier(generated.images, generated.labels, num_classes, **kwargs)
+    on_real = train_classifier(matched.images, matched.labels, num_classes, **kwargs)
+    test = real.test
+    quality: dict[str, float] = {}
+    generated_features = embed_images(judge.model, generated.images)
+    if min(len(generated_features), len(test_features)) >= 2:
+        quality["fid"] = frechet_distance(generated_features, test_features)
+        quality["fid_real_train"] = frechet_distance(
+            embed_images(judge.model, matched.images), test_features
+        )
+    if min(len(generated_features), len(test_features)) > cfg.neighbours:
+        quality["precision"], quality["recall"] = precision_recall(
+            test_features, generated_features, k=cfg.neighbours
+        )
+    return SeedScores(
+        seed=seed,
+        generated_images=len(generated),
+        real_train_images=len(matched),
+        on_generated=correct_predictions(on_generated, test.images, test.labels, among=sampled),
+        on_real=correct_predictions(on_real, test.images, test.labels, among=sampled),
+        judged=correct_predictions(judge.model, generated.images, generated.labels, among=sampled),
+        quality=quality,
+    )
+
+
+def _metric_key(name: str) -> str:
+    # MLflow metric names allow letters, digits, _ - . / and spaces.
+    return re.sub(r"[^A-Za-z0-9_\-. /]", "_", name)
+
+
+def summarise_seeds(
+    scores: list[SeedScores],
+    test_labels: np.ndarray,
+    class_names: list[str],
+    bootstrap_samples: int,
+) -> dict[str, float]:
+    """The CAS and feature-space metrics over every seed: means, bootstrap intervals over the test
+    images, per-class accuracies and, for several seeds, the spread across seeds."""
+    from pipelines.cas import bootstrap, per_class_accuracy, spread
+
+    on_generated = np.stack([s.on_generated for s in scores])
+    on_real = np.stack([s.on_real for s in scores])
+    cas, real = float(on_generated.mean()), float(on_real.mean())
+    metrics: dict[str, float] = {
+        "cas/generated_to_real": cas,
+        "cas/real_to_real": real,
+        "cas/ratio": cas / real if real > 0 else math.nan,
+        "cas/real_to_generated": float(np.mean([s.judged.mean() for s in scores])),
+        "cas/seeds": len(scores),
+        "cas/generated_images": scores[0].generated_images,
+        "cas/real_train_images": scores[0].real_train_images,
+        "cas/real_test_images": len(test_labels),
+    }
+    intervals = bootstrap(
+        {"generated_to_real": on_generated, "real_to_real": on_real},
+        {"ratio": ("generated_to_real", "real_to_real")},
+        bootstrap_samples,
+    )
+    for name, (low, high) in intervals.items():
+        metrics[f"cas/{name}/ci_low"], metrics[f"cas/{name}/ci_high"] = low, high
+    for name, correct in (("generated_to_real", on_generated), ("real_to_real", on_real)):
+        per_class = per_class_accuracy(correct.mean(axis=0), test_labels)
+        for label, value in per_class.items():
+            metrics[f"cas/{name}/class/{_metric_key(class_names[label])}"] = value
+    for name in ("fid", "fid_real_train", "precision", "recall"):
+        values = [s.quality[name] for s in scores if name in s.quality]
+        if values:
+            metrics[f"quality/{name}"] = float(np.mean(values))
+    if len(scores) > 1:
+        per_seed = {
+            "cas/generated_to_real": [float(s.on_generated.mean()) for s in scores],
+            "cas/real_to_real": [float(s.on_real.mean()) for s in scores],
+            "cas/ratio": [
+                float(s.on_generated.mean() / s.on_real.mean()) if s.on_real.any() else math.nan
+                for s in scores
+            ],
+            "cas/real_to_generated": [float(s.judged.mean()) for s in scores],
+        }
+        for name in ("fid", "precision", "recall"):
+            if all(name in s.quality for s in scores):
+                per_seed[f"quality/{name}"] = [s.quality[name] for s in scores]
+        for name, values in per_seed.items():
+            for stat, value in spread(values).items():
+                if stat != "mean":
+                    metrics[f"{name}/{stat}"] = value
+    # An undefined figure (a ratio to a reference that got nothing right) is left out, not NaN.
+    return {k: v for k, v in metrics.items() if math.isfinite(v)}
+
+
+def sample_sets(ctx: StageContext, up: Upstream) -> list[tuple[int, dict[str, str]]]:
+    """(seed, class name -> folder of PNGs) of every sampling seed: the sample stage's own
+    images, then ``evaluate.seeds - 1`` more sets drawn here with the sample stage's settings."""
+    from pipelines.stages.sample import draw_samples, prior_order
+
+    first_seed = ctx.cfg.sample.seed
+    sets = [(first_seed, {name: entry.dir for name, entry in up.sample.classes.items()})]
+    rejection_uri = None
+    if up.sample.settings.rejection.get("enabled"):
+        uri = storage.join(SampleManifest.directory(ctx.cfg.output_dir), REJECTION_CLASSIFIER)
+        rejection_uri = uri if storage.exists(uri) else None
+    for offset in range(1, ctx.cfg.evaluate.seeds):
+        seed = first_seed + offset
+        where = dataclasses.replace(ctx, stage_dir=storage.join(ctx.stage_dir, f"samples-{seed}"))
+        entries = draw_samples(
+            where,
+            up.priors,
+            prior_order(up.priors),
+            list(up.sample.classes),
+            seed,
+            up.sample.settings.draws_per_class,
+            rejection_uri,
+        )
+        sets.append((seed, {name: entry.dir for name, entry in entries.items()}))
+    return sets
+
+
+def rejection_seed(sample: SampleManifest | None) -> int | None:
+    """The seed of the classifier that picked the samples, when rejection was on."""
+    if sample is None or not sample.settings.rejection.get("enabled"):
+        return None
+    return sample.settings.seed
+
+
+@dataclass
+class SampleScores:
+    """What the CAS and feature-space part of the evaluation found, or why it did not apply."""
+
+    metrics: dict[str, float]
+    note: str | None
+    judge: Judge | None = None
+
+
 def classification_metrics(
     ctx: StageContext,
     class_names: list[str],
-    sample_dirs: dict[str, str],
+    sample_sets: list[tuple[int, dict[str, str]]],
     shape: tuple[int, int, int],
-) -> tuple[dict[str, float], str | None]:
-    """CAS and its two reference accuracies, from the generated images in ``sample_dirs`` (class
-    name -> folder of PNGs); or no metrics and the reason they are missing."""
+    avoid_seed: int | None = None,
+) -> SampleScores:
+    """CAS, its references and the feature-space figures over every set of generated images in
+    ``sample_sets`` ((seed, class name -> folder of PNGs), one per sampling seed)."""
+    from pipelines.classifier import embed_images
     from pipelines.corpus import open_corpus
 
     cfg = ctx.cfg.evaluate
-    unknown = [n for n in sample_dirs if n not in class_names]
+    unknown = [n for _, dirs in sample_sets for n in dirs if n not in class_names]
     if len(class_names) < 2 or unknown:
-        return {}, "the samples are not labelled with the corpus' classes, so CAS does not apply"
+        return SampleScores(
+            {}, "the samples are not labelled with the corpus' classes, so CAS does not apply"
+        )
     input_size = ClassifierConfig(num_classes=len(class_names), in_channels=shape[2]).input_size
-    generated = generated_images(sample_dirs, class_names, shape, input_size)
-    sampled = sorted(set(generated.labels.tolist()))
+    generated = [
+        (seed, generated_images(dirs, class_names, shape, input_size)) for seed, dirs in sample_sets
+    ]
+    sampled = sorted(set(generated[0][1].labels.tolist()))
     if len(sampled) < 2:
-        return {}, "fewer than 2 classes were sampled; a classifier needs at least 2"
-    holdout = labelled_images(
-        open_corpus(ctx.cfg.data).dataset("test"), cfg.max_images, size=input_size
-    )
-    holdout = holdout.subset(np.isin(holdout.labels.numpy(), sampled))
-    if len(holdout) == 0:
-        return {}, "the test split has no images of the sampled classes"
-
-    log.info("evaluate: CAS classifier on %d generated images", len(generated))
-    on_generated = train_classifier(
-        generated.images,
-        generated.labels,
-        len(class_names),
-        steps=cfg.classifier_steps,
-        lr=cfg.classifier_lr,
-        seed=ctx.cfg.seed,
-    )
-    # The rejection classifier of the sample stage is this very model when the settings agree.
-    on_real = corpus_classifier(
-        ctx.cfg.data,
-        class_names,
-        steps=cfg.classifier_steps,
-        lr=cfg.classifier_lr,
-        seed=ctx.cfg.seed,
-        max_images=cfg.max_images,
-        cache_uri=storage.join(ctx.stage_dir, "classifier-real.pt"),
-        reuse_uris=(
-            storage.join(SampleManifest.directory(ctx.cfg.output_dir), REJECTION_CLASSIFIER),
-        ),
-    )
-    cas = accuracy(on_generated, holdout.images, holdout.labels, among=sampled)
-    real = accuracy(on_real, holdout.images, holdout.labels, among=sampled)
-    metrics = {
-        "cas/generated_to_real": cas,
-        "cas/real_to_real": real,
-        "cas/real_to_generated": accuracy(
-            on_real, generated.images, generated.labels, among=sampled
-        ),
-        "cas/ratio": cas / real if real > 0 else math.nan,
-        "cas/generated_images": len(generated),
-        "cas/real_test_images": len(holdout),
-        "cas/classes": len(sampled),
-    }
-    return metrics, None
+        return SampleScores({}, "fewer than 2 classes were sampled; a classifier needs at least 2")
+    corpus = open_corpus(ctx.cfg.data)
+    if list(corpus.class_names) != list(class_names):
+        raise InputError(
+            f"the corpus now has classes {list(corpus.class_names)}, but the models were trained "
+            f"on {list(class_names)}; re-run the pipeline from train_vqvae"
+        )
+    test = labelled_images(corpus.dataset("test"), cfg.max_images, size=input_size)
+    test = test.subset(np.isin(test.labels.numpy(), sampled))
+    if len(test) == 0:
+        return SampleScores({}, "the test split has no images of the sampled classes")
+    pool = labelled_images(corpus.dataset("train"), cfg.max_images, size=input_size)
+    pool = pool.subset(np.isin(pool.labels.numpy(), sampled))
+    if len(pool) == 0:
+        return SampleScores({}, "the train split has no images of the sampled classes")
+    real = RealImages(pool, test)
+    judge = train_judge(ctx, pool, len(class_names), avoid_seed)
+    test_features = embed_images(judge.model, test.images)
+    scores = [
+        score_seed(
+            ctx, ctx.cfg.seed + index, images, real, judge, test_features, sampled, len(class_names)
+        )
+        for index, (_, images) in enumerate(generated)
+    ]
+    metrics = summarise_seeds(scores, test.labels.numpy(), class_names, cfg.bootstrap_samples)
+    metrics["cas/classes"] = len(sampled)
+    metrics["cas/judge_train_images"] = len(pool)
+    return SampleScores(metrics, None, judge)
 
 
 def _load(uri: str, device: torch.device) -> torch.nn.Module:
@@ -417,25 +644,29 @@ def run(ctx: StageContext) -> EvaluateManifest:
 
     recon_grid = _reconstruction(ctx, _load_tokenizer(ctx, up, device), metrics, notes)
     counts = _codes_and_priors(ctx, up, device, metrics)
-    cas_note = "the sample stage has not run"
+    scores = SampleScores({}, "the sample stage has not run")
     if up.sample is not None:
-        log.info("evaluate: Classification Accuracy Score")
+        log.info("evaluate: Classification Accuracy Score and feature-space quality")
         shape = (*up.tok.image_size, up.tok.channels)
-        dirs = {name: entry.dir for name, entry in up.sample.classes.items()}
-        cas_metrics, cas_note = classification_metrics(ctx, up.tok.class_names, dirs, shape)
-        metrics.update(cas_metrics)
+        scores = classification_metrics(
+            ctx, up.tok.class_names, sample_sets(ctx, up), shape, rejection_seed(up.sample)
+        )
+        metrics.update(scores.metrics)
+    cas_note = scores.note
     metrics["evaluate/seconds"] = time.time() - started
     metrics = {k: float(v) for k, v in metrics.items()}
     ctx.tracking.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)})
 
     figures = Figures(recon_grid, counts, _training_curves(ctx, up, metrics))
-    uris = _publish(ctx, build_report(ctx, up, metrics, figures, cas_note, notes))
+    uris = _publish(ctx, build_report(ctx, up, metrics, figures, scores, notes))
     return EvaluateManifest(
         metrics=metrics,
         report=uris["markdown"],
         report_html=uris["html"],
         levels=up.tok.levels,
         cas_skipped=cas_note,
+        judge_seed=scores.judge.seed if scores.judge else None,
+        feature_network=scores.judge.describe() if scores.judge else None,
     )
 
 
@@ -590,11 +821,22 @@ def _prior_section(ctx: StageContext, up: Upstream, metrics: dict[str, float]) -
     )
 
 
+def _interval(metrics: dict[str, float], name: str) -> str:
+    low, high = metrics.get(f"{name}/ci_low"), metrics.get(f"{name}/ci_high")
+    return "-" if low is None else f"[{low:.3g}, {high:.3g}]"
+
+
+def _seed_spread(metrics: dict[str, float], name: str) -> str:
+    if f"{name}/std" not in metrics:
+        return "-"
+    return f"{metrics[f'{name}/std']:.3g} ({metrics[f'{name}/min']:.3g} to {metrics[f'{name}/max']:.3g})"
+
+
 def _samples_section(
     ctx: StageContext,
     sample: SampleManifest | None,
     metrics: dict[str, float],
-    cas_note: str | None,
+    scores: SampleScores,
 ) -> Section:
     section = Section("Samples and Classification Accuracy Score")
     if sample is not None:
@@ -606,31 +848,40 @@ def _samples_section(
             + (", with classifier rejection" if settings.rejection.get("enabled") else "")
             + "."
         )
-    if cas_note:
-        section.paragraphs.append(f"CAS not computed: {cas_note}.")
+    if scores.note:
+        section.paragraphs.append(f"CAS not computed: {scores.note}.")
     else:
+        cfg = ctx.cfg.evaluate
+        seeds = int(metrics["cas/seeds"])
         section.paragraphs.append(
             "CAS trains a classifier on generated images only and tests it on real test-split "
-            "images; the same classifier trained on real images for the same number of steps "
-            f"({ctx.cfg.evaluate.classifier_steps}) gives the reference. Accuracies are among the "
-            "sampled classes."
+            f"images. The reference trains the same classifier, for the same {cfg.classifier_steps} "
+            f"steps, on as many real train-split images as there are generated ones, class by "
+            f"class ({int(metrics['cas/real_train_images'])} images). Accuracies are among the "
+            f"sampled classes, over {int(metrics['cas/real_test_images'])} test images; intervals "
+            f"are bootstrap 95% intervals over the test images ({cfg.bootstrap_samples} "
+            "resamples, the same for both classifiers). The samples are judged by a classifier "
+            f"trained independently of the one that rejection sampling used (seed "
+            f"{scores.judge.seed})."
+            + (
+                f" Figures are means over {seeds} sampling seeds; the spread column gives their "
+                "standard deviation and range."
+                if seeds > 1
+                else " One sampling seed (evaluate.seeds > 1 measures the spread across seeds)."
+            )
         )
-        section.table = _metric_table(
-            metrics,
+        meanings = [
+            ("cas/generated_to_real", "CAS: trained on samples, tested on real test images"),
+            ("cas/real_to_real", "reference: trained on size-matched real train images"),
+            ("cas/ratio", "CAS / reference"),
+            ("cas/real_to_generated", "the judge on the samples (class fidelity)"),
+        ]
+        section.table = Table(
+            ["metric", "value", "95% interval", "spread over seeds", "meaning"],
             [
-                (
-                    "cas/generated_to_real",
-                    "CAS: trained on samples, tested on real test images",
-                ),
-                (
-                    "cas/real_to_real",
-                    "reference: trained on real train images, tested on real test images",
-                ),
-                ("cas/ratio", "CAS / reference"),
-                (
-                    "cas/real_to_generated",
-                    "real-trained classifier on the samples (class fidelity)",
-                ),
+                [k, metrics[k], _interval(metrics, k), _seed_spread(metrics, k), meaning]
+                for k, meaning in meanings
+                if k in metrics
             ],
         )
     if sample is not None:
@@ -646,12 +897,70 @@ def _samples_section(
     return section
 
 
+def _per_class_section(class_names: list[str], metrics: dict[str, float]) -> Section | None:
+    rows = []
+    for name in class_names:
+        key = _metric_key(name)
+        if f"cas/generated_to_real/class/{key}" in metrics:
+            rows.append(
+                [
+                    name,
+                    metrics[f"cas/generated_to_real/class/{key}"],
+                    metrics[f"cas/real_to_real/class/{key}"],
+                ]
+            )
+    if not rows:
+        return None
+    return Section(
+        "CAS per class",
+        [
+            "Accuracy among each class's real test images (a class CAS misses points at a class "
+            "the samples do not carry)."
+        ],
+        Table(["class", "CAS (trained on samples)", "reference (size-matched real)"], rows),
+    )
+
+
+def _quality_section(
+    metrics: dict[str, float], scores: SampleScores, neighbours: int
+) -> Section | None:
+    if scores.judge is None or "quality/fid" not in metrics:
+        return None
+    return Section(
+        "Sample quality in feature space",
+        [
+            "Fréchet distance between Gaussians fitted to the features of the generated images "
+            "and of the real test images (an FID, but not comparable with published FIDs: the "
+            "feature network is not Inception), and precision and recall of the samples "
+            f"(Kynkäänniemi et al. 2019; k-nearest-neighbour manifolds, k = "
+            f"{neighbours}). The distance is biased "
+            "upwards for small sets: compare it with quality/fid_real_train, the same distance "
+            "from as many real train images as there are samples, the floor a perfect model "
+            "would reach.",
+            f"Feature network: {scores.judge.describe()}.",
+        ],
+        Table(
+            ["metric", "value", "spread over seeds"],
+            [
+                [k, metrics[k], _seed_spread(metrics, k)]
+                for k in (
+                    "quality/fid",
+                    "quality/fid_real_train",
+                    "quality/precision",
+                    "quality/recall",
+                )
+                if k in metrics
+            ],
+        ),
+    )
+
+
 def build_report(
     ctx: StageContext,
     up: Upstream,
     metrics: dict[str, float],
     figures: Figures,
-    cas_note: str | None,
+    scores: SampleScores,
     notes: list[str],
 ) -> Report:
     everything = Section(
@@ -675,7 +984,15 @@ def build_report(
                 else ["No training runs were tracked, so there are no curves."],
                 figures=figures.curves,
             ),
-            _samples_section(ctx, up.sample, metrics, cas_note),
+            _samples_section(ctx, up.sample, metrics, scores),
+            *[
+                extra
+                for extra in (
+                    _per_class_section(up.tok.class_names, metrics),
+                    _quality_section(metrics, scores, ctx.cfg.evaluate.neighbours),
+                )
+                if extra is not None
+            ],
             everything,
         ],
     )
@@ -691,7 +1008,8 @@ SPEC = StageSpec(
         if cfg.tokenize.checkpoint
         else (TrainVQVAEManifest, TokenizeManifest, TrainPriorManifest, SampleManifest)
     ),
-    sections=("seed", "data"),
+    # sample: evaluate.seeds > 1 draws more samples with the sample stage's settings.
+    sections=("seed", "data", "sample"),
     reads_corpus=True,
     enabled=lambda cfg: cfg.evaluate.enabled,
 )

@@ -389,7 +389,7 @@ def _generate(
     return entries
 
 
-def _prior_order(trained: TrainPriorManifest) -> list[dict[str, Any]]:
+def prior_order(trained: TrainPriorManifest) -> list[dict[str, Any]]:
     """The priors in sampling order; each one's condition level is sampled before it."""
     levels = trained.levels
     priors = []
@@ -406,7 +406,7 @@ def _prior_order(trained: TrainPriorManifest) -> list[dict[str, Any]]:
     return priors
 
 
-def _draws_per_class(cfg: SampleSection, class_names: list[str]) -> int:
+def draws_per_class(cfg: SampleSection, class_names: list[str]) -> int:
     """Draws per class: per_class, or enough that rejection keeps per_class of them."""
     rejection = cfg.rejection
     if not rejection.enabled:
@@ -469,38 +469,62 @@ def _log_results(
     ctx.tracking.log_metrics(metrics)
 
 
-def run(ctx: StageContext) -> SampleManifest:
-    cfg = ctx.cfg.sample
-    trained = require_manifest(ctx.cfg.output_dir, TrainPriorManifest)
-    priors = _prior_order(trained)
-    # The autoencoder whose codes the priors model (pinned or trained), and the priors' classes
-    # (merged by name when they trained on several corpora).
-    class_names = trained.class_names
-    classes = resolve_classes(cfg.classes, class_names)
-    for name in classes:
-        _check_path_safe(name)
-    draws = _draws_per_class(cfg, class_names)
+def draw_samples(
+    ctx: StageContext,
+    trained: TrainPriorManifest,
+    priors: list[dict[str, Any]],
+    classes: list[str],
+    seed: int,
+    draws: int,
+    classifier_uri: str | None = None,
+) -> dict[str, ClassSamples]:
+    """Draw ``classes`` into ``ctx.stage_dir`` with ``seed`` as ``ctx.cfg.sample`` says (classes
+    an interrupted run finished are kept); their manifest entries in request order. The codes
+    are decoded by the autoencoder the priors' codes came from (``trained.tokenizer``, pinned
+    or trained), and the classes are the priors' (merged by name over several corpora).
 
+    With rejection on, draws are scored by the classifier at ``classifier_uri``, or by one trained
+    here (``<stage_dir>/classifier.pt``) when none is given. The evaluate stage calls this with
+    other seeds to repeat the sampling.
+    """
+    cfg = ctx.cfg.sample
     entries = _finished_classes(ctx.stage_dir, classes)
     todo = [name for name in classes if name not in entries]
-    started = time.time()
     if todo:
         ensure_ray(ctx.cfg)
-        classifier_uri = _rejection_classifier(ctx, class_names)
-        batches = plan_batches(todo, class_names, draws, cfg.batch_size, cfg.seed)
+        if classifier_uri is None:
+            classifier_uri = _rejection_classifier(ctx, trained.class_names)
+        batches = plan_batches(todo, trained.class_names, draws, cfg.batch_size, seed)
         log.info(
-            "sample: %d draws per class for %s in %d batches on %d worker(s)",
+            "sample: %d draws per class for %s in %d batches on %d worker(s), seed %d",
             draws,
             todo,
             len(batches),
             cfg.num_workers,
+            seed,
         )
         image_shape = (*trained.image_size, trained.channels)
         autoencoder = read_identified(trained.tokenizer, tracking_uri_for(ctx.cfg))
         entries.update(_generate(ctx, batches, autoencoder, priors, classifier_uri, image_shape))
+    return {name: entries[name] for name in classes}
+
+
+def run(ctx: StageContext) -> SampleManifest:
+    cfg = ctx.cfg.sample
+    trained = require_manifest(ctx.cfg.output_dir, TrainPriorManifest)
+    priors = prior_order(trained)
+    class_names = trained.class_names
+    classes = resolve_classes(cfg.classes, class_names)
+    for name in classes:
+        _check_path_safe(name)
+    draws = draws_per_class(cfg, class_names)
+
+    finished = [name for name in classes if storage.exists(_done_uri(ctx.stage_dir, name))]
+    started = time.time()
+    entries = draw_samples(ctx, trained, priors, classes, cfg.seed, draws)
     seconds = time.time() - started
-    entries = {name: entries[name] for name in classes}  # request order
-    _log_results(ctx, entries, sum(entries[name].drawn for name in todo), seconds)
+    drawn_now = sum(entries[name].drawn for name in classes if name not in finished)
+    _log_results(ctx, entries, drawn_now, seconds)
     ctx.tracking.log_params({"resolved": {"classes": classes, "draws_per_class": draws}})
 
     settings = SampleSettings(

@@ -2,9 +2,9 @@
 
 A two-level autoencoder gets two priors, trained one after the other, each in its own Ray Train run:
 the top prior p(top | class) and the bottom prior p(bottom | top, class), which reads the top map
-as its condition. A one-level model gets one prior p(codes | class), configured by
-``train_prior.top``. Sizes (codes, map shapes, classes) come from the tokenize manifest; the
-architecture from ``train_prior.<level>``.
+as its condition. A one-level model gets one prior p(codes | class). Each prior is configured by
+``train_prior.<level>`` (``top``, ``bottom``, or ``codes``). Sizes (codes, map shapes, classes)
+come from the tokenize manifest; the architecture from ``train_prior.<level>``.
 
 The codes are this run's tokenize output, or the union of the code datasets that
 ``train_prior.shards`` lists (``pipelines.code_union``: one tokenizer, keys prefixed with each
@@ -50,7 +50,7 @@ from pipelines.training import (
     training_threads,
 )
 from vq_core.checkpoint import load_checkpoint, model_from_config
-from vq_core.kinds import get_kind, prior_fields
+from vq_core.kinds import get_kind, prior_conditions, prior_fields
 from vq_core.pixelcnn import bits_per_code
 
 log = logging.getLogger("vqpipe")
@@ -104,19 +104,15 @@ class PriorPlan:
 def plan_priors(
     tokenized: TokenizeManifest, section: TrainPriorSection, num_classes: int | None = None
 ) -> list[PriorPlan]:
-    """The priors a tokenize manifest calls for, coarsest level first, with derived sizes;
+    """The priors a tokenize manifest calls for, coarsest level first, with derived sizes: one per
+    code level, configured by ``train_prior.<level>``, conditioned as ``prior_conditions`` says.
     ``num_classes`` (default: the manifest's) is the merged count of a union."""
     if num_classes is None:
         num_classes = len(tokenized.class_names)
-    levels = tokenized.levels
-    if len(levels) not in (1, 2):
-        raise ValueError(f"expected one or two code levels in the tokenize manifest, got {levels}")
     sizes, shapes = tokenized.codebook_sizes, tokenized.code_shapes
     plans = []
-    for index, level in enumerate(levels):
-        where = "top" if index == 0 else "bottom"
-        knobs = getattr(section, where)
-        condition = levels[0] if index == 1 else None
+    for level, condition in prior_conditions(tokenized.levels).items():
+        knobs = section.for_level(level)
         derived = prior_fields(
             sizes[level],
             shapes[level],
@@ -128,7 +124,7 @@ def plan_priors(
             kind.config(knobs.model, derived)  # the config class checks the values
         except ValueError as err:
             raise ConfigError(
-                f"train_prior.{where}.kind {knobs.kind!r} cannot be used for the {level!r} "
+                f"train_prior.{level}.kind {knobs.kind!r} cannot be used for the {level!r} "
                 f"prior: {err}"
             ) from None
         plans.append(

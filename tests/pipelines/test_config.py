@@ -29,6 +29,22 @@ def test_shipped_configs_validate(path):
     load_config(path)
 
 
+def test_prior_sections_follow_the_autoencoder_levels():
+    cfg = parse_config(
+        minimal(train_vqvae={"kind": "vqvae"}, train_prior={"codes": {"kind": "pixelcnn"}})
+    )
+    assert cfg.train_prior.for_level("codes").kind == "pixelcnn"
+    # A two-level section under a one-level kind would be ignored: refused, naming the fix.
+    with pytest.raises(
+        ConfigError,
+        match=r"train_prior\.top configures a prior for code level 'top', but train_vqvae\.kind "
+        r"'dvae' has levels \['codes'\]; configure train_prior\.codes instead",
+    ):
+        parse_config(minimal(train_vqvae={"kind": "dvae"}, train_prior={"top": {"steps": 3}}))
+    with pytest.raises(ConfigError, match=r"train_prior\.codes .* has levels \['top', 'bottom'\]"):
+        parse_config(minimal(train_prior={"codes": {"steps": 3}}))
+
+
 def test_unknown_key_is_named():
     with pytest.raises(ConfigError, match=r"train_vqvae\.stepz: unknown key"):
         parse_config(minimal(train_vqvae={"stepz": 3}))

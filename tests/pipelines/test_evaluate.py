@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from pipelines import storage
-from pipelines.classifier import ImageClassifier, accuracy, train_classifier
+from pipelines.classifier import ImageClassifier, accuracy, load_classifier, train_classifier
 from pipelines.config import parse_config
 from pipelines.images import to_model_input
 from pipelines.keys import split_of
@@ -96,8 +96,15 @@ def corpus(tmp_path_factory) -> str:
 def evaluated(ray_local, corpus, tmp_path_factory):
     """Every upstream stage faked with untrained tiny models, then the real evaluate stage."""
     root = tmp_path_factory.mktemp("evaluate")
+    # Rejection on: the judge must be trained apart from the classifier that picked the samples.
     cfg = parse_config(
-        tiny_raw_config(str(root / "out"), corpus), ["sample.per_class=3", "sample.batch_size=6"]
+        tiny_raw_config(str(root / "out"), corpus),
+        [
+            "sample.per_class=3",
+            "sample.batch_size=6",
+            "sample.rejection.enabled=true",
+            "sample.rejection.classifier_steps=5",
+        ],
     )
     write_upstream(cfg)
     tok = write_tokenize(cfg)
@@ -123,6 +130,13 @@ EXPECTED_METRICS = [
     "cas/generated_to_real",
     "cas/real_to_real",
     "cas/real_to_generated",
+    "cas/generated_to_real/ci_low",
+    "cas/generated_to_real/ci_high",
+    "cas/real_to_real/ci_low",
+    "quality/fid",
+    "quality/fid_real_train",
+    "quality/precision",
+    "quality/recall",
 ]
 
 
@@ -264,15 +278,121 @@ def test_cas_trains_on_the_generated_images_and_tests_on_the_real_ones(ray_local
             for n, i in enumerate(source):
                 Image.fromarray(images[i]).save(folder / f"{n:05d}.png")
             classes[name] = str(folder)
-        metrics, note = evaluate.classification_metrics(ctx, list(CLASSES), classes, (16, 16, 3))
-        assert note is None
+        scores = evaluate.classification_metrics(ctx, list(CLASSES), [(0, classes)], (16, 16, 3))
+        assert scores.note is None
+        metrics = scores.metrics
         assert metrics["cas/generated_images"] == len(holdout)
         assert metrics["cas/real_test_images"] == len(holdout)
+        # The reference saw exactly as many real images as there were generated ones.
+        assert metrics["cas/real_train_images"] == len(holdout)
         return metrics
 
     faithful = cas_of(0)
     assert faithful["cas/generated_to_real"] >= 0.9
-    assert faithful["cas/real_to_generated"] == pytest.approx(faithful["cas/real_to_real"])
+    # The "samples" are the test images: the judge scores them as it scores the test split.
+    judge, _ = load_classifier(os.path.join(ctx.stage_dir, evaluate.JUDGE))
+    test_images = to_model_input(images[holdout])
+    on_test = accuracy(judge, test_images, torch.from_numpy(labels[holdout]))
+    assert faithful["cas/real_to_generated"] == pytest.approx(on_test)
+    # Samples that are real test images sit at distance ~0 from them, inside their manifold.
+    assert faithful["quality/fid"] == pytest.approx(0.0, abs=1e-6)
+    assert faithful["quality/precision"] == faithful["quality/recall"] == 1.0
     mislabelled = cas_of(1)
     assert mislabelled["cas/generated_to_real"] <= 0.1
-    assert mislabelled["cas/real_to_real"] == pytest.approx(faithful["cas/real_to_real"])
+    # Per class too: every class of the mislabelled set is missed.
+    for name in CLASSES:
+        assert mislabelled[f"cas/generated_to_real/class/{name}"] <= 0.25, name
+
+
+def test_reference_is_size_matched_and_intervals_contain_the_estimates(evaluated):
+    _, _, manifest, _, _ = evaluated
+    m = manifest.metrics
+    assert m["cas/real_train_images"] == m["cas/generated_images"] == 3 * len(CLASSES)
+    assert m["cas/real_test_images"] > 0 and m["cas/seeds"] == 1
+    for name in ("generated_to_real", "real_to_real"):
+        assert m[f"cas/{name}/ci_low"] <= m[f"cas/{name}"] <= m[f"cas/{name}/ci_high"], name
+    # The ratio's interval is finite only when the reference is rarely at 0 (untrained models
+    # here); when it is, it holds the ratio.
+    if "cas/ratio/ci_low" in m:
+        assert m["cas/ratio/ci_low"] <= m["cas/ratio"] <= m["cas/ratio/ci_high"]
+    assert "cas/generated_to_real/std" not in m  # one seed: no spread to report
+
+
+def test_per_class_accuracies_in_metrics_and_report(evaluated):
+    cfg, tok, manifest, _, _ = evaluated
+    m = manifest.metrics
+    report = open(manifest.report).read()
+    assert "## CAS per class" in report
+    test_labels = [
+        s["label"]
+        for s in iter_code_samples([shard.uri for shard in tok.shards])
+        if split_of(s["key"], cfg.data.validation_fraction, cfg.data.test_fraction) == "test"
+    ]
+    for label in sorted(set(test_labels)):
+        for name in ("generated_to_real", "real_to_real"):
+            value = m[f"cas/{name}/class/{CLASSES[label]}"]
+            assert 0.0 <= value <= 1.0
+        assert f"| {CLASSES[label]} |" in report
+    # The test images are weighted alike: the overall accuracy is the class-size-weighted mean.
+    counts = np.bincount(test_labels, minlength=len(CLASSES))
+    weighted = (
+        sum(
+            counts[c] * m[f"cas/real_to_real/class/{CLASSES[c]}"]
+            for c in range(len(CLASSES))
+            if counts[c]
+        )
+        / counts.sum()
+    )
+    assert weighted == pytest.approx(m["cas/real_to_real"])
+
+
+def test_judge_is_trained_apart_from_the_rejection_classifier(evaluated):
+    cfg, _, manifest, _, _ = evaluated
+    rejection, _ = load_classifier(os.path.join(cfg.stage_dir("sample"), "classifier.pt"))
+    judge, _ = load_classifier(os.path.join(cfg.stage_dir("evaluate"), evaluate.JUDGE))
+    assert manifest.judge_seed is not None and manifest.judge_seed != cfg.sample.seed
+    differs = [
+        not torch.equal(a, b)
+        for a, b in zip(rejection.state_dict().values(), judge.state_dict().values())
+        if a.is_floating_point()
+    ]
+    assert all(differs)
+
+
+def test_judge_seed_never_equals_the_rejection_seed():
+    derived = evaluate.judge_seed(0, avoid=None)
+    assert evaluate.judge_seed(0, avoid=derived) != derived
+    assert evaluate.judge_seed(0, avoid=derived + 5) == derived
+
+
+def test_report_names_the_feature_network(evaluated):
+    _, _, manifest, _, _ = evaluated
+    report = open(manifest.report).read()
+    assert "## Sample quality in feature space" in report
+    assert manifest.feature_network in report
+    for text in ("ImageClassifier", "5 conv3x3", "64 features", "real images of the train split"):
+        assert text in manifest.feature_network, text
+    assert f"for {5} Adam steps" in manifest.feature_network  # evaluate.classifier_steps
+
+
+def test_several_seeds_give_mean_and_spread(evaluated, tmp_path):
+    cfg, _, first, _, _ = evaluated
+    twice = cfg.model_copy(deep=True)
+    twice.evaluate.seeds = 2
+    ctx = StageContext(
+        twice, "evaluate", str(tmp_path / "evaluate"), "test", make_context(cfg).tracking
+    )
+    manifest = evaluate.run(ctx)
+    m = manifest.metrics
+    assert m["cas/seeds"] == 2
+    # The second seed's samples were drawn here, as many as the sample stage drew.
+    extra = tmp_path / "evaluate" / f"samples-{cfg.sample.seed + 1}"
+    for name in CLASSES:
+        assert len([f for f in os.listdir(extra / name) if f.endswith(".png")]) == 3, name
+    for name in ("cas/generated_to_real", "cas/real_to_real", "quality/fid"):
+        assert m[f"{name}/min"] <= m[name] <= m[f"{name}/max"], name
+        assert m[f"{name}/std"] >= 0
+    # The first seed's figures are the one-seed run's; the mean moves with the second seed.
+    assert m["cas/generated_to_real/min"] <= first.metrics["cas/generated_to_real"]
+    assert first.metrics["cas/generated_to_real"] <= m["cas/generated_to_real/max"]
+    assert "spread column" in open(manifest.report).read()

@@ -204,9 +204,12 @@ def one_level_manifest(num_codes: int = 32, class_names=("a", "b", "c")) -> Toke
     )
 
 
-def test_one_level_model_gets_one_class_conditional_prior_from_the_top_section():
+def test_one_level_model_gets_one_class_conditional_prior_from_the_codes_section():
     section = TrainPriorSection.model_validate(
-        {"top": {"kind": "pixelcnn", "model": {"channels": 8, "num_layers": 2}}}
+        {
+            "top": {"kind": "pixelsnail"},
+            "codes": {"kind": "pixelcnn", "model": {"channels": 8, "num_layers": 2}},
+        }
     )
     (plan,) = train_prior.plan_priors(one_level_manifest(), section)
     assert (plan.level, plan.condition, plan.model_name) == ("codes", None, "GatedPixelCNN")

@@ -43,3 +43,26 @@ def test_builder_fills_in_the_derived_fields():
     assert (config.condition_num_codes, config.condition_height) == (32, 1)
     # One class carries no information: the prior is unconditional.
     assert prior_fields(16, (2, 3), num_classes=1)["num_classes"] == 0
+
+
+def test_each_autoencoder_kind_declares_the_levels_its_model_encodes():
+    import torch
+
+    from vq_core.kinds import code_levels
+
+    for name in kinds_of("autoencoder"):
+        kind = get_kind(name)
+        assert kind.levels == kind.model_class.levels, name
+        model = kind.build({"channels": 8, "res_blocks": 1, "res_channels": 4, "embed_dim": 4}, {})
+        codes = model.encode(torch.zeros(1, 3, 16, 16))
+        assert len(codes) == len(kind.levels), name
+    assert code_levels() == ("top", "bottom", "codes")
+
+
+def test_each_finer_level_is_conditioned_on_the_level_before_it():
+    from vq_core.kinds import prior_conditions
+
+    assert prior_conditions(("top", "bottom")) == {"top": None, "bottom": "top"}
+    assert prior_conditions(("codes",)) == {"codes": None}
+    with pytest.raises(ValueError, match=r"distinct code level names, got \['a', 'a'\]"):
+        prior_conditions(["a", "a"])
