@@ -295,6 +295,14 @@ class TokenizeSection(Section):
     cpus_per_actor: float = Field(1.0, gt=0)
     gpus_per_actor: float = Field(0.0, ge=0)
     shard_max_samples: int = Field(1000, gt=0)
+    interleave: int = Field(
+        16,
+        ge=1,
+        description="WebDataset and Parquet corpora: shards or row groups read together, their "
+        "samples alternating, so that a corpus stored one class per file still gives class-mixed "
+        "code shards (a folder corpus is read image by image in key-hash order and needs none). "
+        "Memory holds a few samples per file of a group.",
+    )
 
     @field_validator("checkpoint")
     @classmethod

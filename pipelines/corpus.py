@@ -34,7 +34,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -360,38 +360,136 @@ def _read_row_groups(items: dict, root: str, spec: _ReadSpec):
     for uri, group, first in zip(items["uri"], items["row_group"], items["first_row"]):
         uri = str(uri)
         fs, path = storage.resolve(uri)
-        columns = [spec.image_column, spec.label_column]
-        if spec.key_column:
-            columns.append(spec.key_column)
         with fs.open_input_file(path) as f:
-            table = pq.ParquetFile(f).read_row_group(int(group), columns=columns)
-        inside = root and uri != root and uri.startswith(root)
-        rel = uri[len(root) :].lstrip("/") if inside else os.path.basename(uri)
-        stem = os.path.splitext(rel)[0]
-        n = table.num_rows
-        if spec.key_column:
-            raw_keys = [str(k) for k in table.column(spec.key_column).to_pylist()]
+            table = pq.ParquetFile(f).read_row_group(int(group), columns=_parquet_columns(spec))
+        yield _row_group_columns(table, uri, int(first), root, spec)
+
+
+def _parquet_columns(spec: _ReadSpec) -> list[str]:
+    return [spec.image_column, spec.label_column] + ([spec.key_column] if spec.key_column else [])
+
+
+def _row_group_columns(table, uri: str, first: int, root: str, spec: _ReadSpec) -> dict:
+    """Rows of a Parquet file, the first of them its row ``first``, in the common columns."""
+    inside = root and uri != root and uri.startswith(root)
+    rel = uri[len(root) :].lstrip("/") if inside else os.path.basename(uri)
+    stem = os.path.splitext(rel)[0]
+    n = table.num_rows
+    if spec.key_column:
+        raw_keys = [str(k) for k in table.column(spec.key_column).to_pylist()]
+    else:
+        raw_keys = [f"{stem}/{first + i:08d}" for i in range(n)]
+    labels, errors = [], []
+    for value in table.column(spec.label_column).to_pylist():
+        if value is None:
+            labels.append(-1)
+            errors.append(f"missing label in column {spec.label_column!r}")
         else:
-            raw_keys = [f"{stem}/{int(first) + i:08d}" for i in range(n)]
-        labels, errors = [], []
-        for value in table.column(spec.label_column).to_pylist():
-            if value is None:
-                labels.append(-1)
-                errors.append(f"missing label in column {spec.label_column!r}")
-            else:
-                labels.append(int(value))
-                errors.append("")
-        payloads = [_as_bytes(v) for v in table.column(spec.image_column).to_pylist()]
-        for i, payload in enumerate(payloads):
-            if payload is None and not errors[i]:
-                errors[i] = f"no image bytes in column {spec.image_column!r}"
-        yield {
-            "key": np.array([sanitize_key(k) for k in raw_keys], dtype=object),
-            "label": np.array(labels, dtype=np.int64),
-            "payload": np.array([p or b"" for p in payloads], dtype=object),
-            "source": np.array([f"{uri}#row={int(first) + i}" for i in range(n)], dtype=object),
-            "error": np.array(errors, dtype=object),
-        }
+            labels.append(int(value))
+            errors.append("")
+    payloads = [_as_bytes(v) for v in table.column(spec.image_column).to_pylist()]
+    for i, payload in enumerate(payloads):
+        if payload is None and not errors[i]:
+            errors[i] = f"no image bytes in column {spec.image_column!r}"
+    return {
+        "key": np.array([sanitize_key(k) for k in raw_keys], dtype=object),
+        "label": np.array(labels, dtype=np.int64),
+        "payload": np.array([p or b"" for p in payloads], dtype=object),
+        "source": np.array([f"{uri}#row={first + i}" for i in range(n)], dtype=object),
+        "error": np.array(errors, dtype=object),
+    }
+
+
+# -------------------------------------------------------------------------------------------------
+# Class-mixed reading of corpora stored class by class (tokenize)
+
+INTERLEAVE_CHUNK = 8  # rows taken from one unit before moving to the next of its group
+
+
+def _wds_chunks(uri: str) -> Iterator[dict[str, list]]:
+    """One WebDataset shard streamed as raw columns (see ``_read_wds_shard``), a few samples at
+    a time: only the current chunk's samples are in memory."""
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    fs, path = storage.resolve(uri)
+    chunk: dict[str, list] = {"__key__": [], "__url__": [], "image": [], "cls": []}
+    with fs.open_input_stream(path) as stream:
+        for sample in group_by_keys(tar_file_expander([{"url": uri, "stream": stream}])):
+            image = cls = None
+            for field, value in sample.items():
+                if field.lower() in WDS_IMAGE_EXTENSIONS:
+                    image = value
+                elif field == "cls":
+                    cls = value
+            chunk["__key__"].append(sample["__key__"])
+            chunk["__url__"].append(uri)
+            chunk["image"].append(image)
+            chunk["cls"].append(cls)
+            if len(chunk["__key__"]) == INTERLEAVE_CHUNK:
+                yield chunk
+                chunk = {name: [] for name in chunk}
+    if chunk["__key__"]:
+        yield chunk
+
+
+def _parquet_chunks(unit: dict[str, Any], root: str, spec: _ReadSpec) -> Iterator[dict[str, list]]:
+    """One Parquet row group streamed in the common columns, a few rows at a time."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    uri, first = str(unit["uri"]), int(unit["first_row"])
+    fs, path = storage.resolve(uri)
+    with fs.open_input_file(path) as f:
+        batches = pq.ParquetFile(f).iter_batches(
+            batch_size=INTERLEAVE_CHUNK,
+            row_groups=[int(unit["row_group"])],
+            columns=_parquet_columns(spec),
+        )
+        for batch in batches:
+            rows = _row_group_columns(pa.Table.from_batches([batch]), uri, first, root, spec)
+            first += batch.num_rows
+            yield {name: list(values) for name, values in rows.items()}
+
+
+def _interleave_units(items: dict, corpus_format: str, root: str, spec: _ReadSpec):
+    """Ray Data generator UDF. Each input row names a group of work units (JSON); the group's
+    rows come out alternating between its units, ``INTERLEAVE_CHUNK`` rows at a time, in raw
+    batches of about ``DECODE_BATCH`` rows. Units are streamed: memory holds one chunk per unit
+    of the group. A corpus stored class by class (one class per shard or file) thus gives a
+    stream in which every run of rows mixes the classes of the group's units."""
+    import json
+
+    for group in items["group"]:
+        units = json.loads(str(group))
+        if corpus_format == "webdataset":
+            streams = [_wds_chunks(u["uri"]) for u in units]
+        else:
+            streams = [_parquet_chunks(u, root, spec) for u in units]
+        out: dict[str, list] = {}
+        while streams:
+            alive = []
+            for stream in streams:
+                chunk = next(stream, None)
+                if chunk is None:
+                    continue
+                alive.append(stream)
+                for name, values in chunk.items():
+                    out.setdefault(name, []).extend(values)
+            streams = alive
+            if out and len(next(iter(out.values()))) >= DECODE_BATCH:
+                yield _object_columns(out)
+                out = {}
+        if out and len(next(iter(out.values()))):
+            yield _object_columns(out)
+
+
+def _object_columns(columns: dict[str, list]) -> dict[str, np.ndarray]:
+    out = {}
+    for name, values in columns.items():
+        array = np.empty(len(values), dtype=object)
+        array[:] = values
+        out[name] = array
+    return out
 
 
 # -------------------------------------------------------------------------------------------------
@@ -414,11 +512,26 @@ class Corpus:
             f"Corpus({self.cfg.source!r}, format={self.format!r}, classes={len(self.class_names)})"
         )
 
-    def _raw(self, spec: _ReadSpec):
-        """The source as a Ray Dataset of undecoded rows."""
+    def _raw(self, spec: _ReadSpec, interleave: int = 1):
+        """The source as a Ray Dataset of undecoded rows (see ``dataset`` for ``interleave``)."""
+        import json
+
         import ray
 
         fs, _ = storage.resolve(self.cfg.source)
+        if interleave > 1 and self.format != "folder":
+            units = self.units()
+            if self.format == "webdataset":
+                units = [{"uri": unit["files"][0]} for unit in units]
+            groups = [
+                {"group": json.dumps(units[i : i + interleave])}
+                for i in range(0, len(units), interleave)
+            ]
+            return ray.data.from_items(groups, override_num_blocks=max(1, len(groups))).map_batches(
+                _interleave_units,
+                batch_size=1,
+                fn_kwargs={"corpus_format": self.format, "root": self.cfg.source, "spec": spec},
+            )
         if self.format == "folder":
             return ray.data.read_binary_files(
                 [_fs_path(u) for u in self.files],
@@ -452,6 +565,7 @@ class Corpus:
         *,
         keep_errors: bool = False,
         skip_keys: Iterable[str] | np.ndarray | Any | None = None,
+        interleave: int = 1,
     ):
         """A streaming ray.data.Dataset of decoded images.
 
@@ -460,6 +574,12 @@ class Corpus:
         zero image, a non-empty ``error`` and their ``source`` (good rows have error ""); with
         ``skip_keys`` (keys, a ``key_hashes`` array or an ObjectRef of one) those rows are dropped
         before decoding, which is how an interrupted stage resumes.
+
+        With ``interleave`` > 1, a WebDataset or Parquet corpus is read in groups of that many
+        consecutive shards or row groups (in ``files`` order), whose rows alternate a few at a
+        time, so that a corpus stored one class per file still yields class-mixed runs of rows
+        (tokenize cuts its shards from such runs). A folder corpus is listed image by image and
+        needs none.
         """
         import ray
 
@@ -475,7 +595,7 @@ class Corpus:
             if len(hashes):
                 skip_ref = ray.put(np.sort(hashes))
         spec = self.read_spec(split, keep_errors=keep_errors, skip_ref=skip_ref)
-        return self._raw(spec).map_batches(
+        return self._raw(spec, interleave).map_batches(
             _decode_batch,
             batch_size=DECODE_BATCH,
             batch_format="numpy",
@@ -561,22 +681,10 @@ class Corpus:
 def _read_wds_shard(uri: str) -> dict[str, list]:
     """One WebDataset shard as the raw columns Ray's reader gives (``__key__``, ``__url__``,
     ``image``, ``cls``), samples in tar order."""
-    from webdataset.tariterators import group_by_keys, tar_file_expander
-
     raw: dict[str, list] = {"__key__": [], "__url__": [], "image": [], "cls": []}
-    fs, path = storage.resolve(uri)
-    with fs.open_input_stream(path) as stream:
-        for sample in group_by_keys(tar_file_expander([{"url": uri, "stream": stream}])):
-            image = cls = None
-            for field, value in sample.items():
-                if field.lower() in WDS_IMAGE_EXTENSIONS:
-                    image = value
-                elif field == "cls":
-                    cls = value
-            raw["__key__"].append(sample["__key__"])
-            raw["__url__"].append(uri)
-            raw["image"].append(image)
-            raw["cls"].append(cls)
+    for chunk in _wds_chunks(uri):
+        for name, values in chunk.items():
+            raw[name].extend(values)
     return raw
 
 

@@ -260,6 +260,73 @@ def test_shards_mix_the_classes_of_a_class_sorted_corpus(tmp_path, tiny_config, 
     assert _max_tv_of_chunks(label_array, sizes, corpus_hist) > bound
 
 
+def _class_sorted_copy(root, images: dict, labels: dict, layout: str, files_per_class: int):
+    """The corpus rewritten one class per file: WebDataset shards or Parquet files (a row group
+    per file)."""
+    import pyarrow as pa
+
+    from pipelines.images import encode_png
+
+    os.makedirs(root)
+    for label in range(len(CLASSES)):
+        keys = sorted(k for k in images if labels[k] == label)
+        for part in range(files_per_class):
+            chosen = keys[part::files_per_class]
+            name = os.path.join(root, f"class{label}-{part}")
+            if layout == "webdataset":
+                with tarfile.open(name + ".tar", "w") as tar:
+                    for key in chosen:
+                        for suffix, data in (
+                            ("png", encode_png(images[key])),
+                            ("cls", str(label).encode()),
+                        ):
+                            info = tarfile.TarInfo(f"{key.replace('/', '-')}.{suffix}")
+                            info.size = len(data)
+                            tar.addfile(info, io.BytesIO(data))
+            else:
+                table = pa.table(
+                    {
+                        "image": [encode_png(images[k]) for k in chosen],
+                        "label": [label] * len(chosen),
+                    }
+                )
+                pq.write_table(table, name + ".parquet")
+
+
+@pytest.mark.parametrize("layout", ["webdataset", "parquet"])
+def test_shards_mix_classes_of_a_corpus_stored_one_class_per_file(
+    tmp_path, tiny_config, ray_local, layout
+):
+    """Tokenize reads the files of a WebDataset or Parquet corpus in groups whose samples
+    alternate, so that shards of a corpus stored one class per file hold every class; read file
+    by file (interleave 1), each shard holds one or two."""
+    ctx, _, images, labels = _setup(tmp_path, tiny_config, MIXED_PER_CLASS, 0)
+    source = str(tmp_path / layout)
+    _class_sorted_copy(source, images, labels, layout, files_per_class=2)
+
+    def tokenize(interleave: int, out: str):
+        cfg = tiny_config(
+            source,
+            [f"tokenize.shard_max_samples={MIXED_SHARD}", f"tokenize.interleave={interleave}"],
+        ).model_copy(update={"output_dir": ctx.cfg.output_dir})
+        stage_dir = str(tmp_path / out)
+        return run(StageContext(cfg, "tokenize", stage_dir, "fp", ctx.tracking))
+
+    def largest_share(manifest) -> float:
+        return max(max(s.class_counts.values()) / s.samples for s in manifest.shards)
+
+    mixed = tokenize(16, "mixed")
+    keys = [s["key"] for s in iter_code_samples([s.uri for s in mixed.shards])]
+    assert len(keys) == len(set(keys)) == mixed.samples == len(images)
+    # Each run of 40 rows alternates between the 8 files, 8 rows at a time: no class can take
+    # more than 2 of its 5 chunks.
+    assert all(len(s.class_counts) >= 3 for s in mixed.shards)
+    assert largest_share(mixed) <= 0.5
+    in_file_order = tokenize(1, "file-order")
+    assert in_file_order.samples == len(images)
+    assert largest_share(in_file_order) > 0.5
+
+
 def test_shards_read_back_with_webdataset_and_wids(tokenize_setup):
     import webdataset as wds
     import wids
