@@ -440,10 +440,13 @@ class PipelineConfig(Section):
         if self.tokenize.checkpoint:
             return self  # a pinned tokenizer's levels are known once its checkpoint is read
         levels = get_kind(self.train_vqvae.kind).levels
+        # A section left at its default is no mistake: a resolved config, dumped and read back,
+        # lists every section.
+        default = TrainPriorSection()
         stray = [
             level
             for level in code_levels()
-            if level in self.train_prior.model_fields_set and level not in levels
+            if level not in levels and getattr(self.train_prior, level) != getattr(default, level)
         ]
         if stray:
             raise ValueError(

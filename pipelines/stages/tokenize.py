@@ -372,9 +372,7 @@ def _encode_and_write(
     import ray
 
     settings = ctx.cfg.tokenize
-    ds = corpus.dataset(
-        "all", keep_errors=True, skip_keys=skip_ref, interleave=settings.interleave
-    )
+    ds = corpus.dataset("all", keep_errors=True, skip_keys=skip_ref, interleave=settings.interleave)
     ds = ds.map_batches(
         CodeEncoder,
         fn_constructor_kwargs={

@@ -45,6 +45,14 @@ def test_prior_sections_follow_the_autoencoder_levels():
         parse_config(minimal(train_prior={"codes": {"steps": 3}}))
 
 
+@pytest.mark.parametrize("kind", ["vqvae2", "vqvae", "dvae"])
+def test_a_resolved_config_reads_back(kind):
+    """The resolved config (every section, defaults included), as `vqpipe validate` shows it and
+    runs log it, is itself a valid config."""
+    cfg = parse_config(minimal(train_vqvae={"kind": kind}))
+    assert parse_config(cfg.model_dump(mode="json")) == cfg
+
+
 def test_unknown_key_is_named():
     with pytest.raises(ConfigError, match=r"train_vqvae\.stepz: unknown key"):
         parse_config(minimal(train_vqvae={"stepz": 3}))
