@@ -96,8 +96,7 @@ def routed_logs(output_dir: str, console: Console, *, verbose: bool = False):
     import ray.data
 
     log_dir = log_dir_for(output_dir)
-    os.makedirs(log_dir, exist_ok=True)
-    driver_file = logging.FileHandler(os.path.join(log_dir, DRIVER_LOG), encoding="utf-8")
+    driver_file = _FolderOnFirstRecord(os.path.join(log_dir, DRIVER_LOG), encoding="utf-8")
     driver_file.setLevel(logging.INFO)
     driver_file.setFormatter(logging.Formatter(FORMAT, datefmt="%Y-%m-%d %H:%M:%S"))
     added: list[tuple[logging.Logger, logging.Handler]] = []
@@ -158,6 +157,18 @@ def routed_logs(output_dir: str, console: Console, *, verbose: bool = False):
         driver_file.close()
 
 
+class _FolderOnFirstRecord(logging.FileHandler):
+    """A log file created, with its folder, at the first record: a command refused before it
+    logs anything (a bad config, a bad checkpoint) leaves no folder behind."""
+
+    def __init__(self, filename: str, encoding: str):
+        super().__init__(filename, encoding=encoding, delay=True)
+
+    def _open(self):
+        os.makedirs(os.path.dirname(self.baseFilename), exist_ok=True)
+        return super()._open()
+
+
 class _LinesToLog:
     """A text stream whose lines become INFO records of ``logger``."""
 
@@ -191,6 +202,7 @@ def attach_ray() -> None:
         logging.getLogger("vqpipe").info("Ray workers' output cannot be routed; it is printed")
         return
     routing = _routing
+    os.makedirs(routing.log_dir, exist_ok=True)
     routing.workers_file = open(
         os.path.join(routing.log_dir, WORKERS_LOG), "a", encoding="utf-8", buffering=1
     )

@@ -84,7 +84,7 @@ def test_each_stage_has_a_start_line_and_a_summary(first_run, config):
         done = [line for line in lines if line.startswith(f"{spec.name}: done in ")]
         assert len(done) == 1, spec.name
     summary = [line for line in lines if line.startswith("train_vqvae: done in ")][0]
-    assert "holdout/mse" in summary
+    assert "validation/mse" in summary
     assert "vqpipe finished:" in lines
 
 
