@@ -183,8 +183,8 @@ def code_metrics(
     batch_size: int,
     prior_batches: int,
 ) -> tuple[dict[str, float], dict[str, np.ndarray]]:
-    """Per level: usage and perplexity over every code map of the test split; each prior's bits per code
-    over the first ``prior_batches`` batches. Also returns each level's code histogram."""
+    """Per level: usage and perplexity over every code map of the test split; each prior's bits
+    per code over the first ``prior_batches`` batches. Also returns each level's code histogram."""
     counts = {level: np.zeros(codebook_sizes[level], dtype=np.int64) for level in levels}
     bits = {level: 0.0 for level in priors}
     maps_scored, maps_seen = 0, 0
@@ -699,7 +699,7 @@ def _summary_section(up: Upstream, notes: list[str]) -> Section:
             f"Corpus: {tok.samples} images tokenized ({splits}), classes: "
             f"{', '.join(tok.class_names) or 'none (unconditional)'}.",
             "Splits are by key hash (data.validation_fraction, data.test_fraction). The training "
-            "stages select on the validation split (the best prior step, the held-out curves); "
+            "stages select on the validation split (the best prior step, the validation curves); "
             "every figure in this report is measured on the test split, which nothing selects "
             "on. The models were trained on the train split only; the CAS reference classifier "
             "too.",
