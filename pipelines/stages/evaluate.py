@@ -34,7 +34,7 @@ import logging
 import math
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
@@ -465,6 +465,7 @@ class SampleScores:
     metrics: dict[str, float]
     note: str | None
     judge: Judge | None = None
+    left_out: list[str] = field(default_factory=list)  # sampled classes this corpus does not have
 
 
 def classification_metrics(
@@ -480,11 +481,28 @@ def classification_metrics(
     from pipelines.corpus import open_corpus
 
     cfg = ctx.cfg.evaluate
-    unknown = [n for _, dirs in sample_sets for n in dirs if n not in class_names]
-    if len(class_names) < 2 or unknown:
-        return SampleScores(
-            {}, "the samples are not labelled with the corpus' classes, so CAS does not apply"
+    if len(class_names) < 2:
+        return SampleScores({}, "the corpus has fewer than 2 classes, so CAS does not apply")
+    # Priors trained on several corpora sample classes this run's corpus may not have: with no
+    # real images of theirs to test on, they are left out, and the report says so.
+    left_out = sorted({n for _, dirs in sample_sets for n in dirs if n not in class_names})
+    if left_out:
+        log.warning(
+            "evaluate: CAS leaves out the sampled classes %s: the corpus %s has no images of them",
+            left_out,
+            ctx.cfg.data.source,
         )
+        sample_sets = [
+            (seed, {n: d for n, d in dirs.items() if n in class_names})
+            for seed, dirs in sample_sets
+        ]
+        if len(sample_sets[0][1]) < 2:
+            return SampleScores(
+                {},
+                f"fewer than 2 of the sampled classes are in the corpus (left out: "
+                f"{', '.join(left_out)})",
+                left_out=left_out,
+            )
     input_size = ClassifierConfig(num_classes=len(class_names), in_channels=shape[2]).input_size
     generated = [
         (seed, generated_images(dirs, class_names, shape, input_size)) for seed, dirs in sample_sets
@@ -518,7 +536,7 @@ def classification_metrics(
     metrics = summarise_seeds(scores, test.labels.numpy(), class_names, cfg.bootstrap_samples)
     metrics["cas/classes"] = len(sampled)
     metrics["cas/judge_train_images"] = len(pool)
-    return SampleScores(metrics, None, judge)
+    return SampleScores(metrics, None, judge, left_out)
 
 
 def _load(uri: str, device: torch.device) -> torch.nn.Module:
@@ -847,6 +865,11 @@ def _samples_section(
             + ", ".join(f"{k}={v}" for k, v in shown.items())
             + (", with classifier rejection" if settings.rejection.get("enabled") else "")
             + "."
+        )
+    if scores.left_out:
+        section.paragraphs.append(
+            f"Sampled classes left out of CAS, because the corpus has no images of them: "
+            f"{', '.join(scores.left_out)}."
         )
     if scores.note:
         section.paragraphs.append(f"CAS not computed: {scores.note}.")

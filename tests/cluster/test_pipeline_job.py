@@ -239,3 +239,48 @@ def test_credentials_appear_nowhere(
         if path.is_file() and not path.is_symlink() and needle in path.read_bytes():
             leaks.append(str(path.relative_to(cluster_root)))
     assert leaks == []
+
+
+def test_pinned_tokenizer_in_the_bucket_encodes_the_corpus_again(
+    pipeline_job, ray_cluster, s3_server, job_env, mlflow_server
+):
+    """`vqpipe tokenize --checkpoint s3://...` as a job: the autoencoder train_vqvae left in the
+    bucket, pinned, encodes the same corpus to exactly the codes the pipeline's tokenize wrote."""
+    from ray.job_submission import JobSubmissionClient
+
+    from pipelines.shards import iter_manifest_samples
+    from pipelines.stages.tokenize import TokenizeManifest
+    from pipelines.tokenizer import sha256_of
+
+    checkpoint = pipeline_job["manifests"]["train_vqvae"].checkpoint
+    output = s3_server.url("runs", "pinned")
+    client = JobSubmissionClient(ray_cluster.dashboard, headers=ray_cluster.auth_headers)
+    job = client.submit_job(
+        entrypoint=(
+            f"python -m jobs.cli tokenize --checkpoint {checkpoint} --input {s3_server.url('corpus')}"
+            f" --output {output} --set ray.address=auto --set tokenize.num_actors=2"
+            f" --set mlflow.tracking_uri={mlflow_server.url}"
+        ),
+        runtime_env={
+            "working_dir": str(REPO),
+            "excludes": [".venv", ".git", "runs", "tests/infra/kuberay", "*.pyc"],
+            "env_vars": job_env | {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"},
+        },
+    )
+    status = wait_job(client, job)
+    assert status == "SUCCEEDED", client.get_job_logs(job)[-6000:]
+
+    pinned = read_manifest(output, TokenizeManifest)
+    assert pinned.tokenizer.checkpoint == checkpoint
+    assert pinned.tokenizer.sha256 == sha256_of(storage.read_bytes(checkpoint))
+    assert not [k for k in pinned.inputs if "train_vqvae" in k]  # no train_vqvae stage behind it
+    assert [k for k in pipeline_job["manifests"]["tokenize"].inputs if "train_vqvae" in k]
+
+    def codes(m):
+        return {s["key"]: (s["label"], s["top"], s["bottom"]) for s in iter_manifest_samples(m)}
+
+    again, first = codes(pinned), codes(pipeline_job["manifests"]["tokenize"])
+    assert sorted(again) == sorted(first) and len(again) == PER_CLASS * len(CLASSES)
+    for key, (label, top, bottom) in first.items():
+        assert again[key][0] == label, key
+        assert (again[key][1] == top).all() and (again[key][2] == bottom).all(), key

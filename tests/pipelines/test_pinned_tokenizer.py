@@ -334,6 +334,28 @@ def test_prior_trains_on_the_union_and_samples_the_merged_classes(two_corpora, p
     assert read_manifest(cfg.output_dir, TrainPriorManifest).corpora[1].name == "shapes_b"
 
 
+def test_evaluate_after_a_union_scores_this_corpus_in_the_merged_classes(two_corpora):
+    """Priors trained on corpora A and B, evaluated in B's output_dir: B's test codes go to the
+    priors under their merged labels, and CAS tests on the sampled classes B has images of."""
+    root, outs, corpus_b = two_corpora
+    cfg = _cfg(
+        root / "out_b",  # tokenize is done here already, with this config's tokenize section
+        corpus_b,
+        outs["b"].tokenizer.checkpoint,
+        [f"train_prior.shards=[{root / 'out_a'}, {root / 'out_b'}]", "sample.per_class=4"],
+    )
+    done = run_stages(cfg, stages=["tokenize", "train_prior", "sample", "evaluate"])
+    assert done["tokenize"].skipped
+    metrics = done["evaluate"].manifest.metrics
+    assert metrics["test/code_maps"] == outs["b"].splits["test"]
+    assert all(np.isfinite(metrics[f"test/bits_per_code/{level}"]) for level in ("top", "bottom"))
+    # circle was sampled (corpus A has it) but B has no real circle to test on.
+    assert metrics["cas/classes"] == 2
+    assert metrics["cas/real_test_images"] == outs["b"].splits["test"]
+    report = storage.read_bytes(storage.join(cfg.stage_dir("evaluate"), "report.md")).decode()
+    assert "left out of CAS, because the corpus has no images of them: circle" in report
+
+
 def test_union_refuses_code_datasets_of_another_tokenizer(two_corpora, tmp_path):
     root, outs, corpus_b = two_corpora
     other = _save(_autoencoder(7), tmp_path / "other.pt")
