@@ -98,7 +98,7 @@ def main() -> None:
     pinned = os.path.join(root, "tokenizer.pt")
     shutil.copyfile(trained.checkpoint, pinned)
     results["tokenizer_seconds"] = round(time.perf_counter() - started, 1)
-    results["tokenizer_holdout_mse"] = trained.metrics.get("holdout/mse")
+    results["tokenizer_validation_mse"] = trained.metrics.get("validation/mse")
 
     outputs = []
     for name in corpora:
@@ -134,7 +134,7 @@ def main() -> None:
         "class_names": priors.class_names,
         "corpora": [c.model_dump() for c in priors.corpora],
         "validation_bits_per_code": {
-            level: round(p.heldout_bits_per_code, 3) for level, p in priors.priors.items()
+            level: round(p.validation_bits_per_code, 3) for level, p in priors.priors.items()
         },
         "uniform_bits_per_code": math.log2(64),
         "prior_and_sample_seconds": round(time.perf_counter() - started, 1),

@@ -2,7 +2,7 @@
 
     train_vqvae: train the autoencoder (VQ-VAE-2, VQ-VAE or dVAE) on the corpus with Ray Train
       train_vqvae  step 506/1000 (50%)  loss 0.01676  249 img/s  ETA 1m04s
-    train_vqvae: done in 4m12s  holdout/mse=0.0101, holdout/perplexity/top=25.58, ...
+    train_vqvae: done in 4m12s  validation/mse=0.0101, validation/perplexity/top=25.58, ...
 
 On a terminal the progress is a live bar (rich); elsewhere (a pipe, CI, ``ray job logs``) it is
 a plain line at every fifth of the work and at least every ``PLAIN_EVERY_SECONDS``.
