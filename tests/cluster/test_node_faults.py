@@ -1,17 +1,21 @@
 """Worker nodes SIGKILLed (raylet, object store and their workers at once) while a stage runs as a
-Ray job, with no node to replace them. Judged by what ends up in storage.
+Ray job. Judged by what ends up in storage.
 
 - train_vqvae loses a node with a DDP rank while the cluster still has room for both ranks
-  elsewhere: the run ends at exactly the configured step, model and optimizer resumed;
+  elsewhere, no node replaces it: the run ends at exactly the configured step, model and
+  optimizer resumed;
 - tokenize, on the autoencoder that run trained, loses a node while shards are being written
   (a node is added first: the readers need a whole free CPU beside the encoder actor): every image
   ends up in exactly one complete shard;
+- train_vqvae loses a node with a DDP rank when the node left has room for one rank only, and a
+  replacement node joins: a rank runs on the new node and the run ends at exactly the configured
+  step, model and optimizer resumed;
 - train_vqvae loses a node and no room is left for its ranks: the stage fails within
   ``ray.resource_wait_seconds`` with an error naming what it asked for, checkpoints kept.
 
 Each kill takes a node away for good, so conftest runs this module after every other cluster test.
 The three-node cluster (one CPU each) goes: head + 2 workers -> head + 1 -> head + 2 (one added) ->
-head + 1 -> head alone.
+head + 1 -> head + 1 (one killed, one added) -> head alone.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from mlflow.tracking import MlflowClient
 from pipelines import storage
 from pipelines.shards import KEY_INDEX_SUFFIX, read_key_index
 from pipelines.training import OPTIMIZER_FILE
-from tests.cluster.services import RayCluster, http_get
+from tests.cluster.services import RayCluster, http_get, wait_until
 from tests.cluster.test_pipeline_job import CLASSES, manifest, submit, wait_job
 from tests.pipelines.conftest import tiny_raw_config
 from vq_core.checkpoint import load_checkpoint
@@ -44,10 +48,14 @@ STEPS = 16
 SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of registered checkpoints
 EVERY = 4
 WAIT = 10  # ray.resource_wait_seconds of the run that is left without room
+# The run whose node is replaced waits for room at most this long: the new node must start and
+# join in that time on a busy machine.
+REPLACEMENT_WAIT = 180
 
 
-def _actor_nodes(cluster: RayCluster, class_name: str) -> set[str]:
-    """Nodes of the alive actors whose class name contains ``class_name``."""
+def _actor_nodes(cluster: RayCluster, class_name: str, alive_only: bool = True) -> set[str]:
+    """Nodes of the actors whose class name contains ``class_name``: the alive ones, or all the
+    State API still lists (dead ones included) with ``alive_only=False``."""
     body = http_get(
         f"{cluster.dashboard}/api/v0/actors?limit=10000&detail=true",
         cluster.auth_headers,
@@ -57,7 +65,8 @@ def _actor_nodes(cluster: RayCluster, class_name: str) -> set[str]:
     return {
         a["node_id"]
         for a in actors
-        if class_name in (a.get("class_name") or "") and a.get("state") == "ALIVE"
+        if class_name in (a.get("class_name") or "")
+        and (a.get("state") == "ALIVE" or not alive_only)
     }
 
 
@@ -117,10 +126,10 @@ def fault_config(ray_cluster, s3_server, aws_env, mlflow_server, cluster_root):
     source = s3_server.url("corpus-faults")
     generate_corpus(source, classes=CLASSES, images_per_class=PER_CLASS, image_size=16)
 
-    def make(name: str, **train_vqvae: Any) -> tuple[Any, str]:
+    def make(name: str, resource_wait: float = WAIT, **train_vqvae: Any) -> tuple[Any, str]:
         output_dir = s3_server.url("runs", name)
         raw = tiny_raw_config(output_dir, source)
-        raw["ray"] = {"address": "auto", "resource_wait_seconds": WAIT}
+        raw["ray"] = {"address": "auto", "resource_wait_seconds": resource_wait}
         raw["mlflow"] = {"tracking_uri": mlflow_server.url, "experiment": name}
         raw["train_vqvae"] |= {
             "num_workers": 2,
@@ -165,11 +174,12 @@ def trained(ray_cluster, job_env, fault_config) -> dict[str, Any]:
     }
 
 
-def test_worker_node_killed_mid_training_without_a_replacement(trained, mlflow_server):
-    assert trained["status"] == "SUCCEEDED", trained["log"][-6000:]
-    output_dir, ray_dir = trained["output_dir"], trained["ray_dir"]
-
-    # Storage: the stage finished at exactly the configured step, from resumed state.
+def _assert_ended_at_the_last_step_from_resumed_state(
+    output_dir: str, ray_dir: str, registered_at_kill: list[int], tracking_uri: str
+) -> dict[str, Any]:
+    """What storage and MLflow hold after a run that lost a node: it finished at exactly the
+    configured step, and it resumed (model and optimizer) from a checkpoint registered no earlier
+    than the kill. Returns the checkpoint steps, Adam's step counts and the resume steps."""
     m = manifest(output_dir, "train_vqvae")
     assert m is not None and m.steps == STEPS
     steps = _checkpoint_steps(ray_dir)
@@ -179,20 +189,31 @@ def test_worker_node_killed_mid_training_without_a_replacement(trained, mlflow_s
     state = torch.load(io.BytesIO(storage.read_bytes(final[0])), weights_only=True)["state"]
     adam_steps = {int(s["step"]) for s in state.values()}
     # Adam counted every step since the start: its state came back from the checkpoint, it was
-    # not re-created after the restart.
+    # not re-created after the restart (that would count only the steps since the resume).
+    assert state, final
     assert adam_steps == {STEPS}, adam_steps
 
-    history = MlflowClient(tracking_uri=mlflow_server.url).get_metric_history(
+    history = MlflowClient(tracking_uri=tracking_uri).get_metric_history(
         m.mlflow_run_id, "resumed_at_step"
     )
     resumed = [int(h.value) for h in history]
+    # The kill landed mid-run: the run restarted from a checkpoint short of the last step.
     assert resumed and all(0 < r < STEPS and r % EVERY == 0 for r in resumed), resumed
-    assert resumed[0] >= max(trained["registered_at_kill"]), resumed
+    assert resumed[0] >= max(registered_at_kill), resumed
+    return {"steps": steps, "adam_steps": sorted(adam_steps), "resumed": resumed}
+
+
+def test_worker_node_killed_mid_training_without_a_replacement(trained, mlflow_server):
+    assert trained["status"] == "SUCCEEDED", trained["log"][-6000:]
+    found = _assert_ended_at_the_last_step_from_resumed_state(
+        trained["output_dir"], trained["ray_dir"], trained["registered_at_kill"], mlflow_server.url
+    )
     kill = trained["kill"]
     print(
         f"\nkilled {kill['name']} ({len(kill['pids'])} processes) with checkpoints "
-        f"{trained['registered_at_kill']}; resumed at {resumed}; job succeeded "
-        f"{trained['recovered_s']:.0f} s after the kill; checkpoints in storage {steps}"
+        f"{trained['registered_at_kill']}; resumed at {found['resumed']}; job succeeded "
+        f"{trained['recovered_s']:.0f} s after the kill; checkpoints in storage "
+        f"{found['steps']}, Adam steps {found['adam_steps']}"
     )
 
 
@@ -252,8 +273,55 @@ def test_worker_node_killed_mid_tokenize(trained, ray_cluster, job_env):
     )
 
 
+def test_worker_node_killed_mid_training_with_a_replacement(
+    ray_cluster, job_env, fault_config, mlflow_server
+):
+    # Head and one worker node: one rank on each. Once the worker node is killed, the head alone
+    # has room for one rank only, so the restarted run needs the replacement node.
+    ray_cluster.wait_for_nodes(2)
+    config, output_dir = fault_config("node-replaced", resource_wait=REPLACEMENT_WAIT)
+    ray_dir = storage.join(output_dir, "train_vqvae", "ray")
+    client, job = submit(ray_cluster, job_env, config, module="jobs.stage train_vqvae")
+    with _stopped_on_failure(client, job):
+        registered = _wait_for_registered_checkpoint(client, job, ray_dir)
+        kill = _kill_worker_node(ray_cluster, among=_actor_nodes(ray_cluster, "RayTrainWorker"))
+        assert kill["preferred"], "no DDP rank on the worker node"
+        replacement = ray_cluster.add_worker("r1")
+        new_node = wait_until(
+            lambda: next(
+                (
+                    n["node_id"]
+                    for n in ray_cluster.alive_nodes()
+                    if "node_r1" in n["resources_total"]
+                ),
+                None,
+            ),
+            REPLACEMENT_WAIT,
+            "the replacement node to join",
+            replacement,
+        )
+        joined_s = time.monotonic() - kill["at"]
+        status = wait_job(client, job, timeout=600)
+    recovered = time.monotonic() - kill["at"]
+    assert status == "SUCCEEDED", client.get_job_logs(job)[-6000:]
+
+    # The replacement took part: a training worker of this run ran on it (no other run trained
+    # since it joined). Without it the run could not have placed its two ranks.
+    assert new_node in _actor_nodes(ray_cluster, "RayTrainWorker", alive_only=False)
+    found = _assert_ended_at_the_last_step_from_resumed_state(
+        output_dir, ray_dir, registered, mlflow_server.url
+    )
+    print(
+        f"\nkilled {kill['name']} ({len(kill['pids'])} processes) with checkpoints {registered}; "
+        f"{replacement.name} joined {joined_s:.0f} s after the kill; resumed at "
+        f"{found['resumed']}; job succeeded {recovered:.0f} s after the kill; checkpoints in "
+        f"storage {found['steps']}, Adam steps {found['adam_steps']}"
+    )
+
+
 def test_no_room_left_after_a_lost_node_fails_within_the_wait(ray_cluster, job_env, fault_config):
-    # Head and one worker node are left: room for the two ranks, one on each, until the kill.
+    # Head and one worker node (the replacement above) are left: room for the two ranks, one on
+    # each, until the kill.
     ray_cluster.wait_for_nodes(2)
     config, output_dir = fault_config("no-room", steps=100_000)
     ray_dir = storage.join(output_dir, "train_vqvae", "ray")
