@@ -387,11 +387,25 @@ def test_several_seeds_give_mean_and_spread(evaluated, tmp_path):
     assert m["cas/seeds"] == 2
     # The second seed's samples were drawn here, as many as the sample stage drew.
     extra = tmp_path / "evaluate" / f"samples-{cfg.sample.seed + 1}"
+    first_set = require_manifest(cfg.output_dir, sample.SampleManifest).classes
     for name in CLASSES:
-        assert len([f for f in os.listdir(extra / name) if f.endswith(".png")]) == 3, name
+        pngs = sorted(f for f in os.listdir(extra / name) if f.endswith(".png"))
+        assert len(pngs) == 3, name
+        # Another seed draws other samples, not the sample stage's set again.
+        drawn = np.stack([np.asarray(Image.open(extra / name / f)) for f in pngs])
+        before = sorted(f for f in os.listdir(first_set[name].dir) if f.endswith(".png"))
+        earlier = np.stack(
+            [np.asarray(Image.open(os.path.join(first_set[name].dir, f))) for f in before]
+        )
+        assert not np.array_equal(drawn, earlier), name
     for name in ("cas/generated_to_real", "cas/real_to_real", "quality/fid"):
         assert m[f"{name}/min"] <= m[name] <= m[f"{name}/max"], name
-        assert m[f"{name}/std"] >= 0
+        # Two seeds: the mean lies halfway between them, and the sample standard deviation
+        # (ddof 1) of two values is their distance over sqrt 2.
+        assert m[name] == pytest.approx((m[f"{name}/min"] + m[f"{name}/max"]) / 2), name
+        assert m[f"{name}/std"] == pytest.approx(
+            (m[f"{name}/max"] - m[f"{name}/min"]) / math.sqrt(2)
+        ), name
     # The first seed's figures are the one-seed run's; the mean moves with the second seed.
     assert m["cas/generated_to_real/min"] <= first.metrics["cas/generated_to_real"]
     assert first.metrics["cas/generated_to_real"] <= m["cas/generated_to_real/max"]

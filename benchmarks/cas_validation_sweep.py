@@ -1,0 +1,109 @@
+"""Sampling settings compared by CAS on the VALIDATION split of a finished pipeline run.
+
+The evaluate stage publishes CAS on the test split, which nothing may be tuned on. This draws
+samples from a finished run's priors with other sample settings (each into its own folder under
+``<output_dir>/cas-sweep/``, the run's own stages untouched) and scores them exactly as the evaluate
+stage does (``evaluate.classification_metrics``: a classifier on the samples, one on as many real
+train images per class, a judge) except that the real images scored on are the validation split's.
+
+    python benchmarks/cas_validation_sweep.py runs/bench-real-digits/config.yaml \
+        --setting temperature=0.8 --setting temperature=1.0 \
+        --setting temperature=1.0,rejection.enabled=true --seeds 2
+
+A setting is comma-separated ``sample.*`` keys (without the ``sample.`` prefix); ``--set`` applies
+config overrides to every setting (e.g. ``evaluate.classifier_steps=400``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import yaml
+
+
+def main() -> None:
+    from pipelines import corpus as corpus_module
+    from pipelines import storage
+    from pipelines.config import load_config
+    from pipelines.manifest import require_manifest
+    from pipelines.stage import StageContext
+    from pipelines.stages import evaluate
+    from pipelines.stages.sample import draw_samples, draws_per_class, prior_order
+    from pipelines.stages.tokenize import TokenizeManifest
+    from pipelines.stages.train_prior import TrainPriorManifest
+    from pipelines.tracking import TrackingContext
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("config")
+    parser.add_argument("--setting", action="append", required=True)
+    parser.add_argument("--set", action="append", default=[])
+    parser.add_argument("--seeds", type=int, default=1, help="sampling seeds per setting")
+    args = parser.parse_args()
+
+    # Every split the evaluation reads as "test" is the validation split here.
+    original = corpus_module.open_corpus
+
+    class ValidationAsTest:
+        def __init__(self, corpus):
+            self._corpus = corpus
+
+        def __getattr__(self, name):
+            return getattr(self._corpus, name)
+
+        def dataset(self, split="train", **kwargs):
+            return self._corpus.dataset("validation" if split == "test" else split, **kwargs)
+
+    corpus_module.open_corpus = lambda data: ValidationAsTest(original(data))
+
+    results = []
+    for setting in args.setting:
+        overrides = list(args.set)
+        for item in setting.split(","):
+            overrides.append(f"sample.{item.strip()}")
+        cfg = load_config(args.config, overrides)
+        trained = require_manifest(cfg.output_dir, TrainPriorManifest)
+        tok = require_manifest(cfg.output_dir, TokenizeManifest)
+        classes = list(trained.class_names)
+        draws = draws_per_class(cfg.sample, classes)
+        name = setting.replace("=", "").replace(",", "_").replace(".", "")
+        sets = []
+        started = time.time()
+        for offset in range(args.seeds):
+            seed = cfg.sample.seed + offset
+            where = storage.join(cfg.output_dir, "cas-sweep", name, f"seed-{seed}")
+            ctx = StageContext(cfg, "sample", where, "sweep", TrackingContext("sqlite://", None))
+            entries = draw_samples(ctx, trained, prior_order(trained), classes, seed, draws)
+            sets.append((seed, {c: e.dir for c, e in entries.items()}))
+        sampled = time.time() - started
+        where = storage.join(cfg.output_dir, "cas-sweep", name, "evaluate")
+        ctx = StageContext(cfg, "evaluate", where, "sweep", TrackingContext("sqlite://", None))
+        avoid = cfg.sample.seed if cfg.sample.rejection.enabled else None
+        scores = evaluate.classification_metrics(
+            ctx, tok.class_names, sets, (*tok.image_size, tok.channels), avoid
+        )
+        m = scores.metrics
+        row = {"setting": setting, "overrides": args.set, "sample_seconds": round(sampled)}
+        row.update({k: v for k, v in m.items() if "/class/" not in k})
+        row["per_class"] = {
+            k.rsplit("/", 1)[-1]: round(v, 3)
+            for k, v in m.items()
+            if k.startswith("cas/generated_to_real/class/")
+        }
+        results.append(row)
+        print(
+            f"{setting:50s} validation CAS {m['cas/generated_to_real']:.3f} real {m['cas/real_to_real']:.3f} "
+            f"ratio {m['cas/ratio']:.3f} [{m.get('cas/ratio/ci_low', float('nan')):.3f}, "
+            f"{m.get('cas/ratio/ci_high', float('nan')):.3f}] judge {m['cas/real_to_generated']:.3f} "
+            f"({len(sets)} seed(s), sampling {sampled:.0f} s)",
+            flush=True,
+        )
+        print("   per class:", json.dumps(row["per_class"]), flush=True)
+    out = storage.join(load_config(args.config).output_dir, "cas-sweep", "results.yaml")
+    previous = yaml.safe_load(storage.read_bytes(out)) if storage.exists(out) else []
+    storage.write_bytes(out, yaml.safe_dump(previous + results).encode())
+
+
+if __name__ == "__main__":
+    main()
