@@ -24,7 +24,6 @@ import yaml
 
 
 def main() -> None:
-    from pipelines import corpus as corpus_module
     from pipelines import storage
     from pipelines.config import load_config
     from pipelines.manifest import require_manifest
@@ -41,21 +40,6 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[])
     parser.add_argument("--seeds", type=int, default=1, help="sampling seeds per setting")
     args = parser.parse_args()
-
-    # Every split the evaluation reads as "test" is the validation split here.
-    original = corpus_module.open_corpus
-
-    class ValidationAsTest:
-        def __init__(self, corpus):
-            self._corpus = corpus
-
-        def __getattr__(self, name):
-            return getattr(self._corpus, name)
-
-        def dataset(self, split="train", **kwargs):
-            return self._corpus.dataset("validation" if split == "test" else split, **kwargs)
-
-    corpus_module.open_corpus = lambda data: ValidationAsTest(original(data))
 
     results = []
     for setting in args.setting:
@@ -81,7 +65,7 @@ def main() -> None:
         ctx = StageContext(cfg, "evaluate", where, "sweep", TrackingContext("sqlite://", None))
         avoid = cfg.sample.seed if cfg.sample.rejection.enabled else None
         scores = evaluate.classification_metrics(
-            ctx, tok.class_names, sets, (*tok.image_size, tok.channels), avoid
+            ctx, tok.class_names, sets, (*tok.image_size, tok.channels), avoid, "validation"
         )
         m = scores.metrics
         row = {"setting": setting, "overrides": args.set, "sample_seconds": round(sampled)}

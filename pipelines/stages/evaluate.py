@@ -474,9 +474,12 @@ def classification_metrics(
     sample_sets: list[tuple[int, dict[str, str]]],
     shape: tuple[int, int, int],
     avoid_seed: int | None = None,
+    real_split: str = "test",
 ) -> SampleScores:
     """CAS, its references and the feature-space figures over every set of generated images in
-    ``sample_sets`` ((seed, class name -> folder of PNGs), one per sampling seed)."""
+    ``sample_sets`` ((seed, class name -> folder of PNGs), one per sampling seed), tested on the
+    corpus' ``real_split`` images (the validation split, to compare settings without the test
+    split)."""
     from pipelines.classifier import embed_images
     from pipelines.corpus import open_corpus
 
@@ -496,34 +499,35 @@ def classification_metrics(
             (seed, {n: d for n, d in dirs.items() if n in class_names})
             for seed, dirs in sample_sets
         ]
-        if len(sample_sets[0][1]) < 2:
-            return SampleScores(
-                {},
-                f"fewer than 2 of the sampled classes are in the corpus (left out: "
-                f"{', '.join(left_out)})",
-                left_out=left_out,
-            )
     input_size = ClassifierConfig(num_classes=len(class_names), in_channels=shape[2]).input_size
     generated = [
         (seed, generated_images(dirs, class_names, shape, input_size)) for seed, dirs in sample_sets
     ]
     sampled = sorted(set(generated[0][1].labels.tolist()))
     if len(sampled) < 2:
-        return SampleScores({}, "fewer than 2 classes were sampled; a classifier needs at least 2")
+        return SampleScores(
+            {},
+            "fewer than 2 classes were sampled; a classifier needs at least 2",
+            left_out=left_out,
+        )
     corpus = open_corpus(ctx.cfg.data)
     if list(corpus.class_names) != list(class_names):
         raise InputError(
             f"the corpus now has classes {list(corpus.class_names)}, but the models were trained "
             f"on {list(class_names)}; re-run the pipeline from train_vqvae"
         )
-    test = labelled_images(corpus.dataset("test"), cfg.max_images, size=input_size)
+    test = labelled_images(corpus.dataset(real_split), cfg.max_images, size=input_size)
     test = test.subset(np.isin(test.labels.numpy(), sampled))
     if len(test) == 0:
-        return SampleScores({}, "the test split has no images of the sampled classes")
+        return SampleScores(
+            {}, f"the {real_split} split has no images of the sampled classes", left_out=left_out
+        )
     pool = labelled_images(corpus.dataset("train"), cfg.max_images, size=input_size)
     pool = pool.subset(np.isin(pool.labels.numpy(), sampled))
     if len(pool) == 0:
-        return SampleScores({}, "the train split has no images of the sampled classes")
+        return SampleScores(
+            {}, "the train split has no images of the sampled classes", left_out=left_out
+        )
     real = RealImages(pool, test)
     judge = train_judge(ctx, pool, len(class_names), avoid_seed)
     test_features = embed_images(judge.model, test.images)

@@ -27,7 +27,7 @@ import re
 import signal
 import tarfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -150,18 +150,26 @@ def fault_config(ray_cluster, s3_server, aws_env, mlflow_server, cluster_root):
     return make
 
 
-@pytest.fixture(scope="module")
-def trained(ray_cluster, job_env, fault_config) -> dict[str, Any]:
-    """train_vqvae as a job; once a checkpoint is registered, a worker node with a DDP rank is
-    killed. Head and the other worker node are left: room for both ranks."""
-    config, output_dir = fault_config("node-kill")
+def _kill_a_rank_node_mid_training(
+    cluster: RayCluster,
+    job_env: dict[str, str],
+    run: tuple[Any, str],
+    timeout: float,
+    after_kill: Callable[[dict[str, Any]], Any] | None = None,
+) -> dict[str, Any]:
+    """train_vqvae as a job with ``run`` (config, output_dir); once Ray Train has registered a
+    checkpoint, SIGKILL a worker node holding a DDP rank, call ``after_kill(kill)`` (its result is
+    returned as "after"), and wait for the job to end."""
+    config, output_dir = run
     ray_dir = storage.join(output_dir, "train_vqvae", "ray")
-    client, job = submit(ray_cluster, job_env, config, module="jobs.stage train_vqvae")
+    client, job = submit(cluster, job_env, config, module="jobs.stage train_vqvae")
     with _stopped_on_failure(client, job):
         registered = _wait_for_registered_checkpoint(client, job, ray_dir)
-        kill = _kill_worker_node(ray_cluster, among=_actor_nodes(ray_cluster, "RayTrainWorker"))
+        kill = _kill_worker_node(cluster, among=_actor_nodes(cluster, "RayTrainWorker"))
         assert kill["preferred"], "no DDP rank on a worker node"
-        status = wait_job(client, job, timeout=600)
+        after = after_kill(kill) if after_kill else None
+        status = wait_job(client, job, timeout=timeout)
+    ended = time.monotonic()
     return {
         "config": config,
         "output_dir": output_dir,
@@ -170,8 +178,18 @@ def trained(ray_cluster, job_env, fault_config) -> dict[str, Any]:
         "log": client.get_job_logs(job),
         "registered_at_kill": registered,
         "kill": kill,
-        "recovered_s": time.monotonic() - kill["at"],
+        "recovered_s": ended - kill["at"],  # until the job ended, succeeded or failed
+        "after": after,
     }
+
+
+@pytest.fixture(scope="module")
+def trained(ray_cluster, job_env, fault_config) -> dict[str, Any]:
+    """train_vqvae as a job; once a checkpoint is registered, a worker node with a DDP rank is
+    killed. Head and the other worker node are left: room for both ranks."""
+    return _kill_a_rank_node_mid_training(
+        ray_cluster, job_env, fault_config("node-kill"), timeout=600
+    )
 
 
 def _assert_ended_at_the_last_step_from_resumed_state(
@@ -279,13 +297,9 @@ def test_worker_node_killed_mid_training_with_a_replacement(
     # Head and one worker node: one rank on each. Once the worker node is killed, the head alone
     # has room for one rank only, so the restarted run needs the replacement node.
     ray_cluster.wait_for_nodes(2)
-    config, output_dir = fault_config("node-replaced", resource_wait=REPLACEMENT_WAIT)
-    ray_dir = storage.join(output_dir, "train_vqvae", "ray")
-    client, job = submit(ray_cluster, job_env, config, module="jobs.stage train_vqvae")
-    with _stopped_on_failure(client, job):
-        registered = _wait_for_registered_checkpoint(client, job, ray_dir)
-        kill = _kill_worker_node(ray_cluster, among=_actor_nodes(ray_cluster, "RayTrainWorker"))
-        assert kill["preferred"], "no DDP rank on the worker node"
+
+    def replace(kill: dict[str, Any]) -> tuple[Any, str, float]:
+        """Start node r1 at once; its node id and how long after the kill it joined."""
         replacement = ray_cluster.add_worker("r1")
         new_node = wait_until(
             lambda: next(
@@ -300,21 +314,29 @@ def test_worker_node_killed_mid_training_with_a_replacement(
             "the replacement node to join",
             replacement,
         )
-        joined_s = time.monotonic() - kill["at"]
-        status = wait_job(client, job, timeout=600)
-    recovered = time.monotonic() - kill["at"]
-    assert status == "SUCCEEDED", client.get_job_logs(job)[-6000:]
+        return replacement, new_node, time.monotonic() - kill["at"]
+
+    run = _kill_a_rank_node_mid_training(
+        ray_cluster,
+        job_env,
+        fault_config("node-replaced", resource_wait=REPLACEMENT_WAIT),
+        timeout=600,
+        after_kill=replace,
+    )
+    assert run["status"] == "SUCCEEDED", run["log"][-6000:]
+    replacement, new_node, joined_s = run["after"]
+    kill, registered = run["kill"], run["registered_at_kill"]
 
     # The replacement took part: a training worker of this run ran on it (no other run trained
     # since it joined). Without it the run could not have placed its two ranks.
     assert new_node in _actor_nodes(ray_cluster, "RayTrainWorker", alive_only=False)
     found = _assert_ended_at_the_last_step_from_resumed_state(
-        output_dir, ray_dir, registered, mlflow_server.url
+        run["output_dir"], run["ray_dir"], registered, mlflow_server.url
     )
     print(
         f"\nkilled {kill['name']} ({len(kill['pids'])} processes) with checkpoints {registered}; "
         f"{replacement.name} joined {joined_s:.0f} s after the kill; resumed at "
-        f"{found['resumed']}; job succeeded {recovered:.0f} s after the kill; checkpoints in "
+        f"{found['resumed']}; job succeeded {run['recovered_s']:.0f} s after the kill; checkpoints in "
         f"storage {found['steps']}, Adam steps {found['adam_steps']}"
     )
 
@@ -323,16 +345,11 @@ def test_no_room_left_after_a_lost_node_fails_within_the_wait(ray_cluster, job_e
     # Head and one worker node (the replacement above) are left: room for the two ranks, one on
     # each, until the kill.
     ray_cluster.wait_for_nodes(2)
-    config, output_dir = fault_config("no-room", steps=100_000)
-    ray_dir = storage.join(output_dir, "train_vqvae", "ray")
-    client, job = submit(ray_cluster, job_env, config, module="jobs.stage train_vqvae")
-    with _stopped_on_failure(client, job):
-        registered = _wait_for_registered_checkpoint(client, job, ray_dir)
-        kill = _kill_worker_node(ray_cluster, among=_actor_nodes(ray_cluster, "RayTrainWorker"))
-        assert kill["preferred"], "no DDP rank on the worker node"
-        status = wait_job(client, job, timeout=300)
-    failed_after = time.monotonic() - kill["at"]
-    log = client.get_job_logs(job)
+    run = _kill_a_rank_node_mid_training(
+        ray_cluster, job_env, fault_config("no-room", steps=100_000), timeout=300
+    )
+    status, log, kill, failed_after = run["status"], run["log"], run["kill"], run["recovered_s"]
+    output_dir, ray_dir, registered = run["output_dir"], run["ray_dir"], run["registered_at_kill"]
 
     assert status == "FAILED", log[-6000:]
     assert "vqpipe: error: train_vqvae: the Ray cluster could not place 2 training worker(s)" in log

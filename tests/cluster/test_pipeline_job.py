@@ -35,12 +35,17 @@ def submit(
     cluster, env: dict[str, str], config: Path, *overrides: str, module: str = "jobs.run_pipeline"
 ) -> tuple[Any, str]:
     """Submit ``python -m MODULE CONFIG --set ...`` with the auth token; the repo is the working dir."""
+    sets = " ".join(f"--set {o}" for o in overrides)
+    return submit_command(cluster, env, f"python -m {module} {config} {sets}".strip())
+
+
+def submit_command(cluster, env: dict[str, str], entrypoint: str) -> tuple[Any, str]:
+    """Submit ``entrypoint`` as a job with the auth token; the repo is the working dir."""
     from ray.job_submission import JobSubmissionClient
 
     client = JobSubmissionClient(cluster.dashboard, headers=cluster.auth_headers)
-    sets = " ".join(f"--set {o}" for o in overrides)
     job_id = client.submit_job(
-        entrypoint=f"python -m {module} {config} {sets}".strip(),
+        entrypoint=entrypoint,
         runtime_env={
             "working_dir": str(REPO),
             "excludes": [".venv", ".git", "runs", "tests/infra/kuberay", "*.pyc"],
@@ -246,26 +251,18 @@ def test_pinned_tokenizer_in_the_bucket_encodes_the_corpus_again(
 ):
     """`vqpipe tokenize --checkpoint s3://...` as a job: the autoencoder train_vqvae left in the
     bucket, pinned, encodes the same corpus to exactly the codes the pipeline's tokenize wrote."""
-    from ray.job_submission import JobSubmissionClient
-
     from pipelines.shards import iter_manifest_samples
     from pipelines.stages.tokenize import TokenizeManifest
     from pipelines.tokenizer import sha256_of
 
     checkpoint = pipeline_job["manifests"]["train_vqvae"].checkpoint
     output = s3_server.url("runs", "pinned")
-    client = JobSubmissionClient(ray_cluster.dashboard, headers=ray_cluster.auth_headers)
-    job = client.submit_job(
-        entrypoint=(
-            f"python -m jobs.cli tokenize --checkpoint {checkpoint} --input {s3_server.url('corpus')}"
-            f" --output {output} --set ray.address=auto --set tokenize.num_actors=2"
-            f" --set mlflow.tracking_uri={mlflow_server.url}"
-        ),
-        runtime_env={
-            "working_dir": str(REPO),
-            "excludes": [".venv", ".git", "runs", "tests/infra/kuberay", "*.pyc"],
-            "env_vars": job_env | {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"},
-        },
+    client, job = submit_command(
+        ray_cluster,
+        job_env,
+        f"python -m jobs.cli tokenize --checkpoint {checkpoint} --input {s3_server.url('corpus')}"
+        f" --output {output} --set ray.address=auto --set tokenize.num_actors=2"
+        f" --set mlflow.tracking_uri={mlflow_server.url}",
     )
     status = wait_job(client, job)
     assert status == "SUCCEEDED", client.get_job_logs(job)[-6000:]
