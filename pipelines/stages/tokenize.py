@@ -442,8 +442,12 @@ def _reconcile(
     """Cross-check the reported shards with the directory.
 
     A writer task that Ray retries rewrites the same content-named shard, so the two agree unless
-    storage lost or gained files meanwhile.
+    storage lost or gained files meanwhile. The temporary file of an attempt that was killed
+    (its node lost) is removed here, once every writer has finished.
     """
+    leftovers = storage.remove_partials(stage_dir)
+    if leftovers:
+        log.info("tokenize: removed %d temporary file(s) of killed writers", leftovers)
     on_disk = {uri.rsplit("/", 1)[-1]: uri for uri in list_shards(stage_dir)}
     missing = sorted(set(shards) - set(on_disk))
     if missing:

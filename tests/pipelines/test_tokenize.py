@@ -19,9 +19,15 @@ from pipelines.demo_data import generate_corpus
 from pipelines.images import to_model_input
 from pipelines.keys import split_of
 from pipelines.manifest import write_manifest
-from pipelines.shards import WIDS_INDEX_NAME, iter_code_samples, list_shards, read_key_index
+from pipelines.shards import (
+    WIDS_INDEX_NAME,
+    iter_code_samples,
+    list_shards,
+    read_key_index,
+    write_shard,
+)
 from pipelines.stage import StageContext
-from pipelines.stages.tokenize import run
+from pipelines.stages.tokenize import _reconcile, run
 from pipelines.stages.train_vqvae import TrainVQVAEManifest
 from pipelines.tracking import TrackingContext
 from vq_core.checkpoint import save_checkpoint
@@ -191,6 +197,28 @@ def test_tokenize_resumes_without_duplicating_or_losing_samples(tokenize_setup):
     for uri, mtime in kept.items():  # finished shards were kept, not rewritten
         assert os.path.getmtime(uri) == mtime
     assert second.bad_inputs.count == CORRUPT  # bad inputs are reported again
+
+
+def test_a_killed_writers_temporary_file_is_removed_once_every_writer_has_finished(tmp_path):
+    """A writer task on a lost node leaves its temporary file; Ray's retry writes the shard under
+    the same content name. When the stage cross-checks the shards, the leftover goes and the
+    shards stay."""
+    stage_dir = str(tmp_path / "tokenize")
+    storage.makedirs(stage_dir)
+    written = {}
+    for keys in (["a/1", "a/2"], ["b/1"]):
+        codes = {"top": np.zeros((len(keys), 2, 2), np.uint8)}
+        entry = write_shard(stage_dir, keys, [0] * len(keys), codes)
+        written[entry["name"]] = {**entry, "removed": 0, "validation": 0, "test": 0}
+    killed = storage.join(stage_dir, next(iter(written)) + ".5e6f7a8b" + storage.TMP_SUFFIX)
+    storage.write_bytes(killed, b"half a tar")
+    before = {uri: os.path.getmtime(uri) for uri in list_shards(stage_dir)}
+
+    _reconcile(stage_dir, written, frozenset(), "folder", (0.2, 0.2))
+
+    assert not storage.exists(killed)
+    assert {uri: os.path.getmtime(uri) for uri in list_shards(stage_dir)} == before
+    assert sorted(written) == sorted(uri.rsplit("/", 1)[-1] for uri in before)
 
 
 # -------------------------------------------------------------------------------------------------
