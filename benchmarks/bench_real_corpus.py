@@ -155,7 +155,14 @@ def report(output: Path) -> None:
         f"size-matched real train images, scored on {int(m['cas/real_test_images'])} real test "
         f"images, {int(m['cas/seeds'])} sampling seed(s)"
     )
-    for name in ("cas/generated_to_real", "cas/real_to_real", "cas/ratio", "cas/real_to_generated"):
+    for name in (
+        "cas/generated_to_real",
+        "cas/real_to_real",
+        "cas/ratio",
+        "cas/real_to_generated",
+        "cas/judge_on_real",
+        "cas/recognition_ratio",
+    ):
         if name in m:
             print(f"  {name:24s} {m[name]:.3f}{ci(name)}{spread(name)}")
     print("  per class (generated->real / real->real):")

@@ -80,6 +80,7 @@ def main() -> None:
             f"{setting:50s} validation CAS {m['cas/generated_to_real']:.3f} real {m['cas/real_to_real']:.3f} "
             f"ratio {m['cas/ratio']:.3f} [{m.get('cas/ratio/ci_low', float('nan')):.3f}, "
             f"{m.get('cas/ratio/ci_high', float('nan')):.3f}] judge {m['cas/real_to_generated']:.3f} "
+            f"recognition ratio {m.get('cas/recognition_ratio', float('nan')):.3f} "
             f"({len(sets)} seed(s), sampling {sampled:.0f} s)",
             flush=True,
         )

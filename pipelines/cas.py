@@ -93,6 +93,30 @@ def bootstrap(
     return intervals
 
 
+def bootstrap_ratio(
+    numerator: np.ndarray, denominator: np.ndarray, samples: int, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile 95% interval of mean(numerator) / mean(denominator) where the two are scored on
+    different images (say, one classifier on generated images and on real test images): each
+    resample draws both sets with replacement, independently. NaN when the denominator's mean is
+    0 in more than 2.5% of the resamples."""
+    num = np.asarray(numerator, dtype=float).ravel()
+    den = np.asarray(denominator, dtype=float).ravel()
+    if len(num) == 0 or len(den) == 0 or samples < 1:
+        raise ValueError(
+            f"need images on both sides and at least one resample, got {len(num)}, {len(den)} "
+            f"and {samples}"
+        )
+    rng = np.random.default_rng(seed)
+    top = num[rng.integers(0, len(num), size=(samples, len(num)))].mean(axis=1)
+    bottom = den[rng.integers(0, len(den), size=(samples, len(den)))].mean(axis=1)
+    if (bottom > 0).mean() < 0.975:
+        return math.nan, math.nan
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = top / bottom
+    return float(np.percentile(ratio, 2.5)), float(np.percentile(ratio, 97.5))
+
+
 def spread(values: list[float]) -> dict[str, float]:
     """Mean, standard deviation (ddof 1; 0 for one value), min and max of per-seed figures."""
     a = np.asarray(values, dtype=float)

@@ -370,10 +370,14 @@ def summarise_seeds(
     test_labels: np.ndarray,
     class_names: list[str],
     bootstrap_samples: int,
+    judge_on_real: np.ndarray | None = None,
 ) -> dict[str, float]:
     """The CAS and feature-space metrics over every seed: means, bootstrap intervals over the test
-    images, per-class accuracies and, for several seeds, the spread across seeds."""
-    from pipelines.cas import bootstrap, per_class_accuracy, spread
+    images, per-class accuracies and, for several seeds, the spread across seeds.
+
+    ``judge_on_real`` (bool per test image: the judge got it right) adds how well the judge
+    recognises the samples relative to real test images (``cas/recognition_ratio``)."""
+    from pipelines.cas import bootstrap, bootstrap_ratio, per_class_accuracy, spread
 
     on_generated = np.stack([s.on_generated for s in scores])
     on_real = np.stack([s.on_real for s in scores])
@@ -393,6 +397,14 @@ def summarise_seeds(
         {"ratio": ("generated_to_real", "real_to_real")},
         bootstrap_samples,
     )
+    judged = np.concatenate([s.judged for s in scores])
+    if judge_on_real is not None and len(judge_on_real) and len(judged):
+        on_test = float(np.mean(judge_on_real))
+        metrics["cas/judge_on_real"] = on_test
+        metrics["cas/recognition_ratio"] = (
+            metrics["cas/real_to_generated"] / on_test if on_test > 0 else math.nan
+        )
+        intervals["recognition_ratio"] = bootstrap_ratio(judged, judge_on_real, bootstrap_samples)
     for name, (low, high) in intervals.items():
         metrics[f"cas/{name}/ci_low"], metrics[f"cas/{name}/ci_high"] = low, high
     for name, correct in (("generated_to_real", on_generated), ("real_to_real", on_real)):
@@ -413,6 +425,10 @@ def summarise_seeds(
             ],
             "cas/real_to_generated": [float(s.judged.mean()) for s in scores],
         }
+        if "cas/judge_on_real" in metrics and metrics["cas/judge_on_real"] > 0:
+            per_seed["cas/recognition_ratio"] = [
+                float(s.judged.mean()) / metrics["cas/judge_on_real"] for s in scores
+            ]
         for name in ("fid", "precision", "recall"):
             if all(name in s.quality for s in scores):
                 per_seed[f"quality/{name}"] = [s.quality[name] for s in scores]
@@ -480,7 +496,7 @@ def classification_metrics(
     ``sample_sets`` ((seed, class name -> folder of PNGs), one per sampling seed), tested on the
     corpus' ``real_split`` images (the validation split, to compare settings without the test
     split)."""
-    from pipelines.classifier import embed_images
+    from pipelines.classifier import correct_predictions, embed_images
     from pipelines.corpus import open_corpus
 
     cfg = ctx.cfg.evaluate
@@ -531,13 +547,16 @@ def classification_metrics(
     real = RealImages(pool, test)
     judge = train_judge(ctx, pool, len(class_names), avoid_seed)
     test_features = embed_images(judge.model, test.images)
+    judge_on_real = correct_predictions(judge.model, test.images, test.labels, among=sampled)
     scores = [
         score_seed(
             ctx, ctx.cfg.seed + index, images, real, judge, test_features, sampled, len(class_names)
         )
         for index, (_, images) in enumerate(generated)
     ]
-    metrics = summarise_seeds(scores, test.labels.numpy(), class_names, cfg.bootstrap_samples)
+    metrics = summarise_seeds(
+        scores, test.labels.numpy(), class_names, cfg.bootstrap_samples, judge_on_real
+    )
     metrics["cas/classes"] = len(sampled)
     metrics["cas/judge_train_images"] = len(pool)
     return SampleScores(metrics, None, judge, left_out)
@@ -889,7 +908,9 @@ def _samples_section(
             f"are bootstrap 95% intervals over the test images ({cfg.bootstrap_samples} "
             "resamples, the same for both classifiers). The samples are judged by a classifier "
             f"trained independently of the one that rejection sampling used (seed "
-            f"{scores.judge.seed})."
+            f"{scores.judge.seed}), on {int(metrics['cas/judge_train_images'])} real train "
+            "images; its recognition ratio is its accuracy on the samples over its accuracy on "
+            "the real test images (interval: samples and test images resampled independently)."
             + (
                 f" Figures are means over {seeds} sampling seeds; the spread column gives their "
                 "standard deviation and range."
@@ -902,6 +923,12 @@ def _samples_section(
             ("cas/real_to_real", "reference: trained on size-matched real train images"),
             ("cas/ratio", "CAS / reference"),
             ("cas/real_to_generated", "the judge on the samples (class fidelity)"),
+            ("cas/judge_on_real", "the judge on real test images"),
+            (
+                "cas/recognition_ratio",
+                "samples recognised by the judge, relative to real test images "
+                "(the two rows above)",
+            ),
         ]
         section.table = Table(
             ["metric", "value", "95% interval", "spread over seeds", "meaning"],

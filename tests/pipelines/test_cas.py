@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.cas import bootstrap, class_counts, matched_subset, per_class_accuracy, spread
+from pipelines.cas import (
+    bootstrap,
+    bootstrap_ratio,
+    class_counts,
+    matched_subset,
+    per_class_accuracy,
+    spread,
+)
 from pipelines.classifier import LabelledImages
 
 
@@ -61,6 +68,24 @@ def test_bootstrap_is_paired_and_averages_repetitions():
     assert np.isnan(low) and np.isnan(high)
     with pytest.raises(ValueError, match="same test images"):
         bootstrap({"a": np.ones(3), "b": np.ones(4)}, {}, samples=10)
+
+
+def test_ratio_of_accuracies_on_different_images_resamples_each_side():
+    rng = np.random.default_rng(1)
+    on_samples = rng.random(300) < 0.6  # a judge on 300 generated images
+    on_test = rng.random(120) < 0.8  # the same judge on 120 real test images
+    low, high = bootstrap_ratio(on_samples, on_test, samples=1000)
+    assert low < on_samples.mean() / on_test.mean() < high
+    # Both sides vary: wider than with the denominator held at its mean.
+    fixed_low, fixed_high = bootstrap_ratio(on_samples, np.full(120, on_test.mean()), 1000)
+    assert high - low > fixed_high - fixed_low
+    # Every image right on both sides: exactly 1.
+    assert bootstrap_ratio(np.ones(5), np.ones(7), samples=50) == (1.0, 1.0)
+    # A denominator almost always 0 has no finite interval.
+    low, high = bootstrap_ratio(np.ones(20), np.eye(1, 40).ravel(), samples=200)
+    assert np.isnan(low) and np.isnan(high)
+    with pytest.raises(ValueError, match="images on both sides"):
+        bootstrap_ratio(np.ones(3), np.ones(0), samples=10)
 
 
 def test_per_class_accuracy_and_spread():

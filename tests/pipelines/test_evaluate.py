@@ -130,6 +130,7 @@ EXPECTED_METRICS = [
     "cas/generated_to_real",
     "cas/real_to_real",
     "cas/real_to_generated",
+    "cas/judge_on_real",
     "cas/generated_to_real/ci_low",
     "cas/generated_to_real/ci_high",
     "cas/real_to_real/ci_low",
@@ -147,7 +148,12 @@ def test_every_metric_present_and_finite(evaluated):
         assert name in metrics, name
         assert math.isfinite(metrics[name]), (name, metrics[name])
     assert metrics["test/psnr"] == pytest.approx(10 * math.log10(4 / metrics["test/mse"]))
-    for name in ("cas/generated_to_real", "cas/real_to_real", "cas/real_to_generated"):
+    for name in (
+        "cas/generated_to_real",
+        "cas/real_to_real",
+        "cas/real_to_generated",
+        "cas/judge_on_real",
+    ):
         assert 0.0 <= metrics[name] <= 1.0, name
     assert metrics["cas/generated_images"] == 3 * len(CLASSES)
 
@@ -294,11 +300,22 @@ def test_cas_trains_on_the_generated_images_and_tests_on_the_real_ones(ray_local
     test_images = to_model_input(images[holdout])
     on_test = accuracy(judge, test_images, torch.from_numpy(labels[holdout]))
     assert faithful["cas/real_to_generated"] == pytest.approx(on_test)
+    # ... and recognises them exactly as well as the real test images (which they are).
+    assert faithful["cas/judge_on_real"] == pytest.approx(on_test)
+    assert faithful["cas/recognition_ratio"] == pytest.approx(1.0)
+    low, high = faithful["cas/recognition_ratio/ci_low"], faithful["cas/recognition_ratio/ci_high"]
+    assert low <= 1.0 <= high
     # Samples that are real test images sit at distance ~0 from them, inside their manifold.
     assert faithful["quality/fid"] == pytest.approx(0.0, abs=1e-6)
     assert faithful["quality/precision"] == faithful["quality/recall"] == 1.0
     mislabelled = cas_of(1)
     assert mislabelled["cas/generated_to_real"] <= 0.1
+    # The judge's accuracy on the test images does not depend on the samples; the recognition
+    # ratio is its accuracy on the samples over that.
+    assert mislabelled["cas/judge_on_real"] == pytest.approx(on_test)
+    assert mislabelled["cas/recognition_ratio"] == pytest.approx(
+        mislabelled["cas/real_to_generated"] / on_test
+    )
     # Per class too: every class of the mislabelled set is missed.
     for name in CLASSES:
         assert mislabelled[f"cas/generated_to_real/class/{name}"] <= 0.25, name
