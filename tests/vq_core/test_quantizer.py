@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vq_core.quantizer import QuantizerOutput, VectorQuantizer
+from vq_core.quantizer import QuantizerOutput, VectorQuantizer, code_statistics
 
 MODES = ["ema", "loss"]
 
@@ -116,6 +116,14 @@ def test_statistics_of_single_vectors():
     assert one.perplexity.item() == pytest.approx(1.0) and one.usage.item() == 1 / 8
     three = quantizer(torch.tensor([[0.1, 0.0], [20.0, 30.0], [60.0, 70.0]]))
     assert three.perplexity.item() == pytest.approx(3.0) and three.usage.item() == 3 / 8
+
+
+def test_statistics_of_a_code_map_count_every_code_of_the_codebook():
+    # Codes 0 and 2 of 8, equally often; the unused codes 3..7 count towards usage's total.
+    perplexity, usage = code_statistics(torch.tensor([[0, 2], [2, 0]]), 8)
+    assert perplexity.item() == pytest.approx(2.0) and usage.item() == 2 / 8
+    perplexity, usage = code_statistics(torch.tensor([5, 5, 5]), 8)
+    assert perplexity.item() == pytest.approx(1.0) and usage.item() == 1 / 8
 
 
 def test_lookup_of_empty_and_single_code_maps():
@@ -360,15 +368,51 @@ def test_data_init_picks_distinct_batch_vectors():
 
 @pytest.mark.parametrize("update", MODES)
 def test_data_init_with_fewer_vectors_than_codes_gives_distinct_codes(update):
-    torch.manual_seed(0)
-    quantizer = VectorQuantizer(32, 4, update=update, data_init=True)
-    z = torch.randn(5, 4)
-    quantizer(z)
-    assert bool(quantizer.initialized)
-    codebook = quantizer.codebook.detach()
-    assert torch.unique(codebook, dim=0).shape[0] == 32
-    # Every code lies next to one of the five vectors.
-    assert torch.cdist(codebook, z).min(dim=1).values.max() < 0.2
+    # At every scale of the data, and down to one vector for two codes: the noise that separates
+    # the copies follows the data's spread, so the codes are distinct yet stay near the vectors.
+    for scale in (1e-3, 1.0, 1e3):
+        for num_codes, num_vectors in ((32, 5), (2, 1)):
+            torch.manual_seed(0)
+            quantizer = VectorQuantizer(num_codes, 4, update=update, data_init=True)
+            z = scale * torch.randn(num_vectors, 4)
+            quantizer(z)
+            assert bool(quantizer.initialized)
+            codebook = quantizer.codebook.detach()
+            assert torch.unique(codebook, dim=0).shape[0] == num_codes, (scale, num_codes)
+            # Every code lies next to one of the vectors.
+            distance = torch.cdist(codebook, z).min(dim=1).values.max()
+            assert distance < 0.2 * scale, (scale, num_codes)
+
+
+@pytest.mark.parametrize("update", MODES)
+def test_seeded_random_choices_do_not_depend_on_the_global_generator(update):
+    # Data init from fewer vectors than codes (drawn with replacement, plus noise) and from
+    # more (drawn without): the quantizer's own seed decides, whatever torch's global state.
+    gen = torch.Generator().manual_seed(0)
+    for num_vectors in (5, 40):
+        z = torch.randn(num_vectors, 4, generator=gen)
+        codebooks = []
+        for global_seed in (0, 1):
+            torch.manual_seed(global_seed)
+            quantizer = VectorQuantizer(16, 4, update=update, data_init=True, seed=3)
+            quantizer(z)
+            codebooks.append(quantizer.codebook.detach())
+        assert torch.equal(codebooks[0], codebooks[1]), num_vectors
+
+
+def test_unseeded_quantizers_follow_the_global_seed():
+    z = torch.randn(64, 2, generator=torch.Generator().manual_seed(0))
+
+    def data_init(global_seed: int) -> tuple:
+        torch.manual_seed(global_seed)
+        quantizer = VectorQuantizer(8, 2, update="loss", data_init=True)
+        quantizer(z)
+        return tuple(map(tuple, quantizer.codebook.tolist()))
+
+    # torch.manual_seed makes a run repeatable, and each global seed gives its own draws: 50
+    # seeds, 50 different choices of 8 of the 64 vectors.
+    assert data_init(0) == data_init(0)
+    assert len({data_init(seed) for seed in range(50)}) == 50
 
 
 # ------------------------------------------------------------------------------------------
