@@ -4,14 +4,17 @@ the cached sampler agreeing with the naive reference for every prior variant."""
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
+from torch import nn
 
 from tests.vq_core.test_pixelcnn import CONDITION, conditioning
 from vq_core.pixelcnn import GatedPixelCNN, GatedPixelCNNConfig
 from vq_core.pixelsnail import PixelSNAIL, PixelSNAILConfig
 from vq_core.sampling import (
+    METHODS,
     CausalConv2d,
     PointwiseConv,
     StepCache,
@@ -274,6 +277,66 @@ def test_cached_sampling_matches_naive_on_maps_one_or_two_codes_wide(model, size
     assert cached_codes.shape == (3, *size)
     assert torch.allclose(cached_logits, naive_logits, atol=1e-4, rtol=0)
     assert torch.equal(cached_codes, naive_codes)
+
+
+class FixedPrior(nn.Module):
+    """A prior with the same logits at every position, whatever the codes before it: its samples
+    are independent draws. Counts the full-map passes it is asked for."""
+
+    def __init__(self, logits: torch.Tensor, height: int = 4, width: int = 5) -> None:
+        super().__init__()
+        self.logits = nn.Parameter(logits)
+        self.config = SimpleNamespace(height=height, width=width)
+        self.full_passes = 0
+
+    def check_conditioning(self, labels, condition, n):
+        return labels, condition
+
+    def forward(self, codes, labels=None, condition=None):
+        self.full_passes += 1
+        n, height, width = codes.shape
+        return self.logits[None, :, None, None].expand(n, -1, height, width)
+
+    def begin_sampling(self, n, labels, condition):
+        return StepCache(n, self.config.height, self.config.width)
+
+    def sampling_step(self, cache, row, col):
+        return self.logits.expand(cache.batch, -1)
+
+    def observe(self, cache, codes):
+        cache.observed += 1
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_samples_follow_the_softmax_of_the_logits_over_the_temperature(method):
+    probs = torch.tensor([0.1, 0.6, 0.0, 0.3])
+    prior = FixedPrior(probs.log())
+
+    def frequencies(**kwargs) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(0)
+        codes = sample_codes(prior, 400, generator=generator, method=method, **kwargs)
+        return torch.bincount(codes.flatten(), minlength=4).float() / codes.numel()
+
+    # 8,000 draws each: the default temperature is 1, the prior's own distribution.
+    torch.testing.assert_close(frequencies(), probs, atol=0.015, rtol=0)
+    hot = probs.sqrt() / probs.sqrt().sum()  # softmax(log p / 2)
+    torch.testing.assert_close(frequencies(temperature=2.0), hot, atol=0.015, rtol=0)
+
+
+def test_cached_sampling_runs_no_full_pass_and_naive_one_per_position():
+    prior = FixedPrior(torch.zeros(3))
+    sample_codes(prior, 2, method="cached")
+    assert prior.full_passes == 0
+    sample_codes(prior, 2, method="naive")
+    assert prior.full_passes == 4 * 5
+
+
+def test_the_number_of_samples_is_an_integer_from_one():
+    prior = FixedPrior(torch.zeros(3))
+    for n in (0, -1, True, 2.0, "2"):
+        with pytest.raises(ValueError, match="n "):
+            sample_codes(prior, n)
+    assert sample_codes(prior, 1).shape == (1, 4, 5)
 
 
 def test_sampling_is_reproducible_with_a_seeded_generator():
