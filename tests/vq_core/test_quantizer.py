@@ -310,6 +310,31 @@ def test_dead_codes_are_reseeded_from_batch_vectors_and_counted(update):
     assert quantizer.restarts >= restarts_after_one
 
 
+def test_exactly_the_codes_below_the_dead_code_threshold_are_reseeded():
+    # decay 0.5: after one step a code's bias-corrected count per batch is (0.25 + 0.5 n) / 0.75
+    # for n vectors: exactly 1 for one vector (not below a threshold of 1), 1/3 for none.
+    quantizer = VectorQuantizer(4, 2, update="loss", decay=0.5, dead_code_threshold=1.0)
+    codebook = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0]])
+    with torch.no_grad():
+        quantizer.codebook.copy_(codebook)
+    z = codebook[:3]  # one vector for each of codes 0, 1, 2; none for code 3
+    quantizer(z)
+    assert quantizer.restarts == 1
+    assert torch.equal(quantizer.codebook.detach()[:3], codebook[:3])
+    assert (quantizer.codebook.detach()[3] == z).all(dim=1).any()
+
+
+def test_data_initialised_codes_count_as_one_vector_per_batch():
+    # Four vectors, four codes: data init makes each vector a code, which then gets that one
+    # vector per batch, a count of 1 (decay 0.5: (0.25 + 0.5) / 0.75), alive at threshold 0.95.
+    quantizer = VectorQuantizer(
+        4, 2, update="loss", decay=0.5, data_init=True, dead_code_threshold=0.95
+    )
+    z = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0]])
+    assert quantizer(z).usage.item() == 1.0
+    assert quantizer.restarts == 0
+
+
 def test_data_init_happens_once():
     torch.manual_seed(0)
     # "loss" mode without restarts: after data init only the optimizer moves the codebook.
@@ -458,6 +483,13 @@ def test_nearest_under_bfloat16_autocast_equals_float32(chunk_size):
         out = quantizer(z)
     assert torch.equal(codes, reference)
     assert torch.equal(out.codes.reshape(-1), reference)
+
+
+def test_nearest_refuses_anything_but_n_x_dim():
+    quantizer = VectorQuantizer(16, 4)
+    for shape in [(10, 3), (10, 4, 1), (4,)]:
+        with pytest.raises(ValueError, match=rf"expected an N x 4 tensor, got shape \({shape[0]},"):
+            quantizer.nearest(torch.randn(shape))
 
 
 def test_nearest_runs_without_autograd():
