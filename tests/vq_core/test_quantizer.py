@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vq_core.quantizer import QuantizerOutput, VectorQuantizer
+from vq_core.quantizer import QuantizerOutput, VectorQuantizer, code_statistics
 
 MODES = ["ema", "loss"]
 
@@ -116,6 +116,14 @@ def test_statistics_of_single_vectors():
     assert one.perplexity.item() == pytest.approx(1.0) and one.usage.item() == 1 / 8
     three = quantizer(torch.tensor([[0.1, 0.0], [20.0, 30.0], [60.0, 70.0]]))
     assert three.perplexity.item() == pytest.approx(3.0) and three.usage.item() == 3 / 8
+
+
+def test_statistics_of_a_code_map_count_every_code_of_the_codebook():
+    # Codes 0 and 2 of 8, equally often; the unused codes 3..7 count towards usage's total.
+    perplexity, usage = code_statistics(torch.tensor([[0, 2], [2, 0]]), 8)
+    assert perplexity.item() == pytest.approx(2.0) and usage.item() == 2 / 8
+    perplexity, usage = code_statistics(torch.tensor([5, 5, 5]), 8)
+    assert perplexity.item() == pytest.approx(1.0) and usage.item() == 1 / 8
 
 
 def test_lookup_of_empty_and_single_code_maps():
@@ -302,6 +310,31 @@ def test_dead_codes_are_reseeded_from_batch_vectors_and_counted(update):
     assert quantizer.restarts >= restarts_after_one
 
 
+def test_exactly_the_codes_below_the_dead_code_threshold_are_reseeded():
+    # decay 0.5: after one step a code's bias-corrected count per batch is (0.25 + 0.5 n) / 0.75
+    # for n vectors: exactly 1 for one vector (not below a threshold of 1), 1/3 for none.
+    quantizer = VectorQuantizer(4, 2, update="loss", decay=0.5, dead_code_threshold=1.0)
+    codebook = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0]])
+    with torch.no_grad():
+        quantizer.codebook.copy_(codebook)
+    z = codebook[:3]  # one vector for each of codes 0, 1, 2; none for code 3
+    quantizer(z)
+    assert quantizer.restarts == 1
+    assert torch.equal(quantizer.codebook.detach()[:3], codebook[:3])
+    assert (quantizer.codebook.detach()[3] == z).all(dim=1).any()
+
+
+def test_data_initialised_codes_count_as_one_vector_per_batch():
+    # Four vectors, four codes: data init makes each vector a code, which then gets that one
+    # vector per batch, a count of 1 (decay 0.5: (0.25 + 0.5) / 0.75), alive at threshold 0.95.
+    quantizer = VectorQuantizer(
+        4, 2, update="loss", decay=0.5, data_init=True, dead_code_threshold=0.95
+    )
+    z = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0]])
+    assert quantizer(z).usage.item() == 1.0
+    assert quantizer.restarts == 0
+
+
 def test_data_init_happens_once():
     torch.manual_seed(0)
     # "loss" mode without restarts: after data init only the optimizer moves the codebook.
@@ -360,15 +393,51 @@ def test_data_init_picks_distinct_batch_vectors():
 
 @pytest.mark.parametrize("update", MODES)
 def test_data_init_with_fewer_vectors_than_codes_gives_distinct_codes(update):
-    torch.manual_seed(0)
-    quantizer = VectorQuantizer(32, 4, update=update, data_init=True)
-    z = torch.randn(5, 4)
-    quantizer(z)
-    assert bool(quantizer.initialized)
-    codebook = quantizer.codebook.detach()
-    assert torch.unique(codebook, dim=0).shape[0] == 32
-    # Every code lies next to one of the five vectors.
-    assert torch.cdist(codebook, z).min(dim=1).values.max() < 0.2
+    # At every scale of the data, and down to one vector for two codes: the noise that separates
+    # the copies follows the data's spread, so the codes are distinct yet stay near the vectors.
+    for scale in (1e-3, 1.0, 1e3):
+        for num_codes, num_vectors in ((32, 5), (2, 1)):
+            torch.manual_seed(0)
+            quantizer = VectorQuantizer(num_codes, 4, update=update, data_init=True)
+            z = scale * torch.randn(num_vectors, 4)
+            quantizer(z)
+            assert bool(quantizer.initialized)
+            codebook = quantizer.codebook.detach()
+            assert torch.unique(codebook, dim=0).shape[0] == num_codes, (scale, num_codes)
+            # Every code lies next to one of the vectors.
+            distance = torch.cdist(codebook, z).min(dim=1).values.max()
+            assert distance < 0.2 * scale, (scale, num_codes)
+
+
+@pytest.mark.parametrize("update", MODES)
+def test_seeded_random_choices_do_not_depend_on_the_global_generator(update):
+    # Data init from fewer vectors than codes (drawn with replacement, plus noise) and from
+    # more (drawn without): the quantizer's own seed decides, whatever torch's global state.
+    gen = torch.Generator().manual_seed(0)
+    for num_vectors in (5, 40):
+        z = torch.randn(num_vectors, 4, generator=gen)
+        codebooks = []
+        for global_seed in (0, 1):
+            torch.manual_seed(global_seed)
+            quantizer = VectorQuantizer(16, 4, update=update, data_init=True, seed=3)
+            quantizer(z)
+            codebooks.append(quantizer.codebook.detach())
+        assert torch.equal(codebooks[0], codebooks[1]), num_vectors
+
+
+def test_unseeded_quantizers_follow_the_global_seed():
+    z = torch.randn(64, 2, generator=torch.Generator().manual_seed(0))
+
+    def data_init(global_seed: int) -> tuple:
+        torch.manual_seed(global_seed)
+        quantizer = VectorQuantizer(8, 2, update="loss", data_init=True)
+        quantizer(z)
+        return tuple(map(tuple, quantizer.codebook.tolist()))
+
+    # torch.manual_seed makes a run repeatable, and each global seed gives its own draws: 50
+    # seeds, 50 different choices of 8 of the 64 vectors.
+    assert data_init(0) == data_init(0)
+    assert len({data_init(seed) for seed in range(50)}) == 50
 
 
 # ------------------------------------------------------------------------------------------
@@ -414,6 +483,13 @@ def test_nearest_under_bfloat16_autocast_equals_float32(chunk_size):
         out = quantizer(z)
     assert torch.equal(codes, reference)
     assert torch.equal(out.codes.reshape(-1), reference)
+
+
+def test_nearest_refuses_anything_but_n_x_dim():
+    quantizer = VectorQuantizer(16, 4)
+    for shape in [(10, 3), (10, 4, 1), (4,)]:
+        with pytest.raises(ValueError, match=rf"expected an N x 4 tensor, got shape \({shape[0]},"):
+            quantizer.nearest(torch.randn(shape))
 
 
 def test_nearest_runs_without_autograd():

@@ -4,17 +4,21 @@ the cached sampler agreeing with the naive reference for every prior variant."""
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
+from torch import nn
 
 from tests.vq_core.test_pixelcnn import CONDITION, conditioning
 from vq_core.pixelcnn import GatedPixelCNN, GatedPixelCNNConfig
 from vq_core.pixelsnail import PixelSNAIL, PixelSNAILConfig
 from vq_core.sampling import (
+    METHODS,
     CausalConv2d,
     PointwiseConv,
     StepCache,
+    crop,
     draw_categorical,
     filter_logits,
     sample_codes,
@@ -87,6 +91,9 @@ def test_top_p_keeps_the_smallest_nucleus():
     # top_p=1 switches the nucleus off, even where the float32 running mass reaches 1 before
     # the last code (a "mass before >= top_p" test would drop the unlikely codes).
     assert filter_logits(torch.tensor([[100.0, 0.0, 0.0]]), top_p=1.0).isfinite().all()
+    # A nucleus that reaches top_p exactly is complete: four equally likely codes (masses exact
+    # in float32), top_p=0.5 keeps two of them, not three.
+    assert filter_logits(torch.zeros(2, 4), top_p=0.5).isfinite().sum(dim=-1).tolist() == [2, 2]
 
 
 @pytest.mark.parametrize(
@@ -137,6 +144,24 @@ def test_draws_without_a_generator_use_the_global_one():
     assert (first != 1).all()
 
 
+# --------------------------------------------------------------------------- crop
+
+
+def test_crop_takes_the_region_of_a_map_and_passes_per_image_values():
+    # One-row and one-column maps are maps too, and are cropped like any other.
+    for height, width in [(5, 6), (2, 1), (1, 2), (1, 1)]:
+        t = torch.randn(2, 3, height, width)
+        assert crop(t, None) is t
+        for r in range(height):
+            for region in [(r, r + 1, 0, width)] + [(r, r + 1, c, c + 1) for c in range(width)]:
+                r0, r1, c0, c1 = region
+                assert torch.equal(crop(t, region), t[:, :, r0:r1, c0:c1])
+    # Per-image values (B x C x 1 x 1) apply at every position of any map.
+    per_image = torch.randn(2, 3, 1, 1)
+    for region in [(0, 1, 0, W), (H - 1, H, W - 1, W), (2, 3, 4, 5)]:
+        assert torch.equal(crop(per_image, region), per_image)
+
+
 # --------------------------------------------------------------------------- CausalConv2d
 
 
@@ -184,7 +209,7 @@ def test_pointwise_conv_has_a_bias_and_equals_a_1x1_convolution():
     torch.manual_seed(0)
     conv = PointwiseConv(4, 6)
     assert conv.bias is not None and PointwiseConv(4, 6, bias=False).bias is None
-    for shape in [(2, 4, 1, 1), (2, 4, 3, 5)]:
+    for shape in [(2, 4, 1, 1), (2, 4, 3, 5), (2, 4, 2, 1), (2, 4, 1, 2)]:
         x = torch.randn(shape)
         expected = torch.nn.functional.conv2d(x, conv.weight, conv.bias)
         torch.testing.assert_close(conv(x), expected)
@@ -213,23 +238,105 @@ def test_causal_conv_step_mode_matches_the_full_map(footprint):
 # --------------------------------------------------------------------------- cached == naive
 
 
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_cached_sampling_matches_naive(variant):
-    torch.manual_seed(0)
-    prior = VARIANTS[variant]()
-    labels, condition = conditioning(prior, 3)
+def sample_both_ways(prior, n: int = 3):
+    """(codes, logits) of the naive and the cached sampler, each from a generator seeded alike."""
+    labels, condition = conditioning(prior, n)
     runs = {}
     for method in ("naive", "cached"):
         generator = torch.Generator().manual_seed(7)
         runs[method] = sample_codes(
-            prior, 3, labels, condition, generator=generator, method=method, return_logits=True
+            prior, n, labels, condition, generator=generator, method=method, return_logits=True
         )
-    (naive_codes, naive_logits), (cached_codes, cached_logits) = runs["naive"], runs["cached"]
+    return runs["naive"], runs["cached"]
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_cached_sampling_matches_naive(variant):
+    torch.manual_seed(0)
+    prior = VARIANTS[variant]()
+    (naive_codes, naive_logits), (cached_codes, cached_logits) = sample_both_ways(prior)
     assert cached_logits.shape == (3, H * W, K)
     assert torch.allclose(cached_logits, naive_logits, atol=1e-4, rtol=0)
     assert torch.equal(cached_codes, naive_codes)
     # The samples are not degenerate: the draws actually varied.
     assert naive_codes.unique().numel() > 1
+
+
+@pytest.mark.parametrize("size", [(1, 4), (3, 1), (3, 2)])
+@pytest.mark.parametrize("model", [GatedPixelCNN, PixelSNAIL])
+def test_cached_sampling_matches_naive_on_maps_one_or_two_codes_wide(model, size):
+    fields = dict(channels=8, condition_channels=8, num_layers=2)
+    if model is PixelSNAIL:
+        fields = dict(channels=8, condition_channels=8, num_blocks=1, res_blocks=1, num_heads=2)
+        fields.update(attention_channels=8, condition_res_blocks=1)
+    # A condition map of the prior's own size: each position reads its own condition code.
+    fields.update(condition_num_codes=5, condition_height=size[0], condition_width=size[1])
+    torch.manual_seed(0)
+    prior = model(model.config_class(K, *size, **fields))
+    (naive_codes, naive_logits), (cached_codes, cached_logits) = sample_both_ways(prior)
+    assert cached_codes.shape == (3, *size)
+    assert torch.allclose(cached_logits, naive_logits, atol=1e-4, rtol=0)
+    assert torch.equal(cached_codes, naive_codes)
+
+
+class FixedPrior(nn.Module):
+    """A prior with the same logits at every position, whatever the codes before it: its samples
+    are independent draws. Counts the full-map passes it is asked for."""
+
+    def __init__(self, logits: torch.Tensor, height: int = 4, width: int = 5) -> None:
+        super().__init__()
+        self.logits = nn.Parameter(logits)
+        self.config = SimpleNamespace(height=height, width=width)
+        self.full_passes = 0
+
+    def check_conditioning(self, labels, condition, n):
+        return labels, condition
+
+    def forward(self, codes, labels=None, condition=None):
+        self.full_passes += 1
+        n, height, width = codes.shape
+        return self.logits[None, :, None, None].expand(n, -1, height, width)
+
+    def begin_sampling(self, n, labels, condition):
+        return StepCache(n, self.config.height, self.config.width)
+
+    def sampling_step(self, cache, row, col):
+        return self.logits.expand(cache.batch, -1)
+
+    def observe(self, cache, codes):
+        cache.observed += 1
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_samples_follow_the_softmax_of_the_logits_over_the_temperature(method):
+    probs = torch.tensor([0.1, 0.6, 0.0, 0.3])
+    prior = FixedPrior(probs.log())
+
+    def frequencies(**kwargs) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(0)
+        codes = sample_codes(prior, 400, generator=generator, method=method, **kwargs)
+        return torch.bincount(codes.flatten(), minlength=4).float() / codes.numel()
+
+    # 8,000 draws each: the default temperature is 1, the prior's own distribution.
+    torch.testing.assert_close(frequencies(), probs, atol=0.015, rtol=0)
+    hot = probs.sqrt() / probs.sqrt().sum()  # softmax(log p / 2)
+    torch.testing.assert_close(frequencies(temperature=2.0), hot, atol=0.015, rtol=0)
+
+
+def test_cached_sampling_runs_no_full_pass_and_naive_one_per_position():
+    prior = FixedPrior(torch.zeros(3))
+    sample_codes(prior, 2, method="cached")
+    assert prior.full_passes == 0
+    sample_codes(prior, 2, method="naive")
+    assert prior.full_passes == 4 * 5
+
+
+def test_the_number_of_samples_is_an_integer_from_one():
+    prior = FixedPrior(torch.zeros(3))
+    for n in (0, -1, True, 2.0, "2"):
+        with pytest.raises(ValueError, match="n "):
+            sample_codes(prior, n)
+    assert sample_codes(prior, 1).shape == (1, 4, 5)
 
 
 def test_sampling_is_reproducible_with_a_seeded_generator():
