@@ -83,14 +83,18 @@ def bootstrap(
         for name, v in resampled.items()
     }
     for name, (top, bottom) in ratios.items():
-        if (resampled[bottom] > 0).mean() < 0.975:
-            # The denominator is 0 in more than 2.5% of resamples: no finite upper bound.
-            intervals[name] = (math.nan, math.nan)
-            continue
-        with np.errstate(divide="ignore", invalid="ignore"):
-            ratio = resampled[top] / resampled[bottom]
-        intervals[name] = (float(np.percentile(ratio, 2.5)), float(np.percentile(ratio, 97.5)))
+        intervals[name] = _ratio_interval(resampled[top], resampled[bottom])
     return intervals
+
+
+def _ratio_interval(top: np.ndarray, bottom: np.ndarray) -> tuple[float, float]:
+    """Percentile 95% interval of resampled ratios top / bottom; NaN when the denominator is 0 in
+    more than 2.5% of the resamples (the upper bound would be infinite)."""
+    if (bottom > 0).mean() < 0.975:
+        return math.nan, math.nan
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = top / bottom
+    return float(np.percentile(ratio, 2.5)), float(np.percentile(ratio, 97.5))
 
 
 def bootstrap_ratio(
@@ -110,11 +114,7 @@ def bootstrap_ratio(
     rng = np.random.default_rng(seed)
     top = num[rng.integers(0, len(num), size=(samples, len(num)))].mean(axis=1)
     bottom = den[rng.integers(0, len(den), size=(samples, len(den)))].mean(axis=1)
-    if (bottom > 0).mean() < 0.975:
-        return math.nan, math.nan
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = top / bottom
-    return float(np.percentile(ratio, 2.5)), float(np.percentile(ratio, 97.5))
+    return _ratio_interval(top, bottom)
 
 
 def spread(values: list[float]) -> dict[str, float]:

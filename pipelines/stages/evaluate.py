@@ -425,9 +425,9 @@ def summarise_seeds(
             ],
             "cas/real_to_generated": [float(s.judged.mean()) for s in scores],
         }
-        if "cas/judge_on_real" in metrics and metrics["cas/judge_on_real"] > 0:
+        if metrics.get("cas/judge_on_real", 0) > 0:
             per_seed["cas/recognition_ratio"] = [
-                float(s.judged.mean()) / metrics["cas/judge_on_real"] for s in scores
+                v / metrics["cas/judge_on_real"] for v in per_seed["cas/real_to_generated"]
             ]
         for name in ("fid", "precision", "recall"):
             if all(name in s.quality for s in scores):
