@@ -22,10 +22,10 @@ import torch
 
 from benchmarks.bench_tokenize import MODEL  # the demo's autoencoder with K = 512 per level
 from pipelines.config import RaySection
-from pipelines.decode import decode_shards
-from pipelines.images import encode_png, to_uint8
-from pipelines.shards import code_dtype, iter_code_samples, write_shard
+from pipelines.data.images import encode_png, to_uint8
+from pipelines.data.shards import code_dtype, iter_code_samples, write_shard
 from pipelines.stage import ensure_ray
+from pipelines.tools.decode import decode_shards
 from vq_core.checkpoint import save_checkpoint
 from vq_core.vqvae import VQVAE2, VQVAE2Config
 

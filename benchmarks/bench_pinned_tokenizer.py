@@ -20,7 +20,7 @@ import tempfile
 import time
 
 from pipelines.config import parse_config
-from pipelines.demo_data import generate_corpus
+from pipelines.data.demo_data import generate_corpus
 from pipelines.runner import run_stages
 
 

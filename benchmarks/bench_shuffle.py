@@ -3,7 +3,7 @@
 The worst layout for a training reader is a corpus stored class by class: every shard, Parquet
 file or row group holds one class. This script builds such corpora (an image folder listed
 class by class, image WebDataset shards, an image Parquet corpus, and code shards as tokenize
-writes them), reads them the way the training stages do (``pipelines.epochs.EpochReader``: units
+writes them), reads them the way the training stages do (``pipelines.data.epochs.EpochReader``: units
 permuted per epoch from the seed, read a few at a time, a local shuffle buffer), and prints per
 layout:
 
@@ -30,10 +30,10 @@ import time
 import numpy as np
 
 from pipelines.config import DataSection
-from pipelines.epochs import EpochReader
-from pipelines.image_cache import ensure_image_cache
-from pipelines.images import encode_png
-from pipelines.shards import write_shard
+from pipelines.data.epochs import EpochReader
+from pipelines.data.image_cache import ensure_image_cache
+from pipelines.data.images import encode_png
+from pipelines.data.shards import write_shard
 
 MIX_LIMIT = 1.25
 COST_LIMIT = 0.10

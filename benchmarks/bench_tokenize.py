@@ -32,16 +32,16 @@ import numpy as np
 import psutil
 import torch
 
-from pipelines import storage
 from pipelines.config import parse_config
-from pipelines.corpus import open_corpus
-from pipelines.demo_data import generate_corpus
-from pipelines.images import decode_image, to_model_input
+from pipelines.data import storage
+from pipelines.data.corpus import open_corpus
+from pipelines.data.demo_data import generate_corpus
+from pipelines.data.images import decode_image, to_model_input
+from pipelines.data.shards import iter_code_samples, shard_bytes
 from pipelines.manifest import write_manifest
-from pipelines.shards import iter_code_samples, shard_bytes
 from pipelines.stage import StageContext, ensure_ray
+from pipelines.stage_manifests import TrainVQVAEManifest
 from pipelines.stages import tokenize
-from pipelines.stages.train_vqvae import TrainVQVAEManifest
 from pipelines.tracking import TrackingContext
 from vq_core.checkpoint import save_checkpoint
 from vq_core.vqvae import VQVAE2, VQVAE2Config

@@ -26,7 +26,7 @@ import time
 import numpy as np
 import torch
 
-from pipelines.images import to_model_input
+from pipelines.data.images import to_model_input
 from vq_core.vqvae import VQVAE2, VQVAE2Config
 
 MODEL = {
@@ -110,8 +110,8 @@ def main(argv: list[str] | None = None) -> None:
     import ray
 
     from pipelines.config import DataSection
-    from pipelines.corpus import open_corpus
-    from pipelines.demo_data import generate_corpus
+    from pipelines.data.corpus import open_corpus
+    from pipelines.data.demo_data import generate_corpus
 
     with tempfile.TemporaryDirectory() as workdir:
         corpus = os.path.join(workdir, "corpus")

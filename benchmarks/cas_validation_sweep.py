@@ -24,14 +24,13 @@ import yaml
 
 
 def main() -> None:
-    from pipelines import storage
     from pipelines.config import load_config
+    from pipelines.data import storage
+    from pipelines.generation import draw_samples, draws_per_class, prior_order
     from pipelines.manifest import require_manifest
     from pipelines.stage import StageContext
+    from pipelines.stage_manifests import TokenizeManifest, TrainPriorManifest
     from pipelines.stages import evaluate
-    from pipelines.stages.sample import draw_samples, draws_per_class, prior_order
-    from pipelines.stages.tokenize import TokenizeManifest
-    from pipelines.stages.train_prior import TrainPriorManifest
     from pipelines.tracking import TrackingContext
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

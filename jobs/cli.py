@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _reconstruct(args: argparse.Namespace) -> int:
-    from pipelines.reconstruct import reconstruct_folder
+    from pipelines.tools.reconstruct import reconstruct_folder
 
     size = tuple(args.image_size) if args.image_size else None
     summary = reconstruct_folder(
@@ -170,8 +170,8 @@ def _decode(args: argparse.Namespace) -> int:
     from types import SimpleNamespace
 
     from pipelines.config import RaySection
-    from pipelines.decode import decode_shards
     from pipelines.stage import ensure_ray
+    from pipelines.tools.decode import decode_shards
 
     ensure_ray(SimpleNamespace(ray=RaySection()))  # joins RAY_ADDRESS's cluster, else local
     summary = decode_shards(

@@ -35,7 +35,7 @@ class Section(BaseModel):
 
 
 class GenerateSection(Section):
-    """A generated demo corpus of coloured shapes, one class per shape (see pipelines.demo_data)."""
+    """A generated demo corpus of coloured shapes, one class per shape (see pipelines.data.demo_data)."""
 
     images_per_class: int = Field(200, gt=0)
     classes: list[str] = Field(default_factory=lambda: ["circle", "square", "triangle", "cross"])
@@ -460,15 +460,6 @@ class PipelineConfig(Section):
     @classmethod
     def _absolute_output_dir(cls, v: str) -> str:
         return _absolute(v)
-
-    def stage_dir(self, stage: str) -> str:
-        """``<output_dir>/<stage>`` for a stage declared in ``pipelines.stages``."""
-        from pipelines import storage
-        from pipelines.stages import stage_names
-
-        if stage not in stage_names():
-            raise ConfigError(f"unknown stage {stage!r}; expected one of {stage_names()}")
-        return storage.join(self.output_dir, stage)
 
 
 def _format_errors(err: ValidationError) -> str:

@@ -31,8 +31,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipelines import storage
 from pipelines.console import Console
+from pipelines.data import storage
 
 LOG_DIR = "logs"
 DRIVER_LOG = "vqpipe.log"

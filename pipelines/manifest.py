@@ -20,7 +20,7 @@ from typing import Any, ClassVar, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from pipelines import storage
+from pipelines.data import storage
 from pipelines.errors import ManifestError
 
 MANIFEST_NAME = "manifest.json"

@@ -28,8 +28,9 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from pipelines import console, storage
+from pipelines import console
 from pipelines.config import PipelineConfig
+from pipelines.data import storage
 from pipelines.errors import ConfigError, ManifestError, MissingInputError
 from pipelines.manifest import StageManifest, fingerprint, read_manifest, write_manifest
 from pipelines.stage import ConfigView, StageContext, StageSpec, ensure_ray
@@ -120,7 +121,7 @@ def ensure_corpus(cfg: PipelineConfig) -> None:
         if not storage.exists(cfg.data.source):
             raise MissingInputError(f"data.source {cfg.data.source!r} does not exist")
         return
-    from pipelines.demo_data import generate_corpus
+    from pipelines.data.demo_data import generate_corpus
 
     summary = generate_corpus(
         cfg.data.source,

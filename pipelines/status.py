@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipelines import storage
 from pipelines.config import PipelineConfig
+from pipelines.data import storage
 from pipelines.errors import ManifestError
 from pipelines.manifest import fingerprint, read_manifest
 from pipelines.runner import (

@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from pipelines import storage
+from pipelines.data import storage
 from pipelines.errors import InputError, MissingInputError
 from pipelines.manifest import ManifestModel
 

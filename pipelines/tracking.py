@@ -32,7 +32,7 @@ from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from pipelines import storage
+from pipelines.data import storage
 from pipelines.errors import ConfigError, UserError
 
 log = logging.getLogger("vqpipe")

@@ -8,7 +8,7 @@ everything else the same way for the autoencoder and for each prior:
   run of the same job resume the first one;
 - worker side, ``fit`` reads like single-process PyTorch: prepare the model (DDP when there is more
   than one worker), Adam, a step-based loop over epochs of this worker's data (an
-  ``pipelines.epochs.EpochReader``: seeded, per rank, the same batches whatever the load), metrics
+  ``pipelines.data.epochs.EpochReader``: seeded, per rank, the same batches whatever the load), metrics
   to MLflow from rank 0, evaluation on rank 0, and ``ray.train.report`` with a checkpoint every
   ``checkpoint_every`` steps and at the end.
 
@@ -43,9 +43,10 @@ from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
 from ray.train.v2._internal.execution.callback import ControllerCallback
 from torch import nn
 
-from pipelines import console, storage
+from pipelines import console
 from pipelines.config import RaySection, TrainingKnobs
-from pipelines.epochs import EpochReader
+from pipelines.data import storage
+from pipelines.data.epochs import EpochReader
 from pipelines.errors import CapacityError
 from pipelines.tracking import TrackingContext
 from vq_core.checkpoint import load_checkpoint, save_checkpoint, unwrap_model
@@ -331,12 +332,12 @@ def publish_model(model: nn.Module, uri: str, extra: dict[str, Any]) -> bytes:
 def take_columns(dataset, limit: int, columns: list[str]) -> dict[str, np.ndarray]:
     """``limit`` rows of a Ray dataset (with a "key" column) as one stacked array per column.
 
-    The rows kept are those with the smallest key hashes (pipelines.keys.smallest_by_key_hash), so
+    The rows kept are those with the smallest key hashes (pipelines.data.keys.smallest_by_key_hash), so
     the subset does not depend on the order the corpus is listed in. Held-out data for evaluation
     is small, so it is read once on the driver and shipped to the workers: every evaluation then
     scores the same examples, which keeps the curve comparable.
     """
-    from pipelines.keys import smallest_by_key_hash
+    from pipelines.data.keys import smallest_by_key_hash
 
     def rows():
         batches = dataset.select_columns(list(dict.fromkeys(["key", *columns]))).iter_batches(

@@ -20,7 +20,7 @@ class Tokenizer(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input, params=None):
         # The tokenize stage's own conversion, so that the codes are the shards' codes.
-        from pipelines.images import to_model_input
+        from pipelines.data.images import to_model_input
 
         codes = self.model.encode(to_model_input(np.asarray(model_input)))
         return {level: c.numpy().astype(np.int64) for level, c in zip(self.model.levels, codes)}

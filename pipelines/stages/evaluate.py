@@ -16,11 +16,11 @@ so figures measured on it would be optimistic. Each subset below is a fixed key-
 On the sample stage's images, the Classification Accuracy Score (CAS, Ravuri & Vinyals 2019): a
 classifier trained only on generated images, tested on real test images, beside the same
 classifier trained for the same steps on as many real train images as there are generated ones,
-class by class (``pipelines.cas``), with bootstrap 95% intervals over the test images and
+class by class (``pipelines.evaluation.cas``), with bootstrap 95% intervals over the test images and
 per-class accuracies. A judge, a classifier trained on real train images with its own seed (never
 the classifier that rejection sampling picked the samples with), scores the samples
 (``cas/real_to_generated``); its penultimate layer is the feature space of a Fréchet distance to
-the real test images and of the samples' precision and recall (``pipelines.feature_space``).
+the real test images and of the samples' precision and recall (``pipelines.evaluation.feature_space``).
 With ``evaluate.seeds`` > 1, sampling and CAS are repeated with further sampling seeds and the
 figures are means, with their standard deviation and range across seeds. Accuracies are among
 the sampled classes only, so sampling a subset of classes is still a fair comparison.
@@ -35,56 +35,37 @@ import math
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
 
-from pipelines import storage
-from pipelines.classifier import (
+from pipelines.data import storage
+from pipelines.errors import InputError
+from pipelines.evaluation.classifier import (
     ClassifierConfig,
     LabelledImages,
     labelled_images,
     resize_images,
     train_classifier,
 )
-from pipelines.errors import InputError
-from pipelines.manifest import StageManifest, format_metrics, read_manifest, require_manifest
-from pipelines.report import Figure, Report, Section, Table, write_report
+from pipelines.evaluation.report import Figure, Report, Section, Table, write_report
+from pipelines.generation import REJECTION_CLASSIFIER, draw_samples, prior_order
+from pipelines.manifest import read_manifest, require_manifest
 from pipelines.stage import StageContext, StageSpec, ensure_ray
-from pipelines.stages.sample import REJECTION_CLASSIFIER, SampleManifest
-from pipelines.stages.tokenize import TokenizeManifest
-from pipelines.stages.train_prior import TrainPriorManifest
-from pipelines.stages.train_vqvae import TrainVQVAEManifest
+from pipelines.stage_manifests import (
+    EvaluateManifest,
+    SampleManifest,
+    TokenizeManifest,
+    TrainPriorManifest,
+    TrainVQVAEManifest,
+)
 from pipelines.tokenizer import read_identified, tracking_uri_for
 from vq_core.quantizer import code_histogram_stats
 
 log = logging.getLogger("vqpipe")
 
 JUDGE = "judge.pt"
-
-
-class EvaluateManifest(StageManifest):
-    """The pipeline's figures and where its report is."""
-
-    stage: ClassVar[str] = "evaluate"
-
-    metrics: dict[str, float]
-    report: str
-    report_html: str
-    levels: list[str]
-    cas_skipped: str | None  # why CAS was not computed, when it was not
-    judge_seed: int | None = None  # seed of the classifier judging the samples (never rejection's)
-    feature_network: str | None = None  # what computed quality/fid, precision and recall
-
-    def summary(self) -> str:
-        shown = (
-            "test/psnr",
-            "cas/generated_to_real",
-            "cas/real_to_generated",
-            "cas/real_to_real",
-        )
-        return format_metrics(self.metrics, shown)
 
 
 @dataclass(frozen=True)
@@ -148,7 +129,7 @@ def reconstruction_metrics(
     autoencoder: torch.nn.Module, holdout: LabelledImages, batch_size: int, grid_images: int
 ) -> tuple[dict[str, float], np.ndarray]:
     """Held-out MSE and PSNR, and a grid of originals (top row) over reconstructions (bottom)."""
-    from pipelines.images import make_grid, to_uint8
+    from pipelines.data.images import make_grid, to_uint8
 
     device = next(autoencoder.parameters()).device
     squared_error, values = 0.0, 0
@@ -225,7 +206,7 @@ def generated_images(
     sample_dirs: dict[str, str], class_names: list[str], shape: tuple[int, int, int], size: int
 ) -> LabelledImages:
     """The sample stage's PNGs, labelled with their requested class, resized to ``size``."""
-    from pipelines.images import decode_image, to_model_input
+    from pipelines.data.images import decode_image, to_model_input
 
     images, labels, keys = [], [], []
     for name, directory in sample_dirs.items():
@@ -279,7 +260,7 @@ class Judge:
 def train_judge(ctx: StageContext, pool: LabelledImages, num_classes: int, avoid: int | None):
     """Train the judge with its own seed (so its own initial weights, batch order and
     augmentations), independent of the sample stage's rejection classifier; save it."""
-    from pipelines.classifier import save_classifier
+    from pipelines.evaluation.classifier import save_classifier
 
     cfg = ctx.cfg.evaluate
     seed = judge_seed(ctx.cfg.seed, avoid)
@@ -322,9 +303,9 @@ def score_seed(
 ) -> SeedScores:
     """CAS for one set of samples: a classifier on the samples, the same classifier on as many
     real train images of each class as the samples have, both tested on the real test images."""
-    from pipelines.cas import class_counts, matched_subset
-    from pipelines.classifier import correct_predictions, embed_images
-    from pipelines.feature_space import frechet_distance, precision_recall
+    from pipelines.evaluation.cas import class_counts, matched_subset
+    from pipelines.evaluation.classifier import correct_predictions, embed_images
+    from pipelines.evaluation.feature_space import frechet_distance, precision_recall
 
     cfg = ctx.cfg.evaluate
     matched = matched_subset(real.pool, class_counts(generated.labels.numpy()), salt=seed)
@@ -377,7 +358,7 @@ def summarise_seeds(
 
     ``judge_on_real`` (bool per test image: the judge got it right) adds how well the judge
     recognises the samples relative to real test images (``cas/recognition_ratio``)."""
-    from pipelines.cas import bootstrap, bootstrap_ratio, per_class_accuracy, spread
+    from pipelines.evaluation.cas import bootstrap, bootstrap_ratio, per_class_accuracy, spread
 
     on_generated = np.stack([s.on_generated for s in scores])
     on_real = np.stack([s.on_real for s in scores])
@@ -443,7 +424,6 @@ def summarise_seeds(
 def sample_sets(ctx: StageContext, up: Upstream) -> list[tuple[int, dict[str, str]]]:
     """(seed, class name -> folder of PNGs) of every sampling seed: the sample stage's own
     images, then ``evaluate.seeds - 1`` more sets drawn here with the sample stage's settings."""
-    from pipelines.stages.sample import draw_samples, prior_order
 
     first_seed = ctx.cfg.sample.seed
     sets = [(first_seed, {name: entry.dir for name, entry in up.sample.classes.items()})]
@@ -496,8 +476,8 @@ def classification_metrics(
     ``sample_sets`` ((seed, class name -> folder of PNGs), one per sampling seed), tested on the
     corpus' ``real_split`` images (the validation split, to compare settings without the test
     split)."""
-    from pipelines.classifier import correct_predictions, embed_images
-    from pipelines.corpus import open_corpus
+    from pipelines.data.corpus import open_corpus
+    from pipelines.evaluation.classifier import correct_predictions, embed_images
 
     cfg = ctx.cfg.evaluate
     if len(class_names) < 2:
@@ -580,7 +560,7 @@ def _reconstruction(
     ctx: StageContext, autoencoder: torch.nn.Module, metrics: dict[str, float], notes: list[str]
 ) -> np.ndarray | None:
     """Add the test reconstruction metrics; return the reconstruction grid (None if empty)."""
-    from pipelines.corpus import open_corpus
+    from pipelines.data.corpus import open_corpus
 
     cfg = ctx.cfg.evaluate
     log.info("evaluate: reconstruction on the test split")
@@ -599,7 +579,7 @@ def _codes_and_priors(
 ) -> dict[str, np.ndarray]:
     """Add codebook usage per level and each prior's bits per code, on the test split; return
     each level's code histogram."""
-    from pipelines.shards import code_dataset, relabel_codes
+    from pipelines.data.shards import code_dataset, relabel_codes
 
     cfg = ctx.cfg.evaluate
     log.info("evaluate: codebooks and priors on the test split of the code shards")
@@ -636,7 +616,7 @@ class Figures:
 
 def _training_curves(ctx: StageContext, up: Upstream, metrics: dict[str, float]) -> list[Figure]:
     """The training stages' curves, read back from their MLflow runs (none without tracking)."""
-    from pipelines.figures import (
+    from pipelines.evaluation.figures import (
         autoencoder_curves,
         metric_history,
         prior_curves,
@@ -750,7 +730,7 @@ def _summary_section(up: Upstream, notes: list[str]) -> Section:
 
 
 def _reconstruction_section(metrics: dict[str, float], recon_grid: np.ndarray | None) -> Section:
-    from pipelines.images import encode_png
+    from pipelines.data.images import encode_png
 
     section = Section(
         "Reconstruction (test split)",
@@ -781,7 +761,7 @@ def _reconstruction_section(metrics: dict[str, float], recon_grid: np.ndarray | 
 def _codebook_section(
     up: Upstream, metrics: dict[str, float], counts: dict[str, np.ndarray]
 ) -> Section:
-    from pipelines.figures import code_usage_figure
+    from pipelines.evaluation.figures import code_usage_figure
 
     section = Section(
         "Codebooks",

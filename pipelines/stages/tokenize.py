@@ -14,13 +14,13 @@ sample of the whole corpus rather than a run of one class folder. A folder corpu
 by image; WebDataset and Parquet corpora, whose keys live inside their files, file by file.
 
 Resume and growing corpora: shards appear atomically under content-derived names
-(pipelines.shards), each after its key index, so the stage directory holds complete shards and
+(pipelines.data.shards), each after its key index, so the stage directory holds complete shards and
 perhaps ``*.partial`` leftovers. A run first removes the leftovers, then one Ray task reads the key
 indexes (never the tars): the keys whose source file is still in the corpus become the set of
 finished keys, shipped to the reader tasks as a sorted hash array in the object store (the driver
 never holds it), and rows with those keys are dropped before decoding; the keys whose source file
 left the corpus are recorded as removed (``removed.parquet``, which every reader in
-pipelines.shards honours) while their shards stay byte-identical. So after an interruption, or
+pipelines.data.shards honours) while their shards stay byte-identical. So after an interruption, or
 when the runner re-runs the stage because only the corpus listing changed, only images not yet in
 a shard are encoded, into new shards, and every valid image is in exactly one live sample. Bad
 inputs are never written, so they are found (and reported) again on every run.
@@ -46,18 +46,16 @@ import os
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 
-from pipelines import console, storage
-from pipelines.corpus import IMAGE_EXTENSIONS, Corpus, open_corpus
-from pipelines.errors import ConfigError
-from pipelines.keys import key_hashes, sanitize_key, split_of
-from pipelines.manifest import ManifestModel, StageManifest, require_manifest
-from pipelines.shards import (
+from pipelines import console
+from pipelines.data import storage
+from pipelines.data.corpus import IMAGE_EXTENSIONS, Corpus, open_corpus
+from pipelines.data.keys import key_hashes, sanitize_key, split_of
+from pipelines.data.shards import (
     KEY_INDEX_SUFFIX,
-    CodeShards,
     ShardEntry,
     code_dtype,
     key_index_uri,
@@ -68,8 +66,15 @@ from pipelines.shards import (
     write_shard,
     write_wids_index,
 )
+from pipelines.errors import ConfigError
+from pipelines.manifest import require_manifest
 from pipelines.stage import StageContext, StageSpec
-from pipelines.stages.train_vqvae import TrainVQVAEManifest
+from pipelines.stage_manifests import (
+    BAD_KEYS_IN_MANIFEST,
+    BadInputs,
+    TokenizeManifest,
+    TrainVQVAEManifest,
+)
 from pipelines.tokenizer import (
     PinnedTokenizer,
     TokenizerIdentity,
@@ -81,44 +86,9 @@ log = logging.getLogger("vqpipe")
 
 BAD_INPUTS_NAME = "bad_inputs.parquet"
 REMOVED_NAME = "removed.parquet"
-BAD_KEYS_IN_MANIFEST = 100
 # Writing a shard is a few MB of serialisation and I/O. Writers reserve no CPU so they never wait
 # behind readers and encoders holding every slot, which would pile codes up in the object store.
 WRITER_CPUS = 0.0
-
-
-class BadInputs(ManifestModel):
-    count: int
-    keys: list[str]  # the first BAD_KEYS_IN_MANIFEST, in key order
-    table: str  # Parquet table of every bad input: key, source, reason
-
-
-class TokenizeManifest(StageManifest, CodeShards):
-    """The code shards of the corpus (``CodeShards``: the shards and how to read them) and what
-    they were made from."""
-
-    stage: ClassVar[str] = "tokenize"
-
-    samples: int
-    splits: dict[str, int]
-    codebook_sizes: dict[str, int]
-    class_names: list[str]
-    checkpoint: str
-    tokenizer: TokenizerIdentity
-    corpus_name: str
-    image_size: list[int]
-    channels: int
-    bad_inputs: BadInputs
-    metrics: dict[str, float]
-    removed: int = 0  # samples whose image left the corpus; listed in removed_table
-    wids_index: str = ""  # codes.wids.json beside the shards
-
-    def summary(self) -> str:
-        removed = f", {self.removed} removed" if self.removed else ""
-        return (
-            f"{self.samples} samples in {len(self.shards)} shards{removed}, "
-            f"{self.bad_inputs.count} bad inputs"
-        )
 
 
 class CodeEncoder:
@@ -146,7 +116,7 @@ class CodeEncoder:
         self.dtypes = {level: np.dtype(dtypes[level]) for level in levels}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from pipelines.images import to_model_input
+        from pipelines.data.images import to_model_input
 
         good = batch["error"] == ""
         images = batch["image"]

@@ -7,7 +7,7 @@ as its condition. A one-level model gets one prior p(codes | class). Each prior 
 come from the tokenize manifest; the architecture from ``train_prior.<level>``.
 
 The codes are this run's tokenize output, or the union of the code datasets that
-``train_prior.shards`` lists (``pipelines.code_union``: one tokenizer, keys prefixed with each
+``train_prior.shards`` lists (``pipelines.data.code_union``: one tokenizer, keys prefixed with each
 corpus' name, classes merged by name). The manifest records the tokenizer, the merged class names
 (the labels the priors are conditioned on, which sample uses) and each corpus' label mapping.
 
@@ -15,7 +15,7 @@ Writes ``<stage_dir>/<level>.pt`` (vq_core checkpoint format; extra: level, cond
 metrics) per prior. Validation bits per code are logged as ``<level>/validation_bits_per_code``
 and pick the weights kept (the best step); the test split's figure is the evaluate stage's.
 Training reads the train split of the shards through a seeded per-rank reader
-(``pipelines.epochs``): shards permuted per epoch, a local shuffle buffer, the same batches
+(``pipelines.data.epochs``): shards permuted per epoch, a local shuffle buffer, the same batches
 whatever else runs.
 """
 
@@ -24,22 +24,21 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import ray
 import torch
 from torch import nn
 
-from pipelines import storage
-from pipelines.code_union import CodeUnion, CorpusCodes, manifest_uri, read_member, unite
 from pipelines.config import PriorSection, TrainPriorSection
-from pipelines.epochs import EpochReader
+from pipelines.data import storage
+from pipelines.data.code_union import CodeUnion, manifest_uri, read_member, unite
+from pipelines.data.epochs import EpochReader
 from pipelines.errors import ConfigError
-from pipelines.manifest import ManifestModel, StageManifest, fingerprint, require_manifest
+from pipelines.manifest import fingerprint, require_manifest
 from pipelines.stage import StageContext, StageSpec
-from pipelines.stages.tokenize import TokenizeManifest
-from pipelines.tokenizer import TokenizerIdentity
+from pipelines.stage_manifests import PriorEntry, TokenizeManifest, TrainPriorManifest
 from pipelines.training import (
     fit,
     is_local_ray,
@@ -54,40 +53,6 @@ from vq_core.kinds import get_kind, prior_conditions, prior_fields
 from vq_core.pixelcnn import bits_per_code
 
 log = logging.getLogger("vqpipe")
-
-
-class PriorEntry(ManifestModel):
-    checkpoint: str
-    kind: str
-    condition: str | None  # the level this prior is conditioned on (the top map, for bottom)
-    validation_bits_per_code: float | None  # on the validation split, at the selected step
-    train_bits_per_code: float | None
-    steps: int  # configured
-    trained_steps: int | None = None  # fewer than steps when early stopping ended training
-    selected_step: int  # the step whose weights were kept (best validation score)
-    registered_model: str | None = None  # models:/<name>/<version>, when registered
-
-
-class TrainPriorManifest(StageManifest):
-    """One trained prior per code level, coarsest first."""
-
-    stage: ClassVar[str] = "train_prior"
-
-    levels: list[str]
-    priors: dict[str, PriorEntry]
-    tokenizer: TokenizerIdentity  # the autoencoder whose codes the priors model
-    image_size: list[int]  # [H, W] of the tokenizer's images
-    channels: int
-    class_names: list[str]  # the priors' labels: merged by name over the corpora
-    corpora: list[CorpusCodes]  # the code datasets trained on, with their label mappings
-
-    def summary(self) -> str:
-        bits = {
-            level: round(p.validation_bits_per_code, 3)
-            for level, p in self.priors.items()
-            if p.validation_bits_per_code is not None
-        }
-        return f"validation bits/code {bits}"
 
 
 @dataclass(frozen=True)

@@ -5,9 +5,9 @@ channels, class names) and ``<stage_dir>/reconstructions.png`` (validation origi
 reconstructions), logs both to the stage's MLflow run, and returns the manifest body that
 tokenize and sample read.
 
-Training reads the train split from the decoded-image cache (``pipelines.image_cache``: the corpus
+Training reads the train split from the decoded-image cache (``pipelines.data.image_cache``: the corpus
 decoded once at the training resolution) through a seeded per-rank reader
-(``pipelines.epochs``), so the same config and seed give the same model whatever else runs. The
+(``pipelines.data.epochs``), so the same config and seed give the same model whatever else runs. The
 ``validation/*`` metrics are measured on a fixed key-hash subset of the validation split; the test
 split is left to the evaluate stage.
 """
@@ -16,21 +16,21 @@ from __future__ import annotations
 
 import logging
 from functools import partial
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import ray
 import torch
 from torch import nn
 
-from pipelines import storage
 from pipelines.config import TrainVQVAESection
-from pipelines.corpus import open_corpus
-from pipelines.epochs import EpochReader
-from pipelines.image_cache import ensure_image_cache
-from pipelines.images import encode_png, make_grid, to_model_input, to_uint8
-from pipelines.manifest import StageManifest, format_metrics
+from pipelines.data import storage
+from pipelines.data.corpus import open_corpus
+from pipelines.data.epochs import EpochReader
+from pipelines.data.image_cache import ensure_image_cache
+from pipelines.data.images import encode_png, make_grid, to_model_input, to_uint8
 from pipelines.stage import StageContext, StageSpec
+from pipelines.stage_manifests import TrainVQVAEManifest
 from pipelines.training import (
     fit,
     is_local_ray,
@@ -49,62 +49,6 @@ log = logging.getLogger("vqpipe")
 
 MODEL_NAME = "model.pt"
 GRID_NAME = "reconstructions.png"
-
-
-class TrainVQVAEManifest(StageManifest):
-    """The trained autoencoder and what later stages need to know about its codes."""
-
-    stage: ClassVar[str] = "train_vqvae"
-
-    checkpoint: str
-    model: str  # the model kind (train_vqvae.kind)
-    levels: list[str]  # coarsest first: ["top", "bottom"], or ["codes"] for one level
-    codebook_sizes: dict[str, int]
-    code_shapes: dict[str, list[int]]  # level -> [h, w]
-    image_size: list[int]  # [H, W]
-    channels: int
-    class_names: list[str]
-    steps: int
-    metrics: dict[str, float]
-    artifacts: dict[str, str]
-    registered_model: str | None = None  # models:/<name>/<version>, when registered
-
-    @classmethod
-    def for_model(
-        cls,
-        model: nn.Module,
-        *,
-        checkpoint: str,
-        kind: str,
-        image_size: tuple[int, int] | list[int],
-        channels: int,
-        class_names: list[str],
-        steps: int = 0,
-        metrics: dict[str, float] | None = None,
-        artifacts: dict[str, str] | None = None,
-        registered_model: str | None = None,
-    ) -> TrainVQVAEManifest:
-        """The manifest of ``model`` saved at ``checkpoint``: levels and code shapes from the model."""
-        height, width = image_size
-        shapes = model.code_shape(height, width)
-        return cls(
-            checkpoint=checkpoint,
-            model=kind,
-            levels=list(model.levels),
-            codebook_sizes=dict(zip(model.levels, model.codebook_sizes)),
-            code_shapes={level: list(shape) for level, shape in zip(model.levels, shapes)},
-            image_size=[height, width],
-            channels=channels,
-            class_names=class_names,
-            steps=steps,
-            metrics=metrics or {},
-            artifacts=artifacts or {},
-            registered_model=registered_model,
-        )
-
-    def summary(self) -> str:
-        shown = ["validation/mse"] + [f"validation/perplexity/{level}" for level in self.levels]
-        return format_metrics(self.metrics, shown)
 
 
 def build_autoencoder(section: TrainVQVAESection, in_channels: int) -> nn.Module:

@@ -90,7 +90,7 @@ def _create_bucket(server: S3Server) -> None:
 
 @pytest.fixture(scope="package")
 def aws_env(s3_server: S3Server) -> Iterator[dict[str, str]]:
-    """Point this process' S3 clients (pipelines.storage, pyarrow) at the test server."""
+    """Point this process' S3 clients (pipelines.data.storage, pyarrow) at the test server."""
     env = s3_server.env()
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)

@@ -35,8 +35,8 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from pipelines import storage
-from pipelines.shards import KEY_INDEX_SUFFIX, read_key_index
+from pipelines.data import storage
+from pipelines.data.shards import KEY_INDEX_SUFFIX, read_key_index
 from pipelines.training import OPTIMIZER_FILE
 from tests.cluster.services import RayCluster, http_get, wait_until
 from tests.cluster.test_pipeline_job import CLASSES, manifest, submit, wait_job
@@ -121,7 +121,7 @@ def _wait_for_registered_checkpoint(client, job: str, ray_dir: str) -> list[int]
 @pytest.fixture(scope="module")
 def fault_config(ray_cluster, s3_server, aws_env, mlflow_server, cluster_root):
     """Write a config for a run under ``runs/<name>``; returns (config path, output dir)."""
-    from pipelines.demo_data import generate_corpus
+    from pipelines.data.demo_data import generate_corpus
 
     source = s3_server.url("corpus-faults")
     generate_corpus(source, classes=CLASSES, images_per_class=PER_CLASS, image_size=16)

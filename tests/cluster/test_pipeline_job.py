@@ -16,7 +16,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from pipelines import storage
+from pipelines.data import storage
 from pipelines.manifest import StageManifest, read_manifest
 from pipelines.stages import get_stage, stage_names
 from tests.cluster.services import http_get
@@ -77,7 +77,7 @@ def manifest(output_dir: str, stage: str) -> StageManifest | None:
 @pytest.fixture(scope="module")
 def pipeline_job(ray_cluster, s3_server, aws_env, job_env, mlflow_server, cluster_root):
     """Run the pipeline as a job twice (the first one killed after train_vqvae); return a summary."""
-    from pipelines.demo_data import generate_corpus
+    from pipelines.data.demo_data import generate_corpus
 
     source = s3_server.url("corpus")
     output_dir = s3_server.url("runs", "job")
@@ -251,8 +251,8 @@ def test_pinned_tokenizer_in_the_bucket_encodes_the_corpus_again(
 ):
     """`vqpipe tokenize --checkpoint s3://...` as a job: the autoencoder train_vqvae left in the
     bucket, pinned, encodes the same corpus to exactly the codes the pipeline's tokenize wrote."""
-    from pipelines.shards import iter_manifest_samples
-    from pipelines.stages.tokenize import TokenizeManifest
+    from pipelines.data.shards import iter_manifest_samples
+    from pipelines.stage_manifests import TokenizeManifest
     from pipelines.tokenizer import sha256_of
 
     checkpoint = pipeline_job["manifests"]["train_vqvae"].checkpoint

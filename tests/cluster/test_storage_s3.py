@@ -1,4 +1,4 @@
-"""pipelines.storage against a real S3-compatible server over HTTP, configured by AWS_* variables."""
+"""pipelines.data.storage against a real S3-compatible server over HTTP, configured by AWS_* variables."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pytest
 
-from pipelines import storage
+from pipelines.data import storage
 from tests.cluster import services
 from tests.cluster.conftest import ACCESS_KEY, _create_bucket
 

@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from pipelines.config import ConfigError, load_config, parse_config
+from pipelines.data import storage
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -21,7 +22,7 @@ def test_defaults_fill_every_section():
     assert cfg.data.size_hw == (64, 64)
     assert cfg.train_vqvae.kind == "vqvae2"
     assert cfg.train_prior.bottom.model == {"attention": False}
-    assert cfg.stage_dir("tokenize").endswith("out/tokenize")
+    assert storage.join(cfg.output_dir, "tokenize").endswith("out/tokenize")
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)

@@ -185,8 +185,8 @@ def test_report_shows_training_curves_and_code_usage(pipeline_run):
 def test_registered_tokenizer_gives_the_shards_codes(pipeline_run):
     import mlflow
 
-    from pipelines.corpus import open_corpus
-    from pipelines.shards import iter_code_samples
+    from pipelines.data.corpus import open_corpus
+    from pipelines.data.shards import iter_code_samples
 
     cfg, first, _ = pipeline_run
     vq = first["train_vqvae"].manifest

@@ -18,10 +18,10 @@ import pytest
 import yaml
 
 from pipelines.config import parse_config
-from pipelines.images import decode_image
+from pipelines.data.images import decode_image
+from pipelines.data.shards import iter_code_samples
 from pipelines.manifest import read_manifest
 from pipelines.runner import run_stages
-from pipelines.shards import iter_code_samples
 from pipelines.stages import STAGES, stage_names
 from tests.pipelines.conftest import tiny_raw_config
 from vq_core.checkpoint import load_checkpoint

@@ -16,10 +16,16 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.config import parse_config
-from pipelines.demo_data import generate_corpus
-from pipelines.epochs import EpochReader
+from pipelines.data import storage
+from pipelines.data.demo_data import generate_corpus
+from pipelines.data.epochs import EpochReader
+from pipelines.data.shards import (
+    code_dataset,
+    iter_code_samples,
+    iter_manifest_samples,
+    list_shards,
+)
 from pipelines.runner import manifest_fingerprint, run_stages, stage_fingerprint
-from pipelines.shards import code_dataset, iter_code_samples, iter_manifest_samples, list_shards
 from pipelines.stages import STAGES
 from tests.pipelines.conftest import tiny_raw_config
 
@@ -56,7 +62,7 @@ def history(ray_local, tmp_path_factory):
     corpus = str(root / "corpus")
     generate_corpus(corpus, classes=CLASSES, images_per_class=PER_CLASS, image_size=16)
     cfg = parse_config(tiny_raw_config(str(root / "out"), corpus))
-    tok_dir = cfg.stage_dir("tokenize")
+    tok_dir = storage.join(cfg.output_dir, "tokenize")
     runs: dict[str, dict] = {}
 
     def record(name: str, outcomes: dict) -> None:

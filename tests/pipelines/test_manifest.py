@@ -8,10 +8,9 @@ import pytest
 
 from pipelines.errors import ManifestError, UserError
 from pipelines.manifest import read_manifest, require_manifest, write_manifest
-from pipelines.stages.train_prior import PriorEntry, TrainPriorManifest
-from pipelines.stages.train_vqvae import TrainVQVAEManifest
+from pipelines.stage_manifests import PriorEntry, TrainPriorManifest, TrainVQVAEManifest
 from pipelines.tokenizer import TokenizerIdentity
-from tests.pipelines.test_sample import prior_entry
+from tests.pipelines.stages.test_sample import prior_entry
 
 
 def _priors() -> TrainPriorManifest:

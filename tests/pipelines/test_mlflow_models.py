@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
+from pipelines.data.images import to_model_input
 from pipelines.errors import InputError
-from pipelines.images import to_model_input
 from pipelines.mlflow_models import log_checkpoint_model, resolve_checkpoint
-from pipelines.reconstruct import reconstruct_folder
+from pipelines.tools.reconstruct import reconstruct_folder
 from pipelines.tracking import Tracker
 from vq_core.checkpoint import load_checkpoint, save_checkpoint
 from vq_core.pixelsnail import PixelSNAIL, PixelSNAILConfig

@@ -15,22 +15,20 @@ import torch
 import yaml
 
 from jobs.cli import main
-from pipelines import storage
-from pipelines.code_union import unite
 from pipelines.config import parse_config
-from pipelines.corpus import open_corpus
-from pipelines.demo_data import generate_corpus
-from pipelines.epochs import EpochReader
+from pipelines.data import storage
+from pipelines.data.code_union import unite
+from pipelines.data.corpus import open_corpus
+from pipelines.data.demo_data import generate_corpus
+from pipelines.data.epochs import EpochReader
+from pipelines.data.images import to_model_input
+from pipelines.data.keys import split_of
+from pipelines.data.shards import iter_manifest_samples
 from pipelines.errors import InputError, MissingInputError, UserError
-from pipelines.images import to_model_input
-from pipelines.keys import split_of
 from pipelines.manifest import read_manifest
 from pipelines.mlflow_models import log_checkpoint_model
 from pipelines.runner import run_stages
-from pipelines.shards import iter_manifest_samples
-from pipelines.stages.sample import SampleManifest
-from pipelines.stages.tokenize import TokenizeManifest
-from pipelines.stages.train_prior import TrainPriorManifest
+from pipelines.stage_manifests import SampleManifest, TokenizeManifest, TrainPriorManifest
 from pipelines.tracking import Tracker
 from tests.pipelines.conftest import tiny_raw_config
 from vq_core.checkpoint import save_checkpoint
@@ -111,7 +109,7 @@ def test_pinned_path_tokenizes_without_train_vqvae_and_a_new_checkpoint_redoes_i
 
     outcomes = run_stages(cfg, stages=["train_vqvae", "tokenize"])
     assert list(outcomes) == ["tokenize"], "train_vqvae is not run with a pinned tokenizer"
-    assert not os.path.exists(cfg.stage_dir("train_vqvae"))
+    assert not os.path.exists(storage.join(cfg.output_dir, "train_vqvae"))
     manifest = outcomes["tokenize"].manifest
     assert manifest.tokenizer.checkpoint == checkpoint
     assert manifest.tokenizer.sha256 == _sha256(checkpoint)
@@ -248,11 +246,11 @@ def test_pipeline_with_a_pinned_tokenizer_samples_and_evaluates(
     out = capsys.readouterr().out
     assert "train_vqvae" not in out and "evaluate" in out
     cfg = parse_config(raw)
-    assert not os.path.exists(cfg.stage_dir("train_vqvae"))
+    assert not os.path.exists(storage.join(cfg.output_dir, "train_vqvae"))
     sample = read_manifest(cfg.output_dir, SampleManifest)
     assert sample.checkpoint == pinned
     assert sample.samples == 2 * 2
-    report = storage.read_bytes(storage.join(cfg.stage_dir("evaluate"), "report.md")).decode()
+    report = storage.read_bytes(storage.join(storage.join(cfg.output_dir, "evaluate"), "report.md")).decode()
     assert f"pinned tokenizer {pinned}" in report
 
     # `vqpipe status` knows train_vqvae is not part of this pipeline.
@@ -328,7 +326,7 @@ def test_prior_trains_on_the_union_and_samples_the_merged_classes(two_corpora, p
         ("shapes_b", [1, 2], outs["b"].samples),
     ]
     assert trained.tokenizer.sha256 == _sha256(pinned)
-    assert not os.path.exists(cfg.stage_dir("tokenize")), "the union needs no tokenize here"
+    assert not os.path.exists(storage.join(cfg.output_dir, "tokenize")), "the union needs no tokenize here"
     sample = read_manifest(cfg.output_dir, SampleManifest)
     assert list(sample.classes) == ["circle", "square", "triangle"]
     assert read_manifest(cfg.output_dir, TrainPriorManifest).corpora[1].name == "shapes_b"
@@ -352,7 +350,7 @@ def test_evaluate_after_a_union_scores_this_corpus_in_the_merged_classes(two_cor
     # circle was sampled (corpus A has it) but B has no real circle to test on.
     assert metrics["cas/classes"] == 2
     assert metrics["cas/real_test_images"] == outs["b"].splits["test"]
-    report = storage.read_bytes(storage.join(cfg.stage_dir("evaluate"), "report.md")).decode()
+    report = storage.read_bytes(storage.join(storage.join(cfg.output_dir, "evaluate"), "report.md")).decode()
     assert "left out of CAS, because the corpus has no images of them: circle" in report
 
 

@@ -10,8 +10,8 @@ import sys
 import numpy as np
 
 from pipelines.config import parse_config
+from pipelines.data.shards import iter_code_samples
 from pipelines.runner import run_stages
-from pipelines.shards import iter_code_samples
 from tests.pipelines.conftest import tiny_raw_config
 
 # Figures that measure the machine rather than the models.

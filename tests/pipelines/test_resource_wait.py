@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from pipelines import storage
-from pipelines.demo_data import generate_corpus
+from pipelines.data import storage
+from pipelines.data.demo_data import generate_corpus
 from pipelines.errors import CapacityError, UserError
 from pipelines.stage import StageContext
 from pipelines.stages import train_vqvae
@@ -33,7 +33,7 @@ def test_workers_that_never_fit_fail_after_the_wait(ray_local, tiny_config, tmp_
     started = time.monotonic()
     with pytest.raises(CapacityError) as info:
         with tracker.stage_run("train_vqvae") as tracking:
-            stage_dir = cfg.stage_dir("train_vqvae")
+            stage_dir = storage.join(cfg.output_dir, "train_vqvae")
             train_vqvae.run(StageContext(cfg, "train_vqvae", stage_dir, "fp-wait", tracking))
     waited = time.monotonic() - started
     assert isinstance(info.value, UserError)

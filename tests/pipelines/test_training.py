@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from pipelines.config import PriorSection, parse_config
-from pipelines.epochs import EpochReader
+from pipelines.data.epochs import EpochReader
+from pipelines.data.shards import write_shard
 from pipelines.errors import ConfigError
-from pipelines.shards import write_shard
 from pipelines.training import fit, load_final_model, run_trainer
 from vq_core.pixelcnn import GatedPixelCNN, GatedPixelCNNConfig, bits_per_code
 

@@ -1,0 +1,453 @@
+"""The code-shard format: how tokenized images are stored, written and read back.
+
+A shard is a plain POSIX tar file named ``codes-<12 hex digits>.tar`` that WebDataset reads as is.
+Each sample is one input image:
+
+    <key>.<level>.npy   one per level ("top.npy" and "bottom.npy" for VQ-VAE-2, "codes.npy" for a
+                        one-level model): an h x w array in the smallest unsigned dtype that holds
+                        the level's codebook (uint8 for K <= 256, uint16 for K <= 65536, else uint32)
+    <key>.cls           the integer class label as ASCII digits
+
+Keys are the corpus keys (``pipelines.data.keys``): "/"-separated, no dot in the last component, so a
+WebDataset reader splits ``circle/00012.top.npy`` into key ``circle/00012`` and field ``top.npy``.
+The sample's split is not stored: it is ``pipelines.data.keys.split_of(key, validation_fraction,
+test_fraction)``, the same function that split the images, with the fractions recorded in the
+tokenize manifest.
+
+A shard's name is a hash of the keys it holds. Writing is atomic (temporary name, then rename), so a
+name that exists is a complete shard; and a writer that is retried after a crash rewrites the same
+name instead of adding a duplicate. Tar headers carry no timestamps or owners, so a shard's bytes
+depend only on its samples.
+
+Beside each shard lies its key index, ``codes-<hash>.keys.parquet``: one row per sample (key,
+label, the source file it was made from). It is written before the shard, so a shard that exists
+always has one; it is what an incremental run reads to skip finished images and to find samples
+whose source file left the corpus, without opening a single tar. Such removed samples stay in
+their shard (rewriting shards would change their bytes under running readers); a set of code
+shards names them in a Parquet table (``CodeShards.removed_table``, columns shard and key) and
+every reader here drops them.
+
+``codes.wids.json`` indexes the shards in the format of WebDataset's ``wids`` package
+(``wids.ShardListDataset("codes.wids.json")``): shard names relative to the index and their
+stored sample counts. It lists what the tars hold, removed samples included.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import tarfile
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from pipelines.data import storage
+from pipelines.data.keys import SPLITS, split_mask, unit_hashes
+from pipelines.manifest import ManifestModel
+
+SHARD_PATTERN = re.compile(r"^codes-[0-9a-f]{12}\.tar$")
+LABEL_FIELD = "cls"
+KEY_INDEX_SUFFIX = ".keys.parquet"
+WIDS_INDEX_NAME = "codes.wids.json"
+
+
+class ShardEntry(ManifestModel):
+    """One complete shard: ``samples`` stored in it, of which ``removed`` no longer belong to the
+    corpus; ``class_counts`` counts the others (what readers yield) by label."""
+
+    name: str
+    uri: str
+    samples: int
+    bytes: int
+    class_counts: dict[int, int] = {}
+    removed: int = 0
+
+
+class CodeShards(ManifestModel):
+    """A set of code shards and what a reader needs to know to read them: the levels in order,
+    each level's map shape and stored dtype, the fractions that split the keys, and the
+    Parquet table (columns shard, key) of stored samples that readers must skip, if any."""
+
+    shards: list[ShardEntry]
+    levels: list[str]
+    code_shapes: dict[str, list[int]]  # level -> [h, w]
+    code_dtypes: dict[str, str]  # level -> numpy dtype name
+    validation_fraction: float
+    test_fraction: float
+    removed_table: str = ""
+
+    def removed_keys(self) -> dict[str, frozenset[str]]:
+        """shard name -> keys stored in it that readers skip (empty when nothing was removed)."""
+        return read_removed(self.removed_table) if self.removed_table else {}
+
+
+def code_dtype(num_codes: int) -> np.dtype:
+    """The smallest unsigned integer dtype holding codes 0..num_codes-1."""
+    if num_codes <= 0:
+        raise ValueError(f"a codebook needs at least one code, got {num_codes}")
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if num_codes - 1 <= np.iinfo(dtype).max:
+            return np.dtype(dtype)
+    raise ValueError(f"codebook of {num_codes} codes does not fit in uint32")
+
+
+def shard_name(keys: Sequence[str]) -> str:
+    """The content-derived name of a shard holding ``keys`` (in order)."""
+    digest = hashlib.sha1("\n".join(keys).encode()).hexdigest()
+    return f"codes-{digest[:12]}.tar"
+
+
+def is_shard(uri: str) -> bool:
+    return bool(SHARD_PATTERN.match(uri.rsplit("/", 1)[-1]))
+
+
+def list_shards(directory: str) -> list[str]:
+    """URIs of the complete shards in ``directory``, sorted by name."""
+    return [uri for uri in storage.list_files(directory, recursive=False) if is_shard(uri)]
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.lib.format.write_array(buffer, np.ascontiguousarray(array), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mode = 0o444
+    info.mtime = 0  # reproducible bytes: the same samples always make the same shard
+    tar.addfile(info, io.BytesIO(data))
+
+
+def shard_bytes(keys: Sequence[str], labels: Sequence[int], codes: dict[str, np.ndarray]) -> bytes:
+    """A shard's tar bytes for ``keys`` with ``labels`` and per-level code arrays (N x h x w)."""
+    count = len(keys)
+    if len(labels) != count:
+        raise ValueError(f"got {count} keys but {len(labels)} labels")
+    if not codes:
+        raise ValueError("a shard needs at least one level of codes")
+    for level, array in codes.items():
+        if "." in level or not level:
+            raise ValueError(
+                f"level names become file suffixes and cannot contain '.'; got {level!r}"
+            )
+        if array.ndim != 3 or array.shape[0] != count:
+            raise ValueError(
+                f"codes for level {level!r} must be N x h x w with N = {count}, got {array.shape}"
+            )
+        if array.dtype.kind != "u":
+            raise ValueError(
+                f"codes for level {level!r} must be stored unsigned (see code_dtype), got {array.dtype}"
+            )
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for i, key in enumerate(keys):
+            if "." in key.rsplit("/", 1)[-1]:
+                raise ValueError(f"key {key!r} has a dot in its last component; see sanitize_key")
+            # WebDataset groups a sample's members by adjacency: write them together.
+            for level, array in codes.items():
+                _add_member(tar, f"{key}.{level}.npy", _npy_bytes(array[i]))
+            _add_member(tar, f"{key}.{LABEL_FIELD}", str(int(labels[i])).encode())
+    return buffer.getvalue()
+
+
+def key_index_uri(shard_uri: str) -> str:
+    """Where the key index of the shard at ``shard_uri`` lies."""
+    if not shard_uri.endswith(".tar"):
+        raise ValueError(f"{shard_uri!r} is not a shard (expected codes-<hash>.tar)")
+    return shard_uri[: -len(".tar")] + KEY_INDEX_SUFFIX
+
+
+def shard_of_key_index(index_uri: str) -> str:
+    return index_uri[: -len(KEY_INDEX_SUFFIX)] + ".tar"
+
+
+def _parquet_bytes(table: Any) -> bytes:
+    import pyarrow.parquet as pq
+
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    return buffer.getvalue()
+
+
+def key_index_bytes(keys: Sequence[str], labels: Sequence[int], sources: Sequence[str]) -> bytes:
+    import pyarrow as pa
+
+    return _parquet_bytes(
+        pa.table(
+            {
+                "key": pa.array(list(keys), pa.string()),
+                "label": pa.array([int(x) for x in labels], pa.int64()),
+                "source": pa.array(list(sources), pa.string()),
+            }
+        )
+    )
+
+
+def read_key_index(shard_uri: str, columns: Sequence[str] | None = None) -> Any:
+    """The key index of a shard as a pyarrow Table (key, label, source), in shard order."""
+    import pyarrow.parquet as pq
+
+    fs, path = storage.resolve(key_index_uri(shard_uri))
+    with fs.open_input_file(path) as f:
+        return pq.read_table(f, columns=list(columns) if columns is not None else None)
+
+
+def write_shard(
+    directory: str,
+    keys: Sequence[str],
+    labels: Sequence[int],
+    codes: dict[str, np.ndarray],
+    sources: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """Write one shard and its key index atomically under ``directory``.
+
+    ``sources`` names the input each sample was made from (empty when unknown). Returns the
+    shard's ``ShardEntry`` fields: name, uri, samples, bytes, class_counts.
+    """
+    keys = [str(k) for k in keys]
+    if sources is None:
+        sources = [""] * len(keys)
+    if len(sources) != len(keys):
+        raise ValueError(f"got {len(keys)} keys but {len(sources)} sources")
+    data = shard_bytes(keys, labels, codes)
+    name = shard_name(keys)
+    uri = storage.join(directory, name)
+    # The index first: the shard's rename is the commit point, so a shard never lacks its index,
+    # and an index without its shard is a leftover that a resumed run deletes.
+    storage.write_bytes(key_index_uri(uri), key_index_bytes(keys, labels, sources))
+    storage.write_bytes(uri, data)
+    counts = Counter(int(x) for x in labels)
+    return {
+        "name": name,
+        "uri": uri,
+        "samples": len(keys),
+        "bytes": len(data),
+        "class_counts": dict(sorted(counts.items())),
+    }
+
+
+def removed_table_bytes(rows: Iterable[tuple[str, str]]) -> bytes:
+    """A Parquet table of (shard name, key) pairs, sorted, for ``CodeShards.removed_table``."""
+    import pyarrow as pa
+
+    ordered = sorted(rows)
+    return _parquet_bytes(
+        pa.table(
+            {
+                "shard": pa.array([r[0] for r in ordered], pa.string()),
+                "key": pa.array([r[1] for r in ordered], pa.string()),
+            }
+        )
+    )
+
+
+def read_removed(uri: str) -> dict[str, frozenset[str]]:
+    """shard name -> removed keys, from a table written with ``removed_table_bytes``."""
+    import pyarrow.parquet as pq
+
+    fs, path = storage.resolve(uri)
+    with fs.open_input_file(path) as f:
+        table = pq.read_table(f, columns=["shard", "key"])
+    found: dict[str, set[str]] = {}
+    for shard, key in zip(table.column("shard").to_pylist(), table.column("key").to_pylist()):
+        found.setdefault(shard, set()).add(key)
+    return {shard: frozenset(keys) for shard, keys in found.items()}
+
+
+def write_wids_index(directory: str, shards: Sequence[Mapping[str, Any]]) -> str:
+    """Write ``codes.wids.json`` for ``shards`` (name and stored sample count); returns its URI.
+
+    URLs are the shard names: ``wids`` resolves them against the index's own location, so the
+    stage directory can be moved or copied to an object store whole.
+    """
+    document = {
+        "__kind__": "wids-shard-index-v1",
+        "wids_version": 1,
+        "name": "vqpipe code shards",
+        "shardlist": [
+            {"url": s["name"], "nsamples": int(s["samples"]), "filesize": int(s["bytes"])}
+            for s in sorted(shards, key=lambda s: s["name"])
+        ],
+    }
+    uri = storage.join(directory, WIDS_INDEX_NAME)
+    storage.write_bytes(uri, json.dumps(document, indent=1).encode())
+    return uri
+
+
+def _key_of(member_name: str) -> str | None:
+    head, _, last = member_name.rpartition("/")
+    stem, dot, _ = last.partition(".")
+    if not dot or not stem:
+        return None
+    return f"{head}/{stem}" if head else stem
+
+
+def read_shard_keys(uri: str) -> list[str]:
+    """The keys of the samples in a shard, in order (what a resumed run must not write again)."""
+    fs, path = storage.resolve(uri)
+    keys: list[str] = []
+    with fs.open_input_stream(path) as stream:
+        with tarfile.open(fileobj=stream, mode="r|") as tar:
+            for member in tar:
+                key = _key_of(member.name) if member.isreg() else None
+                if key is not None and (not keys or keys[-1] != key):
+                    keys.append(key)
+    return keys
+
+
+# -------------------------------------------------------------------------------------------------
+# Readers
+
+
+def _decode_sample(sample: dict[str, Any], levels: Sequence[str] | None) -> dict[str, Any]:
+    """Raw WebDataset fields -> {key, label, <level>: array}; numpy only, never pickle."""
+    out: dict[str, Any] = {"key": sample["__key__"]}
+    label = sample.get(LABEL_FIELD)
+    if label is None:
+        raise ValueError(f"sample {sample['__key__']!r} in {sample.get('__url__')} has no .cls")
+    out["label"] = int(bytes(label).decode())
+    found = sorted(f[: -len(".npy")] for f in sample if f.endswith(".npy"))
+    for level in levels if levels is not None else found:
+        field = f"{level}.npy"
+        if field not in sample:
+            raise ValueError(
+                f"sample {sample['__key__']!r} in {sample.get('__url__')} has no {field}; it has "
+                f"levels {found}"
+            )
+        out[level] = np.lib.format.read_array(io.BytesIO(sample[field]), allow_pickle=False)
+    return out
+
+
+def iter_code_samples(
+    shard_uris: Iterable[str],
+    levels: Sequence[str] | None = None,
+    *,
+    removed: Mapping[str, frozenset[str]] | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Samples of shards in order, as {key, label, <level>: h x w array in the stored dtype}.
+
+    A plain WebDataset reading loop with streams opened through pyarrow, so local paths and
+    object-store URLs work alike; fields are decoded with numpy (allow_pickle=False) and int().
+    ``removed`` (shard name -> keys, ``CodeShards.removed_keys()``) are skipped; reading a
+    manifest's shards, use ``iter_manifest_samples`` which passes them.
+    """
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    def streams() -> Iterator[dict[str, Any]]:
+        for uri in shard_uris:
+            fs, path = storage.resolve(uri)
+            with fs.open_input_stream(path) as stream:
+                yield {"url": uri, "stream": stream}
+
+    for sample in group_by_keys(tar_file_expander(streams())):
+        if removed:
+            skip = removed.get(str(sample["__url__"]).rsplit("/", 1)[-1])
+            if skip and sample["__key__"] in skip:
+                continue
+        yield _decode_sample(sample, levels)
+
+
+def iter_manifest_samples(
+    codes: CodeShards, levels: Sequence[str] | None = None
+) -> Iterator[dict[str, Any]]:
+    """The live samples of a set of code shards (a tokenize manifest), removed ones skipped."""
+    yield from iter_code_samples(
+        [shard.uri for shard in codes.shards], levels, removed=codes.removed_keys()
+    )
+
+
+def _decode_code_batch(
+    batch: dict[str, np.ndarray],
+    levels: list[str],
+    shapes: dict[str, list[int]],
+    dtypes: dict[str, str],
+    fractions: tuple[float, float],
+    split: str,
+    as_int64: bool,
+    removed: Mapping[str, frozenset[str]] | None = None,
+) -> dict[str, np.ndarray]:
+    keys = [str(k) for k in batch["__key__"]]
+    wanted = np.flatnonzero(split_mask(unit_hashes(keys), split, *fractions)).tolist()
+    if removed:
+        shards = [str(p).rsplit("/", 1)[-1] for p in batch["path"]]
+        wanted = [i for i in wanted if keys[i] not in removed.get(shards[i], ())]
+    out: dict[str, np.ndarray] = {
+        "key": np.array([keys[i] for i in wanted], dtype=object),
+        "label": np.array(
+            [int(bytes(batch[LABEL_FIELD][i]).decode()) for i in wanted], dtype=np.int64
+        ),
+    }
+    for level in levels:
+        arrays = [
+            np.lib.format.read_array(io.BytesIO(batch[f"{level}.npy"][i]), allow_pickle=False)
+            for i in wanted
+        ]
+        stacked = (
+            np.stack(arrays)
+            if arrays
+            else np.zeros((0, *shapes[level]), dtype=np.dtype(dtypes[level]))
+        )
+        out[level] = stacked.astype(np.int64) if as_int64 else stacked
+    return out
+
+
+def relabel_codes(
+    batch: dict[str, np.ndarray], labels: np.ndarray, prefix: str | None = None
+) -> dict[str, np.ndarray]:
+    """A batch of ``code_dataset`` with each label replaced by ``labels[label]`` and, given a
+    prefix, keys ``<prefix>/<key>``: one corpus' samples in a union of corpora."""
+    out = dict(batch)
+    if prefix is not None:
+        out["key"] = np.array([f"{prefix}/{k}" for k in batch["key"]], dtype=object)
+    if len(labels):
+        out["label"] = labels[np.asarray(batch["label"], dtype=np.int64)]
+    return out
+
+
+def code_dataset(codes: CodeShards, split: str = "train", *, as_int64: bool = True):
+    """Code shards (a tokenize manifest, say) as a streaming ray.data.Dataset.
+
+    Columns: key (str), label (int64) and one h x w array column per level. Codes come as int64
+    (``as_int64``), what embedding layers index with; ``as_int64=False`` keeps the stored dtype.
+    ``split`` is "train", "validation", "test" or "all". Samples the set lists as removed are
+    skipped.
+
+    For metrics, not training: training reads shards through ``pipelines.data.epochs.EpochReader``,
+    whose order does not depend on scheduling.
+    """
+    import ray
+
+    if split not in (*SPLITS, "all"):
+        raise ValueError(f"split must be one of {(*SPLITS, 'all')}, got {split!r}")
+    uris = [shard.uri for shard in codes.shards]
+    if not uris:
+        raise ValueError("the tokenize manifest lists no shards (was the corpus empty?)")
+    removed = codes.removed_keys()
+    fs, _ = storage.resolve(uris[0])
+    ds = ray.data.read_webdataset(
+        [storage.resolve(u)[1] for u in uris],
+        filesystem=fs,
+        decoder=None,
+        # The shard a sample came from, to skip removed ones: their keys are per shard, since
+        # an image removed and later added back under the same key lives on in a new shard.
+        include_paths=bool(removed),
+    )
+    return ds.map_batches(
+        _decode_code_batch,
+        batch_format="numpy",
+        fn_kwargs={
+            "levels": list(codes.levels),
+            "shapes": dict(codes.code_shapes),
+            "dtypes": dict(codes.code_dtypes),
+            "fractions": (codes.validation_fraction, codes.test_fraction),
+            "split": split,
+            "as_int64": as_int64,
+            "removed": removed,
+        },
+    )

@@ -1,0 +1,1 @@
+"""One-off tools beside the stages: ``vqpipe decode`` and ``vqpipe reconstruct``."""

@@ -1,0 +1,433 @@
+"""The evaluate stage and the classifier behind CAS and rejection sampling."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from pipelines.config import parse_config
+from pipelines.data import storage
+from pipelines.data.images import to_model_input
+from pipelines.data.keys import split_of
+from pipelines.data.shards import iter_code_samples, write_shard
+from pipelines.evaluation.classifier import (
+    ImageClassifier,
+    accuracy,
+    load_classifier,
+    train_classifier,
+)
+from pipelines.manifest import require_manifest, write_manifest
+from pipelines.stage import StageContext
+from pipelines.stage_manifests import BadInputs, TokenizeManifest, TrainVQVAEManifest
+from pipelines.stages import evaluate, sample
+from pipelines.tokenizer import TokenizerIdentity, sha256_of
+from pipelines.tracking import Tracker
+from tests.pipelines.conftest import tiny_raw_config
+from tests.pipelines.stages.test_sample import CLASSES, make_context, write_upstream
+
+
+def read_folder_corpus(root: str) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(keys, uint8 images N x H x W x 3, labels) of a demo corpus, keyed as pipelines.data.corpus keys it."""
+    keys, images, labels = [], [], []
+    for label, name in enumerate(CLASSES):
+        for f in sorted(os.listdir(os.path.join(root, name))):
+            if f.endswith(".png"):
+                keys.append(f"{name}/{f[: -len('.png')]}")
+                images.append(np.asarray(Image.open(os.path.join(root, name, f)).convert("RGB")))
+                labels.append(label)
+    return keys, np.stack(images), np.array(labels)
+
+
+def write_tokenize(cfg) -> TokenizeManifest:
+    """Code shards of the whole corpus made with the untrained upstream autoencoder."""
+    from vq_core.checkpoint import load_checkpoint
+
+    vq = require_manifest(cfg.output_dir, TrainVQVAEManifest)
+    model, _ = load_checkpoint(vq.checkpoint)
+    keys, images, labels = read_folder_corpus(cfg.data.source)
+    codes = model.encode(to_model_input(images))
+    arrays = {level: c.numpy().astype(np.uint8) for level, c in zip(vq.levels, codes)}
+    tok_dir = storage.join(cfg.output_dir, "tokenize")
+    half = len(keys) // 2  # two shards, so the reader crosses a shard boundary
+    shards = [
+        write_shard(tok_dir, keys[s], labels[s], {k: v[s] for k, v in arrays.items()})
+        for s in (slice(0, half), slice(half, None))
+    ]
+    fractions = (cfg.data.validation_fraction, cfg.data.test_fraction)
+    counts = {s: sum(split_of(k, *fractions) == s for k in keys) for s in ("validation", "test")}
+    return write_manifest(
+        cfg.output_dir,
+        TokenizeManifest(
+            shards=shards,
+            samples=len(keys),
+            splits={"train": len(keys) - sum(counts.values()), **counts},
+            levels=vq.levels,
+            code_shapes=vq.code_shapes,
+            code_dtypes={level: "uint8" for level in vq.levels},
+            codebook_sizes=vq.codebook_sizes,
+            class_names=CLASSES,
+            checkpoint=vq.checkpoint,
+            tokenizer=TokenizerIdentity(
+                checkpoint=vq.checkpoint, sha256=sha256_of(storage.read_bytes(vq.checkpoint))
+            ),
+            corpus_name="shapes",
+            validation_fraction=fractions[0],
+            test_fraction=fractions[1],
+            image_size=vq.image_size,
+            channels=vq.channels,
+            bad_inputs=BadInputs(count=0, keys=[], table=""),
+            metrics={},
+        ),
+    )
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> str:
+    from pipelines.data.demo_data import generate_corpus
+
+    root = str(tmp_path_factory.mktemp("corpus") / "shapes")
+    generate_corpus(root, classes=CLASSES, images_per_class=12, image_size=16, seed=2)
+    return root
+
+
+@pytest.fixture(scope="module")
+def evaluated(ray_local, corpus, tmp_path_factory):
+    """Every upstream stage faked with untrained tiny models, then the real evaluate stage."""
+    root = tmp_path_factory.mktemp("evaluate")
+    # Rejection on: the judge must be trained apart from the classifier that picked the samples.
+    cfg = parse_config(
+        tiny_raw_config(str(root / "out"), corpus),
+        [
+            "sample.per_class=3",
+            "sample.batch_size=6",
+            "sample.rejection.enabled=true",
+            "sample.rejection.classifier_steps=5",
+        ],
+    )
+    write_upstream(cfg)
+    tok = write_tokenize(cfg)
+    write_manifest(cfg.output_dir, sample.run(make_context(cfg)))
+
+    tracker = Tracker("sqlite:///" + str(root / "mlflow.db"), "test-evaluate")
+    with tracker.stage_run("evaluate") as tracking:
+        ctx = StageContext(cfg, "evaluate", storage.join(cfg.output_dir, "evaluate"), "test", tracking)
+        manifest = evaluate.run(ctx)
+    return cfg, tok, manifest, tracker, tracking.run_id
+
+
+EXPECTED_METRICS = [
+    "test/mse",
+    "test/psnr",
+    "test/perplexity/top",
+    "test/perplexity/bottom",
+    "test/usage/top",
+    "test/usage/bottom",
+    "test/bits_per_code/top",
+    "test/bits_per_code/bottom",
+    "test/bits_per_image",
+    "cas/generated_to_real",
+    "cas/real_to_real",
+    "cas/real_to_generated",
+    "cas/judge_on_real",
+    "cas/generated_to_real/ci_low",
+    "cas/generated_to_real/ci_high",
+    "cas/real_to_real/ci_low",
+    "quality/fid",
+    "quality/fid_real_train",
+    "quality/precision",
+    "quality/recall",
+]
+
+
+def test_every_metric_present_and_finite(evaluated):
+    _, _, manifest, _, _ = evaluated
+    metrics = manifest.metrics
+    for name in EXPECTED_METRICS:
+        assert name in metrics, name
+        assert math.isfinite(metrics[name]), (name, metrics[name])
+    assert metrics["test/psnr"] == pytest.approx(10 * math.log10(4 / metrics["test/mse"]))
+    for name in (
+        "cas/generated_to_real",
+        "cas/real_to_real",
+        "cas/real_to_generated",
+        "cas/judge_on_real",
+    ):
+        assert 0.0 <= metrics[name] <= 1.0, name
+    assert metrics["cas/generated_images"] == 3 * len(CLASSES)
+
+
+def test_untrained_priors_cost_about_log2_k_bits(evaluated):
+    _, _, manifest, _, _ = evaluated
+    for level in ("top", "bottom"):
+        # Near-uniform logits: close to log2(16) = 4 bits, far from 4 nats (5.8 bits) or 4 * h * w.
+        assert 3.0 < manifest.metrics[f"test/bits_per_code/{level}"] < 5.0
+
+
+def test_codebook_stats_cover_every_held_out_code(evaluated):
+    cfg, tok, manifest, _, _ = evaluated
+    counts = {level: np.zeros(16, dtype=np.int64) for level in ("top", "bottom")}
+    maps = 0
+    for s in iter_code_samples([shard.uri for shard in tok.shards]):
+        if split_of(s["key"], cfg.data.validation_fraction, cfg.data.test_fraction) == "test":
+            maps += 1
+            for level in counts:
+                counts[level] += np.bincount(np.asarray(s[level]).ravel(), minlength=16)
+    assert manifest.metrics["test/code_maps"] == maps == tok.splits["test"]
+    for level, c in counts.items():
+        p = c[c > 0] / c.sum()
+        assert manifest.metrics[f"test/perplexity/{level}"] == pytest.approx(
+            np.exp(-(p * np.log(p)).sum())
+        )
+        assert manifest.metrics[f"test/usage/{level}"] == pytest.approx((c > 0).sum() / 16)
+
+
+def test_report_files_mention_the_metrics(evaluated):
+    _, _, manifest, _, _ = evaluated
+    markdown = open(manifest.report).read()
+    html = open(manifest.report_html).read()
+    for text in (markdown, html):
+        for name in ("test/psnr", "cas/generated_to_real", "log2 K", "bits/code"):
+            assert name in text, name
+        assert f"{manifest.metrics['test/mse']:.4g}" in text
+    # Reconstructions, code usage and the class grids; no curves: the upstream runs were not tracked.
+    assert html.count("data:image/png;base64,") == 2 + len(CLASSES)
+    assert "figures/code-usage.png" in markdown and "No training runs were tracked" in markdown
+    folder = os.path.dirname(manifest.report)
+    for line in markdown.splitlines():
+        if line.startswith("!["):
+            assert os.path.isfile(os.path.join(folder, line.split("](")[1].rstrip(")"))), line
+
+
+def test_mlflow_run_has_metrics_and_report(evaluated):
+    _, _, manifest, tracker, run_id = evaluated
+    client = MlflowClient(tracker.tracking_uri)
+    logged = client.get_run(run_id).data.metrics
+    for name in EXPECTED_METRICS:
+        assert logged[name] == pytest.approx(manifest.metrics[name]), name
+    artifacts = {a.path for a in client.list_artifacts(run_id, "report")}
+    assert {"report/report.md", "report/report.html"} <= artifacts
+
+
+def test_classifier_learns_the_demo_corpus(tmp_path):
+    from pipelines.data.demo_data import generate_corpus
+
+    generate_corpus(
+        str(tmp_path / "train"), classes=CLASSES, images_per_class=100, image_size=32, seed=3
+    )
+    generate_corpus(
+        str(tmp_path / "test"), classes=CLASSES, images_per_class=25, image_size=32, seed=4
+    )
+    _, train_images, train_labels = read_folder_corpus(str(tmp_path / "train"))
+    _, test_images, test_labels = read_folder_corpus(str(tmp_path / "test"))
+    model = train_classifier(
+        to_model_input(train_images),
+        torch.from_numpy(train_labels),
+        len(CLASSES),
+        steps=120,
+        lr=2e-3,
+        seed=0,
+    )
+    score = accuracy(model, to_model_input(test_images), torch.from_numpy(test_labels))
+    assert score > 0.6, score  # chance is 0.25
+
+
+def test_classifier_training_is_deterministic_and_among_restricts_predictions():
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(20, 3, 16, 16, generator=g) * 2 - 1
+    labels = torch.arange(20) % 3
+    a = train_classifier(images, labels, 3, steps=3, batch_size=8, seed=5)
+    b = train_classifier(images, labels, 3, steps=3, batch_size=8, seed=5)
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(pa, pb), name
+    assert isinstance(a, ImageClassifier)
+    # Restricted to one class, every prediction is that class.
+    assert accuracy(a, images, labels, among=[1]) == pytest.approx(
+        (labels == 1).float().mean().item()
+    )
+
+
+def test_histogram_stats_and_psnr_helpers():
+    perplexity, usage, used = evaluate.histogram_stats(np.array([5, 5, 0, 0]))
+    assert perplexity == pytest.approx(2.0) and usage == 0.5 and used == 2
+    assert evaluate.psnr_from_mse(4 * 0.01) == pytest.approx(20.0)  # MSE 0.01 on the [0, 1] scale
+
+
+def test_cas_trains_on_the_generated_images_and_tests_on_the_real_ones(ray_local, tmp_path):
+    # "Generated" images that are a known set: the real held-out images themselves, filed under
+    # their own class, then under the next class's name. The small classifier memorises its few
+    # training images, so CAS (train on generated, test on real) is near 1 for the first set and
+    # near 0 for the second, whatever the real classifier's accuracy; and the real classifier
+    # scores the first set exactly as it scores the real held-out images. CAS computed with the
+    # two sets swapped (the real classifier on real images) fails the first assertion.
+    from pipelines.data.demo_data import generate_corpus
+
+    corpus = str(tmp_path / "shapes")
+    generate_corpus(corpus, classes=CLASSES, images_per_class=40, image_size=16, seed=5)
+    cfg = parse_config(
+        tiny_raw_config(str(tmp_path / "out"), corpus),
+        ["evaluate.classifier_steps=200", "evaluate.classifier_lr=3e-3"],
+    )
+    keys, images, labels = read_folder_corpus(corpus)
+    fractions = (cfg.data.validation_fraction, cfg.data.test_fraction)
+    holdout = [i for i, k in enumerate(keys) if split_of(k, *fractions) == "test"]
+    # One stage folder for both calls: the real classifier is trained once and cached.
+    ctx = make_context(cfg, str(tmp_path / "evaluate"))
+
+    def cas_of(shift: int) -> dict[str, float]:
+        classes: dict[str, str] = {}
+        for label, name in enumerate(CLASSES):
+            folder = tmp_path / f"generated-{shift}" / name
+            folder.mkdir(parents=True)
+            source = [i for i in holdout if labels[i] == (label + shift) % len(CLASSES)]
+            for n, i in enumerate(source):
+                Image.fromarray(images[i]).save(folder / f"{n:05d}.png")
+            classes[name] = str(folder)
+        scores = evaluate.classification_metrics(ctx, list(CLASSES), [(0, classes)], (16, 16, 3))
+        assert scores.note is None
+        metrics = scores.metrics
+        assert metrics["cas/generated_images"] == len(holdout)
+        assert metrics["cas/real_test_images"] == len(holdout)
+        # The reference saw exactly as many real images as there were generated ones.
+        assert metrics["cas/real_train_images"] == len(holdout)
+        return metrics
+
+    faithful = cas_of(0)
+    assert faithful["cas/generated_to_real"] >= 0.9
+    # The "samples" are the test images: the judge scores them as it scores the test split.
+    judge, _ = load_classifier(os.path.join(ctx.stage_dir, evaluate.JUDGE))
+    test_images = to_model_input(images[holdout])
+    on_test = accuracy(judge, test_images, torch.from_numpy(labels[holdout]))
+    assert faithful["cas/real_to_generated"] == pytest.approx(on_test)
+    # ... and recognises them exactly as well as the real test images (which they are).
+    assert faithful["cas/judge_on_real"] == pytest.approx(on_test)
+    assert faithful["cas/recognition_ratio"] == pytest.approx(1.0)
+    low, high = faithful["cas/recognition_ratio/ci_low"], faithful["cas/recognition_ratio/ci_high"]
+    assert low <= 1.0 <= high
+    # Samples that are real test images sit at distance ~0 from them, inside their manifold.
+    assert faithful["quality/fid"] == pytest.approx(0.0, abs=1e-6)
+    assert faithful["quality/precision"] == faithful["quality/recall"] == 1.0
+    mislabelled = cas_of(1)
+    assert mislabelled["cas/generated_to_real"] <= 0.1
+    # The judge's accuracy on the test images does not depend on the samples; the recognition
+    # ratio is its accuracy on the samples over that.
+    assert mislabelled["cas/judge_on_real"] == pytest.approx(on_test)
+    assert mislabelled["cas/recognition_ratio"] == pytest.approx(
+        mislabelled["cas/real_to_generated"] / on_test
+    )
+    # Per class too: every class of the mislabelled set is missed.
+    for name in CLASSES:
+        assert mislabelled[f"cas/generated_to_real/class/{name}"] <= 0.25, name
+
+
+def test_reference_is_size_matched_and_intervals_contain_the_estimates(evaluated):
+    _, _, manifest, _, _ = evaluated
+    m = manifest.metrics
+    assert m["cas/real_train_images"] == m["cas/generated_images"] == 3 * len(CLASSES)
+    assert m["cas/real_test_images"] > 0 and m["cas/seeds"] == 1
+    for name in ("generated_to_real", "real_to_real"):
+        assert m[f"cas/{name}/ci_low"] <= m[f"cas/{name}"] <= m[f"cas/{name}/ci_high"], name
+    # The ratio's interval is finite only when the reference is rarely at 0 (untrained models
+    # here); when it is, it holds the ratio.
+    if "cas/ratio/ci_low" in m:
+        assert m["cas/ratio/ci_low"] <= m["cas/ratio"] <= m["cas/ratio/ci_high"]
+    assert "cas/generated_to_real/std" not in m  # one seed: no spread to report
+
+
+def test_per_class_accuracies_in_metrics_and_report(evaluated):
+    cfg, tok, manifest, _, _ = evaluated
+    m = manifest.metrics
+    report = open(manifest.report).read()
+    assert "## CAS per class" in report
+    test_labels = [
+        s["label"]
+        for s in iter_code_samples([shard.uri for shard in tok.shards])
+        if split_of(s["key"], cfg.data.validation_fraction, cfg.data.test_fraction) == "test"
+    ]
+    for label in sorted(set(test_labels)):
+        for name in ("generated_to_real", "real_to_real"):
+            value = m[f"cas/{name}/class/{CLASSES[label]}"]
+            assert 0.0 <= value <= 1.0
+        assert f"| {CLASSES[label]} |" in report
+    # The test images are weighted alike: the overall accuracy is the class-size-weighted mean.
+    counts = np.bincount(test_labels, minlength=len(CLASSES))
+    weighted = (
+        sum(
+            counts[c] * m[f"cas/real_to_real/class/{CLASSES[c]}"]
+            for c in range(len(CLASSES))
+            if counts[c]
+        )
+        / counts.sum()
+    )
+    assert weighted == pytest.approx(m["cas/real_to_real"])
+
+
+def test_judge_is_trained_apart_from_the_rejection_classifier(evaluated):
+    cfg, _, manifest, _, _ = evaluated
+    rejection, _ = load_classifier(os.path.join(storage.join(cfg.output_dir, "sample"), "classifier.pt"))
+    judge, _ = load_classifier(os.path.join(storage.join(cfg.output_dir, "evaluate"), evaluate.JUDGE))
+    assert manifest.judge_seed is not None and manifest.judge_seed != cfg.sample.seed
+    differs = [
+        not torch.equal(a, b)
+        for a, b in zip(rejection.state_dict().values(), judge.state_dict().values())
+        if a.is_floating_point()
+    ]
+    assert all(differs)
+
+
+def test_judge_seed_never_equals_the_rejection_seed():
+    derived = evaluate.judge_seed(0, avoid=None)
+    assert evaluate.judge_seed(0, avoid=derived) != derived
+    assert evaluate.judge_seed(0, avoid=derived + 5) == derived
+
+
+def test_report_names_the_feature_network(evaluated):
+    _, _, manifest, _, _ = evaluated
+    report = open(manifest.report).read()
+    assert "## Sample quality in feature space" in report
+    assert manifest.feature_network in report
+    for text in ("ImageClassifier", "5 conv3x3", "64 features", "real images of the train split"):
+        assert text in manifest.feature_network, text
+    assert f"for {5} Adam steps" in manifest.feature_network  # evaluate.classifier_steps
+
+
+def test_several_seeds_give_mean_and_spread(evaluated, tmp_path):
+    cfg, _, first, _, _ = evaluated
+    twice = cfg.model_copy(deep=True)
+    twice.evaluate.seeds = 2
+    ctx = StageContext(
+        twice, "evaluate", str(tmp_path / "evaluate"), "test", make_context(cfg).tracking
+    )
+    manifest = evaluate.run(ctx)
+    m = manifest.metrics
+    assert m["cas/seeds"] == 2
+    # The second seed's samples were drawn here, as many as the sample stage drew.
+    extra = tmp_path / "evaluate" / f"samples-{cfg.sample.seed + 1}"
+    first_set = require_manifest(cfg.output_dir, sample.SampleManifest).classes
+    for name in CLASSES:
+        pngs = sorted(f for f in os.listdir(extra / name) if f.endswith(".png"))
+        assert len(pngs) == 3, name
+        # Another seed draws other samples, not the sample stage's set again.
+        drawn = np.stack([np.asarray(Image.open(extra / name / f)) for f in pngs])
+        before = sorted(f for f in os.listdir(first_set[name].dir) if f.endswith(".png"))
+        earlier = np.stack(
+            [np.asarray(Image.open(os.path.join(first_set[name].dir, f))) for f in before]
+        )
+        assert not np.array_equal(drawn, earlier), name
+    for name in ("cas/generated_to_real", "cas/real_to_real", "quality/fid"):
+        assert m[f"{name}/min"] <= m[name] <= m[f"{name}/max"], name
+        # Two seeds: the mean lies halfway between them, and the sample standard deviation
+        # (ddof 1) of two values is their distance over sqrt 2.
+        assert m[name] == pytest.approx((m[f"{name}/min"] + m[f"{name}/max"]) / 2), name
+        assert m[f"{name}/std"] == pytest.approx(
+            (m[f"{name}/max"] - m[f"{name}/min"]) / math.sqrt(2)
+        ), name
+    # The first seed's figures are the one-seed run's; the mean moves with the second seed.
+    assert m["cas/generated_to_real/min"] <= first.metrics["cas/generated_to_real"]
+    assert first.metrics["cas/generated_to_real"] <= m["cas/generated_to_real/max"]
+    assert "spread column" in open(manifest.report).read()
