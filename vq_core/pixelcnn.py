@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vq_core.recompute import Recomputable
 from vq_core.sampling import (
     CausalConv2d,
     PointwiseConv,
@@ -146,7 +147,9 @@ class BlockConditioning(nn.Module):
                 bias = self.class_embedding(context.labels)[:, :, None, None]
                 if cache is not None:
                     cache.store[self] = bias
-            h = h + bias
+            # In h's dtype: a float32 bias would turn a bfloat16 (autocast) stream back into
+            # float32, and every later layer would save float32 activations.
+            h = h + bias.to(h.dtype)
         if self.condition is not None:
             h = h + self.condition(crop(context.condition, region))
         return h
@@ -358,7 +361,7 @@ def gate(x: Tensor) -> Tensor:
     return torch.tanh(a) * torch.sigmoid(b)
 
 
-class GatedLayer(nn.Module):
+class GatedLayer(Recomputable):
     """One layer of both stacks. The first layer reads the code embedding through strict
     footprints and has no residual connections (its input at (i, j) is the code at (i, j))."""
 
@@ -395,12 +398,35 @@ class GatedLayer(nn.Module):
         region: Region | None,
     ) -> tuple[Tensor, Tensor]:
         """The next vertical features, and this layer's contribution to the horizontal stack."""
+        if cache is None:
+            return self.run(self._vertical, v, context, None, None)
+        return self._vertical(v, context, cache, region)
+
+    def _vertical(
+        self,
+        v: Tensor | None,
+        context: PriorContext,
+        cache: StepCache | None,
+        region: Region | None,
+    ) -> tuple[Tensor, Tensor]:
         features = self.vertical(v, cache, region)
         link = self.vertical_to_horizontal(features)
         out = gate(self.vertical_conditioning(features, context, cache, region))
         return (out if self.first else v + out), link
 
     def forward_horizontal(
+        self,
+        h: Tensor | None,
+        link: Tensor,
+        context: PriorContext,
+        cache: StepCache | None,
+        region: Region | None,
+    ) -> Tensor:
+        if cache is None:
+            return self.run(self._horizontal, h, link, context, None, None)
+        return self._horizontal(h, link, context, cache, region)
+
+    def _horizontal(
         self,
         h: Tensor | None,
         link: Tensor,

@@ -27,6 +27,7 @@ from vq_core.pixelcnn import (
     check_prior_config,
     require_int,
 )
+from vq_core.recompute import Recomputable
 from vq_core.sampling import CausalConv2d, PointwiseConv, Region, StepCache, crop
 
 # The positional "background" features: each position's row and column coordinates.
@@ -78,7 +79,7 @@ class PixelSNAILConfig:
             raise ValueError(f"PixelSNAILConfig.dropout must be in [0, 1), got {self.dropout}")
 
 
-class GatedResidual(nn.Module):
+class GatedResidual(Recomputable):
     """x + a * sigmoid(b), with (a, b) = conv(dropout(elu(conv(elu(x)) + aux))) + conditioning.
     `aux` (another stream's features at the same positions) enters through a 1x1 projection."""
 
@@ -99,6 +100,18 @@ class GatedResidual(nn.Module):
         self.conditioning = BlockConditioning(2 * channels, num_classes, condition_channels)
 
     def forward(
+        self,
+        x: Tensor,
+        aux: Tensor | None,
+        context: PriorContext,
+        cache: StepCache | None = None,
+        region: Region | None = None,
+    ) -> Tensor:
+        if cache is not None:  # a sampling step: no autograd, nothing to recompute
+            return self._forward(x, aux, context, cache, region)
+        return self.run(self._forward, x, aux, context)
+
+    def _forward(
         self,
         x: Tensor,
         aux: Tensor | None,
@@ -161,7 +174,7 @@ class CausalSelfAttention(nn.Module):
         return out.transpose(2, 3).reshape(batch, channels, height, width)
 
 
-class AttentionBlock(nn.Module):
+class AttentionBlock(Recomputable):
     """Attention over the horizontal stream and the background, merged back by a 1x1 gated
     residual block."""
 
@@ -181,6 +194,18 @@ class AttentionBlock(nn.Module):
         )
 
     def forward(
+        self,
+        x: Tensor,
+        background: Tensor,
+        context: PriorContext,
+        cache: StepCache | None = None,
+        region: Region | None = None,
+    ) -> Tensor:
+        if cache is not None:
+            return self._forward(x, background, context, cache, region)
+        return self.run(self._forward, x, background, context)
+
+    def _forward(
         self,
         x: Tensor,
         background: Tensor,

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vq_core.quantizer import QuantizerOutput, VectorQuantizer
+from vq_core.recompute import Recomputable
 
 # Codes are written to disk as uint16 (see model notes, section 5), hence the upper bound.
 MAX_CODEBOOK_SIZE = 65536
@@ -190,7 +191,7 @@ def _num_halvings(factor: int) -> int:
     return factor.bit_length() - 1
 
 
-class Encoder(nn.Module):
+class Encoder(Recomputable):
     """Stride-2 4x4 convs (each halves H and W), then a 3x3 conv and a residual stack."""
 
     def __init__(
@@ -210,12 +211,15 @@ class Encoder(nn.Module):
         self.res = residual_stack(channels, res_channels, res_blocks)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.run(self._forward, x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         # The residual stack ends on an addition; the final ReLU keeps features non-negative like
         # every other layer output.
         return F.relu(self.res(self.conv(self.down(x))))
 
 
-class Decoder(nn.Module):
+class Decoder(Recomputable):
     """A 3x3 conv and a residual stack, then stride-2 transposed convs (each doubles H and W)."""
 
     def __init__(
@@ -243,6 +247,9 @@ class Decoder(nn.Module):
         self.up = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.run(self._forward, x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.up(F.relu(self.res(self.conv(x))))
 
 
