@@ -35,15 +35,14 @@ def test_ray_up_cluster_config():
 
 
 def test_documented_entry_points_exist():
-    texts = [
-        (REPO / p).read_text()
-        for p in (
-            "README.md",
-            "infra/ray-cluster.yaml",
-            "infra/kuberay/rayjob.yaml",
-            "infra/kuberay/raycronjob.yaml",
-        )
+    paths = [
+        REPO / "README.md",
+        *sorted((REPO / "docs").glob("*.md")),
+        REPO / "infra/ray-cluster.yaml",
+        REPO / "infra/kuberay/rayjob.yaml",
+        REPO / "infra/kuberay/raycronjob.yaml",
     ]
+    texts = [p.read_text() for p in paths]
     modules = {m for t in texts for m in _entry_modules(t)}
     assert "jobs.run_pipeline" in modules
     for name in modules:
