@@ -51,6 +51,18 @@ class GenerateSection(Section):
     )
 
 
+class AugmentSection(Section):
+    enabled: bool = False
+    crop_scale: float = Field(
+        1.125,
+        ge=1.0,
+        le=2.0,
+        description="Each training batch is resized to this factor of the image size, then every "
+        "image is cropped back at a random offset (1 means no crop).",
+    )
+    flip: bool = Field(True, description="Mirror half of the training images left to right.")
+
+
 class DataSection(Section):
     source: str = Field(
         ..., description="Path or URL of the corpus (folder, .tar shards or Parquet)."
@@ -81,6 +93,17 @@ class DataSection(Section):
     label_column: str = "label"
     key_column: str | None = None
     generate: GenerateSection | None = None
+    cache: Literal["auto", "pixels", "encoded"] = Field(
+        "auto",
+        description="What the training image cache stores: decoded 'pixels' (fast to read, "
+        "grows with the resolution), the 'encoded' image files (about the corpus' size, decoded "
+        "while training reads them), or 'auto': pixels up to 64x64 images, encoded above.",
+    )
+    augment: AugmentSection = Field(
+        default_factory=AugmentSection,
+        description="Random crops and flips of the autoencoder's training images (train split "
+        "only; never tokenize, evaluation or the held-out splits).",
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -150,6 +150,7 @@ class _ReadSpec:
     label_column: str = "label"
     image_column: str = "image"
     key_column: str | None = None
+    keep_payload: bool = False  # also return each row's encoded file ("payload")
 
 
 def _as_bytes(value: Any) -> bytes | None:
@@ -242,7 +243,7 @@ def _decode_batch(batch: dict, spec: _ReadSpec) -> dict[str, np.ndarray]:
         wanted &= ~in_key_set(skip, keys)
 
     height, width = spec.size_hw
-    images, out_keys, labels, out_splits, errors, sources = [], [], [], [], [], []
+    images, out_keys, labels, out_splits, errors, sources, payloads = [], [], [], [], [], [], []
     for i in np.flatnonzero(wanted):
         error = rows["error"][i]
         label = int(rows["label"][i])
@@ -272,6 +273,7 @@ def _decode_batch(batch: dict, spec: _ReadSpec) -> dict[str, np.ndarray]:
         out_splits.append(splits[i])
         errors.append(error)
         sources.append(rows["source"][i])
+        payloads.append(b"" if error else rows["payload"][i])
 
     if not images:
         return _empty_batch(spec)
@@ -284,6 +286,8 @@ def _decode_batch(batch: dict, spec: _ReadSpec) -> dict[str, np.ndarray]:
     if spec.keep_errors:
         out["error"] = np.array(errors, dtype=object)
         out["source"] = np.array(sources, dtype=object)
+    if spec.keep_payload:
+        out["payload"] = np.array(payloads + [None], dtype=object)[:-1]  # a 1-D array of bytes
     return out
 
 
@@ -602,7 +606,9 @@ class Corpus:
             fn_kwargs={"spec": spec},
         )
 
-    def read_spec(self, split: str, *, keep_errors: bool, skip_ref: Any = None) -> _ReadSpec:
+    def read_spec(
+        self, split: str, *, keep_errors: bool, skip_ref: Any = None, keep_payload: bool = False
+    ) -> _ReadSpec:
         """What a reader task needs to decode rows of ``split`` (see ``dataset``)."""
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -623,6 +629,7 @@ class Corpus:
             label_column=self.cfg.label_column,
             image_column=self.cfg.image_column,
             key_column=self.cfg.key_column,
+            keep_payload=keep_payload,
         )
 
     # ---------------------------------------------------------------------------------------------

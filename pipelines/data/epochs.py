@@ -29,6 +29,8 @@ from typing import Literal
 
 import numpy as np
 
+from pipelines.config import AugmentSection
+from pipelines.data.augment import augment_batch
 from pipelines.data.image_cache import ImageCache, RowGroup, read_row_group
 from pipelines.data.keys import split_mask, unit_hashes
 
@@ -49,6 +51,9 @@ class EpochReader:
     shuffle_buffer: int = 2048
     interleave: int = 16
     image_shape: tuple[int, int, int] | None = None  # image_cache only
+    encoding: str = "pixels"  # image_cache only: how the cache stores images
+    # image_cache only: random crops and flips of the "image" column (the train split's reader)
+    augment: AugmentSection | None = None
     levels: tuple[str, ...] = ()  # code_shards only
     # code_shards only: shard URI -> keys stored in it that no longer belong to the corpus
     removed: Mapping[str, frozenset[str]] = field(default_factory=dict)
@@ -70,7 +75,12 @@ class EpochReader:
         seed: int,
         shuffle_buffer: int,
         columns: tuple[str, ...] = ("image",),
+        augment: AugmentSection | None = None,
     ) -> EpochReader:
+        """``augment`` (when enabled) applies to the train split only: a reader of any other
+        split refuses it."""
+        if augment is not None and augment.enabled and split != "train":
+            raise ValueError(f"augmentation applies to the train split only, not {split!r}")
         return cls(
             "image_cache",
             tuple(g for g in cache.row_groups if g.rows),
@@ -81,6 +91,8 @@ class EpochReader:
             seed,
             shuffle_buffer,
             image_shape=cache.image_shape,
+            encoding=cache.encoding,
+            augment=augment if augment is not None and augment.enabled else None,
         )
 
     @classmethod
@@ -137,7 +149,7 @@ class EpochReader:
         """The rows of one unit in stored order, in chunks, with the split already applied."""
         if self.source == "image_cache":
             assert self.image_shape is not None
-            rows = read_row_group(unit, self.image_shape)
+            rows = read_row_group(unit, self.image_shape, self.encoding)
             keep = split_mask(
                 rows["unit_hash"], self.split, self.validation_fraction, self.test_fraction
             )
@@ -214,6 +226,18 @@ class EpochReader:
         self, epoch: int, rank: int, world_size: int, batch_size: int
     ) -> Iterator[dict[str, np.ndarray]]:
         """Shuffled batches of this rank's rows of ``epoch``; the last one may be smaller."""
+        batches = self._shuffled(epoch, rank, world_size, batch_size)
+        if self.augment is None:
+            yield from batches
+            return
+        for index, batch in enumerate(batches):
+            # Seeded per batch, so skipping batches (a resumed run) changes none of the others.
+            rng = np.random.default_rng([self.seed, epoch, rank, index, 2])
+            yield {**batch, "image": augment_batch(batch["image"], self.augment, rng)}
+
+    def _shuffled(
+        self, epoch: int, rank: int, world_size: int, batch_size: int
+    ) -> Iterator[dict[str, np.ndarray]]:
         chunks = self.chunks(epoch, rank, world_size)
         if not self.shuffle:
             yield from _in_order(chunks, batch_size)
