@@ -4,6 +4,7 @@ fails there with a message naming the Ray found and the Ray releases vqpipe supp
 from __future__ import annotations
 
 import importlib
+import re
 import sys
 from pathlib import Path
 
@@ -64,3 +65,12 @@ def test_the_wait_setting_is_the_variable_ray_train_reads():
     from pipelines.training import WORKER_GROUP_START_TIMEOUT_ENV
 
     assert WORKER_GROUP_START_TIMEOUT_ENV == WORKER_GROUP_START_TIMEOUT_S_ENV_VAR
+
+
+def test_the_supported_range_is_the_one_pyproject_pins():
+    text = (ROOT / "pyproject.toml").read_text()
+    pins = re.search(r'"ray\[default,train,data\]>=([\d.]+),<([\d.]+)"', text)
+    assert pins, "pyproject.toml pins no ray[default,train,data]>=A,<B"
+    oldest, below = pins.groups()
+    major, minor = ray_compat.NEWEST_RAY.split(".")
+    assert (oldest, below) == (ray_compat.OLDEST_RAY, f"{major}.{int(minor) + 1}")
