@@ -34,3 +34,7 @@ class ManifestError(UserError):
 
 class CapacityError(UserError, RuntimeError):
     """A cluster that cannot place the workers a stage asked for within the configured wait."""
+
+
+class UnsupportedRayError(UserError, ImportError):
+    """An installed Ray without a Ray Train internal that vqpipe needs (see pipelines.ray_compat)."""

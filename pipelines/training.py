@@ -38,9 +38,6 @@ import ray.train.torch
 import torch
 from ray.train import CheckpointConfig, ControllerError, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
-from ray.train.v2._internal.constants import WORKER_GROUP_START_TIMEOUT_S_ENV_VAR
-from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
-from ray.train.v2._internal.execution.callback import ControllerCallback
 from torch import nn
 
 from pipelines import console
@@ -48,6 +45,7 @@ from pipelines.config import RaySection, TrainingKnobs
 from pipelines.data import storage
 from pipelines.data.epochs import EpochReader
 from pipelines.errors import CapacityError
+from pipelines.ray_compat import ControllerCallback, WorkerGroupStartupTimeoutError
 from pipelines.tracking import TrackingContext
 from vq_core.checkpoint import load_checkpoint, save_checkpoint, unwrap_model
 
@@ -178,6 +176,10 @@ class _ProgressReport:
 # -------------------------------------------------------------------------------------------------
 # Driver side
 
+# How long Ray Train waits for room for a worker group, in seconds: the setting that Ray's own
+# startup-timeout error tells users to change (the test of pipelines.ray_compat checks the name).
+WORKER_GROUP_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+
 
 class _ResourceWait(ControllerCallback):
     """Bounds how long Ray Train's controller waits for room for the workers.
@@ -193,7 +195,7 @@ class _ResourceWait(ControllerCallback):
 
     def after_controller_start(self, train_run_context) -> None:
         # Read by each worker group the controller creates (this process is the controller's own).
-        os.environ[WORKER_GROUP_START_TIMEOUT_S_ENV_VAR] = str(self.seconds)
+        os.environ[WORKER_GROUP_START_TIMEOUT_ENV] = str(self.seconds)
 
     def after_controller_state_update(self, previous_state, current_state) -> None:
         error = getattr(current_state, "training_failed_error", None)
@@ -653,10 +655,21 @@ def fit(
     # Different noise per rank and per attempt (dropout, Gumbel), reproducible for a given run.
     torch.manual_seed(seed + 1000 * loop.rank + start_step)
 
-    step = start_step
-    epoch, done = loop.position["epoch"], loop.position["epoch_batch"]
     if start_step and knobs.early_stopping and loop.should_stop():
         return  # the checkpoint resumed from is where an earlier attempt stopped early
+    _train_epochs(loop, data, dtypes, start_step)
+    # Metrics queued while the tracking server was unreachable leave with this process.
+    loop.tracking.flush(raise_on_failure=False)
+
+
+def _train_epochs(
+    loop: _Loop, data: EpochReader, dtypes: dict[str, torch.dtype] | None, start_step: int
+) -> None:
+    """Train from ``start_step``, at the data position ``loop`` resumed at, epoch after epoch
+    until ``knobs.steps`` or early stopping."""
+    knobs = loop.knobs
+    step = start_step
+    epoch, done = loop.position["epoch"], loop.position["epoch_batch"]
     stopped = False
     while step < knobs.steps and not stopped:
         batches = 0
@@ -677,8 +690,6 @@ def fit(
                 f"empty or holds fewer rows than there are workers ({loop.world_size})"
             )
         epoch, done = epoch + 1, 0
-    # Metrics queued while the tracking server was unreachable leave with this process.
-    loop.tracking.flush(raise_on_failure=False)
 
 
 def _to_torch(

@@ -366,7 +366,7 @@ def _encode_and_write(
         num_cpus=WRITER_CPUS,
         # Without a CPU reservation nothing else bounds how many writers run at once, and each
         # concurrent task is a worker process; one writer per encoder keeps up with the encoders.
-        concurrency=settings.num_actors,
+        compute=ray.data.TaskPoolStrategy(size=settings.num_actors),
     )
 
 

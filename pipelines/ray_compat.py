@@ -1,0 +1,63 @@
+"""The Ray Train internals vqpipe relies on, looked up in this one module.
+
+Ray has no public API for two things ``pipelines.training`` needs to bound how long a training
+stage waits for room for its workers (``ray.resource_wait_seconds``):
+
+- ``ControllerCallback``: a callback that runs in Ray Train's controller and sees its state
+  changes. The public ``ray.train.UserCallback`` sees only reports and worker exceptions, not a
+  worker group that never started;
+- ``WorkerGroupStartupTimeoutError``: what the controller records when that wait expires.
+
+Names under ``ray.*._internal`` are not API and can move in any minor release. They are resolved
+here, when this module is imported, so that a Ray without them fails at once, naming the version
+found and the versions vqpipe is tested with, rather than in the middle of a training run. No other
+module of the project imports ``ray.*._internal`` (tests/pipelines/test_ray_compat.py checks).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import ray
+
+from pipelines.errors import UnsupportedRayError
+
+# The Ray releases vqpipe is tested with; pyproject.toml pins the same range (a test checks).
+OLDEST_RAY = "2.52"
+NEWEST_RAY = "2.60"
+
+# name -> the module of the installed Ray it comes from
+INTERNALS = {
+    "ControllerCallback": "ray.train.v2._internal.execution.callback",
+    "WorkerGroupStartupTimeoutError": "ray.train.v2._internal.exceptions",
+}
+
+
+def resolve(name: str, module: str) -> Any:
+    """``module.name`` from the installed Ray, or an ``UnsupportedRayError`` that says which Ray
+    is installed and which releases vqpipe supports."""
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as err:
+        raise UnsupportedRayError(
+            f"vqpipe needs {module}.{name} from Ray Train, and the installed Ray "
+            f"{ray.__version__} does not have it ({type(err).__name__}: {err}). vqpipe supports "
+            f"Ray {OLDEST_RAY} to {NEWEST_RAY}: install one of those "
+            f'(pip install "ray[default,train,data]>={OLDEST_RAY},<{_next_minor(NEWEST_RAY)}")'
+        ) from err
+
+
+def resolve_internals() -> dict[str, Any]:
+    """Every name in ``INTERNALS``, resolved."""
+    return {name: resolve(name, module) for name, module in INTERNALS.items()}
+
+
+def _next_minor(version: str) -> str:
+    major, minor = version.split(".")[:2]
+    return f"{major}.{int(minor) + 1}"
+
+
+_resolved = resolve_internals()
+ControllerCallback = _resolved["ControllerCallback"]
+WorkerGroupStartupTimeoutError = _resolved["WorkerGroupStartupTimeoutError"]
