@@ -165,6 +165,18 @@ class TrainingKnobs(Section):
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
     precision: Literal["fp32", "bf16"] = "fp32"
+    accumulate_steps: int = Field(
+        1,
+        ge=1,
+        description="Micro-batches of batch_size whose gradients make one optimizer step: the "
+        "effective batch per worker is batch_size x accumulate_steps, in the memory of one "
+        "batch_size. steps, the learning rate, logging and checkpoints count optimizer steps.",
+    )
+    activation_checkpointing: bool = Field(
+        False,
+        description="Recompute the model's blocks' activations in the backward pass instead of "
+        "keeping them: much less memory per sample for about a third more compute.",
+    )
     log_every: int = Field(20, gt=0)
     eval_every: int = Field(200, gt=0)
     checkpoint_every: int = Field(200, gt=0)

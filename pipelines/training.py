@@ -28,7 +28,8 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -48,6 +49,7 @@ from pipelines.errors import CapacityError
 from pipelines.ray_compat import ControllerCallback, WorkerGroupStartupTimeoutError
 from pipelines.tracking import TrackingContext
 from vq_core.checkpoint import load_checkpoint, save_checkpoint, unwrap_model
+from vq_core.recompute import set_activation_checkpointing
 
 log = logging.getLogger("vqpipe")
 
@@ -506,6 +508,8 @@ class _Loop:
 
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
+        if knobs.activation_checkpointing:
+            set_activation_checkpointing(model, True)
         self.model = ray.train.torch.prepare_model(model)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=knobs.lr)
         self.best = _Best(select_metric if self.rank == 0 else None)
@@ -525,19 +529,22 @@ class _Loop:
             self.tracking.log_metrics({f"{self.prefix}resumed_at_step": step}, step=step)
         return step
 
-    def train_step(self, batch: dict[str, torch.Tensor], step: int) -> None:
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]], step: int) -> None:
+        """One optimizer step over ``knobs.accumulate_steps`` micro-batches."""
         self.model.train()
         if self.channels_last:
-            batch = {
-                k: v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v
-                for k, v in batch.items()
-            }
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            loss, logs = self.loss_fn(self.model, batch, step)
+            micro_batches = [
+                {
+                    k: v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v
+                    for k, v in batch.items()
+                }
+                for batch in micro_batches
+            ]
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        autocast = partial(torch.autocast, self.device.type, torch.bfloat16, enabled=self.bf16)
+        for logs in accumulate_gradients(self.model, self.loss_fn, micro_batches, step, autocast):
+            self.window.add(logs)
         self.optimizer.step()
-        self.window.add(logs)
 
     def log(self, step: int) -> None:
         seconds = (time.perf_counter() - self.window_started) / max(self.window.count, 1)
@@ -612,6 +619,28 @@ class _Loop:
         return stop
 
 
+def accumulate_gradients(
+    model: nn.Module,
+    loss_fn: LossFn,
+    micro_batches: list[dict[str, torch.Tensor]],
+    step: int,
+    autocast: Callable[[], Any] = nullcontext,
+) -> Iterator[Mapping[str, torch.Tensor]]:
+    """Add the gradients of the mean loss over ``micro_batches`` to ``model``'s (each micro-batch's
+    loss weighs 1/n: for equal sizes, the gradient of one batch of them all); yields each
+    micro-batch's logs. Under DistributedDataParallel the ranks' gradients are averaged once, on
+    the last micro-batch."""
+    count = len(micro_batches)
+    for index, batch in enumerate(micro_batches):
+        last = index == count - 1
+        sync = nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            with autocast():
+                loss, logs = loss_fn(model, batch, step)
+            (loss / count).backward()
+        yield logs
+
+
 def fit(
     model: nn.Module,
     loss_fn: LossFn,
@@ -671,6 +700,9 @@ def _train_epochs(
     step = start_step
     epoch, done = loop.position["epoch"], loop.position["epoch_batch"]
     stopped = False
+    # Micro-batches waiting for an optimizer step (knobs.accumulate_steps of them make one); a
+    # step's micro-batches may span the end of an epoch.
+    pending: list[dict[str, torch.Tensor]] = []
     while step < knobs.steps and not stopped:
         batches = 0
         stream = data.batches(epoch, loop.rank, loop.world_size, knobs.batch_size)
@@ -678,8 +710,12 @@ def _train_epochs(
             if index < done:
                 continue  # trained on before the checkpoint this run resumed from
             batches += 1
+            pending.append(_to_torch(batch, dtypes, loop.device))
+            if len(pending) < knobs.accumulate_steps:
+                continue
             loop.position = {"epoch": epoch, "epoch_batch": index + 1}
-            loop.train_step(_to_torch(batch, dtypes, loop.device), step)
+            loop.train_step(pending, step)
+            pending = []
             step += 1
             stopped = loop.after_step(step, start_step)
             if step >= knobs.steps or stopped:

@@ -15,8 +15,9 @@ from pipelines.config import PriorSection, parse_config
 from pipelines.data.epochs import EpochReader
 from pipelines.data.shards import write_shard
 from pipelines.errors import ConfigError
-from pipelines.training import fit, load_final_model, run_trainer
+from pipelines.training import accumulate_gradients, fit, load_final_model, run_trainer
 from vq_core.pixelcnn import GatedPixelCNN, GatedPixelCNNConfig, bits_per_code
+from vq_core.recompute import Recomputable
 
 # The scripted validation score at each evaluation (every 2 steps): best at the third (step 6),
 # then two evaluations in a row that miss it; with early_stopping=2 training stops at step 10.
@@ -113,3 +114,70 @@ def test_the_autoencoder_refuses_early_stopping():
         parse_config(
             {"output_dir": "o", "data": {"source": "s"}, "train_vqvae": {"early_stopping": 3}}
         )
+
+
+def test_accumulated_micro_batches_give_the_gradient_of_one_large_batch():
+    torch.manual_seed(0)
+    model = GatedPixelCNN(
+        GatedPixelCNNConfig(num_codes=8, height=4, width=4, channels=8, num_layers=2)
+    )
+    codes = torch.randint(0, 8, (8, 4, 4), generator=torch.Generator().manual_seed(1))
+
+    def grads(micro: int) -> dict[str, torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        batches = [{"top": c} for c in codes.split(micro)]
+        logs = list(accumulate_gradients(model, _loss, batches, step=0))
+        assert len(logs) == len(batches)
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    whole, accumulated = grads(8), grads(2)
+    for name, grad in whole.items():
+        assert torch.allclose(grad, accumulated[name], rtol=1e-5, atol=1e-7), name
+    # Not the sum of the micro-batches' gradients: each weighs 1/4.
+    assert any(g.abs().sum() > 0 for g in whole.values())
+
+
+def _recomputing_loss(model: nn.Module, batch: dict[str, torch.Tensor], step: int):
+    blocks = [m for m in model.modules() if isinstance(m, Recomputable)]
+    if not blocks or not all(b.recompute for b in blocks):
+        raise AssertionError("activation_checkpointing is on but the blocks do not recompute")
+    return _loss(model, batch, step)
+
+
+def _accumulating_loop(config: dict) -> None:
+    torch.manual_seed(0)
+    fit(
+        GatedPixelCNN(
+            GatedPixelCNNConfig(num_codes=8, height=2, width=2, channels=8, num_layers=1)
+        ),
+        _recomputing_loss,
+        config["knobs"],
+        data=config["data"],
+        dtypes={"top": torch.int64, "label": torch.int64},
+    )
+
+
+def test_steps_count_optimizer_steps_of_accumulated_micro_batches(ray_local, reader, tmp_path):
+    knobs = PriorSection(
+        steps=3,
+        batch_size=4,
+        accumulate_steps=2,
+        activation_checkpointing=True,
+        log_every=1,
+        checkpoint_every=3,
+        max_failures=0,
+        cpus_per_worker=0.5,
+    )
+    result = run_trainer(
+        _accumulating_loop,
+        {"knobs": knobs, "data": reader},
+        name="accumulate",
+        stage_dir=str(tmp_path),
+        knobs=knobs,
+        section="train_prior.top",
+        resource_wait_seconds=120,
+    )
+    _, extra = load_final_model(result)
+    # Three optimizer steps of two micro-batches each: six batches of the first epoch read.
+    assert extra["step"] == 3
+    assert (extra["epoch"], extra["epoch_batch"]) == (0, 6)
