@@ -3,8 +3,9 @@
 The evaluate stage publishes CAS on the test split, which nothing may be tuned on. This draws
 samples from a finished run's priors with other sample settings (each into its own folder under
 ``<output_dir>/cas-sweep/``, the run's own stages untouched) and scores them exactly as the evaluate
-stage does (``evaluate.classification_metrics``: a classifier on the samples, one on as many real
-train images per class, a judge) except that the real images scored on are the validation split's.
+stage does (``pipelines.evaluation.metrics.classification_metrics``: a classifier on the samples,
+one on as many real train images per class, a judge) except that the real images scored on are
+the validation split's.
 
     python benchmarks/cas_validation_sweep.py runs/bench-real-digits/config.yaml \
         --setting temperature=0.8 --setting temperature=1.0 \
@@ -26,11 +27,11 @@ import yaml
 def main() -> None:
     from pipelines.config import load_config
     from pipelines.data import storage
+    from pipelines.evaluation.metrics import classification_metrics
     from pipelines.generation import draw_samples, draws_per_class, prior_order
     from pipelines.manifest import require_manifest
     from pipelines.stage import StageContext
     from pipelines.stage_manifests import TokenizeManifest, TrainPriorManifest
-    from pipelines.stages import evaluate
     from pipelines.tracking import TrackingContext
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -61,10 +62,9 @@ def main() -> None:
             sets.append((seed, {c: e.dir for c, e in entries.items()}))
         sampled = time.time() - started
         where = storage.join(cfg.output_dir, "cas-sweep", name, "evaluate")
-        ctx = StageContext(cfg, "evaluate", where, "sweep", TrackingContext("sqlite://", None))
         avoid = cfg.sample.seed if cfg.sample.rejection.enabled else None
-        scores = evaluate.classification_metrics(
-            ctx, tok.class_names, sets, (*tok.image_size, tok.channels), avoid, "validation"
+        scores = classification_metrics(
+            cfg, where, tok.class_names, sets, (*tok.image_size, tok.channels), avoid, "validation"
         )
         m = scores.metrics
         row = {"setting": setting, "overrides": args.set, "sample_seconds": round(sampled)}
