@@ -21,12 +21,12 @@ import numpy as np
 import torch
 
 from benchmarks.bench_tokenize import MODEL  # the demo's autoencoder with K = 512 per level
+from pipelines.checkpoint_meta import CheckpointMeta, save_with_meta
 from pipelines.config import RaySection
 from pipelines.data.images import encode_png, to_uint8
 from pipelines.data.shards import code_dtype, iter_code_samples, write_shard
 from pipelines.stage import ensure_ray
 from pipelines.tools.decode import decode_shards
-from vq_core.checkpoint import save_checkpoint
 from vq_core.vqvae import VQVAE2, VQVAE2Config
 
 SHARD = 500
@@ -44,7 +44,7 @@ def write_codes(folder: str, count: int, size: int, seed: int) -> list[str]:
             "top": rng.integers(0, 512, (n, size // 8, size // 8)).astype(dtype),
             "bottom": rng.integers(0, 512, (n, size // 4, size // 4)).astype(dtype),
         }
-        uris.append(write_shard(folder, keys, [0] * n, codes)["uri"])
+        uris.append(write_shard(folder, keys, [0] * n, codes).uri)
     return uris
 
 
@@ -89,7 +89,7 @@ def main() -> None:
     ensure_ray(argparse.Namespace(ray=RaySection()))
     with tempfile.TemporaryDirectory() as work:
         checkpoint = os.path.join(work, "model.pt")
-        save_checkpoint(model, checkpoint, extra={"image_size": [args.image_size] * 2})
+        save_with_meta(model, checkpoint, CheckpointMeta(image_size=[args.image_size] * 2))
         small = os.path.join(work, "small")
         large = os.path.join(work, "large")
         write_codes(small, args.samples, args.image_size, seed=1)

@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
                 [f"img{i:06d}" for i in range(s, s + args.per_unit)],
                 labels[s : s + args.per_unit].tolist(),
                 {"top": codes[s : s + args.per_unit]},
-            )["uri"]
+            ).uri
             for s in range(0, len(labels), args.per_unit)
         ]
         reader = EpochReader.for_code_shards(

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from pipelines.config import PipelineConfig
 from pipelines.data import storage
+from pipelines.data.shards import is_shard
 from pipelines.errors import ManifestError
 from pipelines.manifest import fingerprint, read_manifest
 from pipelines.runner import (
@@ -39,7 +40,7 @@ def _progress(stage_dir: str) -> str:
         for part in f.split("/")
         if part.startswith("step-") and part[len("step-") :].isdigit()
     )
-    shards = sum(f.rsplit("/", 1)[-1].startswith("codes-") for f in files)
+    shards = sum(is_shard(f) for f in files)
     parts = [f"{len(files)} file(s) written"]
     if shards:
         parts.append(f"{shards} shard(s)")

@@ -19,6 +19,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from pipelines.checkpoint_meta import CheckpointMeta, load_with_meta
 from pipelines.data import storage
 from pipelines.errors import InputError, MissingInputError
 from pipelines.manifest import ManifestModel
@@ -77,20 +78,20 @@ def tracking_uri_for(cfg: Any) -> str | None:
     return cfg.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or None
 
 
-def autoencoder_from_bytes(data: bytes, what: str, map_location: Any = "cpu") -> tuple[Any, dict]:
-    """(model, extra) of a vq_core autoencoder checkpoint; InputError naming ``what`` and what
+def autoencoder_from_bytes(
+    data: bytes, what: str, map_location: Any = "cpu"
+) -> tuple[Any, CheckpointMeta]:
+    """(model, metadata) of a vq_core autoencoder checkpoint; InputError naming ``what`` and what
     was found otherwise."""
-    from vq_core.checkpoint import load_checkpoint
-
     try:
-        model, extra = load_checkpoint(io.BytesIO(data), map_location=map_location)
+        model, meta = load_with_meta(io.BytesIO(data), map_location=map_location)
     except (ValueError, RuntimeError) as err:
         raise InputError(f"{what} is not a vq_core checkpoint: {err}") from None
     if not hasattr(model, "encode") or not hasattr(model, "decode_codes"):
         raise InputError(
             f"{what} holds a {type(model).__name__}, not an autoencoder (VQ-VAE-2, VQ-VAE or dVAE)"
         )
-    return model, extra or {}
+    return model, meta
 
 
 def _registered_version(uri: str, tracking_uri: str | None) -> tuple[str, str]:
@@ -166,8 +167,8 @@ def read_tokenizer(checkpoint: str, tracking_uri: str | None = None) -> PinnedTo
     if storage.is_dir(path):
         raise InputError(f"tokenize.checkpoint {checkpoint!r} is a folder, not a checkpoint file")
     data = storage.read_bytes(path)
-    model, extra = autoencoder_from_bytes(data, f"tokenize.checkpoint {checkpoint!r}")
-    size = extra.get("image_size")
+    model, meta = autoencoder_from_bytes(data, f"tokenize.checkpoint {checkpoint!r}")
+    size = meta.image_size
     pinned = PinnedTokenizer(
         identity=TokenizerIdentity(
             checkpoint=where, sha256=sha256_of(data), model_name=name, model_version=version

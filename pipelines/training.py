@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import io
 import logging
 import os
 import tempfile
@@ -42,13 +41,19 @@ from ray.train.torch import TorchTrainer
 from torch import nn
 
 from pipelines import console
+from pipelines.checkpoint_meta import (
+    CheckpointMeta,
+    checkpoint_bytes,
+    load_with_meta,
+    save_with_meta,
+)
 from pipelines.config import RaySection, TrainingKnobs
 from pipelines.data import storage
 from pipelines.data.epochs import EpochReader
 from pipelines.errors import CapacityError
 from pipelines.ray_compat import ControllerCallback, WorkerGroupStartupTimeoutError
 from pipelines.tracking import TrackingContext
-from vq_core.checkpoint import load_checkpoint, save_checkpoint, unwrap_model
+from vq_core.checkpoint import unwrap_model
 from vq_core.recompute import set_activation_checkpointing
 
 log = logging.getLogger("vqpipe")
@@ -311,24 +316,21 @@ def training_threads(knobs: TrainingKnobs, local: bool) -> int:
     return max(1, int(knobs.cpus_per_worker))
 
 
-def load_final_model(result, prefer_best: bool = False) -> tuple[nn.Module, dict[str, Any]]:
-    """The model of a finished run's last checkpoint and its extra (step, metrics, ...).
+def load_final_model(result, prefer_best: bool = False) -> tuple[nn.Module, CheckpointMeta]:
+    """The model of a finished run's last checkpoint and its metadata (step, metrics, ...).
 
     With ``prefer_best``, the weights with the best held-out score instead, when the run selected
-    on one (``fit(select_metric=...)``); their extra names the step they come from.
+    on one (``fit(select_metric=...)``); their metadata names the step they come from.
     """
     with result.checkpoint.as_directory() as directory:
         best = os.path.join(directory, BEST_FILE)
         path = best if prefer_best and os.path.exists(best) else os.path.join(directory, MODEL_FILE)
-        model, extra = load_checkpoint(path)
-    return model, extra or {}
+        return load_with_meta(path)
 
 
-def publish_model(model: nn.Module, uri: str, extra: dict[str, Any]) -> bytes:
+def publish_model(model: nn.Module, uri: str, meta: CheckpointMeta) -> bytes:
     """Write ``model`` in the vq_core checkpoint format to a path or URL, atomically; returns the bytes."""
-    buffer = io.BytesIO()
-    save_checkpoint(model, buffer, extra=extra)
-    data = buffer.getvalue()
+    data = checkpoint_bytes(model, meta)
     storage.write_bytes(uri, data)
     return data
 
@@ -383,26 +385,32 @@ class _Best:
         else:
             self.stale += 1
 
-    def save(self, directory: str, extra: dict) -> None:
+    def save(self, directory: str, meta: CheckpointMeta) -> None:
         if self.model is not None:
-            extra = {**extra, "step": self.step, "metrics": self.metrics, "selected": True}
-            save_checkpoint(self.model, os.path.join(directory, BEST_FILE), extra=extra)
+            meta = meta.model_copy(
+                update={"step": self.step, "metrics": self.metrics, "selected": True}
+            )
+            save_with_meta(self.model, os.path.join(directory, BEST_FILE), meta)
 
     def restore(self, directory: str, device: torch.device) -> None:
         path = os.path.join(directory, BEST_FILE)
         if self.metric is not None and os.path.exists(path):
-            self.model, extra = load_checkpoint(path, map_location=device)
-            self.metrics, self.step = dict(extra["metrics"]), int(extra["step"])
+            self.model, meta = load_with_meta(path, map_location=device)
+            self.metrics, self.step = dict(meta.metrics), meta.trained_step()
             self.value = float(self.metrics[self.metric])
-            self.stale = int(extra.get("stale_evaluations", 0))
+            self.stale = meta.stale_evaluations
 
 
 def _save(
-    model: nn.Module, optimizer: torch.optim.Optimizer, directory: str, extra: dict, best: _Best
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    directory: str,
+    meta: CheckpointMeta,
+    best: _Best,
 ) -> None:
-    save_checkpoint(unwrap_model(model), os.path.join(directory, MODEL_FILE), extra=extra)
+    save_with_meta(unwrap_model(model), os.path.join(directory, MODEL_FILE), meta)
     torch.save(optimizer.state_dict(), os.path.join(directory, OPTIMIZER_FILE))
-    best.save(directory, extra)
+    best.save(directory, meta)
 
 
 def _restore(
@@ -416,7 +424,7 @@ def _restore(
     bare = unwrap_model(model)
     with checkpoint.as_directory() as directory:
         # The expected config guards against resuming from a run of a different model.
-        saved, extra = load_checkpoint(
+        saved, meta = load_with_meta(
             os.path.join(directory, MODEL_FILE),
             map_location=device,
             expected_config=dataclasses.asdict(bare.config),
@@ -428,8 +436,7 @@ def _restore(
             )
         )
         best.restore(directory, device)
-    position = {k: int(extra.get(k, 0)) for k in ("epoch", "epoch_batch")}
-    return int(extra["step"]), position
+    return meta.trained_step(), {"epoch": meta.epoch, "epoch_batch": meta.epoch_batch}
 
 
 class _Window:
@@ -484,7 +491,7 @@ class _Loop:
         tracking: TrackingContext | None,
         metric_prefix: str,
         channels_last: bool,
-        checkpoint_extra: dict[str, Any],
+        checkpoint_meta: CheckpointMeta,
         select_metric: str | None,
     ):
         context = ray.train.get_context()
@@ -504,7 +511,7 @@ class _Loop:
             tracking = TrackingContext(tracking_uri="", run_id=None)
         self.tracking, self.prefix = tracking, metric_prefix
         self.knobs, self.loss_fn, self.evaluate_fn = knobs, loss_fn, evaluate_fn
-        self.extra = checkpoint_extra
+        self.meta = checkpoint_meta
 
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -566,14 +573,11 @@ class _Loop:
 
     def checkpoint(self, step: int) -> None:
         metrics = {"step": step, **self.train_means, **self.evaluation}
-        # trained_steps survives in the selected weights' extra, whose "step" is the step selected.
-        extra = {
-            **self.extra,
-            **self.position,
-            "trained_steps": step,
-            "stale_evaluations": self.best.stale,
-        }
-        _report(self.model, self.optimizer, self.rank, metrics, extra, self.best)
+        # trained_steps survives in the selected weights' metadata, whose step is the one selected.
+        meta = self.meta.model_copy(
+            update={**self.position, "trained_steps": step, "stale_evaluations": self.best.stale}
+        )
+        _report(self.model, self.optimizer, self.rank, metrics, meta, self.best)
 
     def should_stop(self) -> bool:
         """After an evaluation step: whether ``early_stopping`` evaluations in a row missed the
@@ -652,7 +656,7 @@ def fit(
     metric_prefix: str = "",
     dtypes: dict[str, torch.dtype] | None = None,
     channels_last: bool = False,
-    checkpoint_extra: dict[str, Any] | None = None,
+    checkpoint_meta: CheckpointMeta | None = None,
     seed: int = 0,
     select_metric: str | None = None,
     threads: int | None = None,
@@ -677,7 +681,7 @@ def fit(
         tracking=tracking,
         metric_prefix=metric_prefix,
         channels_last=channels_last,
-        checkpoint_extra=checkpoint_extra or {},
+        checkpoint_meta=checkpoint_meta or CheckpointMeta(),
         select_metric=select_metric,
     )
     start_step = loop.resume()
@@ -759,7 +763,7 @@ def _report(
     optimizer: torch.optim.Optimizer,
     rank: int,
     metrics: dict[str, float],
-    extra: dict[str, Any],
+    meta: CheckpointMeta,
     best: _Best,
 ) -> None:
     step = int(metrics["step"])
@@ -768,7 +772,8 @@ def _report(
         ray.train.report(metrics, checkpoint=None)
         return
     with tempfile.TemporaryDirectory() as directory:
-        _save(model, optimizer, directory, {**extra, "step": step, "metrics": metrics}, best)
+        meta = meta.model_copy(update={"step": step, "metrics": metrics})
+        _save(model, optimizer, directory, meta, best)
         ray.train.report(
             metrics,
             checkpoint=ray.train.Checkpoint.from_directory(directory),

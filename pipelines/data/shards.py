@@ -41,6 +41,7 @@ import re
 import tarfile
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import closing
 from typing import Any
 
 import numpy as np
@@ -49,7 +50,10 @@ from pipelines.data import storage
 from pipelines.data.keys import SPLITS, split_mask, unit_hashes
 from pipelines.manifest import ManifestModel
 
-SHARD_PATTERN = re.compile(r"^codes-[0-9a-f]{12}\.tar$")
+SHARD_PREFIX = "codes-"
+SHARD_SUFFIX = ".tar"
+SHARD_PATTERN = re.compile(rf"^{re.escape(SHARD_PREFIX)}[0-9a-f]{{12}}{re.escape(SHARD_SUFFIX)}$")
+CODES_SUFFIX = ".npy"  # a level's field is "<level>.npy"
 LABEL_FIELD = "cls"
 KEY_INDEX_SUFFIX = ".keys.parquet"
 WIDS_INDEX_NAME = "codes.wids.json"
@@ -98,11 +102,28 @@ def code_dtype(num_codes: int) -> np.dtype:
 def shard_name(keys: Sequence[str]) -> str:
     """The content-derived name of a shard holding ``keys`` (in order)."""
     digest = hashlib.sha1("\n".join(keys).encode()).hexdigest()
-    return f"codes-{digest[:12]}.tar"
+    return f"{SHARD_PREFIX}{digest[:12]}{SHARD_SUFFIX}"
 
 
 def is_shard(uri: str) -> bool:
+    """Whether ``uri`` names a complete code shard (``codes-<hash>.tar``, not its key index nor a
+    temporary file)."""
     return bool(SHARD_PATTERN.match(uri.rsplit("/", 1)[-1]))
+
+
+def level_field(level: str) -> str:
+    """The WebDataset field of a sample that holds a level's code map: ``top`` -> ``top.npy``."""
+    return f"{level}{CODES_SUFFIX}"
+
+
+def levels_of(fields: Iterable[str]) -> list[str]:
+    """The levels whose code maps a sample (or batch) with these fields holds, sorted."""
+    return sorted(f[: -len(CODES_SUFFIX)] for f in fields if f.endswith(CODES_SUFFIX))
+
+
+def read_code_map(data: bytes) -> np.ndarray:
+    """A stored code map (the bytes of a ``<level>.npy`` member); numpy only, never pickle."""
+    return np.lib.format.read_array(io.BytesIO(bytes(data)), allow_pickle=False)
 
 
 def list_shards(directory: str) -> list[str]:
@@ -151,20 +172,24 @@ def shard_bytes(keys: Sequence[str], labels: Sequence[int], codes: dict[str, np.
                 raise ValueError(f"key {key!r} has a dot in its last component; see sanitize_key")
             # WebDataset groups a sample's members by adjacency: write them together.
             for level, array in codes.items():
-                _add_member(tar, f"{key}.{level}.npy", _npy_bytes(array[i]))
+                _add_member(tar, f"{key}.{level_field(level)}", _npy_bytes(array[i]))
             _add_member(tar, f"{key}.{LABEL_FIELD}", str(int(labels[i])).encode())
     return buffer.getvalue()
 
 
 def key_index_uri(shard_uri: str) -> str:
     """Where the key index of the shard at ``shard_uri`` lies."""
-    if not shard_uri.endswith(".tar"):
+    if not shard_uri.endswith(SHARD_SUFFIX):
         raise ValueError(f"{shard_uri!r} is not a shard (expected codes-<hash>.tar)")
-    return shard_uri[: -len(".tar")] + KEY_INDEX_SUFFIX
+    return shard_uri[: -len(SHARD_SUFFIX)] + KEY_INDEX_SUFFIX
+
+
+def is_key_index(uri: str) -> bool:
+    return uri.endswith(KEY_INDEX_SUFFIX)
 
 
 def shard_of_key_index(index_uri: str) -> str:
-    return index_uri[: -len(KEY_INDEX_SUFFIX)] + ".tar"
+    return index_uri[: -len(KEY_INDEX_SUFFIX)] + SHARD_SUFFIX
 
 
 def _parquet_bytes(table: Any) -> bytes:
@@ -204,11 +229,10 @@ def write_shard(
     labels: Sequence[int],
     codes: dict[str, np.ndarray],
     sources: Sequence[str] | None = None,
-) -> dict[str, Any]:
-    """Write one shard and its key index atomically under ``directory``.
+) -> ShardEntry:
+    """Write one shard and its key index atomically under ``directory``; returns its entry.
 
-    ``sources`` names the input each sample was made from (empty when unknown). Returns the
-    shard's ``ShardEntry`` fields: name, uri, samples, bytes, class_counts.
+    ``sources`` names the input each sample was made from (empty when unknown).
     """
     keys = [str(k) for k in keys]
     if sources is None:
@@ -223,13 +247,13 @@ def write_shard(
     storage.write_bytes(key_index_uri(uri), key_index_bytes(keys, labels, sources))
     storage.write_bytes(uri, data)
     counts = Counter(int(x) for x in labels)
-    return {
-        "name": name,
-        "uri": uri,
-        "samples": len(keys),
-        "bytes": len(data),
-        "class_counts": dict(sorted(counts.items())),
-    }
+    return ShardEntry(
+        name=name,
+        uri=uri,
+        samples=len(keys),
+        bytes=len(data),
+        class_counts=dict(sorted(counts.items())),
+    )
 
 
 def removed_table_bytes(rows: Iterable[tuple[str, str]]) -> bytes:
@@ -260,7 +284,7 @@ def read_removed(uri: str) -> dict[str, frozenset[str]]:
     return {shard: frozenset(keys) for shard, keys in found.items()}
 
 
-def write_wids_index(directory: str, shards: Sequence[Mapping[str, Any]]) -> str:
+def write_wids_index(directory: str, shards: Sequence[ShardEntry]) -> str:
     """Write ``codes.wids.json`` for ``shards`` (name and stored sample count); returns its URI.
 
     URLs are the shard names: ``wids`` resolves them against the index's own location, so the
@@ -271,8 +295,8 @@ def write_wids_index(directory: str, shards: Sequence[Mapping[str, Any]]) -> str
         "wids_version": 1,
         "name": "vqpipe code shards",
         "shardlist": [
-            {"url": s["name"], "nsamples": int(s["samples"]), "filesize": int(s["bytes"])}
-            for s in sorted(shards, key=lambda s: s["name"])
+            {"url": s.name, "nsamples": int(s.samples), "filesize": int(s.bytes)}
+            for s in sorted(shards, key=lambda s: s.name)
         ],
     }
     uri = storage.join(directory, WIDS_INDEX_NAME)
@@ -280,25 +304,87 @@ def write_wids_index(directory: str, shards: Sequence[Mapping[str, Any]]) -> str
     return uri
 
 
-def _key_of(member_name: str) -> str | None:
+def _split_member(member_name: str) -> tuple[str, str] | None:
+    """(key, field) of a tar member, split as WebDataset does at the first dot of the last
+    component: ``circle/00012.top.npy`` -> (``circle/00012``, ``top.npy``); None without one."""
     head, _, last = member_name.rpartition("/")
-    stem, dot, _ = last.partition(".")
+    stem, dot, field = last.partition(".")
     if not dot or not stem:
         return None
-    return f"{head}/{stem}" if head else stem
+    return (f"{head}/{stem}" if head else stem), field
+
+
+def _iter_members(uri: str) -> Iterator[tuple[str, str, tarfile.TarFile, tarfile.TarInfo]]:
+    """(key, field, tar, member) of every sample member of a tar, in stored order, streamed."""
+    fs, path = storage.resolve(uri)
+    with fs.open_input_stream(path) as stream:
+        with tarfile.open(fileobj=stream, mode="r|") as tar:
+            for member in tar:
+                split = _split_member(member.name) if member.isreg() else None
+                if split is not None:
+                    yield split[0], split[1], tar, member
 
 
 def read_shard_keys(uri: str) -> list[str]:
     """The keys of the samples in a shard, in order (what a resumed run must not write again)."""
-    fs, path = storage.resolve(uri)
     keys: list[str] = []
-    with fs.open_input_stream(path) as stream:
-        with tarfile.open(fileobj=stream, mode="r|") as tar:
-            for member in tar:
-                key = _key_of(member.name) if member.isreg() else None
-                if key is not None and (not keys or keys[-1] != key):
-                    keys.append(key)
+    for key, _, _, _ in _iter_members(uri):
+        if not keys or keys[-1] != key:
+            keys.append(key)
     return keys
+
+
+def read_first_sample(uri: str) -> tuple[str, dict[str, bytes]] | None:
+    """The key and raw fields ("top.npy", "cls", ...) of the first sample of a WebDataset tar,
+    reading no further; None when it holds no samples. Labels are not required, so shards
+    written by other tools can be inspected too."""
+    first, fields = None, {}
+    with closing(_iter_members(uri)) as members:
+        for key, field, tar, member in members:
+            if first is None:
+                first = key
+            if key != first:
+                break
+            fields[field] = tar.extractfile(member).read()
+    return None if first is None else (first, fields)
+
+
+def sample_codes(fields: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """level -> code map of every ``<level>.npy`` field of one raw sample."""
+    return {level: read_code_map(fields[level_field(level)]) for level in levels_of(fields)}
+
+
+def batch_keys(batch: Mapping[str, Any]) -> list[str]:
+    """The sample keys of a batch of ``read_raw_shards`` as strings."""
+    return [k if isinstance(k, str) else bytes(k).decode() for k in batch["__key__"]]
+
+
+def batch_codes(batch: Mapping[str, Any], levels: Sequence[str]) -> dict[str, np.ndarray]:
+    """level -> N x h x w stored codes, for those of ``levels`` a batch of ``read_raw_shards``
+    holds (a caller that needs them all checks what is missing)."""
+    return {
+        level: np.stack([read_code_map(b) for b in batch[level_field(level)]])
+        for level in levels
+        if level_field(level) in batch
+    }
+
+
+def read_raw_shards(uris: Sequence[str], *, include_paths: bool = False):
+    """WebDataset shards as a streaming ray.data.Dataset of undecoded samples: ``__key__`` and
+    one bytes column per field ("top.npy", "cls", ...), and ``path`` (the shard) if asked for.
+
+    Any WebDataset tars, code shards or not; ``code_dataset`` decodes code shards with labels
+    and splits, ``batch_keys`` and ``batch_codes`` the fields of other ones.
+    """
+    import ray
+
+    fs, _ = storage.resolve(uris[0])
+    return ray.data.read_webdataset(
+        [storage.resolve(u)[1] for u in uris],
+        filesystem=fs,
+        decoder=None,
+        include_paths=include_paths,
+    )
 
 
 # -------------------------------------------------------------------------------------------------
@@ -312,15 +398,15 @@ def _decode_sample(sample: dict[str, Any], levels: Sequence[str] | None) -> dict
     if label is None:
         raise ValueError(f"sample {sample['__key__']!r} in {sample.get('__url__')} has no .cls")
     out["label"] = int(bytes(label).decode())
-    found = sorted(f[: -len(".npy")] for f in sample if f.endswith(".npy"))
+    found = levels_of(sample)
     for level in levels if levels is not None else found:
-        field = f"{level}.npy"
+        field = level_field(level)
         if field not in sample:
             raise ValueError(
                 f"sample {sample['__key__']!r} in {sample.get('__url__')} has no {field}; it has "
                 f"levels {found}"
             )
-        out[level] = np.lib.format.read_array(io.BytesIO(sample[field]), allow_pickle=False)
+        out[level] = read_code_map(sample[field])
     return out
 
 
@@ -384,10 +470,7 @@ def _decode_code_batch(
         ),
     }
     for level in levels:
-        arrays = [
-            np.lib.format.read_array(io.BytesIO(batch[f"{level}.npy"][i]), allow_pickle=False)
-            for i in wanted
-        ]
+        arrays = [read_code_map(batch[level_field(level)][i]) for i in wanted]
         stacked = (
             np.stack(arrays)
             if arrays
@@ -421,23 +504,15 @@ def code_dataset(codes: CodeShards, split: str = "train", *, as_int64: bool = Tr
     For metrics, not training: training reads shards through ``pipelines.data.epochs.EpochReader``,
     whose order does not depend on scheduling.
     """
-    import ray
-
     if split not in (*SPLITS, "all"):
         raise ValueError(f"split must be one of {(*SPLITS, 'all')}, got {split!r}")
     uris = [shard.uri for shard in codes.shards]
     if not uris:
         raise ValueError("the tokenize manifest lists no shards (was the corpus empty?)")
     removed = codes.removed_keys()
-    fs, _ = storage.resolve(uris[0])
-    ds = ray.data.read_webdataset(
-        [storage.resolve(u)[1] for u in uris],
-        filesystem=fs,
-        decoder=None,
-        # The shard a sample came from, to skip removed ones: their keys are per shard, since
-        # an image removed and later added back under the same key lives on in a new shard.
-        include_paths=bool(removed),
-    )
+    # The shard a sample came from, to skip removed ones: their keys are per shard, since an
+    # image removed and later added back under the same key lives on in a new shard.
+    ds = read_raw_shards(uris, include_paths=bool(removed))
     return ds.map_batches(
         _decode_code_batch,
         batch_format="numpy",

@@ -45,8 +45,10 @@ import logging
 import os
 import time
 from collections import Counter
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -55,9 +57,9 @@ from pipelines.data import storage
 from pipelines.data.corpus import IMAGE_EXTENSIONS, Corpus, open_corpus
 from pipelines.data.keys import key_hashes, sanitize_key, split_of
 from pipelines.data.shards import (
-    KEY_INDEX_SUFFIX,
     ShardEntry,
     code_dtype,
+    is_key_index,
     key_index_uri,
     list_shards,
     read_key_index,
@@ -89,6 +91,16 @@ REMOVED_NAME = "removed.parquet"
 # Writing a shard is a few MB of serialisation and I/O. Writers reserve no CPU so they never wait
 # behind readers and encoders holding every slot, which would pile codes up in the object store.
 WRITER_CPUS = 0.0
+
+
+@dataclass(frozen=True)
+class StoredShard:
+    """A complete shard in the stage folder: its manifest entry, and how many of its live samples
+    fall in the validation and the test split (the others are training samples)."""
+
+    entry: ShardEntry
+    validation: int = 0
+    test: int = 0
 
 
 class CodeEncoder:
@@ -139,10 +151,10 @@ def _write_batch(
     """Write the batch's valid rows as one shard; report the shard and the batch's bad rows."""
     good = np.flatnonzero(batch["error"] == "")
     bad = np.flatnonzero(batch["error"] != "")
-    info: dict[str, Any] = {"name": "", "uri": "", "samples": 0, "bytes": 0, "class_counts": {}}
+    entry = ShardEntry(name="", uri="", samples=0, bytes=0)
     counts = {"validation": 0, "test": 0}
     if len(good):
-        info = write_shard(
+        entry = write_shard(
             stage_dir,
             [str(k) for k in batch["key"][good]],
             batch["label"][good].tolist(),
@@ -160,13 +172,13 @@ def _write_batch(
         for i in bad
     ]
     return {
-        "name": np.array([info["name"]], dtype=object),
-        "uri": np.array([info["uri"]], dtype=object),
-        "samples": np.array([info["samples"]], dtype=np.int64),
-        "bytes": np.array([info["bytes"]], dtype=np.int64),
+        "name": np.array([entry.name], dtype=object),
+        "uri": np.array([entry.uri], dtype=object),
+        "samples": np.array([entry.samples], dtype=np.int64),
+        "bytes": np.array([entry.bytes], dtype=np.int64),
         "validation": np.array([counts["validation"]], dtype=np.int64),
         "test": np.array([counts["test"]], dtype=np.int64),
-        "class_counts": np.array([json.dumps(info["class_counts"])], dtype=object),
+        "class_counts": np.array([json.dumps(entry.class_counts)], dtype=object),
         "bad": np.array([json.dumps(bad_rows)], dtype=object),
     }
 
@@ -183,8 +195,9 @@ def _source_file(source: str, corpus_format: str) -> str:
 def _describe_shard(
     uri: str, present: frozenset[str], corpus_format: str, fractions: tuple[float, float]
 ) -> dict[str, Any]:
-    """A finished shard from its key index: its entry, split counts, and its removed keys
-    (samples whose source file is not in ``present``) as (shard, key) pairs."""
+    """A finished shard from its key index: the shard with its split counts, its removed keys
+    (samples whose source file is not in ``present``) as (shard, key) pairs, and the hashes of
+    its live keys."""
     fs, path = storage.resolve(uri)
     name = uri.rsplit("/", 1)[-1]
     index = read_key_index(uri)
@@ -200,17 +213,16 @@ def _describe_shard(
         live_keys.append(key)
         counts[int(label)] += 1
         splits[split_of(key, *fractions)] += 1
+    entry = ShardEntry(
+        name=name,
+        uri=uri,
+        samples=len(keys),
+        bytes=fs.get_file_info(path).size,
+        class_counts=dict(sorted(counts.items())),
+        removed=len(removed),
+    )
     return {
-        "entry": {
-            "name": name,
-            "uri": uri,
-            "samples": len(keys),
-            "bytes": fs.get_file_info(path).size,
-            "class_counts": dict(sorted(counts.items())),
-            "removed": len(removed),
-            "validation": splits["validation"],
-            "test": splits["test"],
-        },
+        "shard": StoredShard(entry, validation=splits["validation"], test=splits["test"]),
         "removed": removed,
         "live_hashes": key_hashes(live_keys),
     }
@@ -218,8 +230,8 @@ def _describe_shard(
 
 def _scan_finished(
     uris: list[str], present: frozenset[str], corpus_format: str, fractions: tuple[float, float]
-) -> tuple[np.ndarray, list[dict[str, Any]], list[tuple[str, str]]]:
-    """Runs as a Ray task: (sorted hashes of every live finished key, shard entries, removed
+) -> tuple[np.ndarray, list[StoredShard], list[tuple[str, str]]]:
+    """Runs as a Ray task: (sorted hashes of every live finished key, the shards, removed
     (shard, key) pairs). The hash array goes to the object store, not to the driver."""
     # Key indexes are small files; threads overlap the latency of an object store.
     with ThreadPoolExecutor(max_workers=8) as pool:
@@ -230,7 +242,7 @@ def _scan_finished(
         np.concatenate([d["live_hashes"] for d in described] or [np.zeros(0, np.uint64)])
     )
     removed = [pair for d in described for pair in d["removed"]]
-    return hashes, [d["entry"] for d in described], removed
+    return hashes, [d["shard"] for d in described], removed
 
 
 def _remove_unfinished(stage_dir: str) -> list[str]:
@@ -250,7 +262,7 @@ def _remove_unfinished(stage_dir: str) -> list[str]:
             storage.remove(uri)
             leftovers += 1
     for uri in files:
-        if uri.endswith(KEY_INDEX_SUFFIX) and shard_of_key_index(uri) not in files:
+        if is_key_index(uri) and shard_of_key_index(uri) not in files:
             storage.remove(uri)
             leftovers += 1
     complete = [u for u in shards if key_index_uri(u) in files]
@@ -371,7 +383,7 @@ def _encode_and_write(
 
 
 def _collect(
-    ds: Any, shards: dict[str, dict[str, Any]], progress: Any = None
+    ds: Any, shards: dict[str, StoredShard], progress: Any = None
 ) -> tuple[list[dict[str, str]], int]:
     """Run the dataset; add each written shard to ``shards``; return (bad inputs, new samples).
 
@@ -387,16 +399,16 @@ def _collect(
                 advance=int(row["samples"]) + len(row_bad), shards=len(shards) + bool(row["name"])
             )
         if row["name"]:
-            shards[row["name"]] = {
-                "name": row["name"],
-                "uri": row["uri"],
-                "samples": int(row["samples"]),
-                "bytes": int(row["bytes"]),
-                "class_counts": {int(k): v for k, v in json.loads(row["class_counts"]).items()},
-                "removed": 0,
-                "validation": int(row["validation"]),
-                "test": int(row["test"]),
-            }
+            entry = ShardEntry(
+                name=row["name"],
+                uri=row["uri"],
+                samples=int(row["samples"]),
+                bytes=int(row["bytes"]),
+                class_counts={int(k): v for k, v in json.loads(row["class_counts"]).items()},
+            )
+            shards[row["name"]] = StoredShard(
+                entry, validation=int(row["validation"]), test=int(row["test"])
+            )
             new_samples += int(row["samples"])
             log.info("tokenize: wrote %s (%d samples)", row["name"], row["samples"])
     return bad, new_samples
@@ -404,7 +416,7 @@ def _collect(
 
 def _reconcile(
     stage_dir: str,
-    shards: dict[str, dict[str, Any]],
+    shards: dict[str, StoredShard],
     present: frozenset[str],
     corpus_format: str,
     fractions: tuple[float, float],
@@ -427,13 +439,13 @@ def _reconcile(
         log.warning("tokenize: listing shards nobody reported: %s", unreported)
         for name in unreported:
             shards[name] = _describe_shard(on_disk[name], present, corpus_format, fractions)[
-                "entry"
+                "shard"
             ]
 
 
 def _finished_work(
     stage_dir: str, present: frozenset[str], corpus_format: str, fractions: tuple[float, float]
-) -> tuple[Any, dict[str, dict[str, Any]], list[tuple[str, str]]]:
+) -> tuple[Any, dict[str, StoredShard], list[tuple[str, str]]]:
     """(ObjectRef of finished live key hashes or None, finished shards by name, removed pairs)."""
     import ray
 
@@ -441,9 +453,9 @@ def _finished_work(
     if not uris:
         return None, {}, []
     scan = ray.remote(num_returns=3)(_scan_finished)
-    hashes_ref, entries_ref, removed_ref = scan.remote(uris, present, corpus_format, fractions)
-    entries, removed = ray.get([entries_ref, removed_ref])
-    return hashes_ref, {e["name"]: e for e in entries}, removed
+    hashes_ref, shards_ref, removed_ref = scan.remote(uris, present, corpus_format, fractions)
+    shards, removed = ray.get([shards_ref, removed_ref])
+    return hashes_ref, {s.entry.name: s for s in shards}, removed
 
 
 def _write_removed(stage_dir: str, removed: list[tuple[str, str]]) -> str:
@@ -495,34 +507,63 @@ def _upstream_for(cfg: Any) -> tuple:
     return () if cfg.tokenize.checkpoint else (TrainVQVAEManifest,)
 
 
-def run(ctx: StageContext) -> TokenizeManifest:
-    """Tokenize the corpus into code shards; returns the stage's manifest."""
-    cfg = ctx.cfg
-    tokenizer, identity = _tokenizer(cfg)
-    model = tokenizer.model
-    levels = list(model.levels)
-    codebook_sizes = dict(zip(levels, (int(k) for k in model.codebook_sizes)))
-    code_shapes = {
-        level: [int(h), int(w)]
-        for level, (h, w) in zip(levels, model.code_shape(*cfg.data.size_hw))
-    }
-    dtypes = {level: code_dtype(codebook_sizes[level]).name for level in levels}
-    fraction = (cfg.data.validation_fraction, cfg.data.test_fraction)
-    corpus_name = cfg.tokenize.corpus_name or default_corpus_name(cfg.data.source)
+@dataclass(frozen=True)
+class CodeLayout:
+    """The tokenizer's code maps for the configured image size: levels in order, codebook sizes,
+    map shapes and the stored dtypes."""
 
+    levels: list[str]
+    codebook_sizes: dict[str, int]
+    shapes: dict[str, list[int]]  # level -> [h, w]
+    dtypes: dict[str, str]  # level -> numpy dtype name
+
+    @classmethod
+    def of(cls, model: Any, size_hw: tuple[int, int]) -> CodeLayout:
+        levels = list(model.levels)
+        codebook_sizes = dict(zip(levels, (int(k) for k in model.codebook_sizes)))
+        return cls(
+            levels=levels,
+            codebook_sizes=codebook_sizes,
+            shapes={
+                level: [int(h), int(w)] for level, (h, w) in zip(levels, model.code_shape(*size_hw))
+            },
+            dtypes={level: code_dtype(codebook_sizes[level]).name for level in levels},
+        )
+
+    def codes_per_image(self) -> int:
+        return sum(h * w for h, w in (self.shapes[level] for level in self.levels))
+
+
+class StageTables(NamedTuple):
+    """The files written beside the shards once every shard is in (URIs; removed may be "")."""
+
+    bad_inputs: str
+    removed: str
+    wids_index: str
+
+
+def _log_params(
+    ctx: StageContext, layout: CodeLayout, identity: TokenizerIdentity, corpus_name: str
+) -> None:
     ctx.tracking.log_params(
         {
-            ctx.stage: cfg.tokenize.model_dump(),
-            "levels": levels,
-            "code_dtypes": dtypes,
+            ctx.stage: ctx.cfg.tokenize.model_dump(),
+            "levels": layout.levels,
+            "code_dtypes": layout.dtypes,
             "checkpoint": identity.checkpoint,
             "tokenizer_sha256": identity.sha256,
             "corpus_name": corpus_name,
         }
     )
-    corpus, present = in_key_hash_order(open_corpus(cfg.data))
-    skip_ref, shards, removed = _finished_work(ctx.stage_dir, present, corpus.format, fraction)
-    resumed = sum(s["samples"] - s["removed"] for s in shards.values())
+
+
+def _live_samples(shards: Iterable[StoredShard]) -> int:
+    return sum(s.entry.samples - s.entry.removed for s in shards)
+
+
+def _report_resumed(shards: dict[str, StoredShard], removed: list[tuple[str, str]]) -> int:
+    """Log what an earlier run finished; returns its live samples."""
+    resumed = _live_samples(shards.values())
     if shards:
         log.info(
             "tokenize: keeping %d finished shard(s) with %d samples, %d removed from the corpus",
@@ -530,74 +571,168 @@ def run(ctx: StageContext) -> TokenizeManifest:
             resumed,
             len(removed),
         )
+    return resumed
+
+
+def _encode_new(
+    ctx: StageContext,
+    corpus: Corpus,
+    tokenizer: PinnedTokenizer,
+    layout: CodeLayout,
+    skip_ref: Any,
+    shards: dict[str, StoredShard],
+    resumed: int,
+) -> tuple[list[dict[str, str]], int, float]:
+    """Encode the images not yet in a shard into new shards, added to ``shards`` (the finished
+    ones, whose ``resumed`` live samples ``skip_ref`` skips); returns the bad inputs, the samples
+    written and the seconds it took."""
     start = time.perf_counter()
     # Folder corpora list one file per image; tar and Parquet corpora count their images as
     # they are read.
     total = len(corpus.files) - resumed if corpus.format == "folder" else None
     with console.current().progress("tokenize", total, "images") as progress:
-        ds = _encode_and_write(ctx, corpus, tokenizer, dtypes, skip_ref)
+        ds = _encode_and_write(ctx, corpus, tokenizer, layout.dtypes, skip_ref)
         bad, new_samples = _collect(ds, shards, progress)
-    elapsed = time.perf_counter() - start
-    _reconcile(ctx.stage_dir, shards, present, corpus.format, fraction)
+    return bad, new_samples, time.perf_counter() - start
 
-    bad.sort(key=lambda b: b["key"])
-    bad_table = _write_bad_table(ctx.stage_dir, bad)
-    removed_table = _write_removed(ctx.stage_dir, removed)
-    listed = [shards[name] for name in sorted(shards)]
-    wids_index = write_wids_index(ctx.stage_dir, listed)
-    samples = sum(s["samples"] - s["removed"] for s in listed)
-    validation = sum(s["validation"] for s in listed)
-    test = sum(s["test"] for s in listed)
-    total_bytes = sum(s["bytes"] for s in listed)
-    codes_per_image = sum(h * w for h, w in (code_shapes[level] for level in levels))
-    metrics = {
+
+def _write_tables(
+    stage_dir: str,
+    bad: list[dict[str, str]],
+    removed: list[tuple[str, str]],
+    listed: list[StoredShard],
+) -> StageTables:
+    return StageTables(
+        bad_inputs=_write_bad_table(stage_dir, bad),
+        removed=_write_removed(stage_dir, removed),
+        wids_index=write_wids_index(stage_dir, [s.entry for s in listed]),
+    )
+
+
+def _metrics(
+    listed: list[StoredShard],
+    layout: CodeLayout,
+    *,
+    new_samples: int,
+    resumed: int,
+    removed: int,
+    bad: int,
+    seconds: float,
+) -> dict[str, float]:
+    samples = _live_samples(listed)
+    total_bytes = sum(s.entry.bytes for s in listed)
+    return {
         "samples": samples,
         "new_samples": new_samples,
         "resumed_samples": resumed,
-        "removed_samples": len(removed),
-        "bad_inputs": len(bad),
+        "removed_samples": removed,
+        "bad_inputs": bad,
         "shards": len(listed),
-        "seconds": elapsed,
-        "images_per_second": new_samples / elapsed if elapsed > 0 else 0.0,
+        "seconds": seconds,
+        "images_per_second": new_samples / seconds if seconds > 0 else 0.0,
         "bytes_per_image": total_bytes / samples if samples else 0.0,
-        "bytes_per_image_int64": 8.0 * codes_per_image,
+        "bytes_per_image_int64": 8.0 * layout.codes_per_image(),
     }
-    ctx.tracking.log_metrics(metrics)
+
+
+def _log_summary(metrics: dict[str, float]) -> None:
     log.info(
         "tokenize: %d samples in %d shards (%d new, %d removed, %.1f images/s, %.0f bytes/image), "
         "%d bad inputs",
-        samples,
-        len(listed),
-        new_samples,
-        len(removed),
+        metrics["samples"],
+        metrics["shards"],
+        metrics["new_samples"],
+        metrics["removed_samples"],
         metrics["images_per_second"],
         metrics["bytes_per_image"],
-        len(bad),
+        metrics["bad_inputs"],
     )
+
+
+def _manifest(
+    cfg: Any,
+    layout: CodeLayout,
+    listed: list[StoredShard],
+    class_names: list[str],
+    identity: TokenizerIdentity,
+    corpus_name: str,
+    tables: StageTables,
+    removed: int,
+    bad: list[dict[str, str]],
+    metrics: dict[str, float],
+) -> TokenizeManifest:
+    samples = _live_samples(listed)
+    validation = sum(s.validation for s in listed)
+    test = sum(s.test for s in listed)
     return TokenizeManifest(
-        shards=[ShardEntry(**{k: s[k] for k in ShardEntry.model_fields}) for s in listed],
+        shards=[s.entry for s in listed],
         samples=samples,
         splits={"train": samples - validation - test, "validation": validation, "test": test},
-        levels=levels,
-        code_shapes=code_shapes,
-        code_dtypes=dtypes,
-        codebook_sizes=codebook_sizes,
-        class_names=list(corpus.class_names),
+        levels=layout.levels,
+        code_shapes=layout.shapes,
+        code_dtypes=layout.dtypes,
+        codebook_sizes=layout.codebook_sizes,
+        class_names=class_names,
         checkpoint=identity.checkpoint,
         tokenizer=identity,
         corpus_name=corpus_name,
-        validation_fraction=fraction[0],
-        test_fraction=fraction[1],
-        removed_table=removed_table,
-        removed=len(removed),
-        wids_index=wids_index,
+        validation_fraction=cfg.data.validation_fraction,
+        test_fraction=cfg.data.test_fraction,
+        removed_table=tables.removed,
+        removed=removed,
+        wids_index=tables.wids_index,
         image_size=list(cfg.data.size_hw),
         channels=cfg.data.channels,
         bad_inputs=BadInputs(
             count=len(bad),
             keys=[b["key"] for b in bad[:BAD_KEYS_IN_MANIFEST]],
-            table=bad_table,
+            table=tables.bad_inputs,
         ),
+        metrics=metrics,
+    )
+
+
+def run(ctx: StageContext) -> TokenizeManifest:
+    """Tokenize the corpus into code shards; returns the stage's manifest."""
+    cfg = ctx.cfg
+    tokenizer, identity = _tokenizer(cfg)
+    layout = CodeLayout.of(tokenizer.model, cfg.data.size_hw)
+    fractions = (cfg.data.validation_fraction, cfg.data.test_fraction)
+    corpus_name = cfg.tokenize.corpus_name or default_corpus_name(cfg.data.source)
+    _log_params(ctx, layout, identity, corpus_name)
+
+    corpus, present = in_key_hash_order(open_corpus(cfg.data))
+    skip_ref, shards, removed = _finished_work(ctx.stage_dir, present, corpus.format, fractions)
+    resumed = _report_resumed(shards, removed)
+    bad, new_samples, seconds = _encode_new(
+        ctx, corpus, tokenizer, layout, skip_ref, shards, resumed
+    )
+    _reconcile(ctx.stage_dir, shards, present, corpus.format, fractions)
+
+    bad.sort(key=lambda b: b["key"])
+    listed = [shards[name] for name in sorted(shards)]
+    tables = _write_tables(ctx.stage_dir, bad, removed, listed)
+    metrics = _metrics(
+        listed,
+        layout,
+        new_samples=new_samples,
+        resumed=resumed,
+        removed=len(removed),
+        bad=len(bad),
+        seconds=seconds,
+    )
+    ctx.tracking.log_metrics(metrics)
+    _log_summary(metrics)
+    return _manifest(
+        cfg,
+        layout,
+        listed,
+        class_names=list(corpus.class_names),
+        identity=identity,
+        corpus_name=corpus_name,
+        tables=tables,
+        removed=len(removed),
+        bad=bad,
         metrics=metrics,
     )
 

@@ -31,6 +31,7 @@ import ray
 import torch
 from torch import nn
 
+from pipelines.checkpoint_meta import CheckpointMeta, load_with_meta
 from pipelines.config import PriorSection, TrainPriorSection
 from pipelines.data import storage
 from pipelines.data.code_union import CodeUnion, manifest_uri, read_member, unite
@@ -48,7 +49,7 @@ from pipelines.training import (
     take_columns,
     training_threads,
 )
-from vq_core.checkpoint import load_checkpoint, model_from_config
+from vq_core.checkpoint import model_from_config
 from vq_core.kinds import get_kind, prior_conditions, prior_fields
 from vq_core.pixelcnn import bits_per_code
 
@@ -159,7 +160,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         tracking=config["tracking"],
         metric_prefix=f"{plan.level}/",
         dtypes=config["dtypes"],
-        checkpoint_extra={"level": plan.level, "condition": plan.condition},
+        checkpoint_meta=CheckpointMeta(level=plan.level, condition=plan.condition),
         seed=config["seed"],
         # Small corpora overfit a prior quickly: keep the weights with the best validation score.
         select_metric="validation_bits_per_code",
@@ -189,7 +190,7 @@ def _train_one(
     plan: PriorPlan,
     union: CodeUnion,
     heldout: dict[str, np.ndarray],
-) -> tuple[nn.Module, dict]:
+) -> tuple[nn.Module, CheckpointMeta]:
     columns = _columns(plan)
     count = plan.knobs.holdout_batches * plan.knobs.batch_size
     heldout = {c: heldout[c][:count] for c in columns}
@@ -268,16 +269,16 @@ def _train_or_reuse(
         # Written only once that prior finished: an earlier attempt died on a later prior.
         log.info("train_prior: reusing the finished %s prior at %s", plan.level, uri)
         data = storage.read_bytes(uri)
-        _, extra = load_checkpoint(data)
+        _, meta = load_with_meta(data)
     else:
         log.info("train_prior: training the %s prior (%s)", plan.level, plan.knobs.kind)
         if heldout is None:
             heldout = read_heldout(union, plans)
-        model, extra = _train_one(ctx, plan, union, heldout)
-        data = publish_model(model, uri, extra)
+        model, meta = _train_one(ctx, plan, union, heldout)
+        data = publish_model(model, uri, meta)
     ctx.tracking.log_bytes(data, f"priors/{plan.level}.pt")
     registered = _log_prior(ctx, plan, data)
-    metrics = extra.get("metrics", {})
+    metrics = meta.metrics
     entry = PriorEntry(
         checkpoint=uri,
         kind=plan.knobs.kind,
@@ -285,8 +286,8 @@ def _train_or_reuse(
         validation_bits_per_code=metrics.get("validation_bits_per_code"),
         train_bits_per_code=metrics.get("train_bits_per_code"),
         steps=plan.knobs.steps,
-        trained_steps=int(extra.get("trained_steps", plan.knobs.steps)),
-        selected_step=int(extra["step"]),
+        trained_steps=plan.knobs.steps if meta.trained_steps is None else meta.trained_steps,
+        selected_step=meta.trained_step(),
         registered_model=registered,
     )
     log.info("train_prior: %s prior %s", plan.level, entry.model_dump())

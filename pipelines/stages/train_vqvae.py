@@ -23,6 +23,7 @@ import ray
 import torch
 from torch import nn
 
+from pipelines.checkpoint_meta import CheckpointMeta, load_with_meta
 from pipelines.config import TrainVQVAESection
 from pipelines.data import storage
 from pipelines.data.corpus import open_corpus
@@ -40,7 +41,7 @@ from pipelines.training import (
     take_columns,
     training_threads,
 )
-from vq_core.checkpoint import load_checkpoint, unwrap_model
+from vq_core.checkpoint import unwrap_model
 from vq_core.dvae import gumbel_temperature, kl_weight_schedule
 from vq_core.kinds import autoencoder_fields, get_kind
 from vq_core.quantizer import code_statistics
@@ -133,7 +134,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         evaluate_fn=evaluate_fn,
         tracking=config["tracking"],
         channels_last=True,
-        checkpoint_extra=config["extra"],
+        checkpoint_meta=config["meta"],
         seed=config["seed"],
     )
 
@@ -202,7 +203,7 @@ def run(ctx: StageContext) -> TrainVQVAEManifest:
         # Written only after training finished: an earlier attempt died after that point.
         log.info("train_vqvae: reusing the finished model at %s", model_uri)
         model_bytes = storage.read_bytes(model_uri)
-        model, extra = load_checkpoint(model_bytes)
+        model, meta = load_with_meta(model_bytes)
     else:
         cache = ensure_image_cache(cfg.data, cfg.output_dir)
         data = EpochReader.for_images(
@@ -221,7 +222,7 @@ def run(ctx: StageContext) -> TrainVQVAEManifest:
             "holdout": ray.put(holdout) if len(holdout) else None,
             "tracking": ctx.tracking,
             "seed": cfg.seed,
-            "extra": {"kind": section.kind},
+            "meta": CheckpointMeta(kind=section.kind),
         }
         result = run_trainer(
             train_loop_per_worker,
@@ -232,13 +233,15 @@ def run(ctx: StageContext) -> TrainVQVAEManifest:
             section=ctx.stage,
             resource_wait_seconds=cfg.ray.resource_wait_seconds,
         )
-        model, extra = load_final_model(result)
-        extra |= {
-            "image_size": [height, width],
-            "channels": cfg.data.channels,
-            "class_names": class_names,
-        }
-        model_bytes = publish_model(model, model_uri, extra)
+        model, meta = load_final_model(result)
+        meta = meta.model_copy(
+            update={
+                "image_size": [height, width],
+                "channels": cfg.data.channels,
+                "class_names": class_names,
+            }
+        )
+        model_bytes = publish_model(model, model_uri, meta)
     ctx.tracking.log_bytes(model_bytes, f"model/{MODEL_NAME}")
     registered = _log_tokenizer(ctx, model, model_bytes, grid_images)
 
@@ -247,8 +250,8 @@ def run(ctx: StageContext) -> TrainVQVAEManifest:
     storage.write_bytes(grid_uri, encode_png(grid))
     ctx.tracking.log_image(grid, GRID_NAME)
 
-    metrics = {k: v for k, v in extra.get("metrics", {}).items() if k != "step"}
-    log.info("train_vqvae: %d steps, %s", extra["step"], metrics)
+    metrics = {k: v for k, v in meta.metrics.items() if k != "step"}
+    log.info("train_vqvae: %d steps, %s", meta.trained_step(), metrics)
     return TrainVQVAEManifest.for_model(
         model,
         checkpoint=model_uri,
@@ -256,7 +259,7 @@ def run(ctx: StageContext) -> TrainVQVAEManifest:
         image_size=(height, width),
         channels=cfg.data.channels,
         class_names=class_names,
-        steps=int(extra["step"]),
+        steps=meta.trained_step(),
         metrics=metrics,
         artifacts={"reconstructions": grid_uri},
         registered_model=registered,

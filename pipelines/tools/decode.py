@@ -12,20 +12,28 @@ samples hold one ``<level>.npy`` member per code level of the autoencoder (``top
 who trains another prior on the codes can look at its samples.
 
 Nothing is written until the checkpoint is known to be an autoencoder and the first sample's
-code maps match it in levels, shape and dtype.
+code maps match it in levels, shape and dtype. The shards are read through
+``pipelines.data.shards``, the module that writes them.
 """
 
 from __future__ import annotations
 
-import io
 import logging
-import tarfile
 import time
 from typing import Any
 
 import numpy as np
 
 from pipelines.data import storage
+from pipelines.data.shards import (
+    SHARD_SUFFIX,
+    batch_codes,
+    batch_keys,
+    level_field,
+    read_first_sample,
+    read_raw_shards,
+    sample_codes,
+)
 from pipelines.errors import InputError, MissingInputError
 from pipelines.tools.reconstruct import load_autoencoder
 
@@ -48,31 +56,10 @@ def shard_uris(source: str) -> list[str]:
         manifest = read_manifest(output_dir, TokenizeManifest)
         if manifest is not None:
             return [shard.uri for shard in manifest.shards]
-    uris = _files_with_suffix(source, ".tar")
+    uris = _files_with_suffix(source, SHARD_SUFFIX)
     if not uris:
         raise MissingInputError(f"--input {source!r} holds no .tar shards")
     return uris
-
-
-def _first_sample(uri: str) -> dict[str, bytes]:
-    """The members of the first sample of a shard, by field ("top.npy", "cls", ...)."""
-    fs, path = storage.resolve(uri)
-    with fs.open_input_stream(path) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
-        key, fields = None, {}
-        for member in tar:
-            if not member.isfile():
-                continue
-            head, _, last = member.name.rpartition("/")
-            stem, _, field = last.partition(".")
-            member_key = f"{head}/{stem}" if head else stem
-            if key is None:
-                key = member_key
-            if member_key != key:
-                break
-            fields[field] = tar.extractfile(member).read()
-    if key is None:
-        raise InputError(f"shard {uri!r} holds no samples")
-    return {"__key__": key.encode(), **fields}
 
 
 def check_codes(
@@ -83,7 +70,7 @@ def check_codes(
     missing = [level for level in model.levels if level not in codes]
     if missing:
         raise InputError(
-            f"{where} has no {', '.join(f'{m}.npy' for m in missing)}; the autoencoder has "
+            f"{where} has no {', '.join(level_field(m) for m in missing)}; the autoencoder has "
             f"levels {list(model.levels)} and the sample holds {sorted(codes)}"
         )
     for level, k in zip(model.levels, model.codebook_sizes):
@@ -99,10 +86,6 @@ def check_codes(
                 f"{where}: {level} codes range over [{int(array.min())}, {int(array.max())}], "
                 f"outside the codebook of {k}"
             )
-
-
-def _load_npy(data: bytes) -> np.ndarray:
-    return np.lib.format.read_array(io.BytesIO(data), allow_pickle=False)
 
 
 class CodeDecoder:
@@ -121,12 +104,8 @@ class CodeDecoder:
 
         from pipelines.data.images import encode_png, to_uint8
 
-        keys = [bytes(k).decode() if not isinstance(k, str) else k for k in batch["__key__"]]
-        codes = {
-            level: np.stack([_load_npy(bytes(b)) for b in batch[f"{level}.npy"]])
-            for level in self.model.levels
-            if f"{level}.npy" in batch
-        }
+        keys = batch_keys(batch)
+        codes = batch_codes(batch, self.model.levels)
         check_codes(codes, self.model, self.size_hw, f"samples {keys[0]!r}..{keys[-1]!r}")
         with torch.inference_mode():
             images = self.model.decode_codes(
@@ -153,24 +132,19 @@ def decode_shards(
     """Decode every sample of the shards at ``source`` into ``<output>/<key>.png``."""
     import ray
 
-    model, extra = load_autoencoder(checkpoint)
-    size = image_size or extra.get("image_size")
+    model, meta = load_autoencoder(checkpoint)
+    size = image_size or meta.image_size
     if size is None:
         raise InputError(f"{checkpoint!r} does not record its image size; pass --image-size H [W]")
     size_hw = (int(size[0]), int(size[-1]))
     uris = shard_uris(source)
-    first = _first_sample(uris[0])
-    check_codes(
-        {f[: -len(".npy")]: _load_npy(v) for f, v in first.items() if f.endswith(".npy")},
-        model,
-        size_hw,
-        f"sample {first['__key__'].decode()!r} of {uris[0]}",
-    )
+    first = read_first_sample(uris[0])
+    if first is None:
+        raise InputError(f"shard {uris[0]!r} holds no samples")
+    first_key, first_fields = first
+    check_codes(sample_codes(first_fields), model, size_hw, f"sample {first_key!r} of {uris[0]}")
 
-    fs, _ = storage.resolve(uris[0])
-    dataset = ray.data.read_webdataset(
-        [storage.resolve(u)[1] for u in uris], filesystem=fs, decoder=None
-    ).map_batches(
+    dataset = read_raw_shards(uris).map_batches(
         CodeDecoder,
         fn_constructor_kwargs={
             "checkpoint": checkpoint,

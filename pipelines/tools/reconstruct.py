@@ -14,38 +14,26 @@ import os
 import numpy as np
 import torch
 
+from pipelines.checkpoint_meta import CheckpointMeta
 from pipelines.data import storage
 from pipelines.data.images import BadImageError, decode_image, encode_png, to_model_input, to_uint8
 from pipelines.errors import InputError, MissingInputError
+from pipelines.tokenizer import autoencoder_from_bytes
 
 log = logging.getLogger("vqpipe")
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
 
-def load_autoencoder(checkpoint: str) -> tuple[torch.nn.Module, dict]:
-    """The autoencoder (and its checkpoint's extra) at a path, URL or ``models:/`` URI; a clear
+def load_autoencoder(checkpoint: str) -> tuple[torch.nn.Module, CheckpointMeta]:
+    """The autoencoder (and its checkpoint's metadata) at a path, URL or ``models:/`` URI; a clear
     error when it is missing, not a vq_core checkpoint, or a model that is not an autoencoder."""
-    import io
-
     from pipelines.mlflow_models import resolve_checkpoint
-    from vq_core.checkpoint import load_checkpoint
 
     path = resolve_checkpoint(checkpoint)
     if not storage.exists(path):
         raise MissingInputError(f"--checkpoint {checkpoint!r} does not exist")
-    try:
-        model, extra = load_checkpoint(io.BytesIO(storage.read_bytes(path)))
-    except (ValueError, RuntimeError) as err:
-        raise InputError(
-            f"--checkpoint {checkpoint!r} is not a vq_core checkpoint: {err}"
-        ) from None
-    if not hasattr(model, "encode") or not hasattr(model, "decode_codes"):
-        raise InputError(
-            f"--checkpoint {checkpoint!r} holds a {type(model).__name__}, not an autoencoder "
-            "(VQ-VAE-2, VQ-VAE or dVAE)"
-        )
-    return model, extra or {}
+    return autoencoder_from_bytes(storage.read_bytes(path), f"--checkpoint {checkpoint!r}")
 
 
 def reconstruct_folder(
@@ -59,9 +47,9 @@ def reconstruct_folder(
     """Reconstruct every image under ``input_dir`` into ``output_dir``; returns counts."""
     if not storage.is_dir(input_dir):
         raise MissingInputError(f"--input {input_dir!r} is not a folder")
-    model, extra = load_autoencoder(checkpoint)
+    model, meta = load_autoencoder(checkpoint)
     if image_size is None:
-        size = extra.get("image_size")
+        size = meta.image_size
         if size is None:
             raise InputError(
                 f"{checkpoint!r} does not record its image size; pass --image-size H [W]"

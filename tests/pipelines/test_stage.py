@@ -61,3 +61,27 @@ def test_status_of_an_interrupted_first_stage(tmp_path):
     ]
     assert statuses[0].detail == "1 file(s) written, last checkpoint at step 200"
     assert "train_vqvae  partial" in format_status(statuses)
+
+
+def test_status_of_an_interrupted_tokenize_counts_complete_shards_only(tmp_path):
+    """The shard count comes from the shard format's own test of a name: key indexes and a
+    killed writer's temporary file lie beside the shards but are not shards."""
+    import numpy as np
+
+    from pipelines.data import storage
+    from pipelines.data.shards import write_shard
+    from pipelines.runner import FINGERPRINT_FILE
+    from pipelines.status import pipeline_status
+
+    cfg = parse_config(tiny_raw_config(str(tmp_path / "out"), str(tmp_path / "corpus")))
+    stage_dir = tmp_path / "out" / "tokenize"
+    stage_dir.mkdir(parents=True)
+    for keys in (["a/1", "a/2"], ["b/1"]):
+        write_shard(
+            str(stage_dir), keys, [0] * len(keys), {"top": np.zeros((len(keys), 2, 2), np.uint8)}
+        )
+    (stage_dir / f"codes-0123456789ab.tar.5e6f7a8b{storage.TMP_SUFFIX}").write_bytes(b"half")
+    (stage_dir / FINGERPRINT_FILE).write_text("abc")
+    tokenize = {s.stage: s for s in pipeline_status(cfg)}["tokenize"]
+    assert tokenize.state == "partial"
+    assert tokenize.detail == "5 file(s) written, 2 shard(s)"

@@ -6,6 +6,8 @@ same step, or the ranks' collectives (gradient all-reduce, report barriers) woul
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -15,7 +17,15 @@ from pipelines.config import PriorSection, parse_config
 from pipelines.data.epochs import EpochReader
 from pipelines.data.shards import write_shard
 from pipelines.errors import ConfigError
-from pipelines.training import accumulate_gradients, fit, load_final_model, run_trainer
+from pipelines.training import (
+    BEST_FILE,
+    MODEL_FILE,
+    accumulate_gradients,
+    fit,
+    load_final_model,
+    run_trainer,
+)
+from vq_core.checkpoint import load_checkpoint
 from vq_core.pixelcnn import GatedPixelCNN, GatedPixelCNNConfig, bits_per_code
 from vq_core.recompute import Recomputable
 
@@ -64,7 +74,7 @@ def reader(tmp_path_factory):
             [f"s{shard}-{i:03d}" for i in range(32)],
             [0] * 32,
             {"top": rng.integers(0, 8, (32, 2, 2)).astype(np.uint8)},
-        )["uri"]
+        ).uri
         for shard in range(2)
     ]
     return EpochReader.for_code_shards(
@@ -103,10 +113,15 @@ def test_early_stopping_stops_every_rank_at_the_same_step(ray_local, reader, tmp
     # The run ended (no rank left waiting in a collective) with a checkpoint at the stop step.
     assert result.metrics["step"] == 10
     _, best = load_final_model(result, prefer_best=True)
-    assert best["step"] == 6 and best["metrics"]["score"] == 3.0
-    assert best["trained_steps"] == 10
+    assert best.step == 6 and best.metrics["score"] == 3.0 and best.selected
+    assert best.trained_steps == 10
     _, last = load_final_model(result)
-    assert last["step"] == 10 and last["stale_evaluations"] == PATIENCE
+    assert last.step == 10 and last.stale_evaluations == PATIENCE
+    # The stored dicts keep the keys, in the order, that the loop wrote before they had a type.
+    stored = ["epoch", "epoch_batch", "trained_steps", "stale_evaluations", "step", "metrics"]
+    with result.checkpoint.as_directory() as directory:
+        assert list(load_checkpoint(os.path.join(directory, MODEL_FILE))[1]) == stored
+        assert list(load_checkpoint(os.path.join(directory, BEST_FILE))[1]) == [*stored, "selected"]
 
 
 def test_the_autoencoder_refuses_early_stopping():
@@ -177,7 +192,7 @@ def test_steps_count_optimizer_steps_of_accumulated_micro_batches(ray_local, rea
         section="train_prior.top",
         resource_wait_seconds=120,
     )
-    _, extra = load_final_model(result)
+    _, meta = load_final_model(result)
     # Three optimizer steps of two micro-batches each: six batches of the first epoch read.
-    assert extra["step"] == 3
-    assert (extra["epoch"], extra["epoch_batch"]) == (0, 6)
+    assert meta.step == 3
+    assert (meta.epoch, meta.epoch_batch) == (0, 6)

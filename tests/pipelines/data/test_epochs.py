@@ -125,7 +125,7 @@ def test_code_shards_are_read_per_rank_by_split(tmp_path):
         for i in range(0, 90, 30)
     ]
     reader = EpochReader.for_code_shards(
-        [s["uri"] for s in shards],
+        [s.uri for s in shards],
         ["codes"],
         "train",
         seed=3,

@@ -28,7 +28,7 @@ from pipelines.data.shards import (
 from pipelines.manifest import write_manifest
 from pipelines.stage import StageContext
 from pipelines.stage_manifests import TrainVQVAEManifest
-from pipelines.stages.tokenize import _reconcile, run
+from pipelines.stages.tokenize import StoredShard, _reconcile, run
 from pipelines.tracking import TrackingContext
 from vq_core.checkpoint import save_checkpoint
 from vq_core.vqvae import VQVAE2, VQVAE2Config
@@ -209,7 +209,7 @@ def test_a_killed_writers_temporary_file_is_removed_once_every_writer_has_finish
     for keys in (["a/1", "a/2"], ["b/1"]):
         codes = {"top": np.zeros((len(keys), 2, 2), np.uint8)}
         entry = write_shard(stage_dir, keys, [0] * len(keys), codes)
-        written[entry["name"]] = {**entry, "removed": 0, "validation": 0, "test": 0}
+        written[entry.name] = StoredShard(entry)
     killed = storage.join(stage_dir, next(iter(written)) + ".5e6f7a8b" + storage.TMP_SUFFIX)
     storage.write_bytes(killed, b"half a tar")
     before = {uri: os.path.getmtime(uri) for uri in list_shards(stage_dir)}
