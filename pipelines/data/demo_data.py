@@ -301,16 +301,7 @@ def generate_corpus(
     that this generator did not write, e.g. when it is someone's own image folder.
     """
     classes = list(classes)
-    unknown = [c for c in classes if c not in SHAPES]
-    if unknown:
-        raise ValueError(f"unknown demo classes {unknown}; expected names from {sorted(SHAPES)}")
-    if not classes or len(set(classes)) != len(classes):
-        raise ValueError(f"classes must be a non-empty list of distinct names, got {classes}")
-    if images_per_class <= 0 or image_size < 8 or corrupt_files < 0:
-        raise ValueError(
-            f"need images_per_class > 0, image_size >= 8 and corrupt_files >= 0; got "
-            f"{images_per_class}, {image_size}, {corrupt_files}"
-        )
+    _check_params(classes, images_per_class, image_size, corrupt_files)
     params = {
         "classes": classes,
         "images_per_class": images_per_class,
@@ -319,29 +310,19 @@ def generate_corpus(
         "seed": seed,
         "background": background,
     }
-    corrupt_keys = _corrupt_keys(classes, corrupt_files)
     summary = {
         "root": root,
         "classes": classes,
         "images": images_per_class * len(classes),
-        "corrupt": corrupt_keys,
+        "corrupt": _corrupt_keys(classes, corrupt_files),
     }
     existing = _existing_files(root) or []
     previous = _read_marker(root, existing)
     if previous is not None and previous["complete"] and previous["params"] == params:
         return {**summary, "generated": False}
-
     owned = set(previous["files"]) if previous is not None else set()
     owned.add(MARKER_NAME)
-    foreign = [f for f in existing if not _is_own(f, owned)]
-    if foreign:
-        shown = ", ".join(foreign[:_EXAMPLES_SHOWN])
-        more = (
-            f" and {len(foreign) - _EXAMPLES_SHOWN} more" if len(foreign) > _EXAMPLES_SHOWN else ""
-        )
-        raise NotADemoCorpusError(
-            root, f"it holds {len(foreign)} file(s) the generator did not write ({shown}{more})"
-        )
+    _refuse_foreign(root, existing, owned)
 
     log.info("generating demo corpus at %s (%d images)", root, summary["images"])
     planned = _planned_files(params)
@@ -355,16 +336,50 @@ def generate_corpus(
     for path in existing:
         if path not in keep:
             storage.remove(storage.join(root, path))
+    _write_images(root, params)
+    storage.write_bytes(marker, _marker_bytes(params, planned, complete=True))
+    return {**summary, "generated": True}
+
+
+def _check_params(
+    classes: list[str], images_per_class: int, image_size: int, corrupt_files: int
+) -> None:
+    unknown = [c for c in classes if c not in SHAPES]
+    if unknown:
+        raise ValueError(f"unknown demo classes {unknown}; expected names from {sorted(SHAPES)}")
+    if not classes or len(set(classes)) != len(classes):
+        raise ValueError(f"classes must be a non-empty list of distinct names, got {classes}")
+    if images_per_class <= 0 or image_size < 8 or corrupt_files < 0:
+        raise ValueError(
+            f"need images_per_class > 0, image_size >= 8 and corrupt_files >= 0; got "
+            f"{images_per_class}, {image_size}, {corrupt_files}"
+        )
+
+
+def _refuse_foreign(root: str, existing: list[str], owned: set[str]) -> None:
+    """Raise NotADemoCorpusError, naming a few, when ``root`` holds files that are not ours."""
+    foreign = [f for f in existing if not _is_own(f, owned)]
+    if not foreign:
+        return
+    shown = ", ".join(foreign[:_EXAMPLES_SHOWN])
+    more = f" and {len(foreign) - _EXAMPLES_SHOWN} more" if len(foreign) > _EXAMPLES_SHOWN else ""
+    raise NotADemoCorpusError(
+        root, f"it holds {len(foreign)} file(s) the generator did not write ({shown}{more})"
+    )
+
+
+def _write_images(root: str, params: dict[str, Any]) -> None:
+    """Every image of the corpus ``params`` describe, the broken files included."""
+    classes, size, seed = params["classes"], params["image_size"], params["seed"]
+    background = params["background"]
     for class_index, name in enumerate(classes):
-        for index in range(images_per_class):
+        for index in range(params["images_per_class"]):
             # One generator per image: any image can be regenerated alone and the corpus does
             # not depend on the order in which it is written.
             rng = np.random.default_rng([seed, class_index, index])
-            png = encode_png(render_image(name, image_size, rng, background))
+            png = encode_png(render_image(name, size, rng, background))
             storage.write_bytes(storage.join(root, name, f"{index:05d}.png"), png)
-    for i, key in enumerate(corrupt_keys):
+    for i, key in enumerate(_corrupt_keys(classes, params["corrupt_files"])):
         rng = np.random.default_rng([seed, 10_000 + i])
-        valid = encode_png(render_image(classes[i % len(classes)], image_size, rng, background))
+        valid = encode_png(render_image(classes[i % len(classes)], size, rng, background))
         storage.write_bytes(storage.join(root, f"{key}.png"), _corrupt_bytes(i, valid))
-    storage.write_bytes(marker, _marker_bytes(params, planned, complete=True))
-    return {**summary, "generated": True}

@@ -1,9 +1,9 @@
 """Stage 1: train the autoencoder (VQ-VAE-2, VQ-VAE or dVAE) on the image corpus with Ray Train.
 
-Writes ``<stage_dir>/model.pt`` (vq_core checkpoint format, extra: step, final metrics, image size,
-channels, class names) and ``<stage_dir>/reconstructions.png`` (validation originals above their
-reconstructions), logs both to the stage's MLflow run, and returns the manifest body that
-tokenize and sample read.
+Writes ``<stage_dir>/model.pt`` (vq_core checkpoint format, extra: kind, step, final metrics, image
+size, channels, class names) and ``<stage_dir>/reconstructions.png`` (validation images, or training
+images when the validation split is empty, above their reconstructions), logs both to the stage's
+MLflow run, and returns the manifest that tokenize and evaluate read.
 
 Training reads the train split from the decoded-image cache (``pipelines.data.image_cache``: the corpus
 decoded once at the training resolution) through a seeded per-rank reader
@@ -192,60 +192,14 @@ def _log_tokenizer(
 
 def run(ctx: StageContext) -> TrainVQVAEManifest:
     cfg, section = ctx.cfg, ctx.cfg.train_vqvae
-    height, width = cfg.data.size_hw
     corpus = open_corpus(cfg.data)
     class_names = list(corpus.class_names)
     holdout, grid_images = _holdout_images(ctx, corpus)
-
     model_uri = storage.join(ctx.stage_dir, MODEL_NAME)
-    if storage.exists(model_uri):
-        # Written only after training finished: an earlier attempt died after that point.
-        log.info("train_vqvae: reusing the finished model at %s", model_uri)
-        model_bytes = storage.read_bytes(model_uri)
-        model, extra = load_checkpoint(model_bytes)
-    else:
-        cache = ensure_image_cache(cfg.data, cfg.output_dir)
-        data = EpochReader.for_images(
-            cache,
-            "train",
-            validation_fraction=cfg.data.validation_fraction,
-            test_fraction=cfg.data.test_fraction,
-            seed=cfg.seed,
-            shuffle_buffer=section.shuffle_buffer,
-        )
-        loop_config = {
-            "data": data,
-            "threads": training_threads(section, is_local_ray(cfg.ray)),
-            "section": section,
-            "channels": cfg.data.channels,
-            "holdout": ray.put(holdout) if len(holdout) else None,
-            "tracking": ctx.tracking,
-            "seed": cfg.seed,
-            "extra": {"kind": section.kind},
-        }
-        result = run_trainer(
-            train_loop_per_worker,
-            loop_config,
-            name=f"{ctx.stage}-{ctx.fingerprint}",
-            stage_dir=ctx.stage_dir,
-            knobs=section,
-            section=ctx.stage,
-            resource_wait_seconds=cfg.ray.resource_wait_seconds,
-        )
-        model, extra = load_final_model(result)
-        extra |= {
-            "image_size": [height, width],
-            "channels": cfg.data.channels,
-            "class_names": class_names,
-        }
-        model_bytes = publish_model(model, model_uri, extra)
+    model, extra, model_bytes = _finished_model(ctx, model_uri, holdout, class_names)
     ctx.tracking.log_bytes(model_bytes, f"model/{MODEL_NAME}")
     registered = _log_tokenizer(ctx, model, model_bytes, grid_images)
-
-    grid = reconstruction_grid(model, grid_images)
-    grid_uri = storage.join(ctx.stage_dir, GRID_NAME)
-    storage.write_bytes(grid_uri, encode_png(grid))
-    ctx.tracking.log_image(grid, GRID_NAME)
+    grid_uri = _write_grid(ctx, model, grid_images)
 
     metrics = {k: v for k, v in extra.get("metrics", {}).items() if k != "step"}
     log.info("train_vqvae: %d steps, %s", extra["step"], metrics)
@@ -253,7 +207,7 @@ def run(ctx: StageContext) -> TrainVQVAEManifest:
         model,
         checkpoint=model_uri,
         kind=section.kind,
-        image_size=(height, width),
+        image_size=cfg.data.size_hw,
         channels=cfg.data.channels,
         class_names=class_names,
         steps=int(extra["step"]),
@@ -261,6 +215,69 @@ def run(ctx: StageContext) -> TrainVQVAEManifest:
         artifacts={"reconstructions": grid_uri},
         registered_model=registered,
     )
+
+
+def _finished_model(
+    ctx: StageContext, model_uri: str, holdout: np.ndarray, class_names: list[str]
+) -> tuple[nn.Module, dict[str, Any], bytes]:
+    """(model, checkpoint extra, checkpoint bytes) of the trained autoencoder, published at
+    ``model_uri``: trained now, or the one an earlier attempt finished."""
+    if storage.exists(model_uri):
+        # Written only after training finished: an earlier attempt died after that point.
+        log.info("train_vqvae: reusing the finished model at %s", model_uri)
+        model_bytes = storage.read_bytes(model_uri)
+        model, extra = load_checkpoint(model_bytes)
+        return model, extra, model_bytes
+    model, extra = _train(ctx, holdout)
+    extra |= {
+        "image_size": list(ctx.cfg.data.size_hw),
+        "channels": ctx.cfg.data.channels,
+        "class_names": class_names,
+    }
+    return model, extra, publish_model(model, model_uri, extra)
+
+
+def _train(ctx: StageContext, holdout: np.ndarray) -> tuple[nn.Module, dict[str, Any]]:
+    """Train with Ray Train on the train split of the image cache; the final model and extra."""
+    cfg, section = ctx.cfg, ctx.cfg.train_vqvae
+    cache = ensure_image_cache(cfg.data, cfg.output_dir)
+    data = EpochReader.for_images(
+        cache,
+        "train",
+        validation_fraction=cfg.data.validation_fraction,
+        test_fraction=cfg.data.test_fraction,
+        seed=cfg.seed,
+        shuffle_buffer=section.shuffle_buffer,
+    )
+    loop_config = {
+        "data": data,
+        "threads": training_threads(section, is_local_ray(cfg.ray)),
+        "section": section,
+        "channels": cfg.data.channels,
+        "holdout": ray.put(holdout) if len(holdout) else None,
+        "tracking": ctx.tracking,
+        "seed": cfg.seed,
+        "extra": {"kind": section.kind},
+    }
+    result = run_trainer(
+        train_loop_per_worker,
+        loop_config,
+        name=f"{ctx.stage}-{ctx.fingerprint}",
+        stage_dir=ctx.stage_dir,
+        knobs=section,
+        section=ctx.stage,
+        resource_wait_seconds=cfg.ray.resource_wait_seconds,
+    )
+    return load_final_model(result)
+
+
+def _write_grid(ctx: StageContext, model: nn.Module, images: np.ndarray) -> str:
+    """Write the reconstruction grid to the stage folder and MLflow; returns its URI."""
+    grid = reconstruction_grid(model, images)
+    grid_uri = storage.join(ctx.stage_dir, GRID_NAME)
+    storage.write_bytes(grid_uri, encode_png(grid))
+    ctx.tracking.log_image(grid, GRID_NAME)
+    return grid_uri
 
 
 SPEC = StageSpec(
