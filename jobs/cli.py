@@ -24,17 +24,22 @@ While stages run, the console shows a line per stage, its progress and its summa
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib.metadata import PackageNotFoundError, version
+from types import SimpleNamespace
+from typing import Any
 
-from pipelines.config import PipelineConfig
+from pipelines.config import PipelineConfig, RaySection
 from pipelines.errors import ConfigError, UserError
-from pipelines.stage import StageSpec
+from pipelines.stage import StageSpec, ensure_ray
 from pipelines.stages import STAGES
+from pipelines.tools.decode import decode_shards
+from pipelines.tools.reconstruct import reconstruct_folder
 
 
 def _version() -> str:
@@ -139,7 +144,7 @@ def _add_reconstruct_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--image-size", type=int, nargs="+", default=None, help="H [W]; default from the checkpoint"
     )
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=_default(reconstruct_folder, "batch_size"))
     p.add_argument(
         "--side-by-side", action="store_true", help="write original|reconstruction pairs"
     )
@@ -160,14 +165,24 @@ def _add_decode_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--image-size", type=int, nargs="+", default=None, help="H [W]; default from the checkpoint"
     )
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--num-actors", type=int, default=1, help="decoder replicas")
-    p.add_argument("--cpus-per-actor", type=float, default=1.0)
+    p.add_argument("--batch-size", type=int, default=_default(decode_shards, "batch_size"))
+    p.add_argument(
+        "--num-actors",
+        type=int,
+        default=_default(decode_shards, "num_actors"),
+        help="decoder replicas",
+    )
+    p.add_argument(
+        "--cpus-per-actor", type=float, default=_default(decode_shards, "cpus_per_actor")
+    )
+
+
+def _default(tool: Callable[..., Any], parameter: str) -> Any:
+    """The tool's own default for ``parameter``, so that an option left out changes nothing."""
+    return inspect.signature(tool).parameters[parameter].default
 
 
 def _reconstruct(args: argparse.Namespace) -> int:
-    from pipelines.tools.reconstruct import reconstruct_folder
-
     size = tuple(args.image_size) if args.image_size else None
     summary = reconstruct_folder(
         args.checkpoint,
@@ -182,12 +197,6 @@ def _reconstruct(args: argparse.Namespace) -> int:
 
 
 def _decode(args: argparse.Namespace) -> int:
-    from types import SimpleNamespace
-
-    from pipelines.config import RaySection
-    from pipelines.stage import ensure_ray
-    from pipelines.tools.decode import decode_shards
-
     ensure_ray(SimpleNamespace(ray=RaySection()))  # joins RAY_ADDRESS's cluster, else local
     summary = decode_shards(
         args.checkpoint,

@@ -42,6 +42,12 @@ _SEARCH_BLOCK_BYTES = 64 * 2**20
 # to the data's standard deviation: duplicates must differ, or they stay tied forever.
 _INIT_NOISE_SCALE = 0.01
 
+# The defaults of every quantizer, and of the autoencoder configs that build one: the commitment
+# weight of the VQ-VAE paper and its moving-average codebook (Appendix A.1) with decay 0.99.
+COMMITMENT_BETA = 0.25
+CODEBOOK_UPDATE = "ema"
+EMA_DECAY = 0.99
+
 # Distinct streams of the shared generator, so that two draws at the same step never coincide.
 _STREAM_DATA_INIT = 0
 _STREAM_RESTART = 1
@@ -162,9 +168,9 @@ class VectorQuantizer(nn.Module):
         num_codes: int,
         dim: int,
         *,
-        beta: float = 0.25,
-        update: str = "ema",
-        decay: float = 0.99,
+        beta: float = COMMITMENT_BETA,
+        update: str = CODEBOOK_UPDATE,
+        decay: float = EMA_DECAY,
         epsilon: float = 1e-5,
         data_init: bool = False,
         dead_code_threshold: float = 0.0,

@@ -35,6 +35,7 @@ import numpy as np
 import pyarrow.fs as pafs
 from PIL import Image, ImageDraw
 
+from pipelines.config import GenerateSection
 from pipelines.data import storage
 from pipelines.data.images import encode_png
 from pipelines.errors import ConfigError
@@ -52,6 +53,8 @@ SUPERSAMPLE = 4
 # What storage.write_bytes leaves behind when interrupted: "<file>.<8 hex digits>.partial".
 _PARTIAL = re.compile(r"\.[0-9a-f]{8}" + re.escape(storage.TMP_SUFFIX) + "$")
 _EXAMPLES_SHOWN = 5
+# The generator's defaults are those of the config's data.generate section.
+_DEFAULTS = GenerateSection()
 
 
 class NotADemoCorpusError(ConfigError):
@@ -163,7 +166,7 @@ PALETTE = np.array(
 
 
 def render_image(
-    shape: str, size: int, rng: np.random.Generator, background: str = "gradient"
+    shape: str, size: int, rng: np.random.Generator, background: str = _DEFAULTS.background
 ) -> np.ndarray:
     """One uint8 size x size x 3 image of ``shape`` with random placement and colours.
 
@@ -285,12 +288,12 @@ def _is_own(path: str, owned: set[str]) -> bool:
 
 def generate_corpus(
     root: str,
-    classes: tuple[str, ...] | list[str] = ("circle", "square", "triangle", "cross"),
-    images_per_class: int = 200,
-    image_size: int = 64,
-    corrupt_files: int = 0,
-    seed: int = 0,
-    background: str = "gradient",
+    classes: tuple[str, ...] | list[str] = tuple(_DEFAULTS.classes),
+    images_per_class: int = _DEFAULTS.images_per_class,
+    image_size: int = _DEFAULTS.image_size,
+    corrupt_files: int = _DEFAULTS.corrupt_files,
+    seed: int = _DEFAULTS.seed,
+    background: str = _DEFAULTS.background,
 ) -> dict[str, Any]:
     """Write the demo corpus under ``root`` (a local path or URL) unless it is already complete.
 

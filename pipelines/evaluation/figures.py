@@ -107,7 +107,7 @@ def metric_history(client: MlflowClient, run_id: str, keys: Sequence[str]) -> di
 # What each training stage logs
 
 
-def autoencoder_curves(levels: Sequence[str] = ("top", "bottom")) -> list[CurveFigure]:
+def autoencoder_curves(levels: Sequence[str]) -> list[CurveFigure]:
     """The training-curve figures of the autoencoder stage.
 
     ``levels`` are the autoencoder's code levels (top and bottom for VQ-VAE-2, "codes" for a
@@ -190,7 +190,7 @@ def _gumbel_schedule_panel() -> Panel:
     )
 
 
-def prior_curves(levels: Sequence[str] = ("top", "bottom")) -> list[CurveFigure]:
+def prior_curves(levels: Sequence[str]) -> list[CurveFigure]:
     """The training-curve figure of the priors, one panel per level with a prior.
 
     Metric names: ``<level>/train_bits_per_code`` and ``<level>/validation_bits_per_code`` from the
