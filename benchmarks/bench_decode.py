@@ -13,6 +13,7 @@ ratio bare / Ray (the target is at most 1.3).
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import tempfile
 import time
@@ -79,7 +80,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=2000, help="N")
     parser.add_argument("--scale", type=int, default=4, help="the second run decodes scale x N")
     parser.add_argument("--image-size", type=int, default=32)
-    parser.add_argument("--batch-size", type=int, default=64)
+    decode_batch = inspect.signature(decode_shards).parameters["batch_size"].default
+    parser.add_argument("--batch-size", type=int, default=decode_batch, help="both sides")
     parser.add_argument("--threads", type=int, default=1, help="torch threads, both sides")
     args = parser.parse_args()
 

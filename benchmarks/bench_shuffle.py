@@ -29,7 +29,7 @@ import time
 
 import numpy as np
 
-from pipelines.config import DataSection
+from pipelines.config import DataSection, TrainingKnobs
 from pipelines.data.epochs import EpochReader
 from pipelines.data.image_cache import ensure_image_cache
 from pipelines.data.images import encode_png
@@ -130,7 +130,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", type=int, default=32, help="image side")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--per-unit", type=int, default=256, help="images per shard/file")
-    parser.add_argument("--buffer", type=int, default=2048, help="shuffle buffer rows")
+    parser.add_argument(
+        "--buffer",
+        type=int,
+        default=TrainingKnobs().shuffle_buffer,
+        help="shuffle buffer rows (default: the training stages' shuffle_buffer)",
+    )
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--num-cpus", type=int, default=2)

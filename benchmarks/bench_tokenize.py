@@ -32,7 +32,7 @@ import numpy as np
 import psutil
 import torch
 
-from pipelines.config import parse_config
+from pipelines.config import TokenizeSection, parse_config
 from pipelines.data import storage
 from pipelines.data.corpus import open_corpus
 from pipelines.data.demo_data import generate_corpus
@@ -267,8 +267,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--images", type=int, default=2000, help="N, generated images")
     parser.add_argument("--scale", type=int, default=10, help="the memory run uses scale x N")
     parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--cpus-per-actor", type=float, default=1.0)
+    stage_defaults = TokenizeSection()  # the stage as a config leaves it
+    parser.add_argument("--batch-size", type=int, default=stage_defaults.batch_size)
+    parser.add_argument("--cpus-per-actor", type=float, default=stage_defaults.cpus_per_actor)
     parser.add_argument("--num-cpus", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--workdir", default=None, help="default: a temporary folder, removed")
     args = parser.parse_args(argv)

@@ -51,7 +51,7 @@ import numpy as np
 import psutil
 import torch
 
-from pipelines.config import parse_config
+from pipelines.config import TokenizeSection, parse_config
 from pipelines.data import storage
 from pipelines.data.corpus import open_corpus
 from pipelines.data.demo_data import generate_corpus
@@ -322,9 +322,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--kill-size", type=int, default=200000, help="0 skips the kill test")
     parser.add_argument("--unique", type=int, default=2000, help="distinct generated images")
-    parser.add_argument("--shard-max", type=int, default=1000)
+    stage_defaults = TokenizeSection()  # the stage as a config leaves it
+    parser.add_argument("--shard-max", type=int, default=stage_defaults.shard_max_samples)
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--cpus-per-actor", type=float, default=1.0)
+    parser.add_argument("--cpus-per-actor", type=float, default=stage_defaults.cpus_per_actor)
     parser.add_argument("--num-cpus", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--workdir", default=None, help="default: a temporary folder")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)

@@ -1,8 +1,8 @@
 """The ``vqpipe`` command line.
 
     vqpipe run CONFIG.yaml [--set key=value ...] [--force STAGE ...]
-    vqpipe STAGE CONFIG.yaml [--set ...] [--force]       # one stage: train-vqvae, tokenize, ...
-    vqpipe tokenize --checkpoint CKPT --input CORPUS --output DIR [--set ...]   # no config file
+    vqpipe STAGE CONFIG.yaml [--set ...] [--force]       # one stage alone (vqpipe --help)
+    vqpipe STAGE [CONFIG.yaml] [OPTIONS ...]             # a stage's own options, if it has any
     vqpipe reconstruct --checkpoint CKPT --input DIR --output DIR
     vqpipe decode --checkpoint CKPT --input SHARDS --output DIR
     vqpipe validate CONFIG.yaml [--set ...]
@@ -13,6 +13,9 @@ With no ``ray.address`` a local Ray starts in this process; MLflow tracks to
 inputs prints ``vqpipe: error: ...`` and exits with status 2; anything else is a bug, printed with
 its traceback (status 1).
 
+A command per stage comes from the stage's declaration (``pipelines.stage.StageSpec``): its
+options, and the configuration they make, are the stage's, so this module names no stage.
+
 While stages run, the console shows a line per stage, its progress and its summary
 (``pipelines.console``); Ray's, Ray Data's and the workers' logs go to ``<output_dir>/logs/``
 (``pipelines.logs``) unless ``--verbose``.
@@ -21,14 +24,22 @@ While stages run, the console shows a line per stage, its progress and its summa
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
 import sys
 import traceback
+from collections.abc import Callable, Sequence
 from importlib.metadata import PackageNotFoundError, version
+from types import SimpleNamespace
+from typing import Any
 
-from pipelines.errors import UserError
-from pipelines.stages import STAGES, get_stage
+from pipelines.config import PipelineConfig, RaySection
+from pipelines.errors import ConfigError, UserError
+from pipelines.stage import StageSpec, ensure_ray
+from pipelines.stages import STAGES
+from pipelines.tools.decode import decode_shards
+from pipelines.tools.reconstruct import reconstruct_folder
 
 
 def _version() -> str:
@@ -57,7 +68,8 @@ def _add_config_args(p: argparse.ArgumentParser, optional: bool = False) -> None
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(stages: Sequence[StageSpec] | None = None) -> argparse.ArgumentParser:
+    """The parser of every command; ``stages`` (default: the registry) give one command each."""
     parser = argparse.ArgumentParser(
         prog="vqpipe",
         description="VQ-VAE-2 pipeline: train, tokenize, train priors, sample, evaluate.",
@@ -71,8 +83,41 @@ def build_parser() -> argparse.ArgumentParser:
         help="also show Ray's, Ray Data's and the workers' logs (otherwise in <output_dir>/logs/)",
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_run_options(
+        sub.add_parser("run", help="run every stage in order, skipping those already up to date")
+    )
+    for spec in STAGES if stages is None else stages:
+        _add_stage_options(
+            sub.add_parser(spec.verb, help=f"{spec.description} (this stage alone)"), spec
+        )
+    validate = sub.add_parser(
+        "validate",
+        help="check a configuration, print it with defaults filled in (stdout) and each training "
+        "stage's estimated memory per worker (stderr)",
+    )
+    _add_config_args(validate)
+    validate.add_argument(
+        "--no-memory",
+        action="store_true",
+        help="skip the memory estimates (each runs a few training steps of its model on the CPU)",
+    )
+    _add_config_args(
+        sub.add_parser(
+            "status", help="say which stages are done, stale, partial or not started; runs nothing"
+        )
+    )
+    _add_reconstruct_options(
+        sub.add_parser("reconstruct", help="write reconstructions of an image folder (same layout)")
+    )
+    _add_decode_options(
+        sub.add_parser(
+            "decode", help="turn code shards back into images, in the corpus' layout (Ray Data)"
+        )
+    )
+    return parser
 
-    p = sub.add_parser("run", help="run every stage in order, skipping those already up to date")
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
     _add_config_args(p)
     p.add_argument(
         "--force",
@@ -82,35 +127,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="redo STAGE even if up to date (repeatable; 'all' redoes everything); stages downstream follow",
     )
 
-    for spec in STAGES:
-        p = sub.add_parser(spec.verb, help=f"{spec.description} (this stage alone)")
-        _add_config_args(p, optional=spec.name == "tokenize")
-        p.add_argument("--force", action="store_true", help="redo the stage even if up to date")
-        if spec.name == "tokenize":
-            p.add_argument(
-                "--checkpoint",
-                help="pinned autoencoder: checkpoint path or URL, or models:/<name>/<version or "
-                "@alias>; sets tokenize.checkpoint",
-            )
-            p.add_argument("--input", help="the corpus to encode; sets data.source")
-            p.add_argument("--output", help="where the code dataset goes; sets output_dir")
-            p.epilog = (
-                "Without CONFIG, --checkpoint, --input and --output are required and the rest of "
-                "the configuration takes its defaults, with data.image_size and data.channels "
-                "read from the checkpoint (unless --set)."
-            )
 
-    p = sub.add_parser(
-        "validate", help="check a configuration and print it with defaults filled in"
-    )
-    _add_config_args(p)
+def _add_stage_options(p: argparse.ArgumentParser, spec: StageSpec) -> None:
+    """One stage alone: CONFIG, --set, --force and the options its declaration adds."""
+    # A stage that builds its configuration from its own options may do without CONFIG.
+    _add_config_args(p, optional=spec.config_from_args is not None)
+    p.add_argument("--force", action="store_true", help="redo the stage even if up to date")
+    if spec.cli_options is not None:
+        spec.cli_options(p)
+    p.set_defaults(stage_spec=spec)
 
-    p = sub.add_parser(
-        "status", help="say which stages are done, stale, partial or not started; runs nothing"
-    )
-    _add_config_args(p)
 
-    p = sub.add_parser("reconstruct", help="write reconstructions of an image folder (same layout)")
+def _add_reconstruct_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--checkpoint",
         required=True,
@@ -122,14 +150,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--image-size", type=int, nargs="+", default=None, help="H [W]; default from the checkpoint"
     )
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=_default(reconstruct_folder, "batch_size"))
     p.add_argument(
         "--side-by-side", action="store_true", help="write original|reconstruction pairs"
     )
 
-    p = sub.add_parser(
-        "decode", help="turn code shards back into images, in the corpus' layout (Ray Data)"
-    )
+
+def _add_decode_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--checkpoint",
         required=True,
@@ -144,15 +171,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--image-size", type=int, nargs="+", default=None, help="H [W]; default from the checkpoint"
     )
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--num-actors", type=int, default=1, help="decoder replicas")
-    p.add_argument("--cpus-per-actor", type=float, default=1.0)
-    return parser
+    p.add_argument("--batch-size", type=int, default=_default(decode_shards, "batch_size"))
+    p.add_argument(
+        "--num-actors",
+        type=int,
+        default=_default(decode_shards, "num_actors"),
+        help="decoder replicas",
+    )
+    p.add_argument(
+        "--cpus-per-actor", type=float, default=_default(decode_shards, "cpus_per_actor")
+    )
+
+
+def _default(tool: Callable[..., Any], parameter: str) -> Any:
+    """The tool's own default for ``parameter``, so that an option left out changes nothing."""
+    return inspect.signature(tool).parameters[parameter].default
 
 
 def _reconstruct(args: argparse.Namespace) -> int:
-    from pipelines.tools.reconstruct import reconstruct_folder
-
     size = tuple(args.image_size) if args.image_size else None
     summary = reconstruct_folder(
         args.checkpoint,
@@ -167,12 +203,6 @@ def _reconstruct(args: argparse.Namespace) -> int:
 
 
 def _decode(args: argparse.Namespace) -> int:
-    from types import SimpleNamespace
-
-    from pipelines.config import RaySection
-    from pipelines.stage import ensure_ray
-    from pipelines.tools.decode import decode_shards
-
     ensure_ray(SimpleNamespace(ray=RaySection()))  # joins RAY_ADDRESS's cluster, else local
     summary = decode_shards(
         args.checkpoint,
@@ -187,43 +217,18 @@ def _decode(args: argparse.Namespace) -> int:
     return 0
 
 
-def _one_line_tokenize_config(args: argparse.Namespace):
-    """The configuration of ``vqpipe tokenize --checkpoint --input --output``: defaults, the three
-    options, the image size and channels of the checkpoint, then --set."""
-    from pipelines.config import parse_config
-    from pipelines.errors import ConfigError
-    from pipelines.tokenizer import read_tokenizer, tracking_uri_for
-
-    missing = [f"--{name}" for name in ("checkpoint", "input", "output") if not getattr(args, name)]
-    if missing:
-        raise ConfigError(
-            f"vqpipe tokenize needs a CONFIG file, or --checkpoint, --input and --output "
-            f"(missing: {', '.join(missing)})"
-        )
-    raw = {
-        "output_dir": args.output,
-        "data": {"source": args.input},
-        "tokenize": {"checkpoint": args.checkpoint},
-    }
-    draft = parse_config(raw, args.overrides)
-    pinned = read_tokenizer(draft.tokenize.checkpoint, tracking_uri_for(draft))
-    if pinned.image_size is not None:
-        raw["data"]["image_size"] = list(pinned.image_size)
-    raw["data"]["channels"] = pinned.channels
-    return parse_config(raw, args.overrides)
-
-
-def _load(args: argparse.Namespace):
+def _load(args: argparse.Namespace) -> PipelineConfig:
+    """The configuration of the command: the stage's own, if it builds one, else CONFIG + --set."""
     from pipelines.config import load_config
 
-    one_line = {"checkpoint": "tokenize.checkpoint", "input": "data.source", "output": "output_dir"}
-    if getattr(args, "command", None) == "tokenize" and args.config is None:
-        return _one_line_tokenize_config(args)
-    overrides = list(args.overrides)
-    for option, key in one_line.items():
-        if getattr(args, option, None) and args.command == "tokenize":
-            overrides.insert(0, f"{key}={getattr(args, option)}")
-    return load_config(args.config, overrides)
+    stage: StageSpec | None = getattr(args, "stage_spec", None)
+    if stage is not None and stage.config_from_args is not None:
+        cfg = stage.config_from_args(args)
+        if cfg is not None:
+            return cfg
+    if args.config is None:
+        raise ConfigError(f"vqpipe {args.command} needs a CONFIG file")
+    return load_config(args.config, args.overrides)
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -234,6 +239,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     cfg = _load(args)
     if args.command == "validate":
         print(json.dumps(cfg.model_dump(mode="json"), indent=2))
+        if not args.no_memory:
+            _print_memory_estimates(cfg)
         return 0
     if args.command == "status":
         from pipelines.status import format_status, pipeline_status
@@ -242,6 +249,22 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
 
     return _run_stages(args, cfg)
+
+
+def _print_memory_estimates(cfg) -> None:
+    """Each enabled training stage's estimated peak memory per worker, probed on this CPU."""
+    from pipelines.sizing import estimate
+
+    for spec in STAGES:
+        if spec.memory_probes is None or not spec.enabled(cfg):
+            continue
+        for probe in spec.memory_probes(cfg):
+            found = estimate(probe)
+            print(
+                f"{probe.section}: estimated peak memory per worker {found.describe()} "
+                "(probed on this machine's CPU)",
+                file=sys.stderr,
+            )
 
 
 # Where the running command's logs go, for the error message of a failed run.
@@ -264,22 +287,22 @@ def _run_stages(args: argparse.Namespace, cfg) -> int:
         if args.command == "run":
             outcomes = run_stages(cfg, force=args.force)
         else:
-            stage = get_stage(args.command).name
+            stage = args.stage_spec.name
             outcomes = run_stages(cfg, stages=[stage], force=[stage] if args.force else [])
         shown.run_finished()
     print(_summary(outcomes))
     return 0
 
 
-def _runs_stages(command: str) -> bool:
-    return command == "run" or command in {spec.verb for spec in STAGES}
+def _runs_stages(args: argparse.Namespace) -> bool:
+    return args.command == "run" or getattr(args, "stage_spec", None) is not None
 
 
 def main(argv: list[str] | None = None) -> int:
     global _log_dir
     args = build_parser().parse_args(argv)
     _log_dir = None
-    if not _runs_stages(args.command):  # a stage run routes its logs itself (pipelines.logs)
+    if not _runs_stages(args):  # a stage run routes its logs itself (pipelines.logs)
         logging.basicConfig(
             level=logging.WARNING if args.quiet else logging.INFO,
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -19,10 +19,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from pipelines.errors import ConfigError
 from vq_core.kinds import code_levels, get_kind, kinds_of
+from vq_core.sampling import DEFAULT_METHOD, METHODS
 
 # The kinds a config may name, from vq_core's table of model kinds.
 AutoencoderKind = Literal[kinds_of("autoencoder")]  # type: ignore[valid-type]
 PriorKind = Literal[kinds_of("prior")]  # type: ignore[valid-type]
+SamplingMethod = Literal[METHODS]  # type: ignore[valid-type]
 
 
 def _absolute(uri: str) -> str:
@@ -374,7 +376,7 @@ class SampleSection(Section):
     temperature: float = Field(1.0, gt=0)
     top_k: int | None = Field(None, ge=1)
     top_p: float | None = Field(None, gt=0, le=1.0)
-    method: Literal["cached", "naive"] = "cached"
+    method: SamplingMethod = DEFAULT_METHOD
     seed: int = 0
     cpus_per_worker: float = Field(
         1.0, gt=0, description="CPUs reserved by each sampling actor (fractions allowed)."

@@ -38,3 +38,7 @@ class CapacityError(UserError, RuntimeError):
 
 class UnsupportedRayError(UserError, ImportError):
     """An installed Ray without a Ray Train internal that vqpipe needs (see pipelines.ray_compat)."""
+
+
+class MemoryBudgetError(ConfigError):
+    """A training stage whose estimated memory per worker exceeds its device's (pipelines.sizing)."""

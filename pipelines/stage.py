@@ -7,6 +7,7 @@ to know about it. Adding a stage means one new module and one line in ``pipeline
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 from collections.abc import Callable
@@ -17,6 +18,7 @@ from pipelines.config import PipelineConfig
 from pipelines.manifest import StageManifest, cli_verb
 
 if TYPE_CHECKING:
+    from pipelines.sizing import MemoryProbe
     from pipelines.tracking import TrackingContext
 
 log = logging.getLogger("vqpipe")
@@ -51,6 +53,13 @@ class StageSpec:
     own; ``reads_corpus`` whether it reads the images; ``enabled`` lets a config turn the stage
     off. The manifest's ``summary()`` is the CLI's one line about the finished stage.
 
+    ``cli_options`` adds the stage's own options to its command (``vqpipe <verb>``), beside
+    CONFIG, ``--set`` and ``--force``; ``config_from_args`` turns the parsed command line into
+    the configuration, or returns None to have CONFIG loaded with ``--set`` as for any stage. A
+    stage that declares ``config_from_args`` may be run without a CONFIG file.
+    ``memory_probes`` (training stages) gives the models and batches its workers train, for
+    the memory estimate ``vqpipe validate`` prints and the stage checks before it trains.
+
     ``on_corpus_change`` says what a changed corpus listing (``data.source`` gained, lost or
     touched files) means for a stage that reads the corpus:
 
@@ -76,6 +85,9 @@ class StageSpec:
     enabled: Callable[[PipelineConfig], bool] = field(default=_always)
     upstream_for: Callable[[PipelineConfig], tuple[type[StageManifest], ...]] | None = None
     external_inputs: Callable[[PipelineConfig], dict[str, str]] | None = None
+    cli_options: Callable[[argparse.ArgumentParser], None] | None = None
+    config_from_args: Callable[[argparse.Namespace], PipelineConfig | None] | None = None
+    memory_probes: Callable[[PipelineConfig], list[MemoryProbe]] | None = None
 
     def __post_init__(self) -> None:
         if self.on_corpus_change not in CORPUS_CHANGES:

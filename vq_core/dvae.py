@@ -34,6 +34,7 @@ from vq_core.vqvae import (
     AutoencoderOutput,
     Decoder,
     Encoder,
+    VQVAEConfig,
     check_codebook_size,
     check_codes,
     check_image_size,
@@ -115,11 +116,12 @@ class DiscreteVAEConfig:
     perturbed argmax, gradients flow through the relaxed sample.
     """
 
-    in_channels: int = 3
-    channels: int = 128
-    res_blocks: int = 2
-    res_channels: int = 32
-    embed_dim: int = 64
+    # The encoder and decoder are the VQ-VAE's (vq_core.vqvae), with its defaults.
+    in_channels: int = VQVAEConfig.in_channels
+    channels: int = VQVAEConfig.channels
+    res_blocks: int = VQVAEConfig.res_blocks
+    res_channels: int = VQVAEConfig.res_channels
+    embed_dim: int = VQVAEConfig.embed_dim
     codebook_size: int = 8192
     downsample: int = 8
     temperature: float = 1.0

@@ -96,7 +96,8 @@ def autocast_for(device: torch.device, precision: str):
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """Peak memory of one training worker: ``fixed_bytes + per_sample_bytes * batch_size``."""
+    """Peak memory of one training worker: the larger of the forward and backward pass,
+    ``fixed_bytes + per_sample_bytes * batch_size``, and the optimizer update."""
 
     batch_size: int
     parameter_bytes: int  # the weights alone
@@ -104,57 +105,108 @@ class MemoryEstimate:
     per_sample_bytes: int  # activations and workspace per sample
     saved_per_sample_bytes: int  # of which autograd keeps between forward and backward
     device: str  # where the probe ran
+    update_bytes: int = 0  # peak of the optimizer update, batch independent
 
     @property
     def peak_bytes(self) -> int:
-        return self.fixed_bytes + self.per_sample_bytes * self.batch_size
+        return max(self.fixed_bytes + self.per_sample_bytes * self.batch_size, self.update_bytes)
 
     def at_batch(self, batch_size: int) -> MemoryEstimate:
         return dataclasses.replace(self, batch_size=batch_size)
 
     def describe(self) -> str:
         return (
-            f"{self.peak_bytes / GIB:.2f} GiB at batch {self.batch_size} "
-            f"({self.fixed_bytes / GIB:.2f} GiB weights, gradients and optimizer state + "
-            f"{self.per_sample_bytes / GIB:.3f} GiB per sample, of which "
-            f"{self.saved_per_sample_bytes / GIB:.3f} GiB saved for backward)"
+            f"{format_bytes(self.peak_bytes)} at batch {self.batch_size} "
+            f"({format_bytes(self.fixed_bytes)} weights, gradients and optimizer state + "
+            f"{format_bytes(self.per_sample_bytes)} per sample, of which "
+            f"{format_bytes(self.saved_per_sample_bytes)} saved for backward)"
         )
 
 
-def _step_peak(
+def format_bytes(count: int) -> str:
+    """``1.23 GiB`` from a gibibyte up, ``45.6 MiB`` below."""
+    if abs(count) >= GIB:
+        return f"{count / GIB:.2f} GiB"
+    return f"{count / 2**20:.1f} MiB"
+
+
+@dataclass(frozen=True)
+class _StepPeaks:
+    """Bytes of one steady-state training step: what stays resident between steps (weights,
+    optimizer state), and the most the forward and backward pass, and the optimizer update, each
+    allocate on top of it."""
+
+    resident: int
+    pass_peak: int
+    update_peak: int
+    forward_end: int  # live at the end of the forward pass, above resident: what backward needs
+    gradients: int
+
+
+class _Meter:
+    """Peak bytes allocated since ``start()``, above what was live then (CUDA or CPU)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.tracker = LiveStorages() if device.type != "cuda" else None
+
+    def live(self) -> int:
+        if self.tracker is None:
+            torch.cuda.synchronize(self.device)
+            return torch.cuda.memory_allocated(self.device)
+        return self.tracker.current
+
+    def start(self) -> int:
+        base = self.live()
+        if self.tracker is None:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self.tracker.peak = base
+        return base
+
+    def peak_since(self, base: int) -> int:
+        if self.tracker is None:
+            torch.cuda.synchronize(self.device)
+            return torch.cuda.max_memory_allocated(self.device) - base
+        return self.tracker.peak - base
+
+
+def _step_peaks(
     model: nn.Module,
     make_batch: MakeBatch,
     loss_fn: LossFn,
     batch: int,
     precision: str,
     device: torch.device,
-) -> int:
-    """Peak bytes of two optimizer steps (the second one with Adam's state already allocated) on
-    a fresh copy of ``model``, the copy's weights included."""
+) -> _StepPeaks:
+    """Two optimizer steps of a fresh copy of ``model``; the second one measured, once Adam's
+    state exists."""
     probe = copy.deepcopy(model).to(device).train()
     optimizer = torch.optim.Adam([p for p in probe.parameters() if p.requires_grad])
     weights = tensor_bytes(probe.parameters()) + tensor_bytes(probe.buffers())
     data = [make_batch(batch) for _ in range(2)]
-
-    def steps() -> None:
+    meter = _Meter(device)
+    context = meter.tracker if meter.tracker is not None else nullcontext()
+    with context:
+        peaks = (0, 0, 0, 0)
         for inputs in data:
+            base = meter.start()
             with autocast_for(device, precision):
                 loss = loss_fn(probe, inputs)
+            forward_end = meter.live() - base
             loss.backward()
+            pass_peak = meter.peak_since(base)
+            del loss
+            update_base = meter.start()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        before = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        steps()
-        torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - before + weights
-    tracker = LiveStorages()
-    with tracker:
-        steps()
-    return tracker.peak + weights
+            update_peak = meter.peak_since(update_base) + (update_base - base)
+            peaks = (base, pass_peak, update_peak, forward_end)
+    base, pass_peak, update_peak, forward_end = peaks
+    # On the CPU the tracker counts only what the steps allocated; the weights were there before.
+    resident = base + (weights if meter.tracker is not None else 0)
+    gradients = tensor_bytes(p for p in probe.parameters() if p.requires_grad)
+    return _StepPeaks(resident, pass_peak, update_peak, forward_end, gradients)
 
 
 def estimate_training_memory(
@@ -178,9 +230,23 @@ def estimate_training_memory(
     small, large = probe_batches
     if not 0 < small < large:
         raise ValueError(f"probe_batches must be two increasing sizes, got {probe_batches}")
-    peaks = [_step_peak(model, make_batch, loss_fn, n, precision, device) for n in probe_batches]
-    per_sample = max(0, (peaks[1] - peaks[0]) // (large - small))
-    fixed = peaks[0] - per_sample * small
+    first, second = (
+        _step_peaks(model, make_batch, loss_fn, n, precision, device) for n in probe_batches
+    )
+    # The forward and backward pass grows with the batch (activations, workspace); the update
+    # does not. At probe batches the pass may peak late in backward, once the gradients exist and
+    # most activations are gone, while at the configured batch it peaks where backward starts: so
+    # per sample is the larger of the two slopes (the pass's peak, what the forward pass leaves
+    # for backward), on top of the gradients (which fill up while activations are still there).
+    span = large - small
+    per_sample = max(
+        0,
+        (second.pass_peak - first.pass_peak) // span,
+        (second.forward_end - first.forward_end) // span,
+    )
+    pass_fixed = first.pass_peak - per_sample * small
+    fixed = first.resident + max(pass_fixed, first.gradients)
+    update_bound = first.resident + max(first.update_peak, second.update_peak)
 
     probe = copy.deepcopy(model).to(device).train()
     saved = [0, 0]
@@ -204,4 +270,5 @@ def estimate_training_memory(
         per_sample_bytes=per_sample,
         saved_per_sample_bytes=saved_per_sample,
         device=str(device),
+        update_bytes=update_bound,
     )

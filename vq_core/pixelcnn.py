@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from vq_core.recompute import Recomputable
 from vq_core.sampling import (
+    DEFAULT_METHOD,
     CausalConv2d,
     PointwiseConv,
     Region,
@@ -286,7 +287,7 @@ class CodePrior(nn.Module):
         top_k: int | None = None,
         top_p: float | None = None,
         generator: torch.Generator | None = None,
-        method: str = "cached",
+        method: str = DEFAULT_METHOD,
     ) -> Tensor:
         """n code maps (n x h x w long). method="cached" (default) reuses earlier positions'
         activations; "naive" runs a full forward pass per position. Both give the same codes."""

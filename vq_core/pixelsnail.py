@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from vq_core.pixelcnn import (
     BlockConditioning,
     CodePrior,
+    GatedPixelCNNConfig,
     PriorContext,
     check_prior_config,
     require_int,
@@ -57,8 +58,9 @@ class PixelSNAILConfig:
     condition_num_codes: int = 0
     condition_height: int = 0
     condition_width: int = 0
-    condition_channels: int = 64
-    condition_res_blocks: int = 2
+    # The condition stack is the one every prior shares (vq_core.pixelcnn), with its defaults.
+    condition_channels: int = GatedPixelCNNConfig.condition_channels
+    condition_res_blocks: int = GatedPixelCNNConfig.condition_res_blocks
 
     def __post_init__(self) -> None:
         check_prior_config(self)

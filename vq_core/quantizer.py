@@ -42,6 +42,12 @@ _SEARCH_BLOCK_BYTES = 64 * 2**20
 # to the data's standard deviation: duplicates must differ, or they stay tied forever.
 _INIT_NOISE_SCALE = 0.01
 
+# The defaults of every quantizer, and of the autoencoder configs that build one: the commitment
+# weight of the VQ-VAE paper and its moving-average codebook (Appendix A.1) with decay 0.99.
+COMMITMENT_BETA = 0.25
+CODEBOOK_UPDATE = "ema"
+EMA_DECAY = 0.99
+
 # Distinct streams of the shared generator, so that two draws at the same step never coincide.
 _STREAM_DATA_INIT = 0
 _STREAM_RESTART = 1
@@ -116,6 +122,35 @@ class _StraightThrough(torch.autograd.Function):
         return grad, None
 
 
+def _check_arguments(
+    num_codes: int,
+    dim: int,
+    beta: float,
+    update: str,
+    decay: float,
+    epsilon: float,
+    dead_code_threshold: float,
+    chunk_size: int | None,
+) -> None:
+    """Refuse a VectorQuantizer's arguments that make no quantizer, naming the value."""
+    if num_codes < 1:
+        raise ValueError(f"num_codes must be >= 1, got {num_codes}")
+    if dim < 1:
+        raise ValueError(f"dim must be >= 1, got {dim}")
+    if update not in ("ema", "loss"):
+        raise ValueError(f"update must be 'ema' or 'loss', got {update!r}")
+    if not 0.0 < decay < 1.0:
+        raise ValueError(f"decay must lie in (0, 1), got {decay}")
+    if beta < 0:
+        raise ValueError(f"beta must be >= 0, got {beta}")
+    if epsilon <= 0:
+        raise ValueError(f"epsilon must be > 0, got {epsilon}")
+    if dead_code_threshold < 0:
+        raise ValueError(f"dead_code_threshold must be >= 0, got {dead_code_threshold}")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
+
+
 class VectorQuantizer(nn.Module):
     """Replaces each D-vector of a B x D x ... map by the nearest of num_codes code vectors.
 
@@ -133,9 +168,9 @@ class VectorQuantizer(nn.Module):
         num_codes: int,
         dim: int,
         *,
-        beta: float = 0.25,
-        update: str = "ema",
-        decay: float = 0.99,
+        beta: float = COMMITMENT_BETA,
+        update: str = CODEBOOK_UPDATE,
+        decay: float = EMA_DECAY,
         epsilon: float = 1e-5,
         data_init: bool = False,
         dead_code_threshold: float = 0.0,
@@ -143,23 +178,9 @@ class VectorQuantizer(nn.Module):
         seed: int | None = None,
     ) -> None:
         super().__init__()
-        if num_codes < 1:
-            raise ValueError(f"num_codes must be >= 1, got {num_codes}")
-        if dim < 1:
-            raise ValueError(f"dim must be >= 1, got {dim}")
-        if update not in ("ema", "loss"):
-            raise ValueError(f"update must be 'ema' or 'loss', got {update!r}")
-        if not 0.0 < decay < 1.0:
-            raise ValueError(f"decay must lie in (0, 1), got {decay}")
-        if beta < 0:
-            raise ValueError(f"beta must be >= 0, got {beta}")
-        if epsilon <= 0:
-            raise ValueError(f"epsilon must be > 0, got {epsilon}")
-        if dead_code_threshold < 0:
-            raise ValueError(f"dead_code_threshold must be >= 0, got {dead_code_threshold}")
-        if chunk_size is not None and chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
-
+        _check_arguments(
+            num_codes, dim, beta, update, decay, epsilon, dead_code_threshold, chunk_size
+        )
         self.num_codes = num_codes
         self.dim = dim
         self.beta = beta
@@ -169,11 +190,17 @@ class VectorQuantizer(nn.Module):
         self.data_init = data_init
         self.dead_code_threshold = dead_code_threshold
         self.chunk_size = chunk_size
+        self._register_state(data_init, seed)
+        # Per process, not saved: whether rank 0's state has been copied to this rank yet.
+        self._states_synced = False
 
+    def _register_state(self, data_init: bool, seed: int | None) -> None:
+        """The codebook and the moving-average state, in the order of the checkpoint's keys."""
+        num_codes, dim, decay = self.num_codes, self.dim, self.decay
         # The paper's initialisation for the loss-trained codebook; for EMA it only matters
         # until data init or the first updates replace it.
         initial = torch.empty(num_codes, dim).uniform_(-1.0 / num_codes, 1.0 / num_codes)
-        if update == "loss":
+        if self.update == "loss":
             self.code_vectors = nn.Parameter(initial)
         else:
             self.register_buffer("code_vectors", initial)
@@ -184,7 +211,7 @@ class VectorQuantizer(nn.Module):
         # instead of being divided by a near-zero count. In "loss" mode only the counts are
         # kept, to find dead codes.
         self.register_buffer("cluster_size", torch.full((num_codes,), 1.0 - decay))
-        if update == "ema":
+        if self.update == "ema":
             self.register_buffer("embed_sum", initial.clone() * (1.0 - decay))
         self.register_buffer("num_updates", torch.ones((), dtype=torch.long))
         self.register_buffer("initialized", torch.tensor(not data_init))
@@ -193,8 +220,6 @@ class VectorQuantizer(nn.Module):
             # Drawn from torch's global RNG so that torch.manual_seed makes runs repeatable.
             seed = int(torch.randint(0, 2**31 - 1, ()).item())
         self.register_buffer("rng_seed", torch.tensor(seed, dtype=torch.long))
-        # Per process, not saved: whether rank 0's state has been copied to this rank yet.
-        self._states_synced = False
 
     # ----------------------------------------------------------------------------------
     # public API

@@ -25,7 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vq_core.quantizer import QuantizerOutput, VectorQuantizer
+from vq_core.quantizer import (
+    CODEBOOK_UPDATE,
+    COMMITMENT_BETA,
+    EMA_DECAY,
+    QuantizerOutput,
+    VectorQuantizer,
+)
 from vq_core.recompute import Recomputable
 
 # Codes are written to disk as uint16 (see model notes, section 5), hence the upper bound.
@@ -89,9 +95,9 @@ class VQVAEConfig:
     res_channels: int = 32
     embed_dim: int = 64
     codebook_size: int = 512
-    beta: float = 0.25
-    codebook_update: str = "ema"
-    decay: float = 0.99
+    beta: float = COMMITMENT_BETA
+    codebook_update: str = CODEBOOK_UPDATE
+    decay: float = EMA_DECAY
     data_init: bool = True
     # Restart codes whose average assignments per batch fall below this. A code restarted or
     # initialised from data starts at one per batch, so with decay 0.99 an unused code is
@@ -109,18 +115,19 @@ class VQVAEConfig:
 class VQVAE2Config:
     """Two-level VQ-VAE-2: top codes at 1/8 and bottom codes at 1/4 of the image resolution."""
 
-    in_channels: int = 3
-    channels: int = 128
-    res_blocks: int = 2
-    res_channels: int = 32
-    embed_dim: int = 64
+    # The encoder, decoder and quantizers are VQVAEConfig's blocks, with its defaults.
+    in_channels: int = VQVAEConfig.in_channels
+    channels: int = VQVAEConfig.channels
+    res_blocks: int = VQVAEConfig.res_blocks
+    res_channels: int = VQVAEConfig.res_channels
+    embed_dim: int = VQVAEConfig.embed_dim
     codebook_size_top: int = 512
     codebook_size_bottom: int = 512
-    beta: float = 0.25
-    codebook_update: str = "ema"
-    decay: float = 0.99
-    data_init: bool = True
-    dead_code_threshold: float = 0.1  # see VQVAEConfig
+    beta: float = VQVAEConfig.beta
+    codebook_update: str = VQVAEConfig.codebook_update
+    decay: float = VQVAEConfig.decay
+    data_init: bool = VQVAEConfig.data_init
+    dead_code_threshold: float = VQVAEConfig.dead_code_threshold
 
     def __post_init__(self) -> None:
         check_network_fields(self)

@@ -146,10 +146,10 @@ class _ReadSpec:
     split: str
     keep_errors: bool
     on_bad_input: str
+    label_column: str
+    image_column: str
+    key_column: str | None
     skip_ref: Any = None  # ObjectRef of a sorted uint64 array (key_hashes) or None
-    label_column: str = "label"
-    image_column: str = "image"
-    key_column: str | None = None
     keep_payload: bool = False  # also return each row's encoded file ("payload")
 
 

@@ -35,6 +35,7 @@ import numpy as np
 import pyarrow.fs as pafs
 from PIL import Image, ImageDraw
 
+from pipelines.config import GenerateSection
 from pipelines.data import storage
 from pipelines.data.images import encode_png
 from pipelines.errors import ConfigError
@@ -52,6 +53,8 @@ SUPERSAMPLE = 4
 # What storage.write_bytes leaves behind when interrupted: "<file>.<8 hex digits>.partial".
 _PARTIAL = re.compile(r"\.[0-9a-f]{8}" + re.escape(storage.TMP_SUFFIX) + "$")
 _EXAMPLES_SHOWN = 5
+# The generator's defaults are those of the config's data.generate section.
+_DEFAULTS = GenerateSection()
 
 
 class NotADemoCorpusError(ConfigError):
@@ -163,7 +166,7 @@ PALETTE = np.array(
 
 
 def render_image(
-    shape: str, size: int, rng: np.random.Generator, background: str = "gradient"
+    shape: str, size: int, rng: np.random.Generator, background: str = _DEFAULTS.background
 ) -> np.ndarray:
     """One uint8 size x size x 3 image of ``shape`` with random placement and colours.
 
@@ -285,12 +288,12 @@ def _is_own(path: str, owned: set[str]) -> bool:
 
 def generate_corpus(
     root: str,
-    classes: tuple[str, ...] | list[str] = ("circle", "square", "triangle", "cross"),
-    images_per_class: int = 200,
-    image_size: int = 64,
-    corrupt_files: int = 0,
-    seed: int = 0,
-    background: str = "gradient",
+    classes: tuple[str, ...] | list[str] = tuple(_DEFAULTS.classes),
+    images_per_class: int = _DEFAULTS.images_per_class,
+    image_size: int = _DEFAULTS.image_size,
+    corrupt_files: int = _DEFAULTS.corrupt_files,
+    seed: int = _DEFAULTS.seed,
+    background: str = _DEFAULTS.background,
 ) -> dict[str, Any]:
     """Write the demo corpus under ``root`` (a local path or URL) unless it is already complete.
 
@@ -301,16 +304,7 @@ def generate_corpus(
     that this generator did not write, e.g. when it is someone's own image folder.
     """
     classes = list(classes)
-    unknown = [c for c in classes if c not in SHAPES]
-    if unknown:
-        raise ValueError(f"unknown demo classes {unknown}; expected names from {sorted(SHAPES)}")
-    if not classes or len(set(classes)) != len(classes):
-        raise ValueError(f"classes must be a non-empty list of distinct names, got {classes}")
-    if images_per_class <= 0 or image_size < 8 or corrupt_files < 0:
-        raise ValueError(
-            f"need images_per_class > 0, image_size >= 8 and corrupt_files >= 0; got "
-            f"{images_per_class}, {image_size}, {corrupt_files}"
-        )
+    _check_params(classes, images_per_class, image_size, corrupt_files)
     params = {
         "classes": classes,
         "images_per_class": images_per_class,
@@ -319,29 +313,19 @@ def generate_corpus(
         "seed": seed,
         "background": background,
     }
-    corrupt_keys = _corrupt_keys(classes, corrupt_files)
     summary = {
         "root": root,
         "classes": classes,
         "images": images_per_class * len(classes),
-        "corrupt": corrupt_keys,
+        "corrupt": _corrupt_keys(classes, corrupt_files),
     }
     existing = _existing_files(root) or []
     previous = _read_marker(root, existing)
     if previous is not None and previous["complete"] and previous["params"] == params:
         return {**summary, "generated": False}
-
     owned = set(previous["files"]) if previous is not None else set()
     owned.add(MARKER_NAME)
-    foreign = [f for f in existing if not _is_own(f, owned)]
-    if foreign:
-        shown = ", ".join(foreign[:_EXAMPLES_SHOWN])
-        more = (
-            f" and {len(foreign) - _EXAMPLES_SHOWN} more" if len(foreign) > _EXAMPLES_SHOWN else ""
-        )
-        raise NotADemoCorpusError(
-            root, f"it holds {len(foreign)} file(s) the generator did not write ({shown}{more})"
-        )
+    _refuse_foreign(root, existing, owned)
 
     log.info("generating demo corpus at %s (%d images)", root, summary["images"])
     planned = _planned_files(params)
@@ -355,16 +339,50 @@ def generate_corpus(
     for path in existing:
         if path not in keep:
             storage.remove(storage.join(root, path))
+    _write_images(root, params)
+    storage.write_bytes(marker, _marker_bytes(params, planned, complete=True))
+    return {**summary, "generated": True}
+
+
+def _check_params(
+    classes: list[str], images_per_class: int, image_size: int, corrupt_files: int
+) -> None:
+    unknown = [c for c in classes if c not in SHAPES]
+    if unknown:
+        raise ValueError(f"unknown demo classes {unknown}; expected names from {sorted(SHAPES)}")
+    if not classes or len(set(classes)) != len(classes):
+        raise ValueError(f"classes must be a non-empty list of distinct names, got {classes}")
+    if images_per_class <= 0 or image_size < 8 or corrupt_files < 0:
+        raise ValueError(
+            f"need images_per_class > 0, image_size >= 8 and corrupt_files >= 0; got "
+            f"{images_per_class}, {image_size}, {corrupt_files}"
+        )
+
+
+def _refuse_foreign(root: str, existing: list[str], owned: set[str]) -> None:
+    """Raise NotADemoCorpusError, naming a few, when ``root`` holds files that are not ours."""
+    foreign = [f for f in existing if not _is_own(f, owned)]
+    if not foreign:
+        return
+    shown = ", ".join(foreign[:_EXAMPLES_SHOWN])
+    more = f" and {len(foreign) - _EXAMPLES_SHOWN} more" if len(foreign) > _EXAMPLES_SHOWN else ""
+    raise NotADemoCorpusError(
+        root, f"it holds {len(foreign)} file(s) the generator did not write ({shown}{more})"
+    )
+
+
+def _write_images(root: str, params: dict[str, Any]) -> None:
+    """Every image of the corpus ``params`` describe, the broken files included."""
+    classes, size, seed = params["classes"], params["image_size"], params["seed"]
+    background = params["background"]
     for class_index, name in enumerate(classes):
-        for index in range(images_per_class):
+        for index in range(params["images_per_class"]):
             # One generator per image: any image can be regenerated alone and the corpus does
             # not depend on the order in which it is written.
             rng = np.random.default_rng([seed, class_index, index])
-            png = encode_png(render_image(name, image_size, rng, background))
+            png = encode_png(render_image(name, size, rng, background))
             storage.write_bytes(storage.join(root, name, f"{index:05d}.png"), png)
-    for i, key in enumerate(corrupt_keys):
+    for i, key in enumerate(_corrupt_keys(classes, params["corrupt_files"])):
         rng = np.random.default_rng([seed, 10_000 + i])
-        valid = encode_png(render_image(classes[i % len(classes)], image_size, rng, background))
+        valid = encode_png(render_image(classes[i % len(classes)], size, rng, background))
         storage.write_bytes(storage.join(root, f"{key}.png"), _corrupt_bytes(i, valid))
-    storage.write_bytes(marker, _marker_bytes(params, planned, complete=True))
-    return {**summary, "generated": True}

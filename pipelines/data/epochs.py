@@ -48,7 +48,7 @@ class EpochReader:
     validation_fraction: float
     test_fraction: float
     seed: int
-    shuffle_buffer: int = 2048
+    shuffle_buffer: int  # the training section's shuffle_buffer
     interleave: int = 16
     image_shape: tuple[int, int, int] | None = None  # image_cache only
     encoding: str = "pixels"  # image_cache only: how the cache stores images

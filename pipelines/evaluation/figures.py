@@ -107,7 +107,7 @@ def metric_history(client: MlflowClient, run_id: str, keys: Sequence[str]) -> di
 # What each training stage logs
 
 
-def autoencoder_curves(levels: Sequence[str] = ("top", "bottom")) -> list[CurveFigure]:
+def autoencoder_curves(levels: Sequence[str]) -> list[CurveFigure]:
     """The training-curve figures of the autoencoder stage.
 
     ``levels`` are the autoencoder's code levels (top and bottom for VQ-VAE-2, "codes" for a
@@ -119,7 +119,38 @@ def autoencoder_curves(levels: Sequence[str] = ("top", "bottom")) -> list[CurveF
     eval_every steps).
     """
     levels = list(levels)
-    loss = Panel(
+    return [
+        CurveFigure(
+            "Autoencoder training",
+            "figures/curves-autoencoder-loss.png",
+            "Autoencoder losses over training steps (training batches: means over log_every "
+            "steps; validation: every eval_every steps)",
+            (_autoencoder_loss_panel(), _quantizer_loss_panel(levels), _gumbel_schedule_panel()),
+        ),
+        CurveFigure(
+            "Codebooks during training",
+            "figures/curves-autoencoder-codebooks.png",
+            "Code usage and perplexity per level: per training batch (solid) and over the "
+            "validation images (dashed)",
+            (
+                Panel(
+                    "Codebook usage",
+                    "fraction of codes used",
+                    _train_and_holdout("usage", levels),
+                    ylim=(0.0, 1.05),
+                ),
+                Panel(
+                    "Codebook perplexity",
+                    "perplexity (codes)",
+                    _train_and_holdout("perplexity", levels),
+                ),
+            ),
+        ),
+    ]
+
+
+def _autoencoder_loss_panel() -> Panel:
+    return Panel(
         "Autoencoder loss",
         "loss (log scale)",
         (
@@ -130,7 +161,10 @@ def autoencoder_curves(levels: Sequence[str] = ("top", "bottom")) -> list[CurveF
         ),
         log_y=True,
     )
-    quantizer = Panel(
+
+
+def _quantizer_loss_panel(levels: list[str]) -> Panel:
+    return Panel(
         "Quantizer losses",
         "loss (log scale)",
         tuple(
@@ -143,7 +177,10 @@ def autoencoder_curves(levels: Sequence[str] = ("top", "bottom")) -> list[CurveF
         ),
         log_y=True,
     )
-    schedule = Panel(
+
+
+def _gumbel_schedule_panel() -> Panel:
+    return Panel(
         "Gumbel-softmax schedule",
         "value",
         (
@@ -151,36 +188,9 @@ def autoencoder_curves(levels: Sequence[str] = ("top", "bottom")) -> list[CurveF
             Curve("train/kl_weight", "KL weight"),
         ),
     )
-    usage = Panel(
-        "Codebook usage",
-        "fraction of codes used",
-        _train_and_holdout("usage", levels),
-        ylim=(0.0, 1.05),
-    )
-    perplexity = Panel(
-        "Codebook perplexity",
-        "perplexity (codes)",
-        _train_and_holdout("perplexity", levels),
-    )
-    return [
-        CurveFigure(
-            "Autoencoder training",
-            "figures/curves-autoencoder-loss.png",
-            "Autoencoder losses over training steps (training batches: means over log_every "
-            "steps; validation: every eval_every steps)",
-            (loss, quantizer, schedule),
-        ),
-        CurveFigure(
-            "Codebooks during training",
-            "figures/curves-autoencoder-codebooks.png",
-            "Code usage and perplexity per level: per training batch (solid) and over the "
-            "validation images (dashed)",
-            (usage, perplexity),
-        ),
-    ]
 
 
-def prior_curves(levels: Sequence[str] = ("top", "bottom")) -> list[CurveFigure]:
+def prior_curves(levels: Sequence[str]) -> list[CurveFigure]:
     """The training-curve figure of the priors, one panel per level with a prior.
 
     Metric names: ``<level>/train_bits_per_code`` and ``<level>/validation_bits_per_code`` from the

@@ -1,14 +1,17 @@
 """MLflow pyfunc model (defined from code): class labels (and a condition map) in, sampled codes out.
 
 Input: ``{"labels": int64 N}``, plus ``{"condition": int64 N x h' x w'}`` for a prior conditioned
-on a coarser code map (the bottom prior of a VQ-VAE-2 takes the top codes). Params: ``seed``,
-``temperature``, ``top_k``, ``top_p``. Output: int64 codes N x h x w.
+on a coarser code map (the bottom prior of a VQ-VAE-2 takes the top codes). Params: ``seed`` and
+``temperature``, with their defaults in ``pipelines.mlflow_models.PARAMS`` (the signature declares
+those; MLflow drops any other). Output: int64 codes N x h x w.
 """
 
 from __future__ import annotations
 
 import mlflow
 import numpy as np
+
+from pipelines.mlflow_models import PARAMS
 
 
 class PriorSampler(mlflow.pyfunc.PythonModel):
@@ -21,15 +24,15 @@ class PriorSampler(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input, params=None):
         import torch
 
-        params = params or {}
+        params = {**PARAMS["prior"], **(params or {})}
         labels = torch.as_tensor(np.asarray(model_input["labels"]), dtype=torch.long).flatten()
         condition = model_input.get("condition") if isinstance(model_input, dict) else None
-        generator = torch.Generator().manual_seed(int(params.get("seed", 0)))
+        generator = torch.Generator().manual_seed(int(params["seed"]))
         codes = self.model.sample(
             len(labels),
             labels=labels if self.model.config.num_classes > 0 else None,
             condition=None if condition is None else torch.as_tensor(np.asarray(condition)).long(),
-            temperature=float(params.get("temperature", 1.0)),
+            temperature=float(params["temperature"]),
             generator=generator,
         )
         return codes.numpy().astype(np.int64)

@@ -38,6 +38,7 @@ the tokenizer (sha256, and the registered model's name and version) and the corp
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import io
 import json
@@ -53,6 +54,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from pipelines import console
+from pipelines.config import PipelineConfig, load_config, parse_config
 from pipelines.data import storage
 from pipelines.data.corpus import IMAGE_EXTENSIONS, Corpus, open_corpus
 from pipelines.data.keys import key_hashes, sanitize_key, split_of
@@ -737,6 +739,59 @@ def run(ctx: StageContext) -> TokenizeManifest:
     )
 
 
+# The command line: `vqpipe tokenize --checkpoint CKPT --input CORPUS --output DIR` encodes a corpus
+# with a pinned autoencoder and needs no config file. With CONFIG the three options set their keys
+# and --set still has the last word.
+_OPTION_KEYS = {"checkpoint": "tokenize.checkpoint", "input": "data.source", "output": "output_dir"}
+
+
+def _cli_options(parser: argparse.ArgumentParser) -> None:
+    """tokenize's options beside CONFIG, --set and --force."""
+    parser.add_argument(
+        "--checkpoint",
+        help="pinned autoencoder: checkpoint path or URL, or models:/<name>/<version or "
+        "@alias>; sets tokenize.checkpoint",
+    )
+    parser.add_argument("--input", help="the corpus to encode; sets data.source")
+    parser.add_argument("--output", help="where the code dataset goes; sets output_dir")
+    parser.epilog = (
+        "Without CONFIG, --checkpoint, --input and --output are required and the rest of "
+        "the configuration takes its defaults, with data.image_size and data.channels "
+        "read from the checkpoint (unless --set)."
+    )
+
+
+def _config_from_args(args: argparse.Namespace) -> PipelineConfig:
+    """The configuration of ``vqpipe tokenize``: CONFIG with the options before --set, or none."""
+    if args.config is None:
+        return _config_from_checkpoint(args)
+    options = [
+        f"{key}={getattr(args, name)}" for name, key in _OPTION_KEYS.items() if getattr(args, name)
+    ]
+    return load_config(args.config, [*options, *args.overrides])
+
+
+def _config_from_checkpoint(args: argparse.Namespace) -> PipelineConfig:
+    """Defaults, the three options, the image size and channels of the checkpoint, then --set."""
+    missing = [f"--{name}" for name in _OPTION_KEYS if not getattr(args, name)]
+    if missing:
+        raise ConfigError(
+            f"vqpipe tokenize needs a CONFIG file, or --checkpoint, --input and --output "
+            f"(missing: {', '.join(missing)})"
+        )
+    raw = {
+        "output_dir": args.output,
+        "data": {"source": args.input},
+        "tokenize": {"checkpoint": args.checkpoint},
+    }
+    draft = parse_config(raw, args.overrides)
+    pinned = read_tokenizer(draft.tokenize.checkpoint, tracking_uri_for(draft))
+    if pinned.image_size is not None:
+        raw["data"]["image_size"] = list(pinned.image_size)
+    raw["data"]["channels"] = pinned.channels
+    return parse_config(raw, args.overrides)
+
+
 SPEC = StageSpec(
     manifest=TokenizeManifest,
     run=run,
@@ -747,4 +802,6 @@ SPEC = StageSpec(
     on_corpus_change="incremental",
     upstream_for=_upstream_for,
     external_inputs=_external_inputs,
+    cli_options=_cli_options,
+    config_from_args=_config_from_args,
 )

@@ -32,14 +32,17 @@ import torch
 from torch import nn
 
 from pipelines.checkpoint_meta import CheckpointMeta, load_with_meta
-from pipelines.config import PriorSection, TrainPriorSection
+from pipelines.config import PipelineConfig, PriorSection, TrainPriorSection
 from pipelines.data import storage
 from pipelines.data.code_union import CodeUnion, manifest_uri, read_member, unite
+from pipelines.data.corpus import open_corpus
 from pipelines.data.epochs import EpochReader
-from pipelines.errors import ConfigError
+from pipelines.errors import ConfigError, UserError
 from pipelines.manifest import fingerprint, require_manifest
+from pipelines.sizing import MemoryProbe, preflight
 from pipelines.stage import StageContext, StageSpec
 from pipelines.stage_manifests import PriorEntry, TokenizeManifest, TrainPriorManifest
+from pipelines.tokenizer import read_tokenizer, tracking_uri_for
 from pipelines.training import (
     fit,
     is_local_ray,
@@ -50,7 +53,7 @@ from pipelines.training import (
     training_threads,
 )
 from vq_core.checkpoint import model_from_config
-from vq_core.kinds import get_kind, prior_conditions, prior_fields
+from vq_core.kinds import autoencoder_fields, get_kind, prior_conditions, prior_fields
 from vq_core.pixelcnn import bits_per_code
 
 log = logging.getLogger("vqpipe")
@@ -75,9 +78,21 @@ def plan_priors(
     ``num_classes`` (default: the manifest's) is the merged count of a union."""
     if num_classes is None:
         num_classes = len(tokenized.class_names)
-    sizes, shapes = tokenized.codebook_sizes, tokenized.code_shapes
+    return plan_priors_for(
+        tokenized.levels, tokenized.codebook_sizes, tokenized.code_shapes, section, num_classes
+    )
+
+
+def plan_priors_for(
+    levels: list[str],
+    sizes: dict[str, int],
+    shapes: dict[str, list[int]],
+    section: TrainPriorSection,
+    num_classes: int,
+) -> list[PriorPlan]:
+    """``plan_priors`` for code maps described by their levels, codebook sizes and shapes."""
     plans = []
-    for level, condition in prior_conditions(tokenized.levels).items():
+    for level, condition in prior_conditions(levels).items():
         knobs = section.for_level(level)
         derived = prior_fields(
             sizes[level],
@@ -216,6 +231,7 @@ def _train_one(
         "seed": ctx.cfg.seed,
         "dtypes": {c: torch.int64 for c in columns},
     }
+    preflight(memory_probe(plan), ctx.tracking)
     result = run_trainer(
         train_loop_per_worker,
         loop_config,
@@ -227,6 +243,62 @@ def _train_one(
         resource_wait_seconds=ctx.cfg.ray.resource_wait_seconds,
     )
     return load_final_model(result, prefer_best=True)
+
+
+def _probe_codes(plan: PriorPlan, n: int) -> dict[str, torch.Tensor]:
+    """n random code maps (and labels, condition maps) of the plan's shapes, as a batch."""
+    generator = torch.Generator().manual_seed(n)
+    config = plan.model_config
+
+    def codes(count: int, height: int, width: int) -> torch.Tensor:
+        return torch.randint(0, count, (n, height, width), generator=generator)
+
+    batch = {
+        plan.level: codes(config["num_codes"], config["height"], config["width"]),
+        "label": torch.randint(0, max(config["num_classes"], 1), (n,), generator=generator),
+    }
+    if plan.condition:
+        batch[plan.condition] = codes(
+            config["condition_num_codes"], config["condition_height"], config["condition_width"]
+        )
+    return batch
+
+
+def memory_probe(plan: PriorPlan) -> MemoryProbe:
+    """The prior its workers train, for the memory estimate (pipelines.sizing)."""
+    return MemoryProbe(
+        section=f"train_prior.{plan.level}",
+        knobs=plan.knobs,
+        build=partial(model_from_config, plan.model_name, plan.model_config),
+        make_batch=partial(_probe_codes, plan),
+        loss_fn=prior_loss(plan, plan.model_config["num_classes"]),
+    )
+
+
+def memory_probes(cfg: PipelineConfig) -> list[MemoryProbe]:
+    """The priors a config calls for, from the autoencoder it trains or pins (class count: the
+    corpus', when its listing can be read; the class embedding weighs little either way)."""
+    if cfg.tokenize.checkpoint:
+        autoencoder = read_tokenizer(cfg.tokenize.checkpoint, tracking_uri_for(cfg)).model
+    else:
+        section = cfg.train_vqvae
+        autoencoder = get_kind(section.kind).build(
+            section.model, autoencoder_fields(cfg.data.channels)
+        )
+    try:
+        num_classes = len(open_corpus(cfg.data).class_names)
+    except (UserError, OSError):
+        num_classes = len(cfg.data.class_names or [])
+    shapes = autoencoder.code_shape(*cfg.data.size_hw)
+    levels = list(autoencoder.levels)
+    plans = plan_priors_for(
+        levels,
+        dict(zip(levels, autoencoder.codebook_sizes)),
+        {level: list(shape) for level, shape in zip(levels, shapes)},
+        cfg.train_prior,
+        num_classes,
+    )
+    return [memory_probe(plan) for plan in plans]
 
 
 def _log_prior(ctx: StageContext, plan: PriorPlan, checkpoint: bytes) -> str | None:
@@ -368,6 +440,7 @@ def run(ctx: StageContext) -> TrainPriorManifest:
 SPEC = StageSpec(
     manifest=TrainPriorManifest,
     run=run,
+    memory_probes=memory_probes,
     description="train the class-conditional priors over the code shards with Ray Train",
     upstream=(TokenizeManifest,),
     sections=("seed",),

@@ -1,9 +1,9 @@
 """Stage 1: train the autoencoder (VQ-VAE-2, VQ-VAE or dVAE) on the image corpus with Ray Train.
 
-Writes ``<stage_dir>/model.pt`` (vq_core checkpoint format, extra: step, final metrics, image size,
-channels, class names) and ``<stage_dir>/reconstructions.png`` (validation originals above their
-reconstructions), logs both to the stage's MLflow run, and returns the manifest body that
-tokenize and sample read.
+Writes ``<stage_dir>/model.pt`` (vq_core checkpoint format, extra: kind, step, final metrics, image
+size, channels, class names) and ``<stage_dir>/reconstructions.png`` (validation images, or training
+images when the validation split is empty, above their reconstructions), logs both to the stage's
+MLflow run, and returns the manifest that tokenize and evaluate read.
 
 Training reads the train split from the decoded-image cache (``pipelines.data.image_cache``: the corpus
 decoded once at the training resolution) through a seeded per-rank reader
@@ -24,12 +24,13 @@ import torch
 from torch import nn
 
 from pipelines.checkpoint_meta import CheckpointMeta, load_with_meta
-from pipelines.config import TrainVQVAESection
+from pipelines.config import DataSection, PipelineConfig, TrainVQVAESection
 from pipelines.data import storage
 from pipelines.data.corpus import open_corpus
 from pipelines.data.epochs import EpochReader
 from pipelines.data.image_cache import ensure_image_cache
 from pipelines.data.images import encode_png, make_grid, to_model_input, to_uint8
+from pipelines.sizing import MemoryProbe, preflight
 from pipelines.stage import StageContext, StageSpec
 from pipelines.stage_manifests import TrainVQVAEManifest
 from pipelines.training import (
@@ -193,62 +194,14 @@ def _log_tokenizer(
 
 def run(ctx: StageContext) -> TrainVQVAEManifest:
     cfg, section = ctx.cfg, ctx.cfg.train_vqvae
-    height, width = cfg.data.size_hw
     corpus = open_corpus(cfg.data)
     class_names = list(corpus.class_names)
     holdout, grid_images = _holdout_images(ctx, corpus)
-
     model_uri = storage.join(ctx.stage_dir, MODEL_NAME)
-    if storage.exists(model_uri):
-        # Written only after training finished: an earlier attempt died after that point.
-        log.info("train_vqvae: reusing the finished model at %s", model_uri)
-        model_bytes = storage.read_bytes(model_uri)
-        model, meta = load_with_meta(model_bytes)
-    else:
-        cache = ensure_image_cache(cfg.data, cfg.output_dir)
-        data = EpochReader.for_images(
-            cache,
-            "train",
-            validation_fraction=cfg.data.validation_fraction,
-            test_fraction=cfg.data.test_fraction,
-            seed=cfg.seed,
-            shuffle_buffer=section.shuffle_buffer,
-        )
-        loop_config = {
-            "data": data,
-            "threads": training_threads(section, is_local_ray(cfg.ray)),
-            "section": section,
-            "channels": cfg.data.channels,
-            "holdout": ray.put(holdout) if len(holdout) else None,
-            "tracking": ctx.tracking,
-            "seed": cfg.seed,
-            "meta": CheckpointMeta(kind=section.kind),
-        }
-        result = run_trainer(
-            train_loop_per_worker,
-            loop_config,
-            name=f"{ctx.stage}-{ctx.fingerprint}",
-            stage_dir=ctx.stage_dir,
-            knobs=section,
-            section=ctx.stage,
-            resource_wait_seconds=cfg.ray.resource_wait_seconds,
-        )
-        model, meta = load_final_model(result)
-        meta = meta.model_copy(
-            update={
-                "image_size": [height, width],
-                "channels": cfg.data.channels,
-                "class_names": class_names,
-            }
-        )
-        model_bytes = publish_model(model, model_uri, meta)
+    model, meta, model_bytes = _finished_model(ctx, model_uri, holdout, class_names)
     ctx.tracking.log_bytes(model_bytes, f"model/{MODEL_NAME}")
     registered = _log_tokenizer(ctx, model, model_bytes, grid_images)
-
-    grid = reconstruction_grid(model, grid_images)
-    grid_uri = storage.join(ctx.stage_dir, GRID_NAME)
-    storage.write_bytes(grid_uri, encode_png(grid))
-    ctx.tracking.log_image(grid, GRID_NAME)
+    grid_uri = _write_grid(ctx, model, grid_images)
 
     metrics = {k: v for k, v in meta.metrics.items() if k != "step"}
     log.info("train_vqvae: %d steps, %s", meta.trained_step(), metrics)
@@ -256,7 +209,7 @@ def run(ctx: StageContext) -> TrainVQVAEManifest:
         model,
         checkpoint=model_uri,
         kind=section.kind,
-        image_size=(height, width),
+        image_size=cfg.data.size_hw,
         channels=cfg.data.channels,
         class_names=class_names,
         steps=meta.trained_step(),
@@ -266,9 +219,99 @@ def run(ctx: StageContext) -> TrainVQVAEManifest:
     )
 
 
+def _finished_model(
+    ctx: StageContext, model_uri: str, holdout: np.ndarray, class_names: list[str]
+) -> tuple[nn.Module, CheckpointMeta, bytes]:
+    """(model, checkpoint metadata, checkpoint bytes) of the trained autoencoder, published at
+    ``model_uri``: trained now, or the one an earlier attempt finished."""
+    if storage.exists(model_uri):
+        # Written only after training finished: an earlier attempt died after that point.
+        log.info("train_vqvae: reusing the finished model at %s", model_uri)
+        model_bytes = storage.read_bytes(model_uri)
+        model, meta = load_with_meta(model_bytes)
+        return model, meta, model_bytes
+    model, meta = _train(ctx, holdout)
+    meta = meta.model_copy(
+        update={
+            "image_size": list(ctx.cfg.data.size_hw),
+            "channels": ctx.cfg.data.channels,
+            "class_names": class_names,
+        }
+    )
+    return model, meta, publish_model(model, model_uri, meta)
+
+
+def _train(ctx: StageContext, holdout: np.ndarray) -> tuple[nn.Module, CheckpointMeta]:
+    """Train with Ray Train on the train split of the image cache (augmented when data.augment
+    says so); the final model and its metadata."""
+    cfg, section = ctx.cfg, ctx.cfg.train_vqvae
+    preflight(memory_probe(section, cfg.data), ctx.tracking)
+    cache = ensure_image_cache(cfg.data, cfg.output_dir)
+    data = EpochReader.for_images(
+        cache,
+        "train",
+        validation_fraction=cfg.data.validation_fraction,
+        test_fraction=cfg.data.test_fraction,
+        seed=cfg.seed,
+        shuffle_buffer=section.shuffle_buffer,
+        augment=cfg.data.augment,
+    )
+    loop_config = {
+        "data": data,
+        "threads": training_threads(section, is_local_ray(cfg.ray)),
+        "section": section,
+        "channels": cfg.data.channels,
+        "holdout": ray.put(holdout) if len(holdout) else None,
+        "tracking": ctx.tracking,
+        "seed": cfg.seed,
+        "meta": CheckpointMeta(kind=section.kind),
+    }
+    result = run_trainer(
+        train_loop_per_worker,
+        loop_config,
+        name=f"{ctx.stage}-{ctx.fingerprint}",
+        stage_dir=ctx.stage_dir,
+        knobs=section,
+        section=ctx.stage,
+        resource_wait_seconds=cfg.ray.resource_wait_seconds,
+    )
+    return load_final_model(result)
+
+
+def _probe_images(shape: tuple[int, int, int], n: int) -> dict[str, torch.Tensor]:
+    """n uint8 images of ``shape`` (H, W, C), as the training reader hands them to the loss."""
+    generator = torch.Generator().manual_seed(n)
+    return {"image": torch.randint(0, 256, (n, *shape), dtype=torch.uint8, generator=generator)}
+
+
+def memory_probe(section: TrainVQVAESection, data: DataSection) -> MemoryProbe:
+    """The autoencoder its workers train, for the memory estimate (pipelines.sizing)."""
+    return MemoryProbe(
+        section="train_vqvae",
+        knobs=section,
+        build=partial(build_autoencoder, section, data.channels),
+        make_batch=partial(_probe_images, (*data.size_hw, data.channels)),
+        loss_fn=autoencoder_loss(section, build_autoencoder(section, data.channels).config),
+    )
+
+
+def memory_probes(cfg: PipelineConfig) -> list[MemoryProbe]:
+    return [memory_probe(cfg.train_vqvae, cfg.data)]
+
+
+def _write_grid(ctx: StageContext, model: nn.Module, images: np.ndarray) -> str:
+    """Write the reconstruction grid to the stage folder and MLflow; returns its URI."""
+    grid = reconstruction_grid(model, images)
+    grid_uri = storage.join(ctx.stage_dir, GRID_NAME)
+    storage.write_bytes(grid_uri, encode_png(grid))
+    ctx.tracking.log_image(grid, GRID_NAME)
+    return grid_uri
+
+
 SPEC = StageSpec(
     manifest=TrainVQVAEManifest,
     run=run,
+    memory_probes=memory_probes,
     description="train the autoencoder (VQ-VAE-2, VQ-VAE or dVAE) on the corpus with Ray Train",
     sections=("seed", "data"),
     reads_corpus=True,

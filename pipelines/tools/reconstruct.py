@@ -48,46 +48,20 @@ def reconstruct_folder(
     if not storage.is_dir(input_dir):
         raise MissingInputError(f"--input {input_dir!r} is not a folder")
     model, meta = load_autoencoder(checkpoint)
-    if image_size is None:
-        size = meta.image_size
-        if size is None:
-            raise InputError(
-                f"{checkpoint!r} does not record its image size; pass --image-size H [W]"
-            )
-        size_hw = tuple(size)
-    else:
-        size_hw = (image_size[0], image_size[-1])
+    size_hw = _image_size(checkpoint, meta, image_size)
     channels = model.config.in_channels
-
-    files = [f for f in storage.list_files(input_dir) if f.lower().endswith(IMAGE_SUFFIXES)]
-    if not files:
-        raise MissingInputError(
-            f"--input {input_dir!r} holds no image files ({', '.join(IMAGE_SUFFIXES)})"
-        )
+    files = _image_files(input_dir)
     written, bad, sq_err = 0, [], 0.0
     for start in range(0, len(files), batch_size):
-        chunk, arrays = [], []
-        for f in files[start : start + batch_size]:
-            try:
-                arrays.append(decode_image(storage.read_bytes(f), size_hw, channels))
-                chunk.append(f)
-            except BadImageError as err:
-                log.warning("skipping %s: %s", f, err)
-                bad.append(f)
+        chunk, arrays = _read_images(files[start : start + batch_size], size_hw, channels, bad)
         if not arrays:
             continue
         x = to_model_input(np.stack(arrays))
         with torch.inference_mode():
             recon = model.decode_codes(model.encode(x)).clamp(-1, 1)
         sq_err += float(((recon - x) ** 2).mean(dim=(1, 2, 3)).sum())
-        out = to_uint8(recon)
-        for f, original, image in zip(chunk, arrays, out):
-            rel = (
-                os.path.relpath(f, input_dir)
-                if not storage.is_url(input_dir)
-                else f[len(input_dir) :].lstrip("/")
-            )
-            target = storage.join(output_dir, os.path.splitext(rel)[0] + ".png")
+        for f, original, image in zip(chunk, arrays, to_uint8(recon)):
+            target = storage.join(output_dir, os.path.splitext(_relative(f, input_dir))[0] + ".png")
             pixels = np.concatenate([original, image], axis=1) if side_by_side else image
             storage.write_bytes(target, encode_png(pixels))
             written += 1
@@ -100,3 +74,46 @@ def reconstruct_folder(
     }
     log.info("reconstructed %d images into %s (MSE %.5f)", written, output_dir, summary["mse"])
     return summary
+
+
+def _image_size(
+    checkpoint: str, meta: CheckpointMeta, image_size: tuple[int, ...] | None
+) -> tuple[int, int]:
+    """(H, W) from --image-size H [W], else the size the checkpoint records."""
+    if image_size is not None:
+        return (image_size[0], image_size[-1])
+    size = meta.image_size
+    if size is None:
+        raise InputError(f"{checkpoint!r} does not record its image size; pass --image-size H [W]")
+    return tuple(size)
+
+
+def _image_files(input_dir: str) -> list[str]:
+    files = [f for f in storage.list_files(input_dir) if f.lower().endswith(IMAGE_SUFFIXES)]
+    if not files:
+        raise MissingInputError(
+            f"--input {input_dir!r} holds no image files ({', '.join(IMAGE_SUFFIXES)})"
+        )
+    return files
+
+
+def _read_images(
+    files: list[str], size_hw: tuple[int, int], channels: int, bad: list[str]
+) -> tuple[list[str], list[np.ndarray]]:
+    """(files, images) of those that decode; the others are logged and added to ``bad``."""
+    read, arrays = [], []
+    for f in files:
+        try:
+            arrays.append(decode_image(storage.read_bytes(f), size_hw, channels))
+            read.append(f)
+        except BadImageError as err:
+            log.warning("skipping %s: %s", f, err)
+            bad.append(f)
+    return read, arrays
+
+
+def _relative(path: str, input_dir: str) -> str:
+    """``path`` relative to ``input_dir``, a local folder or a URL."""
+    if storage.is_url(input_dir):
+        return path[len(input_dir) :].lstrip("/")
+    return os.path.relpath(path, input_dir)

@@ -5,11 +5,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from typing import ClassVar
 
 import pytest
 
 from jobs import stage as stage_job
-from jobs.cli import build_parser, main
+from jobs.cli import _load, build_parser, main
+from pipelines.config import parse_config
+from pipelines.manifest import StageManifest
+from pipelines.stage import StageSpec
 from pipelines.stages import STAGES
 
 
@@ -18,6 +22,66 @@ def test_every_declared_stage_is_a_command():
     for spec in STAGES:
         args = parser.parse_args([spec.verb, "config.yaml", "--force"])
         assert args.command == spec.verb and args.force
+
+
+class _BlendManifest(StageManifest):
+    stage: ClassVar[str] = "blend_codes"
+
+
+def _blend_spec(tmp_path) -> StageSpec:
+    """A stage of a test registry with an option of its own that makes its configuration."""
+
+    def options(parser):
+        parser.add_argument("--corpus", help="the corpus to blend")
+
+    def config_from_args(args):
+        return parse_config({"output_dir": str(tmp_path), "data": {"source": args.corpus}})
+
+    return StageSpec(
+        manifest=_BlendManifest,
+        run=lambda ctx: _BlendManifest(),
+        description="blend two code datasets",
+        cli_options=options,
+        config_from_args=config_from_args,
+    )
+
+
+def test_a_stages_options_and_configuration_come_from_its_declaration(tmp_path, capsys):
+    spec = _blend_spec(tmp_path)
+    parser = build_parser([spec])
+    # No CONFIG: the stage makes its configuration from its own option.
+    args = parser.parse_args(["blend-codes", "--corpus", "s3://birds"])
+    assert args.stage_spec is spec and args.corpus == "s3://birds"
+    assert _load(args).data.source == "s3://birds"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["blend-codes", "--help"])
+    assert "the corpus to blend" in capsys.readouterr().out
+
+    # Without them a stage has no such option, and CONFIG is required.
+    plain = StageSpec(manifest=_BlendManifest, run=spec.run, description="blend")
+    for argv in (["blend-codes", "c.yaml", "--corpus", "x"], ["blend-codes"]):
+        with pytest.raises(SystemExit) as exit_info:
+            build_parser([plain]).parse_args(argv)
+        assert exit_info.value.code == 2
+    assert "--corpus" in capsys.readouterr().err
+
+
+def test_the_registrys_stage_options_are_its_own(tmp_path, capsys):
+    parser = build_parser()
+    for spec in STAGES:
+        if spec.cli_options is None:
+            with pytest.raises(SystemExit):
+                parser.parse_args([spec.verb, "c.yaml", "--checkpoint", "ckpt.pt"])
+    # tokenize's options set their keys before --set, which has the last word.
+    config = tmp_path / "c.yaml"
+    config.write_text(json.dumps({"output_dir": str(tmp_path), "data": {"source": "x"}}))
+    corpus, other, checkpoint = (str(tmp_path / name) for name in ("corpus", "other", "ckpt.pt"))
+    argv = ["tokenize", str(config), "--input", corpus, "--checkpoint", checkpoint]
+    cfg = _load(parser.parse_args([*argv, "--set", f"data.source={other}"]))
+    assert (cfg.data.source, cfg.tokenize.checkpoint) == (other, checkpoint)
+    # Without CONFIG it names the options it misses.
+    assert main(["tokenize", "--input", "corpus"]) == 2
+    assert "(missing: --checkpoint, --output)" in capsys.readouterr().err
 
 
 def test_version(capsys):
