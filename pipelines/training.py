@@ -565,10 +565,17 @@ class _Loop:
         self.window_started = time.perf_counter()
 
     def evaluate(self, step: int) -> None:
+        started = time.perf_counter()
         self.evaluation = _evaluate(self.model, self.evaluate_fn, self.device, self.bf16)
+        # On the fixed held-out subset (holdout_batches x batch_size). Its cost goes to MLflow
+        # alone (not to checkpoints and manifests, which a re-run must reproduce), so that a
+        # user sees whether it dominates the stage and can lower holdout_batches if it does.
+        seconds = time.perf_counter() - started
         self.best.offer(self.model, {**self.train_means, **self.evaluation}, step)
         self.tracking.log_metrics(
-            {f"{self.prefix}{k}": v for k, v in self.evaluation.items()}, step=step
+            {f"{self.prefix}{k}": v for k, v in self.evaluation.items()}
+            | {f"{self.prefix}evaluation_seconds": seconds},
+            step=step,
         )
 
     def checkpoint(self, step: int) -> None:
