@@ -189,3 +189,28 @@ def test_warnings_of_one_log_call_are_capped_and_counted(tmp_path):
     ]
     with open(tmp_path / "logs" / "vqpipe.log") as f:
         assert len([line for line in f if "skipping bad input" in line]) == 11
+
+
+def test_the_eta_stays_steady_when_steps_come_in_bursts():
+    # Training as the console sees it: a poll every second, and rank 0's steps arriving in bursts,
+    # 10 steps 5 s apart three times, then 10 more after a 45 s pause (an evaluation): 40 steps a
+    # minute on average. The last interval's rate swings between 2 and 0.22 steps/s.
+    now = [0.0]
+    shown = Console(io.StringIO(), clock=lambda: now[0])
+    total, per_minute, gaps = 3000, 40, [5, 5, 5, 45]
+    errors, last_interval_errors = [], []
+    with console.active(shown), shown.progress("train_prior bottom", total, "step") as bar:
+        done = 0
+        for burst in range(160):
+            gap = gaps[burst % len(gaps)]
+            for second in range(1, gap + 1):
+                now[0] += 1
+                done += 10 if second == gap else 0
+                bar.update(done=done)
+            if now[0] < 120:  # the first two minutes
+                continue
+            steady_eta = (total - done) / (per_minute / 60)
+            errors.append(abs(bar.eta() / steady_eta - 1))
+            last_interval_errors.append(abs((total - done) / (10 / gap) / steady_eta - 1))
+    assert max(last_interval_errors) > 1.0  # what the ETA used to be based on: off by 2x and more
+    assert max(errors) < 0.25, f"ETA off by up to {max(errors):.0%} of the steady ETA"
