@@ -21,7 +21,11 @@ from pipelines.console import Console
 from pipelines.stages import STAGES
 from tests.pipelines.conftest import tiny_raw_config
 
-# Ray's own console output: Ray Data's execution plans and dataset lines, Ray Train's reports.
+# What Ray's C++ core prints on the driver's stderr (once per process) when Ray Data starts an
+# actor pool: its constructor arguments are object refs and its actors restartable.
+RAY_CORE_WARNING = "has constructor arguments in the object store and max_restarts > 0"
+# Ray's own console output: Ray Data's execution plans and dataset lines, Ray Train's reports,
+# Ray's C++ core's log lines.
 RAY_NOISE = (
     "Execution plan of Dataset",
     "Starting execution of Dataset",
@@ -29,6 +33,7 @@ RAY_NOISE = (
     "Reporting training result",
     "Checkpoint successfully created",
     "(TrainController pid=",
+    RAY_CORE_WARNING,
 )
 BF16_WARNING = "precision bf16 applies on GPU only"
 
@@ -119,6 +124,8 @@ def test_ray_logs_go_to_the_log_folder_not_the_console(first_run, config):
         workers_log = f.read()
     assert "(TrainController pid=" in workers_log
     assert BF16_WARNING in workers_log
+    with open(os.path.join(log_dir, "ray-core.log")) as f:
+        assert RAY_CORE_WARNING in f.read()
 
 
 def test_a_repeated_warning_is_shown_once_with_its_count(first_run):
