@@ -43,7 +43,7 @@ from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
 from ray.train.v2._internal.execution.callback import ControllerCallback
 from torch import nn
 
-from pipelines import console
+from pipelines import console, interrupts
 from pipelines.config import RaySection, TrainingKnobs
 from pipelines.data import storage
 from pipelines.data.epochs import EpochReader
@@ -283,6 +283,8 @@ def run_trainer(
         if isinstance(err.controller_failure, CapacityError):
             raise err.controller_failure from None
         raise
+    finally:
+        interrupts.reclaim()  # Ray Train's SIGINT handler outlives the run
     if result.checkpoint is None:
         raise RuntimeError(f"Ray Train run {name!r} finished without a checkpoint in {ray_dir}")
     return result

@@ -11,8 +11,10 @@ import json
 import logging
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -160,6 +162,66 @@ def test_a_failing_stage_says_so_and_where_the_logs_are(first_run, config):
     assert "sample: failed after " in done.stdout
     assert "hexagon" in done.stderr
     assert f"logs are in {os.path.join(output_dir, 'logs')}" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("signum", "command"),
+    [
+        pytest.param(signal.SIGINT, ["sample", "--force"], id="SIGINT"),
+        pytest.param(signal.SIGTERM, ["sample", "--force"], id="SIGTERM"),
+        # Ctrl-C while sampling after a training stage in the same process, as in the demo: Ray
+        # Train leaves its SIGINT handler behind after a run, and it took the Ctrl-C and did
+        # nothing (tests/pipelines/test_interrupts.py has the quick version).
+        pytest.param(
+            signal.SIGINT,
+            ["run", "--force", "train_prior"],
+            id="SIGINT-after-training",
+            marks=pytest.mark.slow,
+        ),
+    ],
+)
+def test_a_signal_stops_sampling_at_once(first_run, config, tmp_path, signum, command):
+    path, output_dir = config
+    log = os.path.join(output_dir, "logs", "vqpipe.log")
+    logged_before = os.path.getsize(log)
+    with open(tmp_path / "out", "w") as out, open(tmp_path / "err", "w") as err:
+        run = subprocess.Popen(
+            [sys.executable, "-m", "jobs.cli", command[0], path, *command[1:]]
+            + ["--set", "sample.per_class=500"],  # minutes of sampling
+            stdout=out,
+            stderr=err,
+            env={**os.environ, "RAY_DEDUP_LOGS": "1"},
+        )
+        try:
+            _wait_for_log_line(run, log, logged_before, r"sample: \d+ of 1000 draws")
+            run.send_signal(signum)
+            sent = time.monotonic()
+            run.wait(timeout=60)
+            took = time.monotonic() - sent
+        finally:
+            run.kill()
+    stdout, stderr = (tmp_path / "out").read_text(), (tmp_path / "err").read_text()
+    assert run.returncode == 128 + signum, stdout + stderr
+    assert "sample: failed after " in stdout
+    where = os.path.join(output_dir, "logs")
+    assert stderr.endswith(
+        f"vqpipe: interrupted\nvqpipe: Ray's and the workers' logs are in {where}\n"
+    ), stderr
+    for dump in ("*** SIG", "PC: @", "Stack trace", "Traceback"):
+        assert dump not in stderr, stderr
+    assert took < 8, f"{took:.1f} s from the signal to the end of the process"
+
+
+def _wait_for_log_line(run: subprocess.Popen, log: str, offset: int, pattern: str) -> None:
+    """Wait until ``log`` has a line matching ``pattern`` past ``offset`` (while ``run`` runs)."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and run.poll() is None:
+        with open(log) as f:
+            f.seek(offset)
+            if re.search(pattern, f.read()):
+                return
+        time.sleep(0.2)
+    raise AssertionError(f"no line like {pattern!r} in {log} (exit status {run.poll()})")
 
 
 # Without Ray: the console and the log routing on their own.
