@@ -11,7 +11,8 @@
 With no ``ray.address`` a local Ray starts in this process; MLflow tracks to
 ``<output_dir>/mlflow.db`` unless ``mlflow.tracking_uri`` is set. A mistake in the config or the
 inputs prints ``vqpipe: error: ...`` and exits with status 2; anything else is a bug, printed with
-its traceback (status 1).
+its traceback (status 1). Ctrl-C or SIGTERM stops a run at once: ``vqpipe: interrupted``, status
+130 or 143 (``pipelines.interrupts``).
 
 A command per stage comes from the stage's declaration (``pipelines.stage.StageSpec``): its
 options, and the configuration they make, are the stage's, so this module names no stage.
@@ -273,11 +274,12 @@ _log_dir: str | None = None
 
 def _run_stages(args: argparse.Namespace, cfg) -> int:
     global _log_dir
-    from pipelines import console, logs
+    from pipelines import console, interrupts, logs
     from pipelines.runner import run_stages
 
     shown = console.Console(quiet=args.quiet)
     with (
+        interrupts.stop_on_signals(),
         console.active(shown),
         logs.routed_logs(cfg.output_dir, shown, verbose=args.verbose) as (log_dir),
     ):
@@ -319,12 +321,14 @@ def main(argv: list[str] | None = None) -> int:
         print("vqpipe: internal error (traceback above)", file=sys.stderr)
         _where_logs()
         return 1
-    except (KeyboardInterrupt, SystemExit):  # Ctrl-C; Ray Train's SIGINT handler exits
+    except (KeyboardInterrupt, SystemExit) as stop:  # SIGINT, SIGTERM: pipelines.interrupts
         if _log_dir is None:
             raise
         print("vqpipe: interrupted", file=sys.stderr)
         _where_logs()
-        return 130
+        from pipelines import interrupts
+
+        interrupts.exit_now(stop)
 
 
 def _where_logs() -> None:

@@ -7,6 +7,12 @@
 On a terminal the progress is a live bar (rich); elsewhere (a pipe, CI, ``ray job logs``) it is
 a plain line at every fifth of the work and at least every ``PLAIN_EVERY_SECONDS``.
 
+Rates and ETAs come from the work done over the time it took, both discounted by half every
+``RATE_HALF_LIFE_SECONDS``. Training reports its steps in bursts with pauses between them
+(evaluations, checkpoints, a new epoch's data), so the rate of the last interval, or of the last
+half minute, swings several-fold from one line to the next; the discounted rate follows a lasting
+change of speed within a few minutes and keeps the ETA steady in between.
+
 Warnings are shown once: a repeat of the same message is counted, not printed, and the stage's
 last lines say how often each repeated warning came ("(N times)"). Beyond ``SHOWN_PER_TEMPLATE``
 different messages from one ``log.warning`` call, the rest are counted under it.
@@ -20,14 +26,14 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from collections import deque
+from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import IO, Any
 
 PLAIN_EVERY_SECONDS = 120.0
 PLAIN_LINES = 5  # a plain progress line at every fifth of the work
-RATE_WINDOW_SECONDS = 30.0  # rates and ETAs follow the last half minute, not the whole run
+RATE_HALF_LIFE_SECONDS = 120.0  # the past's weight in rates and ETAs halves every 2 minutes
 SHOWN_PER_TEMPLATE = 3
 
 
@@ -49,23 +55,29 @@ def _format_value(value: Any) -> str:
 
 @dataclass
 class _Rate:
-    """Units per second over the last ``RATE_WINDOW_SECONDS``."""
+    """Units per second: the units done over the time they took, both discounted by half every
+    ``RATE_HALF_LIFE_SECONDS``. Early on this is about the plain average since the first sample;
+    unlike a moving average of per-interval rates it needs no starting value, and it weighs each
+    interval by its length however irregular the intervals are."""
 
-    samples: deque = field(default_factory=deque)
+    last: tuple[float, float] | None = None  # (time, done) of the latest sample
+    done: float = 0.0  # discounted units
+    seconds: float = 0.0  # discounted time
 
     def add(self, now: float, done: float) -> None:
-        self.samples.append((now, done))
-        while len(self.samples) > 2 and now - self.samples[1][0] > RATE_WINDOW_SECONDS:
-            self.samples.popleft()
+        if self.last is not None:
+            then, before = self.last
+            elapsed = max(now - then, 0.0)
+            keep = 0.5 ** (elapsed / RATE_HALF_LIFE_SECONDS)
+            self.done = self.done * keep + (done - before)
+            self.seconds = self.seconds * keep + elapsed
+        self.last = (now, done)
 
     def per_second(self) -> float | None:
-        if len(self.samples) < 2:
-            return None
-        (t0, d0), (t1, d1) = self.samples[0], self.samples[-1]
-        return (d1 - d0) / (t1 - t0) if t1 > t0 and d1 >= d0 else None
+        return self.done / self.seconds if self.seconds > 0 else None
 
     def reset(self) -> None:
-        self.samples.clear()
+        self.last, self.done, self.seconds = None, 0.0, 0.0
 
 
 class Progress:
@@ -91,17 +103,17 @@ class Progress:
         self.figures: dict[str, Any] = {}
         self.rate = _Rate()
         if rate_from_start:  # else from the first update (work that starts after a while)
-            self.rate.add(time.monotonic(), 0)
+            self.rate.add(console.clock(), 0)
         self._lock = threading.Lock()
         self._next_line = 1  # in fifths of the total
-        self._last_line = time.monotonic()
+        self._last_line = console.clock()
         self._printed_done = -1
         self._task = console._add_task(self)
 
     def update(self, done: int | None = None, advance: int = 0, **figures: Any) -> None:
         """Set ``done`` (or add ``advance``) and any named figures (loss=..., shards=...)."""
         with self._lock:
-            now = time.monotonic()
+            now = self.console.clock()
             new = self.done + advance if done is None else done
             if new < self.done:  # a restarted worker resumed from an earlier checkpoint
                 self.rate.reset()
@@ -227,7 +239,8 @@ class WarningLedger:
 
 class Console:
     """The console of one CLI command. ``live``: a rich live display (a terminal), else plain
-    lines; ``quiet``: no stage lines nor progress, warnings and errors only."""
+    lines; ``quiet``: no stage lines nor progress, warnings and errors only; ``clock``: the
+    seconds that rates and the plain lines' cadence are measured in."""
 
     def __init__(
         self,
@@ -236,8 +249,10 @@ class Console:
         live: bool | None = None,
         quiet: bool = False,
         log_dir: str | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ):
         self.stream = stream or sys.stdout
+        self.clock = clock
         self.live = (self.stream.isatty() if live is None else live) and not quiet
         self.quiet = quiet
         self.log_dir = log_dir
@@ -329,7 +344,7 @@ class Console:
                 if not self._tasks:
                     self._stop_live()
             elif bar.done != bar._printed_done:
-                self._plain_line(bar, time.monotonic())
+                self._plain_line(bar, self.clock())
 
     def _progressed(self, bar: Progress, now: float) -> None:
         if self.quiet:

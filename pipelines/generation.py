@@ -338,9 +338,7 @@ def _generate(
     for name, output in outputs.items():
         entries[name] = output.finish()
         # Written last: a class with this marker is complete and a resumed run skips it.
-        storage.write_bytes(
-            done_uri(ctx.stage_dir, name), entries[name].model_dump_json().encode()
-        )
+        storage.write_bytes(done_uri(ctx.stage_dir, name), entries[name].model_dump_json().encode())
     return entries
 
 

@@ -5,6 +5,10 @@
   driver side), MLflow's, and Python warnings.
 - ``ray-workers.log``: what Ray's worker processes print (tasks, actors, Ray Train's controller
   and workers), each line prefixed as Ray prefixes it on a console: ``(TaskName pid=123)``.
+- ``ray-core.log``: what Ray's C++ core in this process writes to the process's stderr once Ray
+  has started (``[... E pid tid] core_worker.cc:...`` lines such as Ray Data's "Actor ... has
+  constructor arguments in the object store and max_restarts > 0"), and anything else native code
+  writes there. Python's own ``sys.stderr`` keeps going to the console.
 
 The console (``pipelines.console``) gets the pipeline's warnings, from this process and from the
 workers, each once, and errors from any logger. Ray Data's progress bars are off; the stages
@@ -27,7 +31,8 @@ import os
 import sys
 import tempfile
 import threading
-from contextlib import contextmanager
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +42,7 @@ from pipelines.data import storage
 LOG_DIR = "logs"
 DRIVER_LOG = "vqpipe.log"
 WORKERS_LOG = "ray-workers.log"
+NATIVE_LOG = "ray-core.log"
 WORKER_MARK = "vqpipe-log "
 WORKER_HOOK = "pipelines.logs.setup_worker_logging"
 # Loggers that print to the console through handlers of their own (they do not propagate).
@@ -80,6 +86,8 @@ class _Routing:
     workers_file: Any = None
     lock: threading.Lock = field(default_factory=threading.Lock)
     dispatch_swapped: bool = False
+    console_fd: int | None = None  # the console's stderr while descriptor 2 goes to NATIVE_LOG
+    python_stderr: Any = None  # sys.stderr before it was pointed at console_fd
 
 
 _routing: _Routing | None = None
@@ -92,33 +100,44 @@ def routed_logs(output_dir: str, console: Console, *, verbose: bool = False):
     setup on exit."""
     global _routing
     # Both configure their loggers on import: replace the handlers after that.
-    import mlflow.utils.logging_utils
-    import ray.data
+    import mlflow.utils.logging_utils  # noqa: F401
+    import ray.data  # noqa: F401
 
     log_dir = log_dir_for(output_dir)
     driver_file = _FolderOnFirstRecord(os.path.join(log_dir, DRIVER_LOG), encoding="utf-8")
     driver_file.setLevel(logging.INFO)
     driver_file.setFormatter(logging.Formatter(FORMAT, datefmt="%Y-%m-%d %H:%M:%S"))
-    added: list[tuple[logging.Logger, logging.Handler]] = []
-    saved: list[tuple[logging.Logger, list[logging.Handler], bool]] = []
+    with ExitStack() as restore:
+        restore.callback(driver_file.close)
+        restore.enter_context(_records_routed(driver_file, console, verbose))
+        restore.enter_context(_library_printing_routed(verbose))
+        _routing = _Routing(console, verbose, log_dir)
+        try:
+            yield log_dir
+        finally:
+            detach_ray()
+            if _routing.workers_file is not None:
+                _routing.workers_file.close()
+            _routing = None
 
+
+@contextmanager
+def _records_routed(driver_file: logging.Handler, console: Console, verbose: bool) -> Iterator:
+    """Every log record of this process at INFO and above to ``driver_file``, Python warnings
+    included; with ``verbose`` to stderr too, else the pipeline's warnings and every logger's
+    errors to ``console``, and the libraries' own console handlers taken off."""
     root = logging.getLogger()
     root_level = root.level
     root.setLevel(logging.INFO)
-    root.addHandler(driver_file)
-    added.append((root, driver_file))
+    added: list[tuple[logging.Logger, logging.Handler]] = [(root, driver_file)]
+    saved: list[tuple[logging.Logger, list[logging.Handler], bool]] = []
     if verbose:
         stderr = logging.StreamHandler(sys.stderr)
         stderr.setFormatter(logging.Formatter(FORMAT, datefmt="%H:%M:%S"))
-        root.addHandler(stderr)
         added.append((root, stderr))
-        for name in LIBRARY_LOGGERS:
-            logging.getLogger(name).addHandler(driver_file)
-            added.append((logging.getLogger(name), driver_file))
+        added += [(logging.getLogger(name), driver_file) for name in LIBRARY_LOGGERS]
     else:
-        to_console = _ToConsole(console)
-        root.addHandler(to_console)
-        added.append((root, to_console))
+        added.append((root, _ToConsole(console)))
         for name in LIBRARY_LOGGERS:
             logger = logging.getLogger(name)
             saved.append((logger, list(logger.handlers), logger.propagate))
@@ -126,26 +145,12 @@ def routed_logs(output_dir: str, console: Console, *, verbose: bool = False):
                 logger.removeHandler(handler)
             # Through the root's handlers: the file, and errors to the console.
             logger.propagate = True
+    for logger, handler in added:
+        logger.addHandler(handler)
     logging.captureWarnings(True)
-    data_context = ray.data.DataContext.get_current()
-    progress_bars = data_context.enable_progress_bars
-    data_context.enable_progress_bars = verbose
-    # MLflow prints some events ("Created version '1' of model ...") past its logger, to a stream
-    # of its own (which it switches on and off itself): its lines go to the file instead.
-    mlflow_stream = mlflow.utils.logging_utils.MLFLOW_LOGGING_STREAM
-    if not verbose:
-        mlflow_stream.write = _LinesToLog(logging.getLogger("mlflow.events")).write
-
-    _routing = _Routing(console, verbose, log_dir)
     try:
-        yield log_dir
+        yield
     finally:
-        detach_ray()
-        if _routing.workers_file is not None:
-            _routing.workers_file.close()
-        _routing = None
-        data_context.enable_progress_bars = progress_bars
-        mlflow_stream.__dict__.pop("write", None)
         logging.captureWarnings(False)
         for logger, handler in added:
             logger.removeHandler(handler)
@@ -154,7 +159,27 @@ def routed_logs(output_dir: str, console: Console, *, verbose: bool = False):
                 logger.addHandler(handler)
             logger.propagate = propagate
         root.setLevel(root_level)
-        driver_file.close()
+
+
+@contextmanager
+def _library_printing_routed(verbose: bool) -> Iterator:
+    """Ray Data's progress bars off (unless ``verbose``), and what MLflow prints past its logger
+    ("Created version '1' of model ...", to a stream of its own that it switches on and off
+    itself) to the log file instead."""
+    import mlflow.utils.logging_utils
+    import ray.data
+
+    data_context = ray.data.DataContext.get_current()
+    progress_bars = data_context.enable_progress_bars
+    data_context.enable_progress_bars = verbose
+    mlflow_stream = mlflow.utils.logging_utils.MLFLOW_LOGGING_STREAM
+    if not verbose:
+        mlflow_stream.write = _LinesToLog(logging.getLogger("mlflow.events")).write
+    try:
+        yield
+    finally:
+        data_context.enable_progress_bars = progress_bars
+        mlflow_stream.__dict__.pop("write", None)
 
 
 class _FolderOnFirstRecord(logging.FileHandler):
@@ -193,16 +218,21 @@ def ray_init_options() -> dict[str, Any]:
 
 def attach_ray() -> None:
     """Route the output Ray forwards from its workers to ``ray-workers.log`` (and pipeline
-    warnings to the console) instead of printing it. Call after ``ray.init``."""
-    if _routing is None or _routing.verbose or _routing.dispatch_swapped:
+    warnings to the console) instead of printing it, and what Ray's C++ core writes to this
+    process's stderr to ``ray-core.log``. Call after ``ray.init``."""
+    if _routing is None or _routing.verbose:
+        return
+    routing = _routing
+    os.makedirs(routing.log_dir, exist_ok=True)
+    if routing.console_fd is None:
+        _native_stderr_to_file(routing, os.path.join(routing.log_dir, NATIVE_LOG))
+    if routing.dispatch_swapped:
         return
     try:
         from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
     except ImportError:  # another Ray: its own printing stays
         logging.getLogger("vqpipe").info("Ray workers' output cannot be routed; it is printed")
         return
-    routing = _routing
-    os.makedirs(routing.log_dir, exist_ok=True)
     routing.workers_file = open(
         os.path.join(routing.log_dir, WORKERS_LOG), "a", encoding="utf-8", buffering=1
     )
@@ -212,8 +242,11 @@ def attach_ray() -> None:
 
 
 def detach_ray() -> None:
-    """Give Ray back its own printing of workers' output."""
-    if _routing is None or not _routing.dispatch_swapped:
+    """Give Ray back its own printing of workers' output, and this process its stderr."""
+    if _routing is None:
+        return
+    _native_stderr_restored(_routing)
+    if not _routing.dispatch_swapped:
         return
     from ray._private import worker
     from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
@@ -224,6 +257,43 @@ def detach_ray() -> None:
             _RAY_DISPATCH, functools.partial(worker.print_to_stdstream, ignore_prefix=False)
         )
     _routing.dispatch_swapped = False
+
+
+def _native_stderr_to_file(routing: _Routing, path: str) -> None:
+    """Point file descriptor 2 at ``path``, where C and C++ code writes its stderr (Ray's core
+    logs its errors there, and its once-per-process warnings), and keep Python's ``sys.stderr``
+    on the console: when it writes to descriptor 2, it now writes to a copy of it."""
+    try:
+        python_on_fd2 = sys.stderr.fileno() == 2
+    except (AttributeError, OSError, ValueError):  # replaced by a test or a notebook
+        python_on_fd2 = False
+    if python_on_fd2:
+        sys.stderr.flush()
+    routing.console_fd = os.dup(2)
+    native = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(native, 2)
+    os.close(native)
+    if python_on_fd2:
+        routing.python_stderr = sys.stderr
+        sys.stderr = open(  # closed, not the descriptor, by _native_stderr_restored
+            routing.console_fd,
+            "w",
+            encoding=sys.stderr.encoding,
+            errors=sys.stderr.errors,
+            buffering=1,
+            closefd=False,
+        )
+
+
+def _native_stderr_restored(routing: _Routing) -> None:
+    if routing.console_fd is None:
+        return
+    if routing.python_stderr is not None:
+        sys.stderr.close()
+        sys.stderr, routing.python_stderr = routing.python_stderr, None
+    os.dup2(routing.console_fd, 2)
+    os.close(routing.console_fd)
+    routing.console_fd = None
 
 
 def _worker_output(routing: _Routing, data: dict[str, Any]) -> None:

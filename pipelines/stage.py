@@ -182,7 +182,7 @@ def ensure_ray(cfg: PipelineConfig) -> None:
     """Join the configured cluster, or start a local Ray in this process sized to the machine."""
     import ray
 
-    from pipelines import console, logs
+    from pipelines import console, interrupts, logs
 
     if ray.is_initialized():
         logs.attach_ray()
@@ -193,6 +193,7 @@ def ensure_ray(cfg: PipelineConfig) -> None:
         log.info("joining Ray cluster at %s", address)
         ray.init(address=cfg.ray.address, **logs.ray_init_options())
         logs.attach_ray()
+        interrupts.reclaim()  # from ray.init's SIGTERM handlers
         return
     num_cpus = cfg.ray.num_cpus or os.cpu_count() or 1
     log.info("starting a local Ray with %d CPUs", num_cpus)
@@ -204,6 +205,7 @@ def ensure_ray(cfg: PipelineConfig) -> None:
         **logs.ray_init_options(),
     )
     logs.attach_ray()
+    interrupts.reclaim()  # from ray.init's SIGTERM handlers
     if context.dashboard_url:
         log.info("Ray dashboard: http://%s", context.dashboard_url)
         console.current().line(f"Ray dashboard: http://{context.dashboard_url}")

@@ -40,7 +40,7 @@ from ray.train import CheckpointConfig, ControllerError, FailureConfig, RunConfi
 from ray.train.torch import TorchTrainer
 from torch import nn
 
-from pipelines import console
+from pipelines import console, interrupts
 from pipelines.checkpoint_meta import (
     CheckpointMeta,
     checkpoint_bytes,
@@ -292,6 +292,8 @@ def run_trainer(
         if isinstance(err.controller_failure, CapacityError):
             raise err.controller_failure from None
         raise
+    finally:
+        interrupts.reclaim()  # Ray Train's SIGINT handler outlives the run
     if result.checkpoint is None:
         raise RuntimeError(f"Ray Train run {name!r} finished without a checkpoint in {ray_dir}")
     return result

@@ -11,8 +11,10 @@ import json
 import logging
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -21,7 +23,11 @@ from pipelines.console import Console
 from pipelines.stages import STAGES
 from tests.pipelines.conftest import tiny_raw_config
 
-# Ray's own console output: Ray Data's execution plans and dataset lines, Ray Train's reports.
+# What Ray's C++ core prints on the driver's stderr (once per process) when Ray Data starts an
+# actor pool: its constructor arguments are object refs and its actors restartable.
+RAY_CORE_WARNING = "has constructor arguments in the object store and max_restarts > 0"
+# Ray's own console output: Ray Data's execution plans and dataset lines, Ray Train's reports,
+# Ray's C++ core's log lines.
 RAY_NOISE = (
     "Execution plan of Dataset",
     "Starting execution of Dataset",
@@ -29,6 +35,7 @@ RAY_NOISE = (
     "Reporting training result",
     "Checkpoint successfully created",
     "(TrainController pid=",
+    RAY_CORE_WARNING,
 )
 BF16_WARNING = "precision bf16 applies on GPU only"
 
@@ -119,6 +126,8 @@ def test_ray_logs_go_to_the_log_folder_not_the_console(first_run, config):
         workers_log = f.read()
     assert "(TrainController pid=" in workers_log
     assert BF16_WARNING in workers_log
+    with open(os.path.join(log_dir, "ray-core.log")) as f:
+        assert RAY_CORE_WARNING in f.read()
 
 
 def test_a_repeated_warning_is_shown_once_with_its_count(first_run):
@@ -155,6 +164,66 @@ def test_a_failing_stage_says_so_and_where_the_logs_are(first_run, config):
     assert f"logs are in {os.path.join(output_dir, 'logs')}" in done.stderr
 
 
+@pytest.mark.parametrize(
+    ("signum", "command"),
+    [
+        pytest.param(signal.SIGINT, ["sample", "--force"], id="SIGINT"),
+        pytest.param(signal.SIGTERM, ["sample", "--force"], id="SIGTERM"),
+        # Ctrl-C while sampling after a training stage in the same process, as in the demo: Ray
+        # Train leaves its SIGINT handler behind after a run, and it took the Ctrl-C and did
+        # nothing (tests/pipelines/test_interrupts.py has the quick version).
+        pytest.param(
+            signal.SIGINT,
+            ["run", "--force", "train_prior"],
+            id="SIGINT-after-training",
+            marks=pytest.mark.slow,
+        ),
+    ],
+)
+def test_a_signal_stops_sampling_at_once(first_run, config, tmp_path, signum, command):
+    path, output_dir = config
+    log = os.path.join(output_dir, "logs", "vqpipe.log")
+    logged_before = os.path.getsize(log)
+    with open(tmp_path / "out", "w") as out, open(tmp_path / "err", "w") as err:
+        run = subprocess.Popen(
+            [sys.executable, "-m", "jobs.cli", command[0], path, *command[1:]]
+            + ["--set", "sample.per_class=500"],  # minutes of sampling
+            stdout=out,
+            stderr=err,
+            env={**os.environ, "RAY_DEDUP_LOGS": "1"},
+        )
+        try:
+            _wait_for_log_line(run, log, logged_before, r"sample: \d+ of 1000 draws")
+            run.send_signal(signum)
+            sent = time.monotonic()
+            run.wait(timeout=60)
+            took = time.monotonic() - sent
+        finally:
+            run.kill()
+    stdout, stderr = (tmp_path / "out").read_text(), (tmp_path / "err").read_text()
+    assert run.returncode == 128 + signum, stdout + stderr
+    assert "sample: failed after " in stdout
+    where = os.path.join(output_dir, "logs")
+    assert stderr.endswith(
+        f"vqpipe: interrupted\nvqpipe: Ray's and the workers' logs are in {where}\n"
+    ), stderr
+    for dump in ("*** SIG", "PC: @", "Stack trace", "Traceback"):
+        assert dump not in stderr, stderr
+    assert took < 8, f"{took:.1f} s from the signal to the end of the process"
+
+
+def _wait_for_log_line(run: subprocess.Popen, log: str, offset: int, pattern: str) -> None:
+    """Wait until ``log`` has a line matching ``pattern`` past ``offset`` (while ``run`` runs)."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and run.poll() is None:
+        with open(log) as f:
+            f.seek(offset)
+            if re.search(pattern, f.read()):
+                return
+        time.sleep(0.2)
+    raise AssertionError(f"no line like {pattern!r} in {log} (exit status {run.poll()})")
+
+
 # Without Ray: the console and the log routing on their own.
 
 
@@ -189,3 +258,28 @@ def test_warnings_of_one_log_call_are_capped_and_counted(tmp_path):
     ]
     with open(tmp_path / "logs" / "vqpipe.log") as f:
         assert len([line for line in f if "skipping bad input" in line]) == 11
+
+
+def test_the_eta_stays_steady_when_steps_come_in_bursts():
+    # Training as the console sees it: a poll every second, and rank 0's steps arriving in bursts,
+    # 10 steps 5 s apart three times, then 10 more after a 45 s pause (an evaluation): 40 steps a
+    # minute on average. The last interval's rate swings between 2 and 0.22 steps/s.
+    now = [0.0]
+    shown = Console(io.StringIO(), clock=lambda: now[0])
+    total, per_minute, gaps = 3000, 40, [5, 5, 5, 45]
+    errors, last_interval_errors = [], []
+    with console.active(shown), shown.progress("train_prior bottom", total, "step") as bar:
+        done = 0
+        for burst in range(160):
+            gap = gaps[burst % len(gaps)]
+            for second in range(1, gap + 1):
+                now[0] += 1
+                done += 10 if second == gap else 0
+                bar.update(done=done)
+            if now[0] < 120:  # the first two minutes
+                continue
+            steady_eta = (total - done) / (per_minute / 60)
+            errors.append(abs(bar.eta() / steady_eta - 1))
+            last_interval_errors.append(abs((total - done) / (10 / gap) / steady_eta - 1))
+    assert max(last_interval_errors) > 1.0  # what the ETA used to be based on: off by 2x and more
+    assert max(errors) < 0.25, f"ETA off by up to {max(errors):.0%} of the steady ETA"
