@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vq_core.recompute import Recomputable
+from vq_core.recompute import Recomputable, recomputed
 from vq_core.sampling import (
     DEFAULT_METHOD,
     CausalConv2d,
@@ -391,6 +391,7 @@ class GatedLayer(Recomputable):
             2 * channels, num_classes, condition_channels
         )
 
+    @recomputed
     def forward_vertical(
         self,
         v: Tensor | None,
@@ -399,35 +400,13 @@ class GatedLayer(Recomputable):
         region: Region | None,
     ) -> tuple[Tensor, Tensor]:
         """The next vertical features, and this layer's contribution to the horizontal stack."""
-        if cache is None:
-            return self.run(self._vertical, v, context, None, None)
-        return self._vertical(v, context, cache, region)
-
-    def _vertical(
-        self,
-        v: Tensor | None,
-        context: PriorContext,
-        cache: StepCache | None,
-        region: Region | None,
-    ) -> tuple[Tensor, Tensor]:
         features = self.vertical(v, cache, region)
         link = self.vertical_to_horizontal(features)
         out = gate(self.vertical_conditioning(features, context, cache, region))
         return (out if self.first else v + out), link
 
+    @recomputed
     def forward_horizontal(
-        self,
-        h: Tensor | None,
-        link: Tensor,
-        context: PriorContext,
-        cache: StepCache | None,
-        region: Region | None,
-    ) -> Tensor:
-        if cache is None:
-            return self.run(self._horizontal, h, link, context, None, None)
-        return self._horizontal(h, link, context, cache, region)
-
-    def _horizontal(
         self,
         h: Tensor | None,
         link: Tensor,

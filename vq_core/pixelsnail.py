@@ -28,7 +28,7 @@ from vq_core.pixelcnn import (
     check_prior_config,
     require_int,
 )
-from vq_core.recompute import Recomputable
+from vq_core.recompute import Recomputable, recomputed
 from vq_core.sampling import CausalConv2d, PointwiseConv, Region, StepCache, crop
 
 # The positional "background" features: each position's row and column coordinates.
@@ -101,19 +101,8 @@ class GatedResidual(Recomputable):
         self.conv_out = conv(channels, 2 * channels)
         self.conditioning = BlockConditioning(2 * channels, num_classes, condition_channels)
 
+    @recomputed
     def forward(
-        self,
-        x: Tensor,
-        aux: Tensor | None,
-        context: PriorContext,
-        cache: StepCache | None = None,
-        region: Region | None = None,
-    ) -> Tensor:
-        if cache is not None:  # a sampling step: no autograd, nothing to recompute
-            return self._forward(x, aux, context, cache, region)
-        return self.run(self._forward, x, aux, context)
-
-    def _forward(
         self,
         x: Tensor,
         aux: Tensor | None,
@@ -195,19 +184,8 @@ class AttentionBlock(Recomputable):
             condition_channels,
         )
 
+    @recomputed
     def forward(
-        self,
-        x: Tensor,
-        background: Tensor,
-        context: PriorContext,
-        cache: StepCache | None = None,
-        region: Region | None = None,
-    ) -> Tensor:
-        if cache is not None:
-            return self._forward(x, background, context, cache, region)
-        return self.run(self._forward, x, background, context)
-
-    def _forward(
         self,
         x: Tensor,
         background: Tensor,

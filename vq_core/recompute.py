@@ -3,7 +3,7 @@ recompute them during the backward pass.
 
 At high resolution the activations autograd keeps, not the weights, decide whether a batch fits a
 GPU (a 64x64 bottom prior keeps about a gigabyte per image in float32). A block that subclasses
-``Recomputable`` and runs its body through ``self.run`` keeps only its inputs when recomputing is
+``Recomputable`` and whose forward is decorated ``@recomputed`` keeps only its inputs when recomputing is
 on, for one more forward pass of the block in backward (about a third more compute). The switch is
 not part of the checkpoint format: ``set_activation_checkpointing(model, True)`` turns it on for
 every such block of a built model, in training only (sampling and evaluation run without autograd
@@ -13,6 +13,7 @@ the gradients are those of the plain forward pass.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -22,14 +23,24 @@ from torch.utils.checkpoint import checkpoint
 
 
 class Recomputable(nn.Module):
-    """A block whose forward body can be recomputed in backward instead of kept."""
+    """A module with methods decorated ``@recomputed``: their bodies can be recomputed in backward
+    instead of kept."""
 
     recompute: bool = False  # set per instance by set_activation_checkpointing
 
-    def run(self, body: Callable[..., Any], *args: Any) -> Any:
+
+def recomputed(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorate a ``Recomputable``'s forward (or another method its parent calls) so that, when
+    recomputing is on and autograd records (training, not sampling), it runs under activation
+    checkpointing."""
+
+    @functools.wraps(method)
+    def wrapper(self: Recomputable, *args: Any, **kwargs: Any) -> Any:
         if self.recompute and self.training and torch.is_grad_enabled():
-            return checkpoint(body, *args, use_reentrant=False)
-        return body(*args)
+            return checkpoint(method, self, *args, use_reentrant=False, **kwargs)
+        return method(self, *args, **kwargs)
+
+    return wrapper
 
 
 def set_activation_checkpointing(model: nn.Module, enabled: bool = True) -> int:

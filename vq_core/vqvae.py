@@ -32,7 +32,7 @@ from vq_core.quantizer import (
     QuantizerOutput,
     VectorQuantizer,
 )
-from vq_core.recompute import Recomputable
+from vq_core.recompute import Recomputable, recomputed
 
 # Codes are written to disk as uint16 (see model notes, section 5), hence the upper bound.
 MAX_CODEBOOK_SIZE = 65536
@@ -217,10 +217,8 @@ class Encoder(Recomputable):
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
         self.res = residual_stack(channels, res_channels, res_blocks)
 
+    @recomputed
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.run(self._forward, x)
-
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         # The residual stack ends on an addition; the final ReLU keeps features non-negative like
         # every other layer output.
         return F.relu(self.res(self.conv(self.down(x))))
@@ -253,10 +251,8 @@ class Decoder(Recomputable):
             width = out
         self.up = nn.Sequential(*layers)
 
+    @recomputed
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.run(self._forward, x)
-
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.up(F.relu(self.res(self.conv(x))))
 
 
