@@ -279,10 +279,7 @@ def run_trainer(
     )
     log.info(
         "%s: %d step(s) on %d worker(s), checkpoints under %s",
-        name,
-        knobs.steps,
-        knobs.num_workers,
-        ray_dir,
+        *(name, knobs.steps, knobs.num_workers, ray_dir),
     )
     label = label or os.path.basename(stage_dir.rstrip("/"))
     try:

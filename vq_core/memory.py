@@ -209,6 +209,25 @@ def _step_peaks(
     return _StepPeaks(resident, pass_peak, update_peak, forward_end, gradients)
 
 
+def _saved_by_forward(
+    model: nn.Module,
+    make_batch: MakeBatch,
+    loss_fn: LossFn,
+    batch: int,
+    precision: str,
+    device: torch.device,
+) -> int:
+    """Bytes autograd saves in one forward pass of a copy of ``model`` on ``batch`` samples."""
+    probe = copy.deepcopy(model).to(device).train()
+    inputs = make_batch(batch)
+
+    def forward() -> None:
+        with autocast_for(device, precision):
+            loss_fn(probe, inputs)
+
+    return saved_tensor_bytes(forward)
+
+
 def estimate_training_memory(
     model: nn.Module,
     make_batch: MakeBatch,
@@ -248,16 +267,9 @@ def estimate_training_memory(
     fixed = first.resident + max(pass_fixed, first.gradients)
     update_bound = first.resident + max(first.update_peak, second.update_peak)
 
-    probe = copy.deepcopy(model).to(device).train()
-    saved = [0, 0]
-    for i, n in enumerate(probe_batches):
-        inputs = make_batch(n)
-
-        def forward(inputs=inputs) -> None:
-            with autocast_for(device, precision):
-                loss_fn(probe, inputs)
-
-        saved[i] = saved_tensor_bytes(forward)
+    saved = [
+        _saved_by_forward(model, make_batch, loss_fn, n, precision, device) for n in (small, large)
+    ]
     saved_per_sample = max(0, (saved[1] - saved[0]) // (large - small))
 
     parameters = tensor_bytes(model.parameters())
