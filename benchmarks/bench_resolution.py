@@ -314,6 +314,17 @@ def stage_cache(args, size: int, sizes: dict) -> dict:
     return out
 
 
+def peak_rss() -> int:
+    """This process's peak resident bytes (VmHWM: unlike getrusage's maxrss, not inherited from
+    the parent that started it)."""
+    try:
+        with open("/proc/self/status") as f:
+            line = next(line for line in f if line.startswith("VmHWM:"))
+        return int(line.split()[1]) * 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def run_worker(job: dict) -> dict:
     args = argparse.Namespace(**job["args"])
     sizes = model_sizes(job["models"])
@@ -327,7 +338,7 @@ def run_worker(job: dict) -> dict:
         figures = stage_train_prior(args, size, sizes, stage.rsplit("_", 1)[1])
     else:
         figures = globals()[f"stage_{stage}"](args, size, sizes)
-    figures["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    figures["peak_rss"] = peak_rss()
     if args.device == "cuda":
         figures["cuda_max_allocated"] = torch.cuda.max_memory_allocated()
     return figures
