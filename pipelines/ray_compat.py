@@ -24,7 +24,7 @@ import ray
 from pipelines.errors import UnsupportedRayError
 
 # The Ray releases vqpipe is tested with; pyproject.toml pins the same range (a test checks).
-OLDEST_RAY = "2.52"
+OLDEST_RAY = "2.60"
 NEWEST_RAY = "2.60"
 
 # name -> the module of the installed Ray it comes from
