@@ -291,7 +291,10 @@ def memory_probe(section: TrainVQVAESection, data: DataSection) -> MemoryProbe:
         knobs=section,
         build=partial(build_autoencoder, section, data.channels),
         make_batch=partial(_probe_images, (*data.size_hw, data.channels)),
-        loss_fn=autoencoder_loss(section, build_autoencoder(section, data.channels).config),
+        # The loss needs the model's config (a dVAE's schedules), not a built model.
+        loss_fn=autoencoder_loss(
+            section, get_kind(section.kind).config(section.model, autoencoder_fields(data.channels))
+        ),
     )
 
 
