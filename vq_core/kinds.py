@@ -33,7 +33,12 @@ CONDITION_DERIVED = frozenset({"condition_num_codes", "condition_height", "condi
 
 @dataclass(frozen=True)
 class ModelKind:
-    """One model kind: its name in configs, its role, and where its class lives."""
+    """One model kind: its name in configs, its role, and where its class lives.
+
+    An autoencoder kind's ``levels`` are those of its default config. A vqvae2 whose config sets
+    ``levels`` encodes the levels it names instead: read them from the built model (its
+    ``levels`` attribute) or from its checkpoint's config.
+    """
 
     name: str
     role: Role

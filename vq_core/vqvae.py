@@ -1,4 +1,4 @@
-"""VQ-VAE (one level) and VQ-VAE-2 (two levels) autoencoders.
+"""VQ-VAE (one level) and VQ-VAE-2 (a hierarchy of levels, two by default) autoencoders.
 
 Both models share the same small vocabulary of blocks: an Encoder made of stride-2 4x4 convs and a
 residual stack, a Decoder that mirrors it with transposed convs, and one VectorQuantizer per level.
@@ -18,7 +18,9 @@ Layer names are part of the checkpoint format: renaming an attribute breaks old 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -37,6 +39,9 @@ from vq_core.recompute import Recomputable, recomputed
 # Codes are written to disk as uint16 (see model notes, section 5), hence the upper bound.
 MAX_CODEBOOK_SIZE = 65536
 
+# VQVAE2Config's codebook sizes when neither codebook_size_top/bottom nor levels set them.
+DEFAULT_CODEBOOK_SIZE = 512
+
 
 # -------------------------------------------------------------------------------------------------
 # Config validation helpers, shared by every autoencoder config in vq_core
@@ -54,6 +59,12 @@ def check_codebook_size(name: str, value: object) -> None:
             f"{name} must be an integer in [2, {MAX_CODEBOOK_SIZE}] (codes are stored as uint16), "
             f"got {value!r}"
         )
+
+
+def is_power_of_two(value: object) -> bool:
+    """Whether value is one of the ints 2, 4, 8, ... (a resampling factor of stride-2 layers)."""
+    # bool is an int, but True and False are below 2.
+    return isinstance(value, int) and value >= 2 and not value & (value - 1)
 
 
 def check_quantizer_fields(config: VQVAEConfig | VQVAE2Config) -> None:
@@ -111,9 +122,81 @@ class VQVAEConfig:
         check_quantizer_fields(self)
 
 
+@dataclass(frozen=True)
+class LevelSpec:
+    """One level of a VQ-VAE-2 hierarchy.
+
+    downsample is the level's resolution factor relative to the level below it (for the bottom
+    level, relative to the image): levels top, bottom with factors 2, 4 give codes at 1/8 and 1/4.
+    """
+
+    name: str
+    downsample: int
+    codebook_size: int
+
+
+# Level names become attribute names (encoder_<name>) and keys of metrics and code shards.
+LEVEL_NAME = re.compile(r"[a-z][a-z0-9_]*")
+LEVEL_KEYS = tuple(f.name for f in fields(LevelSpec))
+
+
+def _level_spec(index: int, spec: object) -> LevelSpec:
+    """A validated LevelSpec from a LevelSpec or a mapping (as YAML, JSON or a checkpoint give)."""
+    where = f"levels[{index}]"
+    if isinstance(spec, LevelSpec):
+        spec = {key: getattr(spec, key) for key in LEVEL_KEYS}
+    if not isinstance(spec, Mapping):
+        raise ValueError(
+            f"{where} must be a mapping with keys {', '.join(LEVEL_KEYS)}, got {spec!r}"
+        )
+    missing = [key for key in LEVEL_KEYS if key not in spec]
+    unknown = sorted(str(key) for key in spec if key not in LEVEL_KEYS)
+    if missing or unknown:
+        raise ValueError(
+            f"{where} must have exactly the keys {', '.join(LEVEL_KEYS)}; "
+            f"missing {missing}, unknown {unknown}"
+        )
+    name, downsample = spec["name"], spec["downsample"]
+    if not isinstance(name, str) or not LEVEL_NAME.fullmatch(name):
+        raise ValueError(f"{where}.name must match {LEVEL_NAME.pattern}, got {name!r}")
+    # The quantizers live in an nn.ModuleDict keyed by level name, which cannot hold a key that
+    # is one of its own attributes.
+    if hasattr(nn.ModuleDict(), name):
+        raise ValueError(f"{where}.name {name!r} is reserved (an nn.ModuleDict attribute)")
+    if not is_power_of_two(downsample):
+        raise ValueError(f"{where}.downsample must be a power of two >= 2, got {downsample!r}")
+    check_codebook_size(f"{where}.codebook_size", spec["codebook_size"])
+    return LevelSpec(name, downsample, spec["codebook_size"])
+
+
+def _level_specs(levels: object) -> tuple[LevelSpec, ...]:
+    if isinstance(levels, (str, bytes, Mapping)) or not isinstance(levels, Sequence):
+        raise ValueError(f"levels must be a list of level specs, top first, got {levels!r}")
+    if not levels:
+        raise ValueError(f"levels must hold at least one level, got {levels!r}")
+    specs = tuple(_level_spec(i, spec) for i, spec in enumerate(levels))
+    seen: dict[str, int] = {}
+    for i, spec in enumerate(specs):
+        if spec.name in seen:
+            raise ValueError(
+                f"levels[{i}].name {spec.name!r} is already the name of levels[{seen[spec.name]}]"
+            )
+        seen[spec.name] = i
+    return specs
+
+
 @dataclass
 class VQVAE2Config:
-    """Two-level VQ-VAE-2: top codes at 1/8 and bottom codes at 1/4 of the image resolution."""
+    """VQ-VAE-2: a hierarchy of code maps, by default top codes at 1/8 and bottom codes at 1/4 of
+    the image resolution.
+
+    levels (None: the two default levels) lists the levels top first, each a LevelSpec or a
+    mapping with keys name, downsample, codebook_size; it is stored as a tuple of LevelSpec.
+    None means exactly [top: 2, codebook_size_top; bottom: 4, codebook_size_bottom], so configs
+    and checkpoints written before levels existed keep their meaning. With levels given,
+    codebook_size_top/bottom must stay at their default or agree with the levels of those names.
+    Read the levels through level_specs(), which covers both cases.
+    """
 
     # The encoder, decoder and quantizers are VQVAEConfig's blocks, with its defaults.
     in_channels: int = VQVAEConfig.in_channels
@@ -121,19 +204,53 @@ class VQVAE2Config:
     res_blocks: int = VQVAEConfig.res_blocks
     res_channels: int = VQVAEConfig.res_channels
     embed_dim: int = VQVAEConfig.embed_dim
-    codebook_size_top: int = 512
-    codebook_size_bottom: int = 512
+    codebook_size_top: int = DEFAULT_CODEBOOK_SIZE
+    codebook_size_bottom: int = DEFAULT_CODEBOOK_SIZE
     beta: float = VQVAEConfig.beta
     codebook_update: str = VQVAEConfig.codebook_update
     decay: float = VQVAEConfig.decay
     data_init: bool = VQVAEConfig.data_init
     dead_code_threshold: float = VQVAEConfig.dead_code_threshold
+    levels: tuple[LevelSpec, ...] | None = None
 
     def __post_init__(self) -> None:
         check_network_fields(self)
         check_codebook_size("codebook_size_top", self.codebook_size_top)
         check_codebook_size("codebook_size_bottom", self.codebook_size_bottom)
         check_quantizer_fields(self)
+        if self.levels is not None:
+            self.levels = _level_specs(self.levels)
+            self._check_codebook_sizes_agree_with_levels()
+
+    def _check_codebook_sizes_agree_with_levels(self) -> None:
+        # A codebook size set both ways must not say two things; one set for a level that does
+        # not exist would silently do nothing.
+        index = {spec.name: i for i, spec in enumerate(self.levels)}
+        for level in ("top", "bottom"):
+            key = f"codebook_size_{level}"
+            value = getattr(self, key)
+            if value == DEFAULT_CODEBOOK_SIZE:
+                continue
+            if level not in index:
+                raise ValueError(
+                    f"{key}={value} sets the codebook of level {level!r}, which levels does not "
+                    f"have; give each level's codebook_size in levels instead"
+                )
+            size = self.levels[index[level]].codebook_size
+            if size != value:
+                raise ValueError(
+                    f"{key}={value} contradicts levels[{index[level]}].codebook_size={size}; "
+                    f"give each level's codebook_size in levels only"
+                )
+
+    def level_specs(self) -> tuple[LevelSpec, ...]:
+        """The levels, top first, whether given by levels or by the two-level defaults."""
+        if self.levels is not None:
+            return self.levels
+        return (
+            LevelSpec("top", 2, self.codebook_size_top),
+            LevelSpec("bottom", 4, self.codebook_size_bottom),
+        )
 
 
 @dataclass
@@ -193,8 +310,8 @@ def residual_stack(channels: int, res_channels: int, res_blocks: int) -> nn.Sequ
 
 
 def _num_halvings(factor: int) -> int:
-    if factor not in (2, 4, 8):
-        raise ValueError(f"resampling factor must be 2, 4 or 8, got {factor}")
+    if not is_power_of_two(factor):
+        raise ValueError(f"resampling factor must be a power of two >= 2, got {factor}")
     return factor.bit_length() - 1
 
 
@@ -254,6 +371,20 @@ class Decoder(Recomputable):
     @recomputed
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.up(F.relu(self.res(self.conv(x))))
+
+
+def upsampler(channels: int, factor: int) -> nn.Module:
+    """Stride-2 4x4 transposed convs, with ReLUs between, that multiply H and W by factor.
+
+    A factor of 2 is one bare layer, not a one-layer Sequential: its parameter names
+    (upsample_top.weight) predate hierarchies deeper than two levels.
+    """
+    layers: list[nn.Module] = []
+    for i in range(_num_halvings(factor)):
+        if i:
+            layers.append(nn.ReLU())
+        layers.append(nn.ConvTranspose2d(channels, channels, 4, stride=2, padding=1))
+    return layers[0] if len(layers) == 1 else nn.Sequential(*layers)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -406,9 +537,23 @@ class VQVAE(nn.Module):
 
 
 class VQVAE2(nn.Module):
-    """Two-level VQ-VAE-2 (Razavi et al., 2019): top codes at 1/8 condition bottom codes at 1/4."""
+    """VQ-VAE-2 (Razavi et al., 2019): each level's codes condition the codes of the level below.
+
+    With levels l_0 (top) ... l_{L-1} (bottom), the default being top at 1/8 and bottom at 1/4:
+    - encoders run bottom-up: encoder_<bottom> maps the image to features at the bottom's
+      resolution, and each higher level's encoder maps the features of the level below to its own;
+    - quantisers run top-down: the top quantises pre_quantize_<top>(features); each lower level l
+      quantises pre_quantize_<l>(cat[guide, features_l]), where the guide is the quantised map of
+      the level above brought to l's resolution by decoder_<above>, so a level's codes only need
+      to store what the levels above could not;
+    - the image decoder reads cat[upsample_<l>(q_l) for every level l above the bottom, q_bottom],
+      all at the bottom's resolution.
+    Attribute names are the checkpoint format (see the module docstring): the two-level model's
+    keys are those it had before the depth was configurable.
+    """
 
     config_class = VQVAE2Config
+    # The default config's; an instance reports those of its own config.
     levels: tuple[str, ...] = ("top", "bottom")
     downsample: tuple[int, ...] = (8, 4)
 
@@ -419,75 +564,128 @@ class VQVAE2(nn.Module):
         self.config = config
         c = config
         d = c.embed_dim
-        self.encoder_bottom = Encoder(c.in_channels, c.channels, c.res_blocks, c.res_channels, 4)
-        self.encoder_top = Encoder(c.channels, c.channels, c.res_blocks, c.res_channels, 2)
-        self.pre_quantize_top = nn.Conv2d(c.channels, d, 1)
-        # Brings the quantised top map back to 1/4 so it can inform the bottom quantiser: the
-        # bottom codes then only need to store what the top codes could not.
-        self.decoder_top = Decoder(d, d, c.channels, c.res_blocks, c.res_channels, 2)
-        self.pre_quantize_bottom = nn.Conv2d(c.channels + d, d, 1)
+        specs = c.level_specs()
+        self.levels = tuple(spec.name for spec in specs)
+        # Each level's factor relative to the image: the product of its own and those below it.
+        totals: list[int] = []
+        for spec in reversed(specs):
+            totals.insert(0, spec.downsample * (totals[0] if totals else 1))
+        self.downsample = tuple(totals)
+        bottom = specs[-1]
+
+        # Modules are created in the order of the two-level model (encoders bottom-up, then per
+        # level top-down pre_quantize and decoder, quantizers, upsamplers, image decoder) so that
+        # a seed gives it the same initial weights as before the depth was configurable.
+        for spec in reversed(specs):
+            # The bottom encoder reads the image, every other one the features of the level below.
+            in_channels = c.in_channels if spec is bottom else c.channels
+            encoder = Encoder(
+                in_channels, c.channels, c.res_blocks, c.res_channels, spec.downsample
+            )
+            setattr(self, f"encoder_{spec.name}", encoder)
+        for i, spec in enumerate(specs):
+            # Below the top, the features are concatenated with the guide from the level above.
+            in_channels = c.channels if i == 0 else c.channels + d
+            setattr(self, f"pre_quantize_{spec.name}", nn.Conv2d(in_channels, d, 1))
+            if spec is not bottom:
+                decoder = Decoder(d, d, c.channels, c.res_blocks, c.res_channels, spec.downsample)
+                setattr(self, f"decoder_{spec.name}", decoder)
         self.quantizers = nn.ModuleDict(
-            {
-                "top": make_quantizer(c.codebook_size_top, c),
-                "bottom": make_quantizer(c.codebook_size_bottom, c),
-            }
+            {spec.name: make_quantizer(spec.codebook_size, c) for spec in specs}
         )
-        self.upsample_top = nn.ConvTranspose2d(d, d, 4, stride=2, padding=1)
-        self.decoder = Decoder(2 * d, c.in_channels, c.channels, c.res_blocks, c.res_channels, 4)
+        for spec, total in zip(specs[:-1], totals):
+            setattr(self, f"upsample_{spec.name}", upsampler(d, total // totals[-1]))
+        self.decoder = Decoder(
+            len(specs) * d,
+            c.in_channels,
+            c.channels,
+            c.res_blocks,
+            c.res_channels,
+            bottom.downsample,
+        )
         init_conv_weights(self)
 
     @property
     def codebook_sizes(self) -> tuple[int, ...]:
-        return (self.config.codebook_size_top, self.config.codebook_size_bottom)
+        return tuple(spec.codebook_size for spec in self.config.level_specs())
 
     def code_shape(self, height: int, width: int) -> tuple[tuple[int, int], ...]:
-        check_image_size(height, width, 8)
-        return ((height // 8, width // 8), (height // 4, width // 4))
+        check_image_size(height, width, self.downsample[0])
+        return tuple((height // f, width // f) for f in self.downsample)
 
-    def _decode(self, quantized_top: torch.Tensor, quantized_bottom: torch.Tensor) -> torch.Tensor:
-        return self.decoder(torch.cat([self.upsample_top(quantized_top), quantized_bottom], dim=1))
+    def _features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Encoder features of each level, top first."""
+        features: list[torch.Tensor] = []
+        for level in reversed(self.levels):
+            features.insert(0, getattr(self, f"encoder_{level}")(features[0] if features else x))
+        return features
+
+    def _pre_quantize(
+        self, index: int, features: torch.Tensor, guide: torch.Tensor | None
+    ) -> torch.Tensor:
+        pre_quantize = getattr(self, f"pre_quantize_{self.levels[index]}")
+        return pre_quantize(features if index == 0 else torch.cat([guide, features], dim=1))
+
+    def _guide(self, index: int, quantized: torch.Tensor) -> torch.Tensor | None:
+        """The quantised map of level `index` at the resolution of the level below (None at the
+        bottom)."""
+        if index == len(self.levels) - 1:
+            return None
+        return getattr(self, f"decoder_{self.levels[index]}")(quantized)
+
+    def _decode(self, quantized: list[torch.Tensor]) -> torch.Tensor:
+        upsampled = [
+            getattr(self, f"upsample_{level}")(q) for level, q in zip(self.levels, quantized[:-1])
+        ]
+        return self.decoder(torch.cat([*upsampled, quantized[-1]], dim=1))
 
     def forward(self, x: torch.Tensor) -> AutoencoderOutput:
-        check_images(x, self.config.in_channels, 8)
-        features_bottom = self.encoder_bottom(x)
-        features_top = self.encoder_top(features_bottom)
-        q_top = self.quantizers["top"](self.pre_quantize_top(features_top))
-        guide = self.decoder_top(q_top.quantized)
-        z_bottom = self.pre_quantize_bottom(torch.cat([guide, features_bottom], dim=1))
-        q_bottom = self.quantizers["bottom"](z_bottom)
-        reconstruction = self._decode(q_top.quantized, q_bottom.quantized)
+        check_images(x, self.config.in_channels, self.downsample[0])
+        outputs: list[QuantizerOutput] = []
+        guide = None
+        for i, features in enumerate(self._features(x)):
+            q = self.quantizers[self.levels[i]](self._pre_quantize(i, features, guide))
+            guide = self._guide(i, q.quantized)
+            outputs.append(q)
+        reconstruction = self._decode([q.quantized for q in outputs])
 
         terms = {"reconstruction": reconstruction_loss(reconstruction, x)}
         stats: dict[str, torch.Tensor] = {}
-        add_quantizer_terms(q_top, "top", terms, stats)
-        add_quantizer_terms(q_bottom, "bottom", terms, stats)
-        loss = terms["reconstruction"] + q_top.loss + q_bottom.loss
+        loss = terms["reconstruction"]
+        for level, q in zip(self.levels, outputs):
+            add_quantizer_terms(q, level, terms, stats)
+            loss = loss + q.loss
         return AutoencoderOutput(reconstruction, loss, terms, stats)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        check_images(x, self.config.in_channels, 8)
+        check_images(x, self.config.in_channels, self.downsample[0])
+        codes: list[torch.Tensor] = []
         with torch.inference_mode():
-            features_bottom = self.encoder_bottom(x)
-            z_top = self.pre_quantize_top(self.encoder_top(features_bottom))
-            top = quantize_for_inference(self.quantizers["top"], z_top)
-            guide = self.decoder_top(self.quantizers["top"].lookup(top))
-            z_bottom = self.pre_quantize_bottom(torch.cat([guide, features_bottom], dim=1))
-            bottom = quantize_for_inference(self.quantizers["bottom"], z_bottom)
+            guide = None
+            for i, features in enumerate(self._features(x)):
+                quantizer = self.quantizers[self.levels[i]]
+                codes.append(
+                    quantize_for_inference(quantizer, self._pre_quantize(i, features, guide))
+                )
+                guide = self._guide(i, quantizer.lookup(codes[-1]))
         # Ordinary tensors, not inference tensors: see VQVAE.encode.
-        return top.clone(), bottom.clone()
+        return tuple(c.clone() for c in codes)
 
     @torch.no_grad()
     def decode_codes(self, codes: tuple[torch.Tensor, ...]) -> torch.Tensor:
         check_codes(codes, self.levels, self.codebook_sizes)
-        top, bottom = codes
-        if top.shape[0] != bottom.shape[0] or bottom.shape[1:] != (
-            2 * top.shape[1],
-            2 * top.shape[2],
-        ):
-            raise ValueError(
-                f"bottom codes must be twice the size of top codes with the same batch, got top "
-                f"{tuple(top.shape)} and bottom {tuple(bottom.shape)}"
-            )
-        quantized_top = self.quantizers["top"].lookup(top)
-        quantized_bottom = self.quantizers["bottom"].lookup(bottom)
-        return self._decode(quantized_top, quantized_bottom)
+        for i, spec in enumerate(self.config.level_specs()[:-1]):
+            above, below = codes[i], codes[i + 1]
+            f = spec.downsample
+            if below.shape[0] != above.shape[0] or below.shape[1:] != (
+                f * above.shape[1],
+                f * above.shape[2],
+            ):
+                raise ValueError(
+                    f"{self.levels[i + 1]} codes must be {f} times the size of {spec.name} codes "
+                    f"with the same batch, got {spec.name} {tuple(above.shape)} and "
+                    f"{self.levels[i + 1]} {tuple(below.shape)}"
+                )
+        return self._decode(
+            [self.quantizers[level].lookup(c) for level, c in zip(self.levels, codes)]
+        )

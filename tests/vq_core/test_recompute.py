@@ -52,6 +52,22 @@ CASES = {
             )
         )
     ),
+    # Codes at 1/16, 1/8 and 1/4: three encoders and three decoders recompute.
+    "vqvae2-three-levels": lambda: _autoencoder_case(
+        VQVAE2(
+            VQVAE2Config(
+                channels=16,
+                res_channels=8,
+                embed_dim=8,
+                data_init=False,
+                levels=[
+                    {"name": "top", "downsample": 2, "codebook_size": 16},
+                    {"name": "middle", "downsample": 2, "codebook_size": 16},
+                    {"name": "bottom", "downsample": 4, "codebook_size": 16},
+                ],
+            )
+        )
+    ),
     "vqvae": lambda: _autoencoder_case(
         VQVAE(
             VQVAEConfig(channels=16, res_channels=8, embed_dim=8, codebook_size=16, data_init=False)

@@ -267,7 +267,7 @@ def test_decode_codes_rejects_bad_codes():
         model.decode_codes((top.int(), bottom))
     with pytest.raises(ValueError, match=r"\[0, 24\).*\[24, 24\]"):
         model.decode_codes((top, bottom + 24))
-    with pytest.raises(ValueError, match="twice the size"):
+    with pytest.raises(ValueError, match="bottom codes must be 2 times the size of top codes"):
         model.decode_codes((top, bottom[:, :6]))
 
 

@@ -2,7 +2,9 @@
 
 The files were written by the two-level VQVAE2 as it was before the number of levels became a
 setting; test_levels.py loads them to check that today's code still rebuilds that model exactly.
-Rerunning this script with today's code must reproduce them (on the same kind of CPU).
+Keep the committed checkpoint: its stored config has no `levels` key, as every checkpoint written
+before that field existed. Rerunning this script today gives the same state_dict and outputs (on
+the same kind of CPU), but a checkpoint whose config holds `levels: None`.
 
     PYTHONPATH=. python tests/vq_core/data/make_vqvae2_two_level_v1.py
 """
@@ -50,19 +52,24 @@ def golden_outputs(model: VQVAE2) -> dict[str, torch.Tensor]:
     }
 
 
-def main() -> None:
-    torch.set_num_threads(1)  # as in the tests (conftest.py)
+def trained_model() -> VQVAE2:
+    """The checkpointed model: built from seed 0, then trained for two steps on other random
+    images, so that the EMA codebooks and their statistics have moved from their initial values
+    and the codes spread over several entries."""
     torch.manual_seed(0)
     model = VQVAE2(VQVAE2Config(**CONFIG))
-    # Two training steps on other random images, so that the EMA codebooks and their statistics
-    # have moved from their initial values and the codes spread over several entries.
     g = torch.Generator().manual_seed(1)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     for _ in range(2):
         optimizer.zero_grad()
         model(torch.rand(8, 3, 32, 32, generator=g) * 2 - 1).loss.backward()
         optimizer.step()
-    model.eval()
+    return model.eval()
+
+
+def main() -> None:
+    torch.set_num_threads(1)  # as in the tests (conftest.py)
+    model = trained_model()
     save_checkpoint(model, CHECKPOINT)
     torch.save(golden_outputs(model), OUTPUTS)
 
