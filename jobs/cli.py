@@ -36,7 +36,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from pipelines.config import PipelineConfig, RaySection
-from pipelines.errors import ConfigError, UserError
+from pipelines.errors import ConfigError, user_error_in
 from pipelines.stage import StageSpec, ensure_ray
 from pipelines.stages import STAGES
 from pipelines.tools.decode import decode_shards
@@ -312,11 +312,13 @@ def main(argv: list[str] | None = None) -> int:
         )
     try:
         return _dispatch(args)
-    except UserError as err:
-        print(f"vqpipe: error: {err}", file=sys.stderr)
-        _where_logs()
-        return 2
-    except Exception:  # a bug, not the user's mistake: show where it happened
+    except Exception as err:
+        mistake = user_error_in(err)  # the user's mistake, perhaps wrapped by Ray on its way here
+        if mistake is not None:
+            print(f"vqpipe: error: {mistake}", file=sys.stderr)
+            _where_logs()
+            return 2
+        # A bug, not the user's mistake: show where it happened.
         traceback.print_exc()
         print("vqpipe: internal error (traceback above)", file=sys.stderr)
         _where_logs()

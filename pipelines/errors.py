@@ -42,3 +42,26 @@ class UnsupportedRayError(UserError, ImportError):
 
 class MemoryBudgetError(ConfigError):
     """A training stage whose estimated memory per worker exceeds its device's (pipelines.sizing)."""
+
+
+def user_error_in(error: BaseException) -> UserError | None:
+    """The ``UserError`` behind ``error``, when Ray wrapped it on its way to the driver.
+
+    A ``BadInputError`` raised in a Ray Data task reaches the driver inside a ``RayTaskError``
+    (whose message is Ray's traceback), and one raised in a Ray Train worker inside a training
+    error: the user's mistake is still the cause, and the CLI reports it as one. Follows ``cause``
+    (Ray's task errors), ``__cause__`` and ``__context__``, and returns the error as it was
+    raised, not Ray's copy of it (a class Ray derives from both); None when there is none.
+    """
+    wrapped, seen, queue = None, set(), [error]
+    while queue:
+        current = queue.pop(0)
+        if not isinstance(current, BaseException) or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, UserError):
+            if not type(current).__module__.startswith("ray."):
+                return current
+            wrapped = wrapped or current
+        queue.extend([getattr(current, "cause", None), current.__cause__, current.__context__])
+    return wrapped

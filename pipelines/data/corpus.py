@@ -500,6 +500,15 @@ def _object_columns(columns: dict[str, list]) -> dict[str, np.ndarray]:
 # The corpus
 
 
+def raise_bad_inputs_as_themselves() -> None:
+    """Let a ``BadInputError`` raised in a Ray Data task (``on_bad_input: fail``) reach the driver
+    as itself, the user's mistake naming the file (the CLI's status 2), instead of Ray Data's
+    ``UserCodeException`` around its text. Call before building a dataset that decodes images."""
+    import ray.data
+
+    ray.data.DataContext.get_current().raise_original_map_exception = True
+
+
 class Corpus:
     """A configured corpus: its layout, class names and a way to stream it as a Ray Dataset."""
 
@@ -599,6 +608,7 @@ class Corpus:
             if len(hashes):
                 skip_ref = ray.put(np.sort(hashes))
         spec = self.read_spec(split, keep_errors=keep_errors, skip_ref=skip_ref)
+        raise_bad_inputs_as_themselves()
         return self._raw(spec, interleave).map_batches(
             _decode_batch,
             batch_size=DECODE_BATCH,

@@ -47,7 +47,7 @@ import numpy as np
 
 from pipelines.config import DataSection
 from pipelines.data import storage
-from pipelines.data.corpus import Corpus, open_corpus
+from pipelines.data.corpus import Corpus, open_corpus, raise_bad_inputs_as_themselves
 from pipelines.data.images import decode_image
 from pipelines.data.keys import unit_hashes
 from pipelines.manifest import fingerprint
@@ -215,6 +215,7 @@ def ensure_image_cache(data_cfg: DataSection, output_dir: str) -> ImageCache:
     storage.remove_partials(directory)
     log.info("image cache (%s): building %s from %d work unit(s)", encoding, directory, len(units))
     items = [{"index": i, "unit": json.dumps(unit)} for i, unit in enumerate(units)]
+    raise_bad_inputs_as_themselves()
     results = (
         ray.data.from_items(items, override_num_blocks=len(items))
         .map_batches(

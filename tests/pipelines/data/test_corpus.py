@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
+import re
 import tarfile
 
 import numpy as np
@@ -17,6 +19,7 @@ from pipelines.data.corpus import detect_format, open_corpus
 from pipelines.data.demo_data import generate_corpus
 from pipelines.data.images import BadImageError, decode_image
 from pipelines.data.keys import key_hashes, sanitize_key, split_of
+from pipelines.errors import BadInputError, user_error_in
 
 CLASSES = ("circle", "square", "triangle")
 
@@ -178,9 +181,12 @@ def test_split_is_deterministic_and_stable_when_images_are_added(tmp_path, ray_l
         assert splits[split] <= splits2[split]  # no old image changed split
 
     assert split_of("circle/00001", 0.0, 0.0) == "train"
-    assert [split_of(f"k{i}", 0.3, 0.2) for i in range(50)] == [
-        split_of(f"k{i}", 0.3, 0.2) for i in range(50)
-    ]
+    # The documented rule, computed here from the key alone: a key's place in [0, 1) is the first
+    # 8 bytes of its SHA-1, big-endian; test takes [0, test), validation the next band.
+    for i in range(50):
+        place = int.from_bytes(hashlib.sha1(f"k{i}".encode()).digest()[:8], "big") / 2.0**64
+        expected = "test" if place < 0.2 else "validation" if place < 0.5 else "train"
+        assert split_of(f"k{i}", 0.3, 0.2) == expected
     # Test takes the lowest hashes: a new validation fraction never moves a test key.
     keys = [f"k{i}" for i in range(500)]
     test = {k for k in keys if split_of(k, 0.1, 0.2) == "test"}
@@ -257,8 +263,33 @@ def test_bad_inputs_are_skipped_and_reported(odd_corpus, ray_local):
 
 def test_bad_input_fails_naming_the_file_when_asked(odd_corpus, ray_local):
     corpus = open_corpus(DataSection(source=odd_corpus, image_size=16, on_bad_input="fail"))
-    with pytest.raises(Exception, match=r"(empty|truncated|header)\.png"):
+    # Ray Data wraps the task's error; the corpus' own BadInputError is its cause.
+    with pytest.raises(Exception) as caught:
         corpus.dataset("all").take_all()
+    error = user_error_in(caught.value)
+    assert isinstance(error, BadInputError)
+    assert re.search(r"(empty|truncated|header)\.png: ", str(error))
+    assert "data.on_bad_input is 'fail'" in str(error)
+
+
+def test_a_bad_image_under_fail_is_the_users_error_on_the_command_line(
+    odd_corpus, ray_local, tmp_path, capsys
+):
+    """Status 2 and the file's name, as for every mistake in the inputs; not a traceback."""
+    import json
+
+    from jobs.cli import main
+    from tests.pipelines.conftest import tiny_raw_config
+
+    raw = tiny_raw_config(str(tmp_path / "out"), odd_corpus)
+    raw["data"]["on_bad_input"] = "fail"
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(raw))
+    assert main(["train-vqvae", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"vqpipe: error: \S+/things/(empty|truncated|header)\.png: ", err)
+    assert "Traceback" not in err and "internal error" not in err
+    assert not os.path.exists(tmp_path / "out" / "train_vqvae" / "manifest.json")
 
 
 def test_resume_keys_are_dropped_before_decoding(shapes_corpus, ray_local):
