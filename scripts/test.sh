@@ -5,4 +5,6 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
 ruff check .
-python -m pytest "$@"
+# Two workers, each test module whole on one of them (tests/conftest.py); TEST_WORKERS=0 runs
+# everything in this process.
+python -m pytest -n "${TEST_WORKERS:-2}" --dist loadgroup "$@"
