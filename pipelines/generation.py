@@ -343,7 +343,7 @@ def sampling_settings(cfg: SampleSection, levels: list[str]) -> dict[str, Any]:
     """How the priors draw: the method, and each level's temperature, top_k and top_p (its
     ``sample.levels`` entry over the stage's). ConfigError for an entry of a level not in
     ``levels``."""
-    cfg.check_levels(levels, "the priors")
+    cfg.check_levels(levels, "train_prior")
     return {"method": cfg.method, "levels": {level: cfg.for_level(level) for level in levels}}
 
 

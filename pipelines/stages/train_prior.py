@@ -87,7 +87,7 @@ def plan_priors(
         tokenized.code_shapes,
         section,
         num_classes,
-        source=f"the code shards (tokenizer {tokenized.tokenizer.describe()})",
+        source=f"the tokenizer of the code shards, {tokenized.tokenizer.describe()},",
     )
 
 
