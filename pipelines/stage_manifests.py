@@ -128,7 +128,7 @@ class CorpusCodes(ManifestModel):
 class PriorEntry(ManifestModel):
     checkpoint: str
     kind: str
-    condition: str | None  # the level this prior is conditioned on (the top map, for bottom)
+    condition: str | None  # the level directly above, which this prior reads (None at the top)
     validation_bits_per_code: float | None  # on the validation split, at the selected step
     train_bits_per_code: float | None
     steps: int  # configured

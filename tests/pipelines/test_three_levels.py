@@ -9,6 +9,7 @@ levels the autoencoder lacks, and code shards of another depth, are refused nami
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from types import SimpleNamespace
@@ -103,6 +104,20 @@ def test_the_config_has_a_prior_section_per_level_with_the_defaults_of_its_place
     assert parse_config(cfg.model_dump(mode="json")) == cfg
     assert cfg.sample.for_level("middle") == {"temperature": 0.5, "top_k": 4, "top_p": None}
     assert cfg.sample.for_level("bottom") == {"temperature": 1.0, "top_k": None, "top_p": None}
+
+
+def test_vqpipe_validate_shows_each_levels_section(capsys):
+    assert (
+        cli_main(["validate", str(REPO / "configs" / "demo-three-level.yaml"), "--no-memory"]) == 0
+    )
+    shown = json.loads(capsys.readouterr().out)
+    assert list(shown["train_prior"]) == ["shards", *LEVELS]
+    assert shown["train_prior"]["middle"]["model"]["attention"] is False
+    assert shown["train_prior"]["top"]["model"]["attention"] is True
+    assert shown["sample"]["levels"] == {
+        "bottom": {"temperature": 1.0, "top_k": None, "top_p": None}
+    }
+    assert [spec["name"] for spec in shown["train_vqvae"]["model"]["levels"]] == LEVELS
 
 
 def test_sections_and_sampling_settings_of_other_levels_are_refused(tmp_path):
