@@ -12,10 +12,19 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from pipelines.errors import ConfigError
 from vq_core.kinds import get_kind, kinds_of
@@ -275,6 +284,18 @@ def _with_level_defaults(section: PriorSection, conditioned: bool) -> PriorSecti
     return section
 
 
+def _level_section(value: Any) -> Any:
+    """A level's section is a mapping: any other value under train_prior is a key it lacks (a
+    training knob one level too high, say), reported as the unknown key it is."""
+    if isinstance(value, (dict, PriorSection)):
+        return value
+    raise PydanticCustomError("extra_forbidden", "Extra inputs are not permitted")
+
+
+# What train_prior holds under a level's name.
+LevelSection = Annotated[PriorSection, BeforeValidator(_level_section)]
+
+
 class TrainPriorSection(Section):
     """One prior per code level, in a section named after the level: ``train_prior.<level>``.
 
@@ -287,7 +308,7 @@ class TrainPriorSection(Section):
 
     # Every key besides shards is a level's section.
     model_config = ConfigDict(extra="allow", validate_assignment=True)
-    __pydantic_extra__: dict[str, PriorSection] = Field(init=False)
+    __pydantic_extra__: dict[str, LevelSection] = Field(init=False)
 
     shards: list[str] | None = Field(
         None,
