@@ -12,13 +12,22 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from pipelines.errors import ConfigError
-from vq_core.kinds import code_levels, get_kind, kinds_of
+from vq_core.kinds import get_kind, kinds_of
 from vq_core.sampling import DEFAULT_METHOD, METHODS
 
 # The kinds a config may name, from vq_core's table of model kinds.
@@ -261,10 +270,45 @@ class PriorSection(TrainingKnobs):
     )
 
 
+def _default_prior(conditioned: bool) -> PriorSection:
+    """The section of a level configured nowhere: PriorSection's defaults, as for_level fills in."""
+    return _with_level_defaults(PriorSection(), conditioned)
+
+
+def _with_level_defaults(section: PriorSection, conditioned: bool) -> PriorSection:
+    """``section`` with the defaults that depend on where its level sits: a PixelSNAIL prior below
+    the top (conditioned on the level above) has no attention unless model.attention says so."""
+    if conditioned and section.kind == "pixelsnail" and "attention" not in section.model:
+        # The paper's bottom prior relies on the codes above for global structure: no attention.
+        return section.model_copy(update={"model": {**section.model, "attention": False}})
+    return section
+
+
+def _level_section(value: Any) -> Any:
+    """A level's section is a mapping: any other value under train_prior is a key it lacks (a
+    training knob one level too high, say), reported as the unknown key it is."""
+    if isinstance(value, (dict, PriorSection)):
+        return value
+    raise PydanticCustomError("extra_forbidden", "Extra inputs are not permitted")
+
+
+# What train_prior holds under a level's name.
+LevelSection = Annotated[PriorSection, BeforeValidator(_level_section)]
+
+
 class TrainPriorSection(Section):
-    """One prior per code level, in a section named after the level (``vq_core.kinds`` declares
-    each autoencoder kind's levels): ``top`` and ``bottom`` for a VQ-VAE-2, ``codes`` for a
-    one-level VQ-VAE or a dVAE. Sections of levels the autoencoder does not have are refused."""
+    """One prior per code level, in a section named after the level: ``train_prior.<level>``.
+
+    The levels are the autoencoder's (``train_vqvae.kind``'s, or those ``train_vqvae.model.levels``
+    names; a pinned tokenizer's are its checkpoint's): ``top`` and ``bottom`` for the default
+    VQ-VAE-2, ``codes`` for a one-level VQ-VAE or dVAE. A level without a section gets the
+    ``PriorSection`` defaults; a PixelSNAIL prior below the top level has no attention unless
+    ``model.attention`` says so, as in the paper. A section for a level the autoencoder does not
+    have is refused. Read a level's section with ``for_level``."""
+
+    # Every key besides shards is a level's section.
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+    __pydantic_extra__: dict[str, LevelSection] = Field(init=False)
 
     shards: list[str] | None = Field(
         None,
@@ -272,18 +316,6 @@ class TrainPriorSection(Section):
         "holding one, or their manifest.json files, all made with the same tokenizer. Keys are "
         "prefixed with each corpus' tokenize.corpus_name; classes are merged by name. Default: "
         "this run's tokenize (list this output_dir to include it with others).",
-    )
-    top: PriorSection = Field(
-        default_factory=PriorSection, description="Prior of the top codes (two-level models)."
-    )
-    bottom: PriorSection = Field(
-        default_factory=PriorSection,
-        description="Prior of the bottom codes given the top codes (two-level models). "
-        "A PixelSNAIL bottom prior has no attention unless model.attention says so, as in the paper.",
-    )
-    codes: PriorSection = Field(
-        default_factory=PriorSection,
-        description="Prior of the only code map of a one-level model (vqvae, dvae).",
     )
 
     @field_validator("shards")
@@ -297,21 +329,61 @@ class TrainPriorSection(Section):
 
     @model_validator(mode="after")
     def _check_models(self) -> TrainPriorSection:
-        for level in code_levels():
-            section = getattr(self, level)
+        for level, section in self.sections().items():
             get_kind(section.kind).check_user_fields(section.model, f"train_prior.{level}.model")
-        if self.bottom.kind == "pixelsnail" and "attention" not in self.bottom.model:
-            # The paper's bottom prior relies on the top codes for global structure: no attention.
-            self.bottom.model = {**self.bottom.model, "attention": False}
         return self
 
-    def for_level(self, level: str) -> PriorSection:
-        """The section of the prior over ``level``."""
-        if level not in code_levels():
+    def sections(self) -> dict[str, PriorSection]:
+        """The level sections present, by level name: those configured, or once the
+        configuration knows its autoencoder's levels, one per level, top first."""
+        return dict(self.__pydantic_extra__ or {})
+
+    def for_level(
+        self, level: str, levels: list[str] | tuple[str, ...] | None = None
+    ) -> PriorSection:
+        """The section of the prior over ``level``, one of the autoencoder's ``levels`` (top
+        first; default: the levels with a section), with the defaults of its place: the
+        configured section or PriorSection's defaults, without attention for a PixelSNAIL below
+        the top unless its model.attention says so."""
+        sections = self.sections()
+        levels = list(sections if levels is None else levels)
+        if level not in levels:
             raise ConfigError(
-                f"no train_prior section for code level {level!r}; sections: {list(code_levels())}"
+                f"no train_prior section for code level {level!r}; the code levels are {levels}"
             )
-        return getattr(self, level)
+        section = sections.get(level, PriorSection())
+        return _with_level_defaults(section, conditioned=levels.index(level) > 0)
+
+    def check_levels(self, levels: list[str] | tuple[str, ...], source: str) -> None:
+        """Raise ConfigError when a section configures a level not in ``levels``, the levels
+        that ``source`` ("train_vqvae.kind 'dvae'", "the code shards") has. A section left at
+        the defaults is no mistake: a resolved config, dumped and read back, lists the level
+        sections of the defaults, as older versions did for every level they knew."""
+        stray = [
+            level
+            for level, section in self.sections().items()
+            if level not in levels and section not in (_default_prior(False), _default_prior(True))
+        ]
+        if stray:
+            wanted = [f"train_prior.{level}" for level in levels]
+            raise ConfigError(
+                f"train_prior.{stray[0]} configures a prior for code level {stray[0]!r}, but "
+                f"{source} has levels {list(levels)}; configure "
+                f"{' and '.join([', '.join(wanted[:-1]), wanted[-1]] if wanted[:-1] else wanted)} "
+                "instead"
+            )
+
+    def resolve_levels(self, levels: list[str] | tuple[str, ...], source: str) -> None:
+        """Check the sections against the autoencoder's ``levels`` (``check_levels``), then hold
+        exactly one section per level, top first, each with the defaults of its place, so that
+        ``vqpipe validate`` shows and the fingerprints cover what each prior is trained with."""
+        self.check_levels(levels, source)
+        if "shards" in levels:
+            raise ConfigError(
+                f"{source} has a code level named 'shards', which is train_prior's key for the "
+                "code datasets, not a level section; rename the level"
+            )
+        self.__pydantic_extra__ = {level: self.for_level(level, levels) for level in levels}
 
 
 class TokenizeSection(Section):
@@ -367,6 +439,17 @@ class RejectionSection(Section):
     )
 
 
+class LevelSampling(Section):
+    """How one level's codes are drawn, where it differs from the sample section's settings: a
+    key left unset (None) takes the stage's ``temperature``, ``top_k`` or ``top_p``. To turn the
+    stage's top_k or top_p off at one level, give that level ``top_p: 1.0`` or a ``top_k`` of at
+    least the level's codebook size."""
+
+    temperature: float | None = Field(None, gt=0)
+    top_k: int | None = Field(None, ge=1)
+    top_p: float | None = Field(None, gt=0, le=1.0)
+
+
 class SampleSection(Section):
     classes: list[str] | None = Field(None, description="Class names to sample; all when unset.")
     per_class: int = Field(16, gt=0)
@@ -383,6 +466,29 @@ class SampleSection(Section):
     )
     grid_images: int = Field(64, gt=0, description="Samples per class shown in its grid.")
     rejection: RejectionSection = Field(default_factory=RejectionSection)
+    levels: dict[str, LevelSampling] = Field(
+        default_factory=dict,
+        description="Per code level (by name), sampling settings that replace the stage's "
+        "temperature, top_k and top_p for that level's prior, e.g. {bottom: {temperature: 0.9}}. "
+        "Levels not listed, and keys not set, use the stage's.",
+    )
+
+    def for_level(self, level: str) -> dict[str, Any]:
+        """The temperature, top_k and top_p that ``level``'s codes are drawn with."""
+        own = self.levels.get(level, LevelSampling())
+        return {
+            key: getattr(self, key) if getattr(own, key) is None else getattr(own, key)
+            for key in ("temperature", "top_k", "top_p")
+        }
+
+    def check_levels(self, levels: list[str] | tuple[str, ...], source: str) -> None:
+        """Raise ConfigError when sample.levels names a level not in ``levels`` (``source``'s)."""
+        unknown = [level for level in self.levels if level not in levels]
+        if unknown:
+            raise ConfigError(
+                f"sample.levels.{unknown[0]} sets the sampling of code level {unknown[0]!r}, but "
+                f"{source} has levels {list(levels)}"
+            )
 
 
 class EvaluateSection(Section):
@@ -474,24 +580,23 @@ class PipelineConfig(Section):
 
     @model_validator(mode="after")
     def _prior_sections_match_the_levels(self) -> PipelineConfig:
-        if self.tokenize.checkpoint:
+        levels = self.code_levels()
+        if levels is None:
             return self  # a pinned tokenizer's levels are known once its checkpoint is read
-        levels = get_kind(self.train_vqvae.kind).levels
-        # A section left at its default is no mistake: a resolved config, dumped and read back,
-        # lists every section.
-        default = TrainPriorSection()
-        stray = [
-            level
-            for level in code_levels()
-            if level not in levels and getattr(self.train_prior, level) != getattr(default, level)
-        ]
-        if stray:
-            raise ValueError(
-                f"train_prior.{stray[0]} configures a prior for code level {stray[0]!r}, but "
-                f"train_vqvae.kind {self.train_vqvae.kind!r} has levels {list(levels)}; "
-                f"configure train_prior.{' and train_prior.'.join(levels)} instead"
-            )
+        source = f"train_vqvae.kind {self.train_vqvae.kind!r}"
+        if "levels" in self.train_vqvae.model:
+            source = "train_vqvae.model.levels"
+        self.train_prior.resolve_levels(levels, source)
+        self.sample.check_levels(levels, source)
         return self
+
+    def code_levels(self) -> tuple[str, ...] | None:
+        """The autoencoder's code levels, top first, as far as the configuration knows them:
+        ``train_vqvae.kind``'s (or those ``train_vqvae.model.levels`` names); None with a pinned
+        tokenizer (``tokenize.checkpoint``), whose levels are in its checkpoint."""
+        if self.tokenize.checkpoint:
+            return None
+        return get_kind(self.train_vqvae.kind).levels_for(self.train_vqvae.model)
 
     @field_validator("output_dir")
     @classmethod
@@ -506,7 +611,8 @@ def _format_errors(err: ValidationError) -> str:
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
-        elif "input" in e and e["type"] not in ("missing",):
+        elif "input" in e and e["type"] not in ("missing",) and e["loc"]:
+            # Not for a check of the whole configuration, whose input is all of it.
             msg = f"{msg} (got {e['input']!r})"
         lines.append(f"  {where}: {msg}")
     return "invalid configuration:\n" + "\n".join(lines)

@@ -1,8 +1,10 @@
 """Drawing images from trained priors: the work plan, the sampler actors, rejection, the outputs.
 
-For each requested class the top prior draws a top code map given the class, the bottom prior draws
-a bottom map given the class and that top map, and the decoder turns both into an image (a
-single-level model has one prior). The work is cut into batches of (class, count, seed) that an
+For each requested class the priors draw the code maps level by level, top down: the top prior a
+top map given the class, every lower level's prior a map given the class and the map just drawn for
+the level above it (``vq_core.sampling.sample_levels``), each level with its own temperature, top_k
+and top_p (``sample.levels``, defaulting to the stage's); once every level is drawn the decoder
+turns the maps into an image (a single-level model has one prior). The work is cut into batches of (class, count, seed) that an
 actor pool works through; each actor loads the models once. Every batch's seed is derived from the
 sampling seed, the class name and the batch's index within its class, so a re-run draws the same
 images, and a class's images do not change when other classes are added to the request.
@@ -36,7 +38,7 @@ import torch
 from pipelines import console
 from pipelines.config import SampleSection
 from pipelines.data import storage
-from pipelines.errors import ConfigError
+from pipelines.errors import ConfigError, InputError
 from pipelines.stage import StageContext, ensure_ray
 from pipelines.stage_manifests import ClassSamples, RejectionStats, TrainPriorManifest
 from pipelines.tokenizer import read_identified, tracking_uri_for
@@ -149,18 +151,18 @@ class Sampler:
     def generate(self, label: int, count: int, seed: int) -> np.ndarray:
         """``count`` images (uint8 count x H x W x C) of class ``label`` (-1: unconditional)."""
         from pipelines.data.images import to_uint8
+        from vq_core.sampling import sample_levels
 
         generator = torch.Generator(device=self.device).manual_seed(seed)
         labels = torch.full((count,), label, dtype=torch.long, device=self.device)
-        codes: dict[str, torch.Tensor] = {}
-        for level, condition, prior in self.priors:
-            codes[level] = prior.sample(
-                count,
-                labels=labels if prior.config.num_classes > 0 else None,
-                condition=codes[condition] if condition else None,
-                generator=generator,
-                **self.settings,
-            )
+        codes = sample_levels(
+            self.priors,
+            count,
+            labels,
+            settings=self.settings["levels"],
+            generator=generator,
+            method=self.settings["method"],
+        )
         images = self.autoencoder.decode_codes(tuple(codes[level] for level, _, _ in self.priors))
         return to_uint8(images.float().cpu())
 
@@ -296,12 +298,7 @@ def _generate(
     import ray
 
     cfg = ctx.cfg.sample
-    settings = {
-        "temperature": cfg.temperature,
-        "top_k": cfg.top_k,
-        "top_p": cfg.top_p,
-        "method": cfg.method,
-    }
+    settings = sampling_settings(cfg, [p["level"] for p in priors])
     items = [dataclasses.asdict(b) for b in batches]
     dataset = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         Sampler,
@@ -340,6 +337,28 @@ def _generate(
         # Written last: a class with this marker is complete and a resumed run skips it.
         storage.write_bytes(done_uri(ctx.stage_dir, name), entries[name].model_dump_json().encode())
     return entries
+
+
+def sampling_settings(cfg: SampleSection, levels: list[str]) -> dict[str, Any]:
+    """How the priors draw: the method, and each level's temperature, top_k and top_p (its
+    ``sample.levels`` entry over the stage's). ConfigError for an entry of a level not in
+    ``levels``."""
+    cfg.check_levels(levels, "train_prior")
+    return {"method": cfg.method, "levels": {level: cfg.for_level(level) for level in levels}}
+
+
+def check_autoencoder_levels(autoencoder: bytes, trained: TrainPriorManifest) -> None:
+    """Raise InputError unless the autoencoder that decodes the samples encodes the levels the
+    priors draw, in the same order."""
+    from pipelines.tokenizer import autoencoder_from_bytes
+
+    model, _ = autoencoder_from_bytes(autoencoder, trained.tokenizer.describe())
+    if list(model.levels) != list(trained.levels):
+        raise InputError(
+            f"the priors draw code levels {list(trained.levels)}, but the autoencoder "
+            f"{trained.tokenizer.describe()} that decodes them has levels {list(model.levels)}; "
+            "redo train_prior on codes of this autoencoder"
+        )
 
 
 def prior_order(trained: TrainPriorManifest) -> list[dict[str, Any]]:
@@ -444,5 +463,6 @@ def draw_samples(
         )
         image_shape = (*trained.image_size, trained.channels)
         autoencoder = read_identified(trained.tokenizer, tracking_uri_for(ctx.cfg))
+        check_autoencoder_levels(autoencoder, trained)
         entries.update(_generate(ctx, batches, autoencoder, priors, classifier_uri, image_shape))
     return {name: entries[name] for name in classes}

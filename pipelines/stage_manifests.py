@@ -29,7 +29,7 @@ class TrainVQVAEManifest(StageManifest):
 
     checkpoint: str
     model: str  # the model kind (train_vqvae.kind)
-    levels: list[str]  # coarsest first: ["top", "bottom"], or ["codes"] for one level
+    levels: list[str]  # coarsest first: ["top", "bottom"] by default, ["codes"] for one level
     codebook_sizes: dict[str, int]
     code_shapes: dict[str, list[int]]  # level -> [h, w]
     image_size: list[int]  # [H, W]
@@ -106,9 +106,12 @@ class TokenizeManifest(StageManifest, CodeShards):
 
     def summary(self) -> str:
         removed = f", {self.removed} removed" if self.removed else ""
+        maps = ", ".join(
+            f"{level} {'x'.join(str(n) for n in self.code_shapes[level])}" for level in self.levels
+        )
         return (
             f"{self.samples} samples in {len(self.shards)} shards{removed}, "
-            f"{self.bad_inputs.count} bad inputs"
+            f"{self.bad_inputs.count} bad inputs; code maps {maps}"
         )
 
 
@@ -125,7 +128,7 @@ class CorpusCodes(ManifestModel):
 class PriorEntry(ManifestModel):
     checkpoint: str
     kind: str
-    condition: str | None  # the level this prior is conditioned on (the top map, for bottom)
+    condition: str | None  # the level directly above, which this prior reads (None at the top)
     validation_bits_per_code: float | None  # on the validation split, at the selected step
     train_bits_per_code: float | None
     steps: int  # configured
@@ -174,15 +177,24 @@ class ClassSamples(ManifestModel):
     rejection: RejectionStats | None = None
 
 
+class LevelSettings(ManifestModel):
+    """How one level's codes were drawn."""
+
+    temperature: float
+    top_k: int | None
+    top_p: float | None
+
+
 class SampleSettings(ManifestModel):
     per_class: int
     draws_per_class: int
-    temperature: float
+    temperature: float  # the stage's; each level's, sample.levels included, under levels
     top_k: int | None
     top_p: float | None
     method: str
     seed: int
     rejection: dict[str, Any]
+    levels: dict[str, LevelSettings] = {}  # level -> what it was drawn with, top first
 
 
 class SampleManifest(StageManifest):

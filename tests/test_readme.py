@@ -18,6 +18,7 @@ import io
 import itertools
 import re
 import shlex
+import typing
 from pathlib import Path
 
 import pytest
@@ -133,21 +134,45 @@ def test_yaml_snippets_are_valid_configs(page, block):
     parse_config(_merged(BASE_CONFIG, snippet))
 
 
+def _section_model(ann: object) -> type[BaseModel] | None:
+    return ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+
+
+def _named_sections(model: type[BaseModel]) -> type[BaseModel] | None:
+    """The model of the sections a section holds under names of the user's choosing besides its
+    fields (one per code level in ``train_prior``: its typed extra keys), or None."""
+    if model.model_config.get("extra") != "allow":
+        return None
+    args = typing.get_args(typing.get_type_hints(model).get("__pydantic_extra__"))
+    return _section_model(args[1]) if len(args) == 2 else None
+
+
 def _key_exists(dotted: str) -> bool:
-    """Whether ``a.b.c`` names a key of the schema (a model knob under ``*.model`` counts)."""
+    """Whether ``a.b.c`` names a key of the schema (a model knob under ``*.model`` counts; so
+    does any name where the schema takes names of the user's choosing, as code levels)."""
     model: type[BaseModel] | None = PipelineConfig
     for placeholder, example in PLACEHOLDERS.items():
         dotted = dotted.replace(placeholder, example)
+    named: type[BaseModel] | None = None  # the model of a dict field's values, for the next part
     for part in dotted.split("."):
+        if named is not None:
+            model, named = named, None
+            continue
         if model is None:
             return False
         field = model.model_fields.get(part)
         if field is None:
-            return False
+            model = _named_sections(model)
+            if model is None:
+                return False
+            continue
         if part == "model":  # fields of the vq_core config dataclasses, validated there
             return True
         ann = field.annotation
-        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        if typing.get_origin(ann) is dict:
+            named, model = _section_model(typing.get_args(ann)[1]), None
+            continue
+        model = _section_model(ann)
     return True
 
 

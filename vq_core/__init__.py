@@ -11,7 +11,7 @@ from vq_core.dvae import DiscreteVAE, DiscreteVAEConfig
 from vq_core.pixelcnn import GatedPixelCNN, GatedPixelCNNConfig, bits_per_code
 from vq_core.pixelsnail import PixelSNAIL, PixelSNAILConfig
 from vq_core.quantizer import QuantizerOutput, VectorQuantizer
-from vq_core.sampling import draw_categorical, filter_logits, sample_codes
+from vq_core.sampling import draw_categorical, filter_logits, sample_codes, sample_levels
 from vq_core.vqvae import VQVAE, VQVAE2, AutoencoderOutput, VQVAE2Config, VQVAEConfig
 
 __all__ = [
@@ -34,5 +34,6 @@ __all__ = [
     "load_checkpoint",
     "model_from_config",
     "sample_codes",
+    "sample_levels",
     "save_checkpoint",
 ]

@@ -36,15 +36,17 @@ class ModelKind:
     """One model kind: its name in configs, its role, and where its class lives.
 
     An autoencoder kind's ``levels`` are those of its default config. A vqvae2 whose config sets
-    ``levels`` encodes the levels it names instead: read them from the built model (its
-    ``levels`` attribute) or from its checkpoint's config.
+    ``levels`` encodes the levels it names instead: ``levels_for(params)`` reads them from a
+    user's model fields without building the model; a built model reports them as its ``levels``
+    attribute, a checkpoint in its config.
     """
 
     name: str
     role: Role
     target: str  # "module:Class"
-    # An autoencoder's code maps, coarsest first; its model class declares the same tuple. Each
-    # level gets one prior, conditioned on the level before it (see ``prior_conditions``).
+    # An autoencoder's code maps with its default config, coarsest first; its model class declares
+    # the same tuple. Each level gets one prior, conditioned on the level before it (see
+    # ``prior_conditions``).
     levels: tuple[str, ...] = ()
 
     @property
@@ -67,6 +69,16 @@ class ModelKind:
         if self.role == "autoencoder":
             return AUTOENCODER_DERIVED
         return PRIOR_DERIVED | CONDITION_DERIVED
+
+    def levels_for(self, params: dict[str, Any]) -> tuple[str, ...]:
+        """The code levels, coarsest first, of this autoencoder kind built from a user's model
+        fields (``train_vqvae.model``): those its config's ``level_specs()`` lists when the config
+        class has one (a vqvae2's ``levels``), else the kind's own. Builds the config, not the
+        model; a bad field raises the config's ValueError."""
+        if self.role != "autoencoder":
+            raise ValueError(f"model kind {self.name!r} is a {self.role}; it has no code levels")
+        specs = getattr(self.config_class(**params), "level_specs", None)
+        return tuple(spec.name for spec in specs()) if specs is not None else self.levels
 
     def fields(self) -> set[str]:
         return {f.name for f in dataclasses.fields(self.config_class)}
@@ -118,16 +130,12 @@ def kinds_of(role: Role) -> tuple[str, ...]:
     return tuple(name for name, kind in KINDS.items() if kind.role == role)
 
 
-def code_levels() -> tuple[str, ...]:
-    """Every level name some autoencoder kind declares, in table order, each once."""
-    return tuple(dict.fromkeys(level for kind in KINDS.values() for level in kind.levels))
-
-
 def prior_conditions(levels: tuple[str, ...] | list[str]) -> dict[str, str | None]:
     """Each level's prior and the level it is conditioned on, coarsest first.
 
     The coarsest level's prior sees only the class; every finer level's prior also reads the level
-    just before it (VQ-VAE-2: p(top | class), then p(bottom | top, class)).
+    just before it (VQ-VAE-2: p(top | class), then p(bottom | top, class); with three levels
+    p(top | class), p(middle | top, class), p(bottom | middle, class)).
     """
     levels = list(levels)
     if not levels or len(set(levels)) != len(levels):

@@ -12,12 +12,14 @@ drawn position by position. Two procedures produce the same samples:
   serves training, naive sampling and cached sampling, and each step costs one position's work.
 
 This module holds what the priors share: logit filtering, a seeded categorical draw, the step
-cache, the step-capable causal convolution, and the sampling loop.
+cache, the step-capable causal convolution, the sampling loop, and the loop over the levels of a
+hierarchy (``sample_levels``: each level's prior conditioned on the codes drawn above it).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -284,4 +286,48 @@ def sample_codes(
         prior.train(was_training)
     if return_logits:
         return codes, torch.stack(step_logits, dim=1)
+    return codes
+
+
+def sample_levels(
+    priors: Sequence[tuple[str, str | None, nn.Module]],
+    n: int,
+    labels: Tensor | None = None,
+    *,
+    settings: Mapping[str, Mapping[str, Any]] | None = None,
+    generator: torch.Generator | None = None,
+    method: str = DEFAULT_METHOD,
+) -> dict[str, Tensor]:
+    """Draw n code maps per level of a hierarchy, top down: {level: n x h x w long}.
+
+    ``priors`` lists (level, condition level or None, prior) in sampling order, each prior's
+    condition level before it: the top prior sees the class only, every other one also the codes
+    just drawn for its condition level (VQ-VAE-2: top, then bottom given top; any depth alike).
+    ``labels`` go to the priors that are class-conditional. ``settings`` gives each level's
+    temperature, top_k and top_p (a level not in it draws with the defaults). The levels draw
+    from ``generator`` one after the other, so a seed fixes the whole hierarchy, and each level
+    draws exactly what ``sample_codes`` draws for it with either method.
+    """
+    settings = settings or {}
+    unknown = sorted(set(settings) - {level for level, _, _ in priors})
+    if unknown:
+        raise ValueError(f"sampling settings for unknown level(s) {unknown}")
+    codes: dict[str, Tensor] = {}
+    for level, condition, prior in priors:
+        if level in codes:
+            raise ValueError(f"level {level!r} is listed twice")
+        if condition is not None and condition not in codes:
+            raise ValueError(
+                f"the {level} prior is conditioned on {condition!r}, which is not drawn before it "
+                f"(drawn so far: {list(codes)})"
+            )
+        codes[level] = sample_codes(
+            prior,
+            n,
+            labels=labels if prior.config.num_classes > 0 else None,
+            condition=codes[condition] if condition is not None else None,
+            generator=generator,
+            method=method,
+            **settings.get(level, {}),
+        )
     return codes

@@ -3,13 +3,17 @@
 A shard is a plain POSIX tar file named ``codes-<12 hex digits>.tar`` that WebDataset reads as is.
 Each sample is one input image:
 
-    <key>.<level>.npy   one per level ("top.npy" and "bottom.npy" for VQ-VAE-2, "codes.npy" for a
-                        one-level model): an h x w array in the smallest unsigned dtype that holds
-                        the level's codebook (uint8 for K <= 256, uint16 for K <= 65536, else uint32)
+    <key>.<level>.npy   one per code level of the tokenizer, named after it ("top.npy" and
+                        "bottom.npy" for the default VQ-VAE-2, also "middle.npy" for one with levels
+                        top, middle, bottom; "codes.npy" for a one-level model): an h x w array in
+                        the smallest unsigned dtype that holds the level's codebook (uint8 for
+                        K <= 256, uint16 for K <= 65536, else uint32)
     <key>.cls           the integer class label as ASCII digits
 
 Keys are the corpus keys (``pipelines.data.keys``): "/"-separated, no dot in the last component, so a
 WebDataset reader splits ``circle/00012.top.npy`` into key ``circle/00012`` and field ``top.npy``.
+Every reader here that knows the levels a set of shards should hold (its manifest's, the
+tokenizer's) refuses a sample holding other ones (``check_levels``), naming both lists.
 The sample's split is not stored: it is ``pipelines.data.keys.split_of(key, validation_fraction,
 test_fraction)``, the same function that split the images, with the fractions recorded in the
 tokenize manifest.
@@ -48,6 +52,7 @@ import numpy as np
 
 from pipelines.data import storage
 from pipelines.data.keys import SPLITS, split_mask, unit_hashes
+from pipelines.errors import InputError
 from pipelines.manifest import ManifestModel
 
 SHARD_PREFIX = "codes-"
@@ -119,6 +124,16 @@ def level_field(level: str) -> str:
 def levels_of(fields: Iterable[str]) -> list[str]:
     """The levels whose code maps a sample (or batch) with these fields holds, sorted."""
     return sorted(f[: -len(CODES_SUFFIX)] for f in fields if f.endswith(CODES_SUFFIX))
+
+
+def check_levels(found: Sequence[str], expected: Sequence[str], where: str, whose: str) -> None:
+    """Raise InputError unless ``found``, the levels ``where`` holds, are the ``expected`` levels
+    (in any order: a sample's fields have none), ``whose`` levels ("the autoencoder")."""
+    if sorted(found) != sorted(expected):
+        raise InputError(
+            f"{where} holds the code levels {sorted(found)}, but {whose} has the levels "
+            f"{list(expected)}: these shards were not written by that tokenizer"
+        )
 
 
 def read_code_map(data: bytes) -> np.ndarray:
@@ -399,14 +414,11 @@ def _decode_sample(sample: dict[str, Any], levels: Sequence[str] | None) -> dict
         raise ValueError(f"sample {sample['__key__']!r} in {sample.get('__url__')} has no .cls")
     out["label"] = int(bytes(label).decode())
     found = levels_of(sample)
+    if levels is not None:
+        where = f"sample {sample['__key__']!r} in {sample.get('__url__')}"
+        check_levels(found, levels, where, "its set of code shards (its tokenizer)")
     for level in levels if levels is not None else found:
-        field = level_field(level)
-        if field not in sample:
-            raise ValueError(
-                f"sample {sample['__key__']!r} in {sample.get('__url__')} has no {field}; it has "
-                f"levels {found}"
-            )
-        out[level] = read_code_map(sample[field])
+        out[level] = read_code_map(sample[level_field(level)])
     return out
 
 
@@ -417,6 +429,7 @@ def iter_code_samples(
     removed: Mapping[str, frozenset[str]] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Samples of shards in order, as {key, label, <level>: h x w array in the stored dtype}.
+    With ``levels``, a sample holding other levels than those is refused (InputError).
 
     A plain WebDataset reading loop with streams opened through pyarrow, so local paths and
     object-store URLs work alike; fields are decoded with numpy (allow_pickle=False) and int().
@@ -442,9 +455,12 @@ def iter_code_samples(
 def iter_manifest_samples(
     codes: CodeShards, levels: Sequence[str] | None = None
 ) -> Iterator[dict[str, Any]]:
-    """The live samples of a set of code shards (a tokenize manifest), removed ones skipped."""
+    """The live samples of a set of code shards (a tokenize manifest), removed ones skipped;
+    every sample must hold the set's levels (``levels``, default: all of them)."""
     yield from iter_code_samples(
-        [shard.uri for shard in codes.shards], levels, removed=codes.removed_keys()
+        [shard.uri for shard in codes.shards],
+        list(codes.levels) if levels is None else levels,
+        removed=codes.removed_keys(),
     )
 
 
@@ -459,6 +475,9 @@ def _decode_code_batch(
     removed: Mapping[str, frozenset[str]] | None = None,
 ) -> dict[str, np.ndarray]:
     keys = [str(k) for k in batch["__key__"]]
+    if keys:
+        where = f"samples {keys[0]!r}..{keys[-1]!r}"
+        check_levels(levels_of(batch), levels, where, "their set of code shards (its tokenizer)")
     wanted = np.flatnonzero(split_mask(unit_hashes(keys), split, *fractions)).tolist()
     if removed:
         shards = [str(p).rsplit("/", 1)[-1] for p in batch["path"]]

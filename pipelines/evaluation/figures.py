@@ -110,13 +110,13 @@ def metric_history(client: MlflowClient, run_id: str, keys: Sequence[str]) -> di
 def autoencoder_curves(levels: Sequence[str]) -> list[CurveFigure]:
     """The training-curve figures of the autoencoder stage.
 
-    ``levels`` are the autoencoder's code levels (top and bottom for VQ-VAE-2, "codes" for a
-    one-level VQ-VAE or dVAE). Metric names are those the stage logs to its MLflow run:
-    ``train/loss``, ``train/reconstruction``, ``train/commitment/<level>``,
-    ``train/codebook/<level>``, ``train/perplexity/<level>`` and ``train/usage/<level>`` (per
-    training batch); ``train/kl``, ``train/temperature``, ``train/kl_weight`` (dVAE only);
-    ``validation/mse``, ``validation/perplexity/<level>`` and ``validation/usage/<level>`` (every
-    eval_every steps).
+    ``levels`` are the autoencoder's code levels (top and bottom for the default VQ-VAE-2, any
+    named levels for a deeper one, "codes" for a one-level VQ-VAE or dVAE). Metric names are
+    those the stage logs to its MLflow run: ``train/loss``, ``train/reconstruction``,
+    ``train/commitment/<level>``, ``train/codebook/<level>``, ``train/perplexity/<level>`` and
+    ``train/usage/<level>`` (per training batch); ``train/kl``, ``train/temperature``,
+    ``train/kl_weight`` (dVAE only); ``validation/mse``, ``validation/perplexity/<level>`` and
+    ``validation/usage/<level>`` (every eval_every steps).
     """
     levels = list(levels)
     return [

@@ -1,7 +1,8 @@
 """MLflow pyfunc model (defined from code): class labels (and a condition map) in, sampled codes out.
 
 Input: ``{"labels": int64 N}``, plus ``{"condition": int64 N x h' x w'}`` for a prior conditioned
-on a coarser code map (the bottom prior of a VQ-VAE-2 takes the top codes). Params: ``seed`` and
+on a coarser code map (every prior below the top takes the codes of the level above it: the
+bottom prior of a two-level VQ-VAE-2 the top codes). Params: ``seed`` and
 ``temperature``, with their defaults in ``pipelines.mlflow_models.PARAMS`` (the signature declares
 those; MLflow drops any other). Output: int64 codes N x h x w.
 """

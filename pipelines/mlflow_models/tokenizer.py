@@ -1,8 +1,9 @@
 """MLflow pyfunc model (defined from code): images in, discrete codes out.
 
 Input: uint8 images N x H x W x C at the size the autoencoder was trained on. Output: one int64
-array N x h x w per code level ("top", "bottom"; or "codes"), the same codes the tokenize stage
-writes to its shards.
+array N x h x w per code level, by the level's name ("top" and "bottom" for the default VQ-VAE-2,
+the names of train_vqvae.model.levels for another depth, "codes" for one level), the same codes
+the tokenize stage writes to its shards.
 """
 
 from __future__ import annotations

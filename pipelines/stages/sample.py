@@ -2,7 +2,8 @@
 
 Draws ``sample.per_class`` images of each requested class with ``sample.seed`` into
 ``<output_dir>/sample/`` (how, and the folder's layout: ``pipelines.generation``), logs the grids
-and the rejection figures to MLflow, and records the settings it drew with.
+and the rejection figures to MLflow, and records the settings it drew with, each level's included
+(``sample.levels`` over the stage's temperature, top_k and top_p).
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ from pipelines.generation import (
     draws_per_class,
     prior_order,
     resolve_classes,
+    sampling_settings,
 )
 from pipelines.manifest import require_manifest
 from pipelines.stage import StageContext, StageSpec
 from pipelines.stage_manifests import (
     ClassSamples,
+    LevelSettings,
     SampleManifest,
     SampleSettings,
     TrainPriorManifest,
@@ -54,6 +57,7 @@ def run(ctx: StageContext) -> SampleManifest:
     for name in classes:
         check_path_safe(name)
     draws = draws_per_class(cfg, class_names)
+    drawn_with = sampling_settings(cfg, [p["level"] for p in priors])
 
     finished = [name for name in classes if storage.exists(done_uri(ctx.stage_dir, name))]
     started = time.time()
@@ -72,6 +76,7 @@ def run(ctx: StageContext) -> SampleManifest:
         method=cfg.method,
         seed=cfg.seed,
         rejection=cfg.rejection.model_dump(mode="json"),
+        levels={level: LevelSettings(**drawn) for level, drawn in drawn_with["levels"].items()},
     )
     return SampleManifest(
         classes=entries,

@@ -1,10 +1,13 @@
 """Stage 3: train the autoregressive priors over the code maps with Ray Train.
 
-A two-level autoencoder gets two priors, trained one after the other, each in its own Ray Train run:
-the top prior p(top | class) and the bottom prior p(bottom | top, class), which reads the top map
-as its condition. A one-level model gets one prior p(codes | class). Each prior is configured by
-``train_prior.<level>`` (``top``, ``bottom``, or ``codes``). Sizes (codes, map shapes, classes)
-come from the tokenize manifest; the architecture from ``train_prior.<level>``.
+Each code level gets one prior, trained one after the other, coarsest first, each in its own Ray
+Train run: the top prior p(top | class), and every level below it p(level | level above, class),
+which reads the map of the level directly above as its condition (``vq_core.kinds.
+prior_conditions``). A two-level VQ-VAE-2 gets p(top | class) and p(bottom | top, class); a
+three-level one also p(middle | top, class) between them; a one-level model one prior
+p(codes | class). Each prior is configured by ``train_prior.<level>``, the level's name. Sizes
+(codes, map shapes, classes) and the levels come from the tokenize manifest; the architecture from
+``train_prior.<level>``.
 
 The codes are this run's tokenize output, or the union of the code datasets that
 ``train_prior.shards`` lists (``pipelines.data.code_union``: one tokenizer, keys prefixed with each
@@ -79,7 +82,12 @@ def plan_priors(
     if num_classes is None:
         num_classes = len(tokenized.class_names)
     return plan_priors_for(
-        tokenized.levels, tokenized.codebook_sizes, tokenized.code_shapes, section, num_classes
+        tokenized.levels,
+        tokenized.codebook_sizes,
+        tokenized.code_shapes,
+        section,
+        num_classes,
+        source=f"the tokenizer of the code shards, {tokenized.tokenizer.describe()},",
     )
 
 
@@ -89,11 +97,14 @@ def plan_priors_for(
     shapes: dict[str, list[int]],
     section: TrainPriorSection,
     num_classes: int,
+    source: str = "the autoencoder",
 ) -> list[PriorPlan]:
-    """``plan_priors`` for code maps described by their levels, codebook sizes and shapes."""
+    """``plan_priors`` for code maps described by their levels, codebook sizes and shapes.
+    ``source`` names where the levels come from, for the error a section of another level gets."""
+    section.check_levels(levels, source)
     plans = []
     for level, condition in prior_conditions(levels).items():
-        knobs = section.for_level(level)
+        knobs = section.for_level(level, levels)
         derived = prior_fields(
             sizes[level],
             shapes[level],
@@ -279,12 +290,15 @@ def memory_probes(cfg: PipelineConfig) -> list[MemoryProbe]:
     """The priors a config calls for, from the autoencoder it trains or pins (class count: the
     corpus', when its listing can be read; the class embedding weighs little either way)."""
     if cfg.tokenize.checkpoint:
-        autoencoder = read_tokenizer(cfg.tokenize.checkpoint, tracking_uri_for(cfg)).model
+        pinned = read_tokenizer(cfg.tokenize.checkpoint, tracking_uri_for(cfg))
+        autoencoder = pinned.model
+        source = f"the pinned tokenizer {pinned.identity.describe()}"
     else:
         section = cfg.train_vqvae
         autoencoder = get_kind(section.kind).build(
             section.model, autoencoder_fields(cfg.data.channels)
         )
+        source = f"train_vqvae (kind {section.kind!r})"
     try:
         num_classes = len(open_corpus(cfg.data).class_names)
     except (UserError, OSError):
@@ -297,6 +311,7 @@ def memory_probes(cfg: PipelineConfig) -> list[MemoryProbe]:
         {level: list(shape) for level, shape in zip(levels, shapes)},
         cfg.train_prior,
         num_classes,
+        source=source,
     )
     return [memory_probe(plan) for plan in plans]
 
@@ -393,7 +408,13 @@ def code_union(cfg: Any) -> CodeUnion:
 
 def _external_inputs(cfg: Any) -> dict[str, str]:
     """The other runs' code datasets in train_prior.shards: their fingerprints and runs. Read and
-    checked against each other here, so a mismatch fails before anything is written."""
+    checked against each other here, so a mismatch fails before anything is written; so are the
+    level sections against a pinned tokenizer's levels, when this run's codes are trained on."""
+    if cfg.tokenize.checkpoint and _upstream_for(cfg):
+        pinned = read_tokenizer(cfg.tokenize.checkpoint, tracking_uri_for(cfg))
+        cfg.train_prior.check_levels(
+            pinned.levels, f"the pinned tokenizer {pinned.identity.describe()}"
+        )
     entries = [e for e in cfg.train_prior.shards or () if not _is_this_run(e, cfg.output_dir)]
     members = [read_member(entry) for entry in entries]
     if members:

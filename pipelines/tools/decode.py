@@ -7,13 +7,14 @@ written to ``<output>/<key>.png``, so a folder corpus comes back in its own layo
 
 ``--input`` is a tokenize stage's folder (its manifest names the shards), a folder of ``.tar``
 shards, one shard, or a brace pattern. Any WebDataset shards whose
-samples hold one ``<level>.npy`` member per code level of the autoencoder (``top.npy`` and
-``bottom.npy`` for a VQ-VAE-2, ``codes.npy`` for a one-level model) can be decoded, so a user
-who trains another prior on the codes can look at its samples.
+samples hold one ``<level>.npy`` member per code level of the autoencoder, and no other (``top.npy``
+and ``bottom.npy`` for the default VQ-VAE-2, one per named level for a deeper one, ``codes.npy``
+for a one-level model) can be decoded, so a user who trains another prior on the codes can look
+at its samples.
 
 Nothing is written until the checkpoint is known to be an autoencoder and the first sample's
-code maps match it in levels, shape and dtype. The shards are read through
-``pipelines.data.shards``, the module that writes them.
+code maps match it in levels (names and number), shape and dtype; every later batch is checked
+alike. The shards are read through ``pipelines.data.shards``, the module that writes them.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ from pipelines.data.shards import (
     SHARD_SUFFIX,
     batch_codes,
     batch_keys,
-    level_field,
+    check_levels,
+    levels_of,
     read_first_sample,
     read_raw_shards,
     sample_codes,
@@ -65,14 +67,10 @@ def shard_uris(source: str) -> list[str]:
 def check_codes(
     codes: dict[str, np.ndarray], model: Any, size_hw: tuple[int, int], where: str
 ) -> None:
-    """Raise InputError unless ``codes`` (level -> N x h x w, or h x w) fit the autoencoder."""
+    """Raise InputError unless ``codes`` (level -> N x h x w, or h x w; every level the samples
+    hold) fit the autoencoder: its levels exactly, and each level's shape, dtype and range."""
     expected = dict(zip(model.levels, model.code_shape(*size_hw)))
-    missing = [level for level in model.levels if level not in codes]
-    if missing:
-        raise InputError(
-            f"{where} has no {', '.join(level_field(m) for m in missing)}; the autoencoder has "
-            f"levels {list(model.levels)} and the sample holds {sorted(codes)}"
-        )
+    check_levels(list(codes), list(model.levels), where, "the autoencoder")
     for level, k in zip(model.levels, model.codebook_sizes):
         array = codes[level]
         shape = tuple(array.shape[-2:])
@@ -105,7 +103,7 @@ class CodeDecoder:
         from pipelines.data.images import encode_png, to_uint8
 
         keys = batch_keys(batch)
-        codes = batch_codes(batch, self.model.levels)
+        codes = batch_codes(batch, levels_of(batch))
         check_codes(codes, self.model, self.size_hw, f"samples {keys[0]!r}..{keys[-1]!r}")
         with torch.inference_mode():
             images = self.model.decode_codes(

@@ -48,15 +48,32 @@ def test_builder_fills_in_the_derived_fields():
 def test_each_autoencoder_kind_declares_the_levels_its_model_encodes():
     import torch
 
-    from vq_core.kinds import code_levels
-
     for name in kinds_of("autoencoder"):
         kind = get_kind(name)
         assert kind.levels == kind.model_class.levels, name
-        model = kind.build({"channels": 8, "res_blocks": 1, "res_channels": 4, "embed_dim": 4}, {})
+        params = {"channels": 8, "res_blocks": 1, "res_channels": 4, "embed_dim": 4}
+        model = kind.build(params, {})
         codes = model.encode(torch.zeros(1, 3, 16, 16))
         assert len(codes) == len(kind.levels), name
-    assert code_levels() == ("top", "bottom", "codes")
+        assert kind.levels_for(params) == kind.levels == model.levels, name
+
+
+def test_a_vqvae2_configured_with_levels_has_those_levels_without_being_built():
+    kind = get_kind("vqvae2")
+    levels = [
+        {"name": "top", "downsample": 2, "codebook_size": 8},
+        {"name": "middle", "downsample": 2, "codebook_size": 8},
+        {"name": "bottom", "downsample": 4, "codebook_size": 8},
+    ]
+    assert kind.levels_for({"levels": levels}) == ("top", "middle", "bottom")
+    assert kind.levels_for({"levels": levels[:1]}) == ("top",)
+    assert kind.levels_for({}) == ("top", "bottom")
+    model = kind.build({"levels": levels, "channels": 8, "embed_dim": 4}, {})
+    assert model.levels == kind.levels_for({"levels": levels})
+    with pytest.raises(ValueError, match=r"levels\[1\]\.name 'top' is already"):
+        kind.levels_for({"levels": [levels[0], levels[0]]})
+    with pytest.raises(ValueError, match="pixelsnail.* is a prior; it has no code levels"):
+        get_kind("pixelsnail").levels_for({})
 
 
 def test_each_finer_level_is_conditioned_on_the_level_before_it():

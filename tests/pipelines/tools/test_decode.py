@@ -89,12 +89,16 @@ def test_bad_checkpoint_and_mismatched_shards_write_nothing(tokenized, tmp_path,
     out = tmp_path / "never"
     with pytest.raises(InputError, match="holds a PixelSNAIL, not an autoencoder"):
         decode_shards(str(prior), ctx.stage_dir, str(out))
-    # A one-level autoencoder cannot decode two-level shards: the missing field is named.
+    # A one-level autoencoder cannot decode two-level shards: both lists of levels are named.
     one_level = tmp_path / "one.pt"
     torch.manual_seed(0)
     model = VQVAE(VQVAEConfig(channels=16, res_blocks=1, res_channels=8, embed_dim=8))
     save_checkpoint(model, one_level, extra={"image_size": [16, 16]})
-    with pytest.raises(InputError, match=r"no codes\.npy.*levels \['codes'\]"):
+    with pytest.raises(
+        InputError,
+        match=r"holds the code levels \['bottom', 'top'\], but the autoencoder has the levels "
+        r"\['codes'\]",
+    ):
         decode_shards(str(one_level), ctx.stage_dir, str(out))
     # Codes of the wrong map size for the image size.
     assert (
