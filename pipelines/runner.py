@@ -244,6 +244,10 @@ def _run_stage(
     manifest_fp: str,
 ) -> StageOutcome:
     ensure_ray(cfg)
+    if spec.check_inputs is not None:
+        # Upstream files that may have changed since they were written (a shard, a checkpoint)
+        # are checked before the stage's last outputs are cleared for this run.
+        spec.check_inputs(cfg)
     _prepare_stage_dir(stage_dir, fp, forced)
     started = time.time()
     with tracker.stage_run(spec.name) as tracking:

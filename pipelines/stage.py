@@ -59,6 +59,9 @@ class StageSpec:
     stage that declares ``config_from_args`` may be run without a CONFIG file.
     ``memory_probes`` (training stages) gives the models and batches its workers train, for
     the memory estimate ``vqpipe validate`` prints and the stage checks before it trains.
+    ``check_inputs`` checks the upstream files the stage will read that can change after their
+    stage wrote them (code shards, a tokenizer checkpoint); the runner calls it once the stage
+    is to run, before it clears the stage's last outputs, so a damaged input costs nothing.
 
     ``on_corpus_change`` says what a changed corpus listing (``data.source`` gained, lost or
     touched files) means for a stage that reads the corpus:
@@ -88,6 +91,7 @@ class StageSpec:
     cli_options: Callable[[argparse.ArgumentParser], None] | None = None
     config_from_args: Callable[[argparse.Namespace], PipelineConfig | None] | None = None
     memory_probes: Callable[[PipelineConfig], list[MemoryProbe]] | None = None
+    check_inputs: Callable[[PipelineConfig], None] | None = None
 
     def __post_init__(self) -> None:
         if self.on_corpus_change not in CORPUS_CHANGES:

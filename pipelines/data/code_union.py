@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipelines.data import storage
-from pipelines.data.shards import relabel_codes
+from pipelines.data.shards import check_shard_files, relabel_codes
 from pipelines.errors import ConfigError, InputError, MissingInputError
 from pipelines.manifest import MANIFEST_NAME, read_manifest_at
 from pipelines.stage_manifests import CorpusCodes, TokenizeManifest
@@ -130,6 +130,8 @@ def unite(members: list[TokenizeManifest], sources: list[str]) -> CodeUnion:
     """Check that the members can be trained on together and merge their classes."""
     if not members:
         raise ConfigError("train_prior.shards names no code datasets")
+    for member in members:
+        check_shard_files(member)  # before any worker reads them
     first = members[0].tokenizer
     for m, uri in zip(members[1:], sources[1:]):
         if m.tokenizer.sha256 != first.sha256:

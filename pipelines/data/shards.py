@@ -52,7 +52,7 @@ import numpy as np
 
 from pipelines.data import storage
 from pipelines.data.keys import SPLITS, split_mask, unit_hashes
-from pipelines.errors import InputError
+from pipelines.errors import InputError, MissingInputError
 from pipelines.manifest import ManifestModel
 
 SHARD_PREFIX = "codes-"
@@ -92,6 +92,33 @@ class CodeShards(ManifestModel):
     def removed_keys(self) -> dict[str, frozenset[str]]:
         """shard name -> keys stored in it that readers skip (empty when nothing was removed)."""
         return read_removed(self.removed_table) if self.removed_table else {}
+
+
+def check_shard_files(codes: CodeShards) -> None:
+    """Every shard the set lists is where it was written, with the bytes it had then.
+
+    Codes read from a shard that was replaced or cut short would train or score silently on the
+    wrong data; a size check costs one listing per shard folder, so readers run it before they
+    start. Raises MissingInputError or InputError naming the shard.
+    """
+    folders: dict[str, list[ShardEntry]] = {}
+    for shard in codes.shards:
+        folders.setdefault(shard.uri.rsplit("/", 1)[0], []).append(shard)
+    for folder, shards in folders.items():
+        sizes = storage.file_sizes(folder)
+        for shard in shards:
+            name = shard.uri.rsplit("/", 1)[-1]
+            if name not in sizes:
+                raise MissingInputError(
+                    f"code shard {shard.uri} is missing, though its tokenize manifest lists it; "
+                    "run tokenize again (vqpipe tokenize CONFIG --force)"
+                )
+            if sizes[name] != shard.bytes:
+                raise InputError(
+                    f"code shard {shard.uri} has {sizes[name]} bytes, but tokenize wrote "
+                    f"{shard.bytes}: it changed after its manifest was written; restore it or run "
+                    "tokenize again (vqpipe tokenize CONFIG --force)"
+                )
 
 
 def code_dtype(num_codes: int) -> np.dtype:
@@ -457,6 +484,7 @@ def iter_manifest_samples(
 ) -> Iterator[dict[str, Any]]:
     """The live samples of a set of code shards (a tokenize manifest), removed ones skipped;
     every sample must hold the set's levels (``levels``, default: all of them)."""
+    check_shard_files(codes)
     yield from iter_code_samples(
         [shard.uri for shard in codes.shards],
         list(codes.levels) if levels is None else levels,
@@ -528,6 +556,7 @@ def code_dataset(codes: CodeShards, split: str = "train", *, as_int64: bool = Tr
     uris = [shard.uri for shard in codes.shards]
     if not uris:
         raise ValueError("the tokenize manifest lists no shards (was the corpus empty?)")
+    check_shard_files(codes)
     removed = codes.removed_keys()
     # The shard a sample came from, to skip removed ones: their keys are per shard, since an
     # image removed and later added back under the same key lives on in a new shard.

@@ -191,6 +191,14 @@ def list_files(uri: str, recursive: bool = True) -> list[str]:
 
 
 @_retrying("listing")
+def file_sizes(uri: str) -> dict[str, int]:
+    """Bytes of each file directly in the folder ``uri``, by file name: one listing call."""
+    fs, path = resolve(uri)
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True))
+    return {i.base_name: i.size for i in infos if i.type == pafs.FileType.File}
+
+
+@_retrying("listing")
 def list_dirs(uri: str) -> list[str]:
     """Names of the immediate subfolders of ``uri``, sorted."""
     fs, path = resolve(uri)

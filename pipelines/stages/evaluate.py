@@ -41,7 +41,7 @@ import torch
 
 from pipelines.data import storage
 from pipelines.data.corpus import open_corpus
-from pipelines.data.shards import code_dataset, relabel_codes
+from pipelines.data.shards import check_shard_files, code_dataset, relabel_codes
 from pipelines.evaluation.classifier import labelled_images
 from pipelines.evaluation.figures import (
     autoencoder_curves,
@@ -59,6 +59,7 @@ from pipelines.evaluation.report import Figure, Report, write_report
 from pipelines.evaluation.sections import Figures, build_report
 from pipelines.evaluation.upstream import Upstream
 from pipelines.generation import REJECTION_CLASSIFIER, draw_samples, prior_order
+from pipelines.manifest import require_manifest
 from pipelines.stage import StageContext, StageSpec, ensure_ray
 from pipelines.stage_manifests import (
     EvaluateManifest,
@@ -241,6 +242,13 @@ def _publish(ctx: StageContext, report: Report) -> dict[str, str]:
     return uris
 
 
+def _check_inputs(cfg) -> None:
+    """The test codes are as tokenize wrote them, and so is the autoencoder that made them."""
+    tok = require_manifest(cfg.output_dir, TokenizeManifest)
+    check_shard_files(tok)
+    read_identified(tok.tokenizer, tracking_uri_for(cfg))
+
+
 SPEC = StageSpec(
     manifest=EvaluateManifest,
     run=run,
@@ -255,4 +263,5 @@ SPEC = StageSpec(
     sections=("seed", "data", "sample"),
     reads_corpus=True,
     enabled=lambda cfg: cfg.evaluate.enabled,
+    check_inputs=_check_inputs,
 )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 
+from pipelines.config import PipelineConfig
 from pipelines.data import storage
 from pipelines.generation import (
     check_path_safe,
@@ -30,6 +31,7 @@ from pipelines.stage_manifests import (
     SampleSettings,
     TrainPriorManifest,
 )
+from pipelines.tokenizer import read_identified, tracking_uri_for
 
 log = logging.getLogger("vqpipe")
 
@@ -90,6 +92,12 @@ def run(ctx: StageContext) -> SampleManifest:
     )
 
 
+def _check_inputs(cfg: PipelineConfig) -> None:
+    """The autoencoder that decodes the samples is the one the priors' codes came from."""
+    trained = require_manifest(cfg.output_dir, TrainPriorManifest)
+    read_identified(trained.tokenizer, tracking_uri_for(cfg))
+
+
 SPEC = StageSpec(
     manifest=SampleManifest,
     run=run,
@@ -98,4 +106,5 @@ SPEC = StageSpec(
     upstream=(TrainPriorManifest,),
     # data: the rejection classifier trains on the corpus.
     sections=("data",),
+    check_inputs=_check_inputs,
 )

@@ -458,6 +458,11 @@ def run(ctx: StageContext) -> TrainPriorManifest:
     )
 
 
+def _check_inputs(cfg: Any) -> None:
+    """The code shards the priors will read are there, as tokenize wrote them."""
+    code_union(cfg)  # unite checks every member's shard files
+
+
 SPEC = StageSpec(
     manifest=TrainPriorManifest,
     run=run,
@@ -467,4 +472,5 @@ SPEC = StageSpec(
     sections=("seed",),
     upstream_for=_upstream_for,
     external_inputs=_external_inputs,
+    check_inputs=_check_inputs,
 )

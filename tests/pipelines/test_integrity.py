@@ -1,0 +1,125 @@
+"""Integrity checks, each triggered: inputs that changed after a stage wrote them are refused with
+the documented error, and nothing already written is lost.
+
+One tiny pipeline run (train_vqvae, tokenize, train_prior) through the real runner; each test
+damages one of its files the way a user or a bucket could, runs the stage that reads it, and puts
+the file back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from pipelines.config import parse_config
+from pipelines.errors import InputError, ManifestError, MissingInputError
+from pipelines.runner import run_stages
+from tests.pipelines.conftest import tiny_raw_config
+
+
+@pytest.fixture(scope="module")
+def trained(ray_local, tmp_path_factory):
+    root = tmp_path_factory.mktemp("integrity")
+    raw = tiny_raw_config(str(root / "out"), str(root / "corpus"))
+    raw["data"]["generate"] = {"images_per_class": 5, "classes": ["circle", "square"], "image_size": 16}
+    cfg = parse_config(raw)
+    outcomes = run_stages(cfg, ["train_vqvae", "tokenize", "train_prior"], run_name="base")
+    return cfg, {stage: o.manifest for stage, o in outcomes.items()}
+
+
+def digests(folder: str) -> dict[str, str]:
+    """sha256 of every file under ``folder``, by relative path."""
+    found = {}
+    for base, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(base, name)
+            with open(path, "rb") as f:
+                found[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
+    return found
+
+
+@pytest.fixture
+def damage(tmp_path):
+    """damage(path, new_bytes): replace a file for one test; it is restored afterwards."""
+    saved: list[tuple[str, str]] = []
+
+    def replace(path: str, data: bytes | None) -> None:
+        backup = str(tmp_path / f"backup-{len(saved)}")
+        shutil.copy2(path, backup)
+        saved.append((path, backup))
+        if data is None:
+            os.remove(path)
+        else:
+            Path(path).write_bytes(data)
+
+    yield replace
+    for path, backup in reversed(saved):
+        shutil.copy2(backup, path)
+
+
+def _stage_dirs(cfg) -> dict[str, dict[str, str]]:
+    return {
+        stage: digests(os.path.join(cfg.output_dir, stage))
+        for stage in ("train_vqvae", "tokenize", "train_prior")
+    }
+
+
+@pytest.mark.parametrize("how", ["changed", "truncated", "missing"])
+def test_a_damaged_code_shard_stops_train_prior_and_keeps_its_last_outputs(
+    trained, damage, how
+):
+    cfg, manifests = trained
+    shard = manifests["tokenize"].shards[0].uri
+    before = _stage_dirs(cfg)
+    data = Path(shard).read_bytes()
+    damage(shard, {"changed": data[:-1] + b"\x01" + b"\0" * 512, "truncated": data[:1024],
+                   "missing": None}[how])  # fmt: skip
+    error = MissingInputError if how == "missing" else InputError
+    with pytest.raises(error, match=f"code shard {shard} (is missing|has [0-9]+ bytes)"):
+        run_stages(cfg, ["train_prior"], force=["train_prior"], run_name=how)
+    after = _stage_dirs(cfg)
+    assert after["train_prior"] == before["train_prior"], "the last priors are kept"
+    assert after["train_vqvae"] == before["train_vqvae"]
+
+
+@pytest.mark.parametrize("how", ["swapped", "truncated", "foreign"])
+def test_a_tokenizer_checkpoint_changed_after_tokenize_stops_sampling(trained, damage, how):
+    cfg, manifests = trained
+    checkpoint = manifests["train_vqvae"].checkpoint
+    data = Path(checkpoint).read_bytes()
+    prior = next(iter(manifests["train_prior"].priors.values())).checkpoint
+    replacement = {
+        # Another model's weights in the same format: same size, other bytes.
+        "swapped": data.replace(b"bottom", b"b0ttom", 1) if b"bottom" in data else data[::-1],
+        "truncated": data[: len(data) // 2],
+        "foreign": Path(prior).read_bytes(),
+    }[how]
+    damage(checkpoint, replacement)
+    before = _stage_dirs(cfg)
+    with pytest.raises(InputError, match="changed since the code shards were made") as caught:
+        run_stages(cfg, ["sample"], run_name=how)
+    sha = hashlib.sha256(replacement).hexdigest()[:16]
+    assert sha in str(caught.value) and manifests["tokenize"].tokenizer.sha256[:16] in str(
+        caught.value
+    )
+    assert not os.path.exists(os.path.join(cfg.output_dir, "sample", "manifest.json"))
+    assert _stage_dirs(cfg) == before
+
+
+def test_a_manifest_of_another_format_version_is_refused_before_anything_runs(
+    trained, damage
+):
+    cfg, _ = trained
+    path = os.path.join(cfg.output_dir, "tokenize", "manifest.json")
+    document = json.loads(Path(path).read_text())
+    document["version"] = document["version"] + 1
+    damage(path, json.dumps(document).encode())
+    before = _stage_dirs(cfg)
+    with pytest.raises(ManifestError, match=f"version {document['version']}"):
+        run_stages(cfg, ["train_prior"], force=["train_prior"], run_name="version")
+    assert _stage_dirs(cfg) == before
