@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    for item in items:
-        path = item.nodeid.split("::", 1)[0]
-        group = "cluster" if path.startswith("tests/cluster/") else path
-        item.add_marker(pytest.mark.xdist_group(group))
+def pytest_itemcollected(item: pytest.Item) -> None:
+    # Marked as each test is collected: xdist reads the marks when collection is modified.
+    path = item.nodeid.split("::", 1)[0]
+    group = "cluster" if path.startswith("tests/cluster/") else path
+    item.add_marker(pytest.mark.xdist_group(group))
