@@ -5,6 +5,6 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
 ruff check .
-# Two workers, each test module whole on one of them (tests/conftest.py); TEST_WORKERS=0 runs
-# everything in this process.
-python -m pytest -n "${TEST_WORKERS:-2}" --dist loadgroup "$@"
+# Two workers, each test file whole on one of them (its module-scoped pipeline run happens once);
+# TEST_WORKERS=0 runs everything in this process.
+python -m pytest -n "${TEST_WORKERS:-2}" --dist loadfile "$@"
