@@ -322,7 +322,10 @@ def _two_level_shards(directory: Path) -> list[str]:
 def _manifest_of(shards: list[str]) -> CodeShards:
     """A set of code shards that says it holds the three levels."""
     return CodeShards(
-        shards=[ShardEntry(name=u.rsplit("/", 1)[-1], uri=u, samples=2, bytes=1) for u in shards],
+        shards=[
+            ShardEntry(name=u.rsplit("/", 1)[-1], uri=u, samples=2, bytes=os.path.getsize(u))
+            for u in shards
+        ],
         levels=LEVELS,
         code_shapes={level: [side, side] for level, (_, side) in CODES.items()},
         code_dtypes={"top": "uint8", "middle": "uint8", "bottom": "uint16"},
