@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import pytest
 
@@ -90,3 +94,72 @@ def tiny_config(tmp_path):
         return parse_config(tiny_raw_config(str(tmp_path / "out"), source), overrides)
 
     return make
+
+
+# The shared run: one pipeline run of the session that the tests which only read a finished run's
+# outputs share (tests/pipelines/test_end_to_end.py, test_integrity.py, test_reproducible.py,
+# evaluation/test_published_figures.py, stages/test_stage_settings.py). Four classes of six
+# images and two corrupt files; rejection sampling on, so that every section a stage can read is
+# read; the models registered; the autoencoder on two DDP ranks.
+SHARED_CLASSES = ["circle", "cross", "square", "triangle"]
+SHARED_PER_CLASS = 6
+SHARED_CORRUPT = 2
+
+
+def shared_raw_config(output_dir: str, source: str) -> dict:
+    raw = tiny_raw_config(output_dir, source)
+    raw["data"]["generate"] = {
+        "images_per_class": SHARED_PER_CLASS,
+        "classes": SHARED_CLASSES,
+        "image_size": 16,
+        "corrupt_files": SHARED_CORRUPT,
+    }
+    raw["train_vqvae"] |= {"num_workers": 2, "cpus_per_worker": 0.5}
+    raw["sample"]["rejection"] = {"enabled": True, "keep_fraction": 0.5, "classifier_steps": 3}
+    raw["mlflow"] = {"registered_models": {"autoencoder": "e2e-tokenizer", "prior": "e2e-prior"}}
+    return raw
+
+
+@dataclass
+class SharedRun:
+    """The shared run: its config, the outcome of each stage and the folder it lives in."""
+
+    cfg: PipelineConfig
+    outcomes: dict
+    root: str
+
+    @property
+    def manifests(self) -> dict:
+        return {stage: outcome.manifest for stage, outcome in self.outcomes.items()}
+
+    def raw_config(self, output_dir: str) -> dict:
+        """The shared run's config with another output_dir (the same corpus)."""
+        return shared_raw_config(output_dir, self.cfg.data.source)
+
+
+@pytest.fixture(scope="session")
+def shared_run(ray_local, tmp_path_factory) -> SharedRun:
+    """Every stage once on the shared config. Tests must leave its outputs as they found them:
+    a test that changes them wraps the change in ``restored(shared_run, stages)``."""
+    from pipelines.runner import run_stages
+
+    root = tmp_path_factory.mktemp("shared")
+    cfg = parse_config(shared_raw_config(str(root / "out"), str(root / "corpus")))
+    return SharedRun(cfg, run_stages(cfg, run_name="first"), str(root))
+
+
+@contextlib.contextmanager
+def restored(run: SharedRun, stages: list[str]) -> Iterator[None]:
+    """Put the folders of ``stages`` back as they were when the block started."""
+    saved = os.path.join(run.root, "saved")
+    shutil.rmtree(saved, ignore_errors=True)
+    for stage in stages:
+        shutil.copytree(os.path.join(run.cfg.output_dir, stage), os.path.join(saved, stage))
+    try:
+        yield
+    finally:
+        for stage in stages:
+            folder = os.path.join(run.cfg.output_dir, stage)
+            shutil.rmtree(folder, ignore_errors=True)
+            shutil.copytree(os.path.join(saved, stage), folder)
+        shutil.rmtree(saved, ignore_errors=True)

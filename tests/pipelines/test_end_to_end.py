@@ -15,33 +15,24 @@ from jobs.cli import main as cli_main
 from pipelines.manifest import read_manifest
 from pipelines.runner import run_stages
 from pipelines.stages import STAGES, stage_names
+from tests.pipelines.conftest import (
+    SHARED_CLASSES,
+    SHARED_CORRUPT,
+    SHARED_PER_CLASS,
+    restored,
+)
 
-CLASSES = ["circle", "square", "triangle", "cross"]
-PER_CLASS = 6
-CORRUPT = 2
+CLASSES = SHARED_CLASSES
+PER_CLASS = SHARED_PER_CLASS
+CORRUPT = SHARED_CORRUPT
 
 
 @pytest.fixture(scope="module")
-def pipeline_run(ray_local, tmp_path_factory):
-    """Run every stage once; return (config, manifests of the first run, manifests of a second run)."""
-    from pipelines.config import parse_config
-    from tests.pipelines.conftest import tiny_raw_config
-
-    root = tmp_path_factory.mktemp("e2e")
-    raw = tiny_raw_config(str(root / "out"), str(root / "corpus"))
-    raw["data"]["generate"] = {
-        "images_per_class": PER_CLASS,
-        "classes": CLASSES,
-        "image_size": 16,
-        "corrupt_files": CORRUPT,
-    }
-    # Rejection on, so that every section a stage can read is read (sample reads data for it).
-    raw["sample"]["rejection"] = {"enabled": True, "keep_fraction": 0.5, "classifier_steps": 3}
-    raw["mlflow"] = {"registered_models": {"autoencoder": "e2e-tokenizer", "prior": "e2e-prior"}}
-    cfg = parse_config(raw)
-    first = run_stages(cfg, run_name="first")
-    second = run_stages(cfg, run_name="second")
-    return cfg, first, second
+def pipeline_run(shared_run):
+    """The shared run (every stage once), then the same config again: (config, manifests of the
+    first run, manifests of the second run)."""
+    second = run_stages(shared_run.cfg, run_name="second")
+    return shared_run.cfg, shared_run.outcomes, second
 
 
 def test_every_stage_has_a_complete_manifest(pipeline_run):
@@ -248,11 +239,12 @@ def test_status_says_what_is_done_and_what_changed(pipeline_run, tmp_path, capsy
     assert "sample" in out and "changed: config.sample" in out
 
 
-def test_changed_sample_config_reruns_only_sample_and_evaluate(pipeline_run, tmp_path):
+def test_changed_sample_config_reruns_only_sample_and_evaluate(pipeline_run, shared_run):
     cfg, first, _ = pipeline_run
     changed = cfg.model_copy(deep=True)
     changed.sample.temperature = 0.5
-    third = run_stages(changed, run_name="third")
+    with restored(shared_run, ["sample", "evaluate"]):
+        third = run_stages(changed, run_name="third")
     for stage in ("train_vqvae", "tokenize", "train_prior"):
         assert third[stage].manifest.mlflow_run_id == first[stage].manifest.mlflow_run_id
     for stage in ("sample", "evaluate"):

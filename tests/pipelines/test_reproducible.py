@@ -12,21 +12,13 @@ import numpy as np
 from pipelines.config import parse_config
 from pipelines.data.shards import iter_code_samples
 from pipelines.runner import run_stages
-from tests.pipelines.conftest import tiny_raw_config
+from tests.pipelines.conftest import SHARED_CLASSES, SHARED_PER_CLASS
 
 # Figures that measure the machine rather than the models.
 TIMINGS = ("seconds", "images_per_second", "evaluate/seconds")
 
 
-def _pipeline(root, name: str) -> dict:
-    raw = tiny_raw_config(str(root / name), str(root / "corpus"))
-    raw["data"]["generate"] = {
-        "images_per_class": 8,
-        "classes": ["circle", "square", "triangle", "cross"],
-        "image_size": 16,
-    }
-    # Two DDP ranks for the autoencoder: the per-rank reader and gradient averaging too.
-    raw["train_vqvae"] |= {"num_workers": 2, "cpus_per_worker": 0.5}
+def _pipeline(raw: dict, name: str) -> dict:
     return {s: o.manifest for s, o in run_stages(parse_config(raw), run_name=name).items()}
 
 
@@ -68,13 +60,15 @@ def competing_processes(count: int):
             process.wait()
 
 
-def test_a_run_under_load_gives_the_same_codes_and_metrics(ray_local, tmp_path):
-    first = _pipeline(tmp_path, "first")
+def test_a_run_under_load_gives_the_same_codes_and_metrics(shared_run, tmp_path):
+    """The shared run (its autoencoder on two DDP ranks: the per-rank reader and gradient
+    averaging too), then the same config in another folder with every core kept busy."""
+    first = shared_run.manifests
     with competing_processes(os.cpu_count() or 2):
-        second = _pipeline(tmp_path, "second")
+        second = _pipeline(shared_run.raw_config(str(tmp_path / "second")), "second")
 
     codes = _codes(first["tokenize"])
-    assert len(codes) == 32
+    assert len(codes) == SHARED_PER_CLASS * len(SHARED_CLASSES)
     assert _codes(second["tokenize"]) == codes  # every key: label and both code maps
     assert first["tokenize"].splits == second["tokenize"].splits
     one, two = _figures(first), _figures(second)
