@@ -875,6 +875,10 @@ def open_corpus(data_cfg: DataSection) -> Corpus:
     else:
         count = _count_classes(corpus_format, files, data_cfg.label_column)
         missing = f"found no labels in {files[0]} and its siblings"
+        if not count and corpus_format == "parquet":
+            # A label column without a single label is a broken labelled corpus; only a corpus
+            # without the column is an unlabelled one.
+            raise InputError(missing)
     if not count:
         if data_cfg.labels == "required":
             raise _labels_missing(missing)
