@@ -113,8 +113,8 @@ def _summary_section(up: Upstream, notes: list[str]) -> Section:
             "Splits are by key hash (data.validation_fraction, data.test_fraction). The training "
             "stages select on the validation split (the best prior step, the validation curves); "
             "every figure in this report is measured on the test split, which nothing selects "
-            "on. The models were trained on the train split only; the CAS reference classifier "
-            "too.",
+            "on. The models were trained on the train split only"
+            + ("; the CAS reference classifier too." if tok.labelled else "."),
             *notes,
         ],
     )
