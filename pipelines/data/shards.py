@@ -301,7 +301,7 @@ def write_shard(
     # and an index without its shard is a leftover that a resumed run deletes.
     storage.write_bytes(key_index_uri(uri), key_index_bytes(keys, labels, sources))
     storage.write_bytes(uri, data)
-    counts = Counter(int(x) for x in labels or ())
+    counts = Counter(int(x) for x in (() if labels is None else labels))
     return ShardEntry(
         name=name,
         uri=uri,
