@@ -100,6 +100,14 @@ class DataSection(Section):
         None,
         description="Names for integer labels (webdataset/parquet); a folder corpus uses its subfolders.",
     )
+    labels: Literal["auto", "required", "none"] = Field(
+        "auto",
+        description="Whether the corpus has class labels. 'auto': a folder whose top level holds "
+        "images (no class subfolders), WebDataset shards without any .cls member, or Parquet "
+        "without data.label_column is unlabelled, anything else labelled; 'required': refuse a "
+        "corpus without labels; 'none': ignore any labels. An unlabelled corpus gets "
+        "unconditional priors, no rejection sampling and no CAS.",
+    )
     image_column: str = "image"
     label_column: str = "label"
     key_column: str | None = None
@@ -126,6 +134,17 @@ class DataSection(Section):
                 "published figures); set those instead"
             )
         return data
+
+    @model_validator(mode="after")
+    def _class_names_need_labels(self) -> DataSection:
+        if self.class_names is not None and not self.class_names:
+            raise ValueError("data.class_names is an empty list; leave it unset")
+        if self.class_names is not None and self.labels == "none":
+            raise ValueError(
+                f"data.class_names {self.class_names} names classes, but data.labels is 'none' "
+                "(the labels are ignored); remove one of them"
+            )
+        return self
 
     @model_validator(mode="after")
     def _fractions_leave_training_data(self) -> DataSection:
@@ -451,8 +470,17 @@ class LevelSampling(Section):
 
 
 class SampleSection(Section):
-    classes: list[str] | None = Field(None, description="Class names to sample; all when unset.")
-    per_class: int = Field(16, gt=0)
+    classes: list[str] | None = Field(
+        None,
+        description="Class names to sample; all when unset (must be unset for an "
+        "unlabelled corpus).",
+    )
+    per_class: int = Field(
+        16,
+        gt=0,
+        description="Images drawn per class; for an unlabelled corpus (unconditional priors), the "
+        "number of images drawn.",
+    )
     batch_size: int = Field(16, gt=0)
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
@@ -590,6 +618,17 @@ class PipelineConfig(Section):
         self.sample.check_levels(levels, source)
         return self
 
+    @model_validator(mode="after")
+    def _rejection_needs_labels(self) -> PipelineConfig:
+        if self.data.labels == "none" and self.sample.rejection.enabled:
+            raise ValueError(rejection_needs_labels("data.labels is 'none'"))
+        if self.data.labels == "none" and self.sample.classes is not None:
+            raise ValueError(
+                f"sample.classes is {self.sample.classes}, but data.labels is 'none': the priors "
+                "are unconditional; leave sample.classes unset"
+            )
+        return self
+
     def code_levels(self) -> tuple[str, ...] | None:
         """The autoencoder's code levels, top first, as far as the configuration knows them:
         ``train_vqvae.kind``'s (or those ``train_vqvae.model.levels`` names); None with a pinned
@@ -602,6 +641,30 @@ class PipelineConfig(Section):
     @classmethod
     def _absolute_output_dir(cls, v: str) -> str:
         return _absolute(v)
+
+
+def rejection_needs_labels(why: str) -> str:
+    """The error of sample.rejection.enabled on a corpus without labels (``why`` says how that
+    is known)."""
+    return (
+        f"sample.rejection.enabled is true, but {why}: rejection sampling scores draws with a "
+        "classifier trained on the corpus' class labels; set sample.rejection.enabled to false"
+    )
+
+
+# Keys added to a section after runs were fingerprinted with it. At their default they are left
+# out of every fingerprint of the section, so that adding them redoes no finished stage; any other
+# value is part of it.
+FINGERPRINT_NEUTRAL_DEFAULTS: dict[str, dict[str, Any]] = {"data": {"labels": "auto"}}
+
+
+def without_neutral_defaults(section: str, dumped: Any) -> Any:
+    """A section's JSON dump (``model_dump(mode="json")``) without the keys that
+    ``FINGERPRINT_NEUTRAL_DEFAULTS`` lists at their default: what fingerprints hash."""
+    neutral = FINGERPRINT_NEUTRAL_DEFAULTS.get(section)
+    if not neutral or not isinstance(dumped, dict):
+        return dumped
+    return {k: v for k, v in dumped.items() if k not in neutral or v != neutral[k]}
 
 
 def _format_errors(err: ValidationError) -> str:

@@ -1,6 +1,7 @@
 """Drawing images from trained priors: the work plan, the sampler actors, rejection, the outputs.
 
-For each requested class the priors draw the code maps level by level, top down: the top prior a
+For each requested class (an unlabelled corpus' unconditional priors: one set of
+``sample.per_class`` images, under the name ``unconditional``) the priors draw the code maps level by level, top down: the top prior a
 top map given the class, every lower level's prior a map given the class and the map just drawn for
 the level above it (``vq_core.sampling.sample_levels``), each level with its own temperature, top_k
 and top_p (``sample.levels``, defaulting to the stage's); once every level is drawn the decoder
@@ -36,7 +37,7 @@ import numpy as np
 import torch
 
 from pipelines import console
-from pipelines.config import SampleSection
+from pipelines.config import SampleSection, rejection_needs_labels
 from pipelines.data import storage
 from pipelines.errors import ConfigError, InputError
 from pipelines.stage import StageContext, ensure_ray
@@ -379,10 +380,15 @@ def prior_order(trained: TrainPriorManifest) -> list[dict[str, Any]]:
 
 
 def draws_per_class(cfg: SampleSection, class_names: list[str]) -> int:
-    """Draws per class: per_class, or enough that rejection keeps per_class of them."""
+    """Draws per class: per_class, or enough that rejection keeps per_class of them. An
+    unlabelled corpus (no class names) is one "class", ``UNCONDITIONAL``, of per_class images."""
     rejection = cfg.rejection
     if not rejection.enabled:
         return cfg.per_class
+    if not class_names:
+        raise ConfigError(
+            rejection_needs_labels("the corpus has no labels (the priors are unconditional)")
+        )
     if len(class_names) < 2:
         raise ConfigError(
             f"sample.rejection needs a corpus with at least 2 classes to train its classifier, "

@@ -29,7 +29,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from pipelines import console
-from pipelines.config import PipelineConfig
+from pipelines.config import PipelineConfig, without_neutral_defaults
 from pipelines.data import storage
 from pipelines.errors import ConfigError, ManifestError, MissingInputError
 from pipelines.manifest import StageManifest, fingerprint, read_manifest, write_manifest
@@ -72,7 +72,10 @@ def stage_inputs(
     fingerprint and MLflow run) and the corpus listing. Kept in the manifest, so that a stale
     stage can say which input changed."""
     dumped = cfg.model_dump(mode="json")
-    inputs = {f"config.{name}": fingerprint(dumped[name]) for name in spec.reads}
+    inputs = {
+        f"config.{name}": fingerprint(without_neutral_defaults(name, dumped[name]))
+        for name in spec.reads
+    }
     for cls in spec.upstream_of(cfg):
         inputs[f"upstream.{cls.stage}"] = fingerprint(_upstream_state(cfg.output_dir, cls))
     for name, digest in spec.external_of(cfg).items():

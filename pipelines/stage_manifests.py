@@ -86,7 +86,7 @@ class BadInputs(ManifestModel):
 
 class TokenizeManifest(StageManifest, CodeShards):
     """The code shards of the corpus (``CodeShards``: the shards and how to read them) and what
-    they were made from."""
+    they were made from. An unlabelled corpus has no ``class_names`` and ``labelled`` false."""
 
     stage: ClassVar[str] = "tokenize"
 
@@ -106,11 +106,12 @@ class TokenizeManifest(StageManifest, CodeShards):
 
     def summary(self) -> str:
         removed = f", {self.removed} removed" if self.removed else ""
+        unlabelled = "" if self.labelled else ", unlabelled"
         maps = ", ".join(
             f"{level} {'x'.join(str(n) for n in self.code_shapes[level])}" for level in self.levels
         )
         return (
-            f"{self.samples} samples in {len(self.shards)} shards{removed}, "
+            f"{self.samples} samples in {len(self.shards)} shards{removed}{unlabelled}, "
             f"{self.bad_inputs.count} bad inputs; code maps {maps}"
         )
 
@@ -149,6 +150,7 @@ class TrainPriorManifest(StageManifest):
     channels: int
     class_names: list[str]  # the priors' labels: merged by name over the corpora
     corpora: list[CorpusCodes]  # the code datasets trained on, with their label mappings
+    labelled: bool = True  # false: unlabelled codes, unconditional priors (no class_names)
 
     def summary(self) -> str:
         bits = {
@@ -156,7 +158,8 @@ class TrainPriorManifest(StageManifest):
             for level, p in self.priors.items()
             if p.validation_bits_per_code is not None
         }
-        return f"validation bits/code {bits}"
+        unconditional = "" if self.labelled else " (unlabelled corpus, unconditional priors)"
+        return f"validation bits/code {bits}{unconditional}"
 
 
 class RejectionStats(ManifestModel):
@@ -210,8 +213,13 @@ class SampleManifest(StageManifest):
     checkpoint: str
     priors: dict[str, str]  # level -> prior checkpoint
     sampling_seconds: float
+    # false: unconditional priors of an unlabelled corpus, whose samples are all in classes'
+    # one entry, "unconditional" (pipelines.generation.UNCONDITIONAL), not a class of the corpus
+    labelled: bool = True
 
     def summary(self) -> str:
+        if not self.labelled:
+            return f"{self.samples} images (unlabelled corpus, unconditional priors)"
         return f"{self.samples} images of {len(self.classes)} classes"
 
 

@@ -11,6 +11,7 @@ them, and share code shapes and split fractions. In the union:
   are one class); each corpus' stored labels are mapped to the merged ones when read.
 
 A single member (the default: this run's tokenize) is read as it is: no prefix, its own labels.
+Unlabelled corpora (no classes) unite with each other, never with labelled ones.
 """
 
 from __future__ import annotations
@@ -66,6 +67,11 @@ class CodeUnion:
     @property
     def tokenizer(self) -> TokenizerIdentity:
         return self.first.tokenizer
+
+    @property
+    def labelled(self) -> bool:
+        """Whether the samples have classes (a union never mixes labelled and unlabelled)."""
+        return self.first.labelled
 
     @property
     def prefixed(self) -> bool:
@@ -157,12 +163,13 @@ def unite(members: list[TokenizeManifest], sources: list[str]) -> CodeUnion:
                 f"train_prior.shards: {sources[i]} and {other} both have corpus name {name!r}, "
                 "which would make their keys collide; give one another tokenize.corpus_name"
             )
-    labelled = [bool(m.class_names) for m in members]
+    labelled = [m.labelled for m in members]
     if any(labelled) and not all(labelled):
         unlabelled = [uri for uri, has in zip(sources, labelled) if not has]
         raise ConfigError(
             f"train_prior.shards mixes labelled corpora with unlabelled ones ({unlabelled}); a "
-            "class-conditional prior needs a class for every sample"
+            "class-conditional prior needs a class for every sample, so train on the labelled "
+            "corpora or on the unlabelled ones"
         )
     merged: list[str] = []
     maps = []

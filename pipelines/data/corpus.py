@@ -3,16 +3,23 @@
 Three layouts are read, local or in an object store (anything pyarrow.fs opens):
 
 - ``folder``: ``root/<class_name>/**/*.{png,jpg,jpeg,bmp,webp,gif}``; classes are the sorted
-  subfolder names (hidden ones, starting with "." or "_", are skipped, as are such files).
+  subfolder names (hidden ones, starting with "." or "_", are skipped, as are such files). A flat
+  folder, ``root/*.png`` with no (visible) subfolder, is an unlabelled corpus.
 - ``webdataset``: ``.tar`` shards (a file, a folder of them, or a brace pattern such as
   ``shards-{000..099}.tar``); a sample is an image member (``.jpg``, ``.png``, ...) and a ``.cls``
-  member holding the integer label.
+  member holding the integer label (shards without any ``.cls`` member: an unlabelled corpus).
 - ``parquet``: a file or folder of Parquet files with an image column (encoded bytes, or a struct
-  with a ``bytes`` field as Hugging Face datasets write it), an integer label column and optionally
-  a key column.
+  with a ``bytes`` field as Hugging Face datasets write it), an integer label column (none: an
+  unlabelled corpus) and optionally a key column.
 
 ``format: auto`` picks the layout from what the source contains (a ``.tar``/``.parquet`` file or
-pattern, a folder holding such files, or else class subfolders).
+pattern, a folder holding such files, or else class subfolders or images).
+
+Labels (``data.labels``): with ``auto`` a corpus is unlabelled when it has no labels at all as
+above; ``required`` refuses such a corpus; ``none`` ignores the labels of any corpus. An unlabelled
+corpus has no class names (``Corpus.labelled`` is false) and every row's label is -1. A folder
+whose top level mixes images with subfolders is refused under ``auto`` and ``required`` (which
+would the images at the top be?); under ``none`` every image below the root is read.
 
 Every row gets a key that is stable for as long as the source is: the path relative to the root
 without its extension (folder), the sample's ``__key__`` (webdataset), the key column or
@@ -96,6 +103,17 @@ def _class_dirs(source: str) -> list[str]:
     return [d for d in storage.list_dirs(source) if not d.startswith((".", "_"))]
 
 
+def _top_level_images(source: str) -> list[str]:
+    """The image files directly in the folder ``source`` (hidden ones skipped)."""
+    found = []
+    for uri in storage.list_files(source, recursive=False):
+        name = os.path.basename(uri)
+        ext = name.rsplit(".", 1)[-1].lower() if "." in name else ""
+        if ext in IMAGE_EXTENSIONS and not name.startswith((".", "_")):
+            found.append(uri)
+    return found
+
+
 def detect_format(source: str) -> str:
     """ "folder", "webdataset" or "parquet" from what ``source`` holds."""
     lowered = source.lower()
@@ -115,11 +133,11 @@ def detect_format(source: str) -> str:
         return "webdataset"
     if any(n.endswith(".parquet") for n in names):
         return "parquet"
-    if _class_dirs(source):
+    if _class_dirs(source) or _top_level_images(source):
         return "folder"
     raise InputError(
-        f"cannot tell the format of {source!r}: it holds no .tar or .parquet files and no class "
-        "subfolders; set data.format or point data.source at the corpus"
+        f"cannot tell the format of {source!r}: it holds no .tar or .parquet files, no class "
+        "subfolders and no images; set data.format or point data.source at the corpus"
     )
 
 
@@ -146,6 +164,7 @@ class _ReadSpec:
     split: str
     keep_errors: bool
     on_bad_input: str
+    labelled: bool  # False: every row's label is -1 and none is read or checked
     label_column: str
     image_column: str
     key_column: str | None
@@ -171,9 +190,13 @@ def _extract_folder(batch: dict, spec: _ReadSpec) -> dict[str, list]:
         class_name = rel.split("/", 1)[0]
         stem, _ = os.path.splitext(rel)
         out["key"].append(sanitize_key(stem))
-        out["label"].append(spec.class_index.get(class_name, -1))
         out["payload"].append(_as_bytes(data))
         out["source"].append(path)
+        if not spec.labelled:
+            out["label"].append(-1)
+            out["error"].append("")
+            continue
+        out["label"].append(spec.class_index.get(class_name, -1))
         out["error"].append("" if class_name in spec.class_index else "not in a class folder")
     return out
 
@@ -187,7 +210,9 @@ def _extract_webdataset(batch: dict, spec: _ReadSpec) -> dict[str, list]:
     for raw_key, url, image, cls in zip(batch["__key__"], urls, images, labels):
         error, label = "", -1
         cls_bytes = _as_bytes(cls)
-        if cls_bytes is None:
+        if not spec.labelled:
+            pass  # labels, if any, are ignored
+        elif cls_bytes is None:
             error = "no .cls member (integer label)"
         else:
             try:
@@ -248,7 +273,7 @@ def _decode_batch(batch: dict, spec: _ReadSpec) -> dict[str, np.ndarray]:
         error = rows["error"][i]
         label = int(rows["label"][i])
         image = None
-        if not error and not 0 <= label < spec.num_classes:
+        if not error and spec.labelled and not 0 <= label < spec.num_classes:
             error = f"label {label} is outside 0..{spec.num_classes - 1}"
         if not error:
             payload = rows["payload"][i]
@@ -370,7 +395,14 @@ def _read_row_groups(items: dict, root: str, spec: _ReadSpec):
 
 
 def _parquet_columns(spec: _ReadSpec) -> list[str]:
-    return [spec.image_column, spec.label_column] + ([spec.key_column] if spec.key_column else [])
+    return _columns_read(
+        spec.image_column, spec.label_column if spec.labelled else None, spec.key_column
+    )
+
+
+def _columns_read(image: str, label: str | None, key: str | None) -> list[str]:
+    """The Parquet columns a reader takes: the image, the label (unless unlabelled), the key."""
+    return [image] + ([label] if label else []) + ([key] if key else [])
 
 
 def _row_group_columns(table, uri: str, first: int, root: str, spec: _ReadSpec) -> dict:
@@ -384,7 +416,8 @@ def _row_group_columns(table, uri: str, first: int, root: str, spec: _ReadSpec) 
     else:
         raw_keys = [f"{stem}/{first + i:08d}" for i in range(n)]
     labels, errors = [], []
-    for value in table.column(spec.label_column).to_pylist():
+    values = table.column(spec.label_column).to_pylist() if spec.labelled else [-1] * n
+    for value in values:
         if value is None:
             labels.append(-1)
             errors.append(f"missing label in column {spec.label_column!r}")
@@ -510,20 +543,31 @@ def raise_bad_inputs_as_themselves() -> None:
 
 
 class Corpus:
-    """A configured corpus: its layout, class names and a way to stream it as a Ray Dataset."""
+    """A configured corpus: its layout, class names and a way to stream it as a Ray Dataset.
+
+    A corpus without class names is unlabelled: its rows' labels are -1."""
 
     def __init__(
         self, data_cfg: DataSection, format: str, files: list[str], class_names: list[str]
     ):
         self.cfg = data_cfg
         self.format = format
-        self.files = files  # shard/Parquet URIs; class folder URIs for a folder corpus
+        # Shard/Parquet URIs; for a folder corpus the folders read: each class folder, or the
+        # root of an unlabelled one.
+        self.files = files
         self.class_names = class_names
 
+    @property
+    def labelled(self) -> bool:
+        return bool(self.class_names)
+
     def __repr__(self) -> str:
-        return (
-            f"Corpus({self.cfg.source!r}, format={self.format!r}, classes={len(self.class_names)})"
-        )
+        classes = len(self.class_names) if self.labelled else "unlabelled"
+        return f"Corpus({self.cfg.source!r}, format={self.format!r}, classes={classes})"
+
+    def _parquet_columns(self) -> list[str]:
+        label = self.cfg.label_column if self.labelled else None
+        return _columns_read(self.cfg.image_column, label, self.cfg.key_column)
 
     def _raw(self, spec: _ReadSpec, interleave: int = 1):
         """The source as a Ray Dataset of undecoded rows (see ``dataset`` for ``interleave``)."""
@@ -562,10 +606,7 @@ class Corpus:
             )
         # Parquet: Ray's reader does not say which row of its file a row was, and a row index is
         # the only stable key a Parquet corpus without a key column has; read row groups here.
-        columns = [self.cfg.image_column, self.cfg.label_column]
-        if self.cfg.key_column:
-            columns.append(self.cfg.key_column)
-        items = _parquet_row_groups(self.files, columns)
+        items = _parquet_row_groups(self.files, self._parquet_columns())
         return ray.data.from_items(items, override_num_blocks=max(1, len(items))).map_batches(
             _read_row_groups,
             batch_size=1,
@@ -635,6 +676,7 @@ class Corpus:
             split=split,
             keep_errors=keep_errors,
             on_bad_input=self.cfg.on_bad_input,
+            labelled=self.labelled,
             skip_ref=skip_ref,
             label_column=self.cfg.label_column,
             image_column=self.cfg.image_column,
@@ -657,10 +699,18 @@ class Corpus:
             root = _fs_path(self.cfg.source).rstrip("/")
             files = []
             for class_dir in self.files:
+                base = _fs_path(class_dir).rstrip("/")
                 for uri in storage.list_files(class_dir):
                     name = os.path.basename(uri)
                     ext = name.rsplit(".", 1)[-1].lower() if "." in name else ""
-                    if ext in IMAGE_EXTENSIONS and not name.startswith((".", "_")):
+                    # Hidden entries directly below the folder read are skipped, as Ray's reader
+                    # skips them (the root of an unlabelled folder may hold hidden folders).
+                    inner = _fs_path(uri)[len(base) :].lstrip("/")
+                    if (
+                        ext in IMAGE_EXTENSIONS
+                        and not name.startswith((".", "_"))
+                        and not (inner.startswith((".", "_")))
+                    ):
                         rel = _fs_path(uri)[len(root) :].lstrip("/")
                         files.append((key_hash(sanitize_key(os.path.splitext(rel)[0])), uri))
             files.sort()
@@ -671,10 +721,7 @@ class Corpus:
             ]
         if self.format == "webdataset":
             return [{"files": [uri]} for uri in self.files]
-        columns = [self.cfg.image_column, self.cfg.label_column]
-        if self.cfg.key_column:
-            columns.append(self.cfg.key_column)
-        return _parquet_row_groups(self.files, columns)
+        return _parquet_row_groups(self.files, self._parquet_columns())
 
     def read_unit(self, unit: dict[str, Any], spec: _ReadSpec) -> dict[str, np.ndarray] | None:
         """Decode one work unit of ``units`` (rows in a fixed order) with ``spec``; None when no
@@ -706,7 +753,8 @@ def _read_wds_shard(uri: str) -> dict[str, list]:
 
 
 def _count_classes(corpus_format: str, files: list[str], label_column: str) -> int:
-    """1 + the largest label in a WebDataset or Parquet corpus (one pass over its labels only)."""
+    """1 + the largest label in a WebDataset or Parquet corpus (one pass over its labels only);
+    0 when it holds no label at all."""
     largest = -1
     if corpus_format == "parquet":
         import pyarrow.compute as pc
@@ -732,39 +780,110 @@ def _count_classes(corpus_format: str, files: list[str], label_column: str) -> i
 
         for row in ds.map_batches(batch_max, batch_format="numpy").iter_rows():
             largest = max(largest, int(row["largest"]))
-    if largest < 0:
-        raise InputError(f"found no labels in {files[0]} and its siblings")
     return largest + 1
 
 
+def _parquet_has_column(files: list[str], column: str) -> bool:
+    """Whether the Parquet files have ``column``: all of them (True) or none (False); a column
+    that only some have is an InputError naming a file without it."""
+    import pyarrow.parquet as pq
+
+    having = []
+    for uri in files:
+        fs, path = storage.resolve(uri)
+        with fs.open_input_file(path) as f:
+            having.append(column in pq.ParquetFile(f).schema_arrow.names)
+    if any(having) and not all(having):
+        lacking = files[having.index(False)]
+        raise InputError(
+            f"{lacking} lacks the label column {column!r} (data.label_column) that other files of "
+            f"{files[0]!r}'s corpus have; give every file its labels, or set data.labels: none"
+        )
+    return all(having)
+
+
+def _labels_missing(what: str) -> InputError:
+    """The error for a corpus without labels when ``data.labels`` is 'required'."""
+    return InputError(
+        f"{what} (data.labels is 'required'; set it to 'auto' or 'none' to use the corpus "
+        "unlabelled)"
+    )
+
+
+def _open_folder(data_cfg: DataSection) -> Corpus:
+    source = data_cfg.source
+    if not storage.is_dir(source):
+        raise MissingInputError(f"data.source {source!r} is not a folder of class subfolders")
+    if data_cfg.labels == "none":
+        return Corpus(data_cfg, "folder", [source], [])
+    class_names = _class_dirs(source)
+    flat = _top_level_images(source)
+    if class_names and flat:
+        raise InputError(
+            f"{source!r} holds both class subfolders {class_names[:5]} and images at its top level "
+            f"(such as {os.path.basename(flat[0])!r}): a labelled corpus keeps every image in a "
+            "class folder, an unlabelled one every image at the top; move them, or set "
+            "data.labels: none to read every image without labels"
+        )
+    if not class_names:
+        message = f"{source!r} has no class subfolders (expected root/<class>/*.png)"
+        if not flat:
+            raise InputError(
+                f"{message[:-1]}, or images at its top level for an unlabelled corpus)"
+            )
+        if data_cfg.labels == "required":
+            raise _labels_missing(message)
+        if data_cfg.class_names is not None:
+            raise InputError(
+                f"data.class_names {data_cfg.class_names} names classes, but {source!r} is a "
+                "flat folder of images without class subfolders; remove data.class_names"
+            )
+        log.info("%s: a flat folder of %d images, read without labels", source, len(flat))
+        return Corpus(data_cfg, "folder", [source], [])
+    if data_cfg.class_names is not None and list(data_cfg.class_names) != class_names:
+        raise InputError(
+            f"data.class_names {data_cfg.class_names} differs from the subfolders of {source!r} "
+            f"{class_names}; a folder corpus takes its classes from its subfolders, so remove "
+            "data.class_names"
+        )
+    return Corpus(data_cfg, "folder", [storage.join(source, c) for c in class_names], class_names)
+
+
 def open_corpus(data_cfg: DataSection) -> Corpus:
-    """Inspect ``data.source`` (layout, files, class names) without reading any image."""
+    """Inspect ``data.source`` (layout, files, class names) without reading any image.
+
+    A corpus without labels (``data.labels``, see the module docstring) has no class names."""
     source = data_cfg.source
     corpus_format = detect_format(source) if data_cfg.format == "auto" else data_cfg.format
     if corpus_format == "folder":
-        if not storage.is_dir(source):
-            raise MissingInputError(f"data.source {source!r} is not a folder of class subfolders")
-        class_names = _class_dirs(source)
-        if not class_names:
-            raise InputError(f"{source!r} has no class subfolders (expected root/<class>/*.png)")
-        if data_cfg.class_names is not None and list(data_cfg.class_names) != class_names:
-            raise InputError(
-                f"data.class_names {data_cfg.class_names} differs from the subfolders of {source!r} "
-                f"{class_names}; a folder corpus takes its classes from its subfolders, so remove "
-                "data.class_names"
-            )
-        return Corpus(
-            data_cfg, "folder", [storage.join(source, c) for c in class_names], class_names
-        )
+        return _open_folder(data_cfg)
 
     suffix = ".tar" if corpus_format == "webdataset" else ".parquet"
     files = _files_with_suffix(source, suffix)
     if not files:
         raise MissingInputError(f"no {suffix} files at data.source {source!r}")
+    if data_cfg.labels == "none":
+        return Corpus(data_cfg, corpus_format, files, [])
     if data_cfg.class_names is not None:
-        class_names = list(data_cfg.class_names)
+        return Corpus(data_cfg, corpus_format, files, list(data_cfg.class_names))
+    if corpus_format == "parquet" and not _parquet_has_column(files, data_cfg.label_column):
+        count = 0
+        missing = (
+            f"the Parquet files at {source!r} have no label column {data_cfg.label_column!r} "
+            "(data.label_column)"
+        )
     else:
         count = _count_classes(corpus_format, files, data_cfg.label_column)
-        class_names = [f"class_{i}" for i in range(count)]
-        log.info("%s: %d classes found; set data.class_names to name them", source, count)
+        missing = f"found no labels in {files[0]} and its siblings"
+        if not count and corpus_format == "parquet":
+            # A label column without a single label is a broken labelled corpus; only a corpus
+            # without the column is an unlabelled one.
+            raise InputError(missing)
+    if not count:
+        if data_cfg.labels == "required":
+            raise _labels_missing(missing)
+        log.info("%s: %s; the corpus is read without labels", source, missing)
+        return Corpus(data_cfg, corpus_format, files, [])
+    class_names = [f"class_{i}" for i in range(count)]
+    log.info("%s: %d classes found; set data.class_names to name them", source, count)
     return Corpus(data_cfg, corpus_format, files, class_names)

@@ -60,6 +60,8 @@ class EpochReader:
     # code_shards only: shard URI -> new label of each stored label, for shards of several
     # corpora trained on together (classes merged by name); shards not listed keep their labels
     label_maps: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    # code_shards only: False for the shards of an unlabelled corpus (no .cls; labels are -1)
+    labelled: bool = True
     # Off only to measure what shuffling costs (benchmarks/bench_shuffle.py): units in stored
     # order, no buffer.
     shuffle: bool = True
@@ -109,9 +111,11 @@ class EpochReader:
         columns: tuple[str, ...],
         removed: Mapping[str, frozenset[str]] | None = None,
         label_maps: Mapping[str, tuple[int, ...]] | None = None,
+        labelled: bool = True,
     ) -> EpochReader:
         """``removed``: shard name (``CodeShards.removed_keys()``) or URI -> stored keys to skip;
-        ``label_maps``: shard URI -> the label each stored label becomes."""
+        ``label_maps``: shard URI -> the label each stored label becomes; ``labelled`` false: the
+        shards of an unlabelled corpus, whose samples have label -1."""
         removed = removed or {}
         by_uri = {}
         for uri in shard_uris:
@@ -130,6 +134,7 @@ class EpochReader:
             levels=tuple(levels),
             removed=by_uri,
             label_maps={uri: tuple(m) for uri, m in (label_maps or {}).items()},
+            labelled=labelled,
         )
 
     # ---------------------------------------------------------------------------------------------
@@ -164,7 +169,7 @@ class EpochReader:
         pending: list[dict] = []
         removed = self.removed.get(unit.uri, frozenset())
         label_map = self.label_maps.get(unit.uri)
-        for sample in iter_code_samples([unit.uri], list(self.levels)):
+        for sample in iter_code_samples([unit.uri], list(self.levels), labelled=self.labelled):
             if sample["key"] in removed:
                 continue
             if label_map is not None:

@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.config import DataSection
+from pipelines.config import DataSection, without_neutral_defaults
 from pipelines.data import storage
 from pipelines.data.corpus import Corpus, open_corpus, raise_bad_inputs_as_themselves
 from pipelines.data.images import decode_image
@@ -97,9 +97,12 @@ def cache_encoding(data_cfg: DataSection) -> str:
 
 def cache_directory(data_cfg: DataSection, output_dir: str) -> str:
     """Where the cache of ``data_cfg``'s corpus at its current listing lives."""
-    settings = data_cfg.model_dump(
-        mode="json",
-        exclude={"validation_fraction", "test_fraction", "generate", "augment", "cache"},
+    settings = without_neutral_defaults(
+        "data",
+        data_cfg.model_dump(
+            mode="json",
+            exclude={"validation_fraction", "test_fraction", "generate", "augment", "cache"},
+        ),
     )
     settings["encoding"] = cache_encoding(data_cfg)
     digest = fingerprint(FORMAT, settings, storage.listing_fingerprint(data_cfg.source))

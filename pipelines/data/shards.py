@@ -8,7 +8,9 @@ Each sample is one input image:
                         top, middle, bottom; "codes.npy" for a one-level model): an h x w array in
                         the smallest unsigned dtype that holds the level's codebook (uint8 for
                         K <= 256, uint16 for K <= 65536, else uint32)
-    <key>.cls           the integer class label as ASCII digits
+    <key>.cls           the integer class label as ASCII digits; absent in the shards of an
+                        unlabelled corpus (``CodeShards.labelled`` false), whose samples have
+                        no class
 
 Keys are the corpus keys (``pipelines.data.keys``): "/"-separated, no dot in the last component, so a
 WebDataset reader splits ``circle/00012.top.npy`` into key ``circle/00012`` and field ``top.npy``.
@@ -24,7 +26,7 @@ name instead of adding a duplicate. Tar headers carry no timestamps or owners, s
 depend only on its samples.
 
 Beside each shard lies its key index, ``codes-<hash>.keys.parquet``: one row per sample (key,
-label, the source file it was made from). It is written before the shard, so a shard that exists
+label (null for an unlabelled corpus), the source file it was made from). It is written before the shard, so a shard that exists
 always has one; it is what an incremental run reads to skip finished images and to find samples
 whose source file left the corpus, without opening a single tar. Such removed samples stay in
 their shard (rewriting shards would change their bytes under running readers); a set of code
@@ -66,7 +68,8 @@ WIDS_INDEX_NAME = "codes.wids.json"
 
 class ShardEntry(ManifestModel):
     """One complete shard: ``samples`` stored in it, of which ``removed`` no longer belong to the
-    corpus; ``class_counts`` counts the others (what readers yield) by label."""
+    corpus; ``class_counts`` counts the others (what readers yield) by label (empty for an
+    unlabelled corpus)."""
 
     name: str
     uri: str
@@ -79,7 +82,8 @@ class ShardEntry(ManifestModel):
 class CodeShards(ManifestModel):
     """A set of code shards and what a reader needs to know to read them: the levels in order,
     each level's map shape and stored dtype, the fractions that split the keys, and the
-    Parquet table (columns shard, key) of stored samples that readers must skip, if any."""
+    Parquet table (columns shard, key) of stored samples that readers must skip, if any.
+    ``labelled`` false: the samples have no class (no ``.cls`` member); readers give label -1."""
 
     shards: list[ShardEntry]
     levels: list[str]
@@ -88,6 +92,7 @@ class CodeShards(ManifestModel):
     validation_fraction: float
     test_fraction: float
     removed_table: str = ""
+    labelled: bool = True
 
     def removed_keys(self) -> dict[str, frozenset[str]]:
         """shard name -> keys stored in it that readers skip (empty when nothing was removed)."""
@@ -187,10 +192,13 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def shard_bytes(keys: Sequence[str], labels: Sequence[int], codes: dict[str, np.ndarray]) -> bytes:
-    """A shard's tar bytes for ``keys`` with ``labels`` and per-level code arrays (N x h x w)."""
+def shard_bytes(
+    keys: Sequence[str], labels: Sequence[int] | None, codes: dict[str, np.ndarray]
+) -> bytes:
+    """A shard's tar bytes for ``keys`` with ``labels`` (None: unlabelled, no ``.cls`` members)
+    and per-level code arrays (N x h x w)."""
     count = len(keys)
-    if len(labels) != count:
+    if labels is not None and len(labels) != count:
         raise ValueError(f"got {count} keys but {len(labels)} labels")
     if not codes:
         raise ValueError("a shard needs at least one level of codes")
@@ -215,7 +223,8 @@ def shard_bytes(keys: Sequence[str], labels: Sequence[int], codes: dict[str, np.
             # WebDataset groups a sample's members by adjacency: write them together.
             for level, array in codes.items():
                 _add_member(tar, f"{key}.{level_field(level)}", _npy_bytes(array[i]))
-            _add_member(tar, f"{key}.{LABEL_FIELD}", str(int(labels[i])).encode())
+            if labels is not None:
+                _add_member(tar, f"{key}.{LABEL_FIELD}", str(int(labels[i])).encode())
     return buffer.getvalue()
 
 
@@ -242,14 +251,17 @@ def _parquet_bytes(table: Any) -> bytes:
     return buffer.getvalue()
 
 
-def key_index_bytes(keys: Sequence[str], labels: Sequence[int], sources: Sequence[str]) -> bytes:
+def key_index_bytes(
+    keys: Sequence[str], labels: Sequence[int] | None, sources: Sequence[str]
+) -> bytes:
     import pyarrow as pa
 
+    stored = [None] * len(keys) if labels is None else [int(x) for x in labels]
     return _parquet_bytes(
         pa.table(
             {
                 "key": pa.array(list(keys), pa.string()),
-                "label": pa.array([int(x) for x in labels], pa.int64()),
+                "label": pa.array(stored, pa.int64()),
                 "source": pa.array(list(sources), pa.string()),
             }
         )
@@ -268,13 +280,14 @@ def read_key_index(shard_uri: str, columns: Sequence[str] | None = None) -> Any:
 def write_shard(
     directory: str,
     keys: Sequence[str],
-    labels: Sequence[int],
+    labels: Sequence[int] | None,
     codes: dict[str, np.ndarray],
     sources: Sequence[str] | None = None,
 ) -> ShardEntry:
     """Write one shard and its key index atomically under ``directory``; returns its entry.
 
-    ``sources`` names the input each sample was made from (empty when unknown).
+    ``labels`` None writes samples without a class (an unlabelled corpus); ``sources`` names the
+    input each sample was made from (empty when unknown).
     """
     keys = [str(k) for k in keys]
     if sources is None:
@@ -288,7 +301,7 @@ def write_shard(
     # and an index without its shard is a leftover that a resumed run deletes.
     storage.write_bytes(key_index_uri(uri), key_index_bytes(keys, labels, sources))
     storage.write_bytes(uri, data)
-    counts = Counter(int(x) for x in labels)
+    counts = Counter(int(x) for x in (() if labels is None else labels))
     return ShardEntry(
         name=name,
         uri=uri,
@@ -433,13 +446,17 @@ def read_raw_shards(uris: Sequence[str], *, include_paths: bool = False):
 # Readers
 
 
-def _decode_sample(sample: dict[str, Any], levels: Sequence[str] | None) -> dict[str, Any]:
-    """Raw WebDataset fields -> {key, label, <level>: array}; numpy only, never pickle."""
-    out: dict[str, Any] = {"key": sample["__key__"]}
+def _decode_sample(
+    sample: dict[str, Any], levels: Sequence[str] | None, labelled: bool = True
+) -> dict[str, Any]:
+    """Raw WebDataset fields -> {key, label, <level>: array}; numpy only, never pickle. Unlabelled
+    samples (``labelled`` false) get label -1."""
+    out: dict[str, Any] = {"key": sample["__key__"], "label": -1}
     label = sample.get(LABEL_FIELD)
-    if label is None:
+    if labelled and label is None:
         raise ValueError(f"sample {sample['__key__']!r} in {sample.get('__url__')} has no .cls")
-    out["label"] = int(bytes(label).decode())
+    if labelled:
+        out["label"] = int(bytes(label).decode())
     found = levels_of(sample)
     if levels is not None:
         where = f"sample {sample['__key__']!r} in {sample.get('__url__')}"
@@ -454,9 +471,11 @@ def iter_code_samples(
     levels: Sequence[str] | None = None,
     *,
     removed: Mapping[str, frozenset[str]] | None = None,
+    labelled: bool = True,
 ) -> Iterator[dict[str, Any]]:
     """Samples of shards in order, as {key, label, <level>: h x w array in the stored dtype}.
-    With ``levels``, a sample holding other levels than those is refused (InputError).
+    With ``levels``, a sample holding other levels than those is refused (InputError). The shards
+    of an unlabelled corpus (``labelled`` false) give label -1; labelled ones need a ``.cls``.
 
     A plain WebDataset reading loop with streams opened through pyarrow, so local paths and
     object-store URLs work alike; fields are decoded with numpy (allow_pickle=False) and int().
@@ -476,7 +495,7 @@ def iter_code_samples(
             skip = removed.get(str(sample["__url__"]).rsplit("/", 1)[-1])
             if skip and sample["__key__"] in skip:
                 continue
-        yield _decode_sample(sample, levels)
+        yield _decode_sample(sample, levels, labelled)
 
 
 def iter_manifest_samples(
@@ -489,6 +508,7 @@ def iter_manifest_samples(
         [shard.uri for shard in codes.shards],
         list(codes.levels) if levels is None else levels,
         removed=codes.removed_keys(),
+        labelled=codes.labelled,
     )
 
 
@@ -501,6 +521,7 @@ def _decode_code_batch(
     split: str,
     as_int64: bool,
     removed: Mapping[str, frozenset[str]] | None = None,
+    labelled: bool = True,
 ) -> dict[str, np.ndarray]:
     keys = [str(k) for k in batch["__key__"]]
     if keys:
@@ -513,7 +534,10 @@ def _decode_code_batch(
     out: dict[str, np.ndarray] = {
         "key": np.array([keys[i] for i in wanted], dtype=object),
         "label": np.array(
-            [int(bytes(batch[LABEL_FIELD][i]).decode()) for i in wanted], dtype=np.int64
+            [int(bytes(batch[LABEL_FIELD][i]).decode()) for i in wanted]
+            if labelled
+            else [-1] * len(wanted),
+            dtype=np.int64,
         ),
     }
     for level in levels:
@@ -543,7 +567,8 @@ def relabel_codes(
 def code_dataset(codes: CodeShards, split: str = "train", *, as_int64: bool = True):
     """Code shards (a tokenize manifest, say) as a streaming ray.data.Dataset.
 
-    Columns: key (str), label (int64) and one h x w array column per level. Codes come as int64
+    Columns: key (str), label (int64; -1 for an unlabelled corpus) and one h x w array column per
+    level. Codes come as int64
     (``as_int64``), what embedding layers index with; ``as_int64=False`` keeps the stored dtype.
     ``split`` is "train", "validation", "test" or "all". Samples the set lists as removed are
     skipped.
@@ -572,5 +597,6 @@ def code_dataset(codes: CodeShards, split: str = "train", *, as_int64: bool = Tr
             "split": split,
             "as_int64": as_int64,
             "removed": removed,
+            "labelled": codes.labelled,
         },
     )

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipelines.config import without_neutral_defaults
 from pipelines.data import storage
 from pipelines.data.keys import smallest_by_key_hash
 from pipelines.manifest import fingerprint
@@ -246,6 +247,53 @@ def train_classifier(
     return model.eval()
 
 
+# The seed of the label-free feature network: fixed, so that its feature space is the same in every
+# run and for every corpus of a given channel count, and runs can be compared.
+RANDOM_FEATURES_SEED = 0
+
+
+@dataclass(frozen=True)
+class RandomFeatures:
+    """A label-free feature space for a corpus without classes: the ImageClassifier network with
+    its weights drawn once from a fixed seed (He-normal convolutions) and never trained (BatchNorm
+    at its initial statistics), whose pooled penultimate activations are the features
+    (``embed_images``).
+
+    Random convolutional features keep what the real and generated images share in colour, edges
+    and layout without training on labels, and depend on nothing the pipeline trained, so they
+    cannot favour the autoencoder whose decoder made the samples (Naeem et al. 2020 measure
+    precision and recall in such randomly initialised embeddings)."""
+
+    model: ImageClassifier
+    seed: int
+
+    @classmethod
+    def make(cls, in_channels: int, seed: int = RANDOM_FEATURES_SEED) -> RandomFeatures:
+        # The head is unused; ClassifierConfig asks for two classes.
+        config = ClassifierConfig(num_classes=2, in_channels=in_channels)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = ImageClassifier(config)
+            # He-normal weights keep the activations' scale through the blocks (PyTorch's default
+            # initialisation shrinks it about threefold per block, features near 1e-3).
+            for module in model.modules():
+                if isinstance(module, nn.Conv2d):
+                    nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+        return cls(model.eval(), seed)
+
+    def describe(self) -> str:
+        w = self.model.config.width
+        size = self.model.config.input_size
+        return (
+            f"a randomly initialised, untrained convolutional network (the ImageClassifier "
+            f"architecture: input resized to {size}x{size}, 5 conv3x3-BatchNorm-ReLU blocks, "
+            f"{w} to {4 * w} channels; He-normal weights from seed {self.seed}, the same in every "
+            "run); "
+            f"features: its {4 * w} pooled penultimate activations. The corpus has no labels to "
+            "train a feature network on"
+        )
+
+
 @torch.inference_mode()
 def predict_proba(
     model: ImageClassifier, images: torch.Tensor, batch_size: int = 256
@@ -362,7 +410,7 @@ def corpus_classifier(
     base = ClassifierConfig(num_classes=len(class_names), in_channels=data_cfg.channels)
     key = fingerprint(
         "corpus_classifier",
-        data_cfg.model_dump(mode="json"),
+        without_neutral_defaults("data", data_cfg.model_dump(mode="json")),
         list(class_names),
         dataclasses.asdict(base),
         {"steps": steps, "lr": lr, "seed": seed, "max_images": max_images},

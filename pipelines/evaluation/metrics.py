@@ -4,7 +4,9 @@
 - ``code_metrics``: codebook usage and perplexity per level, each prior's bits per code;
 - ``classification_metrics``: the Classification Accuracy Score of the samples against a
   size-matched real reference, a judge's verdict on the samples, and the feature-space figures
-  (FID, precision, recall) in the judge's penultimate layer, over one or more sampling seeds.
+  (FID, precision, recall) in the judge's penultimate layer, over one or more sampling seeds;
+- ``unlabelled_metrics``: for a corpus without labels, where no classifier can be trained, the
+  feature-space figures alone, in the features of a fixed random network (``RandomFeatures``).
 
 The arithmetic of a fair CAS (matched references, bootstrap intervals, spread) is in
 ``pipelines.evaluation.cas``; the distances between feature sets in ``feature_space``.
@@ -38,6 +40,7 @@ from pipelines.evaluation.cas import (
 from pipelines.evaluation.classifier import (
     ClassifierConfig,
     LabelledImages,
+    RandomFeatures,
     correct_predictions,
     embed_images,
     labelled_images,
@@ -387,6 +390,7 @@ class SampleScores:
     note: str | None
     judge: Judge | None = None
     left_out: list[str] = field(default_factory=list)  # sampled classes this corpus does not have
+    features: str | None = None  # the network behind quality/* (the judge's, or random features)
 
 
 def classification_metrics(
@@ -440,7 +444,83 @@ def classification_metrics(
     )
     metrics["cas/classes"] = len(sampled)
     metrics["cas/judge_train_images"] = len(pool)
-    return SampleScores(metrics, None, judge, left_out)
+    return SampleScores(metrics, None, judge, left_out, features=judge.describe())
+
+
+# Why an unlabelled corpus' evaluation has no CAS (the report and the evaluate manifest say it).
+NO_LABELS = (
+    "the corpus has no labels, so CAS does not apply: it trains classifiers on class labels "
+    "(the samples' and the real images'); the feature-space figures below need none"
+)
+
+
+def unlabelled_metrics(
+    cfg: PipelineConfig | ConfigView,
+    sample_sets: list[tuple[int, dict[str, str]]],
+    shape: tuple[int, int, int],
+    real_split: str = "test",
+) -> SampleScores:
+    """The feature-space figures of samples from unconditional priors of an unlabelled corpus,
+    over every set in ``sample_sets`` ((seed, name -> folder of PNGs)): the Fréchet distance of
+    the samples to the real ``real_split`` images, the same distance from as many real train
+    images (the floor, ``quality/fid_real_train``), and precision and recall, all in the features
+    of a fixed random network (``RandomFeatures``); no CAS, for want of labels."""
+    evaluate = cfg.evaluate
+    network = RandomFeatures.make(shape[2])
+    size = network.model.config.input_size
+    corpus = open_corpus(cfg.data)
+    if corpus.labelled:
+        raise InputError(
+            f"the corpus {cfg.data.source!r} now has classes {list(corpus.class_names)}, but the "
+            "models were trained on it unlabelled; re-run the pipeline from train_vqvae"
+        )
+    test = labelled_images(corpus.dataset(real_split), evaluate.max_images, size=size)
+    if len(test) < 2:
+        return SampleScores(
+            {}, f"{NO_LABELS}; and the {real_split} split has fewer than 2 images for them"
+        )
+    # The first images in key-hash order: the same real train images in every run.
+    pool = labelled_images(corpus.dataset("train"), evaluate.max_images, size=size)
+    test_features = embed_images(network.model, test.images)
+    per_seed: dict[str, list[float]] = {}
+    generated_count = 0
+    for _, dirs in sample_sets:
+        generated = generated_images(dirs, list(dirs), shape, size)
+        generated_count = generated_count or len(generated)
+        features = embed_images(network.model, generated.images)
+        quality = _distances(features, test_features, evaluate.neighbours)
+        real = pool.images[: len(generated)]
+        if len(real) >= 2:
+            quality["fid_real_train"] = frechet_distance(
+                embed_images(network.model, real), test_features
+            )
+        for name, value in quality.items():
+            per_seed.setdefault(name, []).append(value)
+    metrics: dict[str, float] = {
+        "quality/seeds": len(sample_sets),
+        "quality/generated_images": generated_count,
+        "quality/real_test_images": len(test),
+        "quality/real_train_images": min(len(pool), generated_count),
+    }
+    for name, values in per_seed.items():
+        stats = spread(values)
+        metrics[f"quality/{name}"] = stats["mean"]
+        if len(sample_sets) > 1 and len(values) == len(sample_sets):
+            for stat in ("std", "min", "max"):
+                metrics[f"quality/{name}/{stat}"] = stats[stat]
+    metrics = {k: float(v) for k, v in metrics.items() if math.isfinite(v)}
+    return SampleScores(metrics, NO_LABELS, features=network.describe())
+
+
+def _distances(generated: np.ndarray, real: np.ndarray, neighbours: int) -> dict[str, float]:
+    """FID, precision and recall of ``generated`` against ``real`` features, those that their
+    sizes allow (as ``score_seed``)."""
+    quality: dict[str, float] = {}
+    if min(len(generated), len(real)) >= 2:
+        quality["fid"] = frechet_distance(generated, real)
+    if min(len(generated), len(real)) > neighbours:
+        quality["precision"], quality["recall"] = precision_recall(real, generated, k=neighbours)
+    return quality
 
 
 def _known_classes(

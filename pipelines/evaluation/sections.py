@@ -104,13 +104,17 @@ def _summary_section(up: Upstream, notes: list[str]) -> Section:
             f"Autoencoder: {trained} on "
             f"{tok.image_size[0]}x{tok.image_size[1]} images with {tok.channels} channel(s); "
             f"code maps: {shapes}.",
-            f"Corpus: {tok.samples} images tokenized ({splits}), classes: "
-            f"{', '.join(tok.class_names) or 'none (unconditional)'}.",
+            f"Corpus: {tok.samples} images tokenized ({splits}), "
+            + (
+                f"classes: {', '.join(tok.class_names)}."
+                if tok.labelled
+                else "unlabelled: no classes; the priors are unconditional."
+            ),
             "Splits are by key hash (data.validation_fraction, data.test_fraction). The training "
             "stages select on the validation split (the best prior step, the validation curves); "
             "every figure in this report is measured on the test split, which nothing selects "
-            "on. The models were trained on the train split only; the CAS reference classifier "
-            "too.",
+            "on. The models were trained on the train split only"
+            + ("; the CAS reference classifier too." if tok.labelled else "."),
             *notes,
         ],
     )
@@ -247,7 +251,8 @@ def _samples_section(
     scores: SampleScores,
     cfg: EvaluateSection,
 ) -> Section:
-    section = Section("Samples and Classification Accuracy Score")
+    labelled = sample is None or sample.labelled
+    section = Section("Samples and Classification Accuracy Score" if labelled else "Samples")
     if sample is not None:
         section.paragraphs.append(_sampling_settings(sample))
     if scores.left_out:
@@ -364,7 +369,7 @@ def _per_class_section(class_names: list[str], metrics: dict[str, float]) -> Sec
 def _quality_section(
     metrics: dict[str, float], scores: SampleScores, neighbours: int
 ) -> Section | None:
-    if scores.judge is None or "quality/fid" not in metrics:
+    if scores.features is None or "quality/fid" not in metrics:
         return None
     return Section(
         "Sample quality in feature space",
@@ -377,7 +382,7 @@ def _quality_section(
             "upwards for small sets: compare it with quality/fid_real_train, the same distance "
             "from as many real train images as there are samples, the floor a perfect model "
             "would reach.",
-            f"Feature network: {scores.judge.describe()}.",
+            f"Feature network: {scores.features}.",
         ],
         Table(
             ["metric", "value", "spread over seeds"],

@@ -36,6 +36,12 @@ class Upstream:
                 f"run's corpus was tokenized with {tok.tokenizer.describe()}; their bits per code "
                 "on it would mean nothing"
             )
+        if priors.labelled != tok.labelled:
+            kinds = {True: "labelled", False: "unlabelled"}
+            raise InputError(
+                f"the priors were trained on {kinds[priors.labelled]} codes, but this run's "
+                f"corpus is {kinds[tok.labelled]}; evaluate them on a corpus like theirs"
+            )
         vq = read_manifest(output_dir, TrainVQVAEManifest)
         if vq is not None and vq.checkpoint != tok.tokenizer.checkpoint:
             vq = None  # a pinned tokenizer: this output_dir's train_vqvae is not the one used

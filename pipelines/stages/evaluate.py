@@ -25,6 +25,12 @@ With ``evaluate.seeds`` > 1, sampling and CAS are repeated with further sampling
 figures are means, with their standard deviation and range across seeds. Accuracies are among
 the sampled classes only, so sampling a subset of classes is still a fair comparison.
 
+An unlabelled corpus (no classes, unconditional priors) has no CAS, which needs labels; the
+manifest's ``cas_skipped`` and the report say so. Its samples get the feature-space figures alone,
+in the features of a fixed, randomly initialised network that nothing trained
+(``pipelines.evaluation.classifier.RandomFeatures``). Reconstruction, codebooks and bits per code
+need no labels and are measured as for any corpus.
+
 This module only runs the steps; the figures are computed in ``pipelines.evaluation.metrics``
 and the report's sections written in ``pipelines.evaluation.sections``.
 """
@@ -54,6 +60,7 @@ from pipelines.evaluation.metrics import (
     classification_metrics,
     code_metrics,
     reconstruction_metrics,
+    unlabelled_metrics,
 )
 from pipelines.evaluation.report import Figure, Report, write_report
 from pipelines.evaluation.sections import Figures, build_report
@@ -85,6 +92,8 @@ def run(ctx: StageContext) -> EvaluateManifest:
     recon_grid = _reconstruction(ctx, _load_tokenizer(ctx, up, device), metrics, notes)
     counts = _codes_and_priors(ctx, up, device, metrics)
     scores = _samples(ctx, up)
+    if scores.note:
+        log.info("evaluate: no CAS: %s", scores.note)
     metrics.update(scores.metrics)
     metrics["evaluate/seconds"] = time.time() - started
     metrics = {k: float(v) for k, v in metrics.items()}
@@ -100,7 +109,7 @@ def run(ctx: StageContext) -> EvaluateManifest:
         levels=up.tok.levels,
         cas_skipped=scores.note,
         judge_seed=scores.judge.seed if scores.judge else None,
-        feature_network=scores.judge.describe() if scores.judge else None,
+        feature_network=scores.features,
     )
 
 
@@ -163,8 +172,11 @@ def _samples(ctx: StageContext, up: Upstream) -> SampleScores:
     """CAS and the feature-space figures of the samples, over every sampling seed."""
     if up.sample is None:
         return SampleScores({}, "the sample stage has not run")
-    log.info("evaluate: Classification Accuracy Score and feature-space quality")
     shape = (*up.tok.image_size, up.tok.channels)
+    if not up.tok.labelled:
+        log.info("evaluate: feature-space quality (the corpus has no labels: no CAS)")
+        return unlabelled_metrics(ctx.cfg, sample_sets(ctx, up), shape)
+    log.info("evaluate: Classification Accuracy Score and feature-space quality")
     return classification_metrics(
         ctx.cfg,
         ctx.stage_dir,

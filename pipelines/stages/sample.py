@@ -1,6 +1,7 @@
 """Stage 4: generate images, class by class, from the trained priors and the autoencoder's decoder.
 
-Draws ``sample.per_class`` images of each requested class with ``sample.seed`` into
+Draws ``sample.per_class`` images of each requested class (for an unlabelled corpus, whose priors
+are unconditional: ``sample.per_class`` images in all, in ``unconditional/``) with ``sample.seed`` into
 ``<output_dir>/sample/`` (how, and the folder's layout: ``pipelines.generation``), logs the grids
 and the rejection figures to MLflow, and records the settings it drew with, each level's included
 (``sample.levels`` over the stage's temperature, top_k and top_p).
@@ -67,7 +68,10 @@ def run(ctx: StageContext) -> SampleManifest:
     seconds = time.time() - started
     drawn_now = sum(entries[name].drawn for name in classes if name not in finished)
     _log_results(ctx, entries, drawn_now, seconds)
-    ctx.tracking.log_params({"resolved": {"classes": classes, "draws_per_class": draws}})
+    labels = f"{len(class_names)} classes" if trained.labelled else "unlabelled"
+    ctx.tracking.log_params(
+        {"resolved": {"classes": classes, "draws_per_class": draws, "corpus_labels": labels}}
+    )
 
     settings = SampleSettings(
         per_class=cfg.per_class,
@@ -89,12 +93,16 @@ def run(ctx: StageContext) -> SampleManifest:
         checkpoint=trained.tokenizer.checkpoint,
         priors={p["level"]: p["checkpoint"] for p in priors},
         sampling_seconds=round(seconds, 2),
+        labelled=trained.labelled,
     )
 
 
 def _check_inputs(cfg: PipelineConfig) -> None:
-    """The autoencoder that decodes the samples is the one the priors' codes came from."""
+    """The autoencoder that decodes the samples is the one the priors' codes came from, and the
+    requested classes and rejection fit the priors' classes (none for an unlabelled corpus)."""
     trained = require_manifest(cfg.output_dir, TrainPriorManifest)
+    resolve_classes(cfg.sample.classes, trained.class_names)
+    draws_per_class(cfg.sample, trained.class_names)
     read_identified(trained.tokenizer, tracking_uri_for(cfg))
 
 

@@ -148,9 +148,10 @@ class CodeEncoder:
 
 
 def _write_batch(
-    batch: dict[str, np.ndarray], stage_dir: str, levels: list[str]
+    batch: dict[str, np.ndarray], stage_dir: str, levels: list[str], labelled: bool = True
 ) -> dict[str, np.ndarray]:
-    """Write the batch's valid rows as one shard; report the shard and the batch's bad rows."""
+    """Write the batch's valid rows as one shard (without classes for an unlabelled corpus);
+    report the shard and the batch's bad rows."""
     good = np.flatnonzero(batch["error"] == "")
     bad = np.flatnonzero(batch["error"] != "")
     entry = ShardEntry(name="", uri="", samples=0, bytes=0)
@@ -159,7 +160,7 @@ def _write_batch(
         entry = write_shard(
             stage_dir,
             [str(k) for k in batch["key"][good]],
-            batch["label"][good].tolist(),
+            batch["label"][good].tolist() if labelled else None,
             {level: batch[level][good] for level in levels},
             sources=[str(x) for x in batch["source"][good]],
         )
@@ -213,7 +214,8 @@ def _describe_shard(
             removed.append((name, key))
             continue
         live_keys.append(key)
-        counts[int(label)] += 1
+        if label is not None:  # null in the key index of an unlabelled corpus
+            counts[int(label)] += 1
         splits[split_of(key, *fractions)] += 1
     entry = ShardEntry(
         name=name,
@@ -374,7 +376,11 @@ def _encode_and_write(
     )
     return ds.map_batches(
         _write_batch,
-        fn_kwargs={"stage_dir": ctx.stage_dir, "levels": list(tokenizer.levels)},
+        fn_kwargs={
+            "stage_dir": ctx.stage_dir,
+            "levels": list(tokenizer.levels),
+            "labelled": corpus.labelled,
+        },
         batch_size=settings.shard_max_samples,
         batch_format="numpy",
         num_cpus=WRITER_CPUS,
@@ -675,6 +681,7 @@ def _manifest(
         code_dtypes=layout.dtypes,
         codebook_sizes=layout.codebook_sizes,
         class_names=class_names,
+        labelled=bool(class_names),
         checkpoint=identity.checkpoint,
         tokenizer=identity,
         corpus_name=corpus_name,
@@ -704,6 +711,11 @@ def run(ctx: StageContext) -> TokenizeManifest:
     _log_params(ctx, layout, identity, corpus_name)
 
     corpus, present = in_key_hash_order(open_corpus(cfg.data))
+    ctx.tracking.log_params(
+        {"corpus_labels": f"{len(corpus.class_names)} classes" if corpus.labelled else "unlabelled"}
+    )
+    if not corpus.labelled:
+        log.info("tokenize: the corpus is unlabelled; the code shards carry no class")
     skip_ref, shards, removed = _finished_work(ctx.stage_dir, present, corpus.format, fractions)
     resumed = _report_resumed(shards, removed)
     bad, new_samples, seconds = _encode_new(

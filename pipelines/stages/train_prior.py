@@ -7,7 +7,8 @@ prior_conditions``). A two-level VQ-VAE-2 gets p(top | class) and p(bottom | top
 three-level one also p(middle | top, class) between them; a one-level model one prior
 p(codes | class). Each prior is configured by ``train_prior.<level>``, the level's name. Sizes
 (codes, map shapes, classes) and the levels come from the tokenize manifest; the architecture from
-``train_prior.<level>``.
+``train_prior.<level>``. The codes of an unlabelled corpus (no classes), or of a single class,
+give unconditional priors (``num_classes`` 0): p(top), p(bottom | top).
 
 The codes are this run's tokenize output, or the union of the code datasets that
 ``train_prior.shards`` lists (``pipelines.data.code_union``: one tokenizer, keys prefixed with each
@@ -232,6 +233,7 @@ def _train_one(
         columns=tuple(columns),
         removed=union.removed(),
         label_maps=union.shard_label_maps(),
+        labelled=union.labelled,
     )
     loop_config = {
         "data": data,
@@ -442,6 +444,8 @@ def run(ctx: StageContext) -> TrainPriorManifest:
             sum(m.samples for m in union.members),
             list(union.class_names),
         )
+    if not union.labelled:
+        log.info("train_prior: the codes are unlabelled; the priors train unconditionally")
     plans = plan_priors(tokenized, ctx.cfg.train_prior, num_classes=len(union.class_names))
     heldout = None
     priors: dict[str, PriorEntry] = {}
@@ -455,6 +459,7 @@ def run(ctx: StageContext) -> TrainPriorManifest:
         channels=tokenized.channels,
         class_names=list(union.class_names),
         corpora=union.corpora(),
+        labelled=union.labelled,
     )
 
 
