@@ -235,6 +235,8 @@ class EvaluateManifest(StageManifest):
     cas_skipped: str | None  # why CAS was not computed, when it was not
     judge_seed: int | None = None  # seed of the classifier judging the samples (never rejection's)
     feature_network: str | None = None  # what computed quality/fid, precision and recall
+    # Every CAS classifier's prediction per image (Parquet), None when CAS did not run.
+    predictions: str | None = None
 
     def summary(self) -> str:
         shown = (

@@ -322,6 +322,19 @@ def embed_images(model: ImageClassifier, images: torch.Tensor, batch_size: int =
     return torch.cat(out).numpy() if out else np.empty((0, 4 * model.config.width))
 
 
+def predicted_classes(
+    model: ImageClassifier, images: torch.Tensor, among: list[int] | None = None
+) -> np.ndarray:
+    """Per image, its most probable class (among ``among``, when given), as int64."""
+    probs = predict_proba(model, images)
+    if among is None:
+        predicted = probs.argmax(dim=1)
+    else:
+        allowed = torch.tensor(sorted(among), dtype=torch.long)
+        predicted = allowed[probs[:, allowed].argmax(dim=1)]
+    return predicted.numpy().astype(np.int64)
+
+
 def correct_predictions(
     model: ImageClassifier,
     images: torch.Tensor,
@@ -329,13 +342,7 @@ def correct_predictions(
     among: list[int] | None = None,
 ) -> np.ndarray:
     """Per image, whether its most probable class (among ``among``, when given) is its label."""
-    probs = predict_proba(model, images)
-    if among is None:
-        predicted = probs.argmax(dim=1)
-    else:
-        allowed = torch.tensor(sorted(among), dtype=torch.long)
-        predicted = allowed[probs[:, allowed].argmax(dim=1)]
-    return (predicted == labels.long().cpu()).numpy()
+    return predicted_classes(model, images, among) == labels.long().cpu().numpy()
 
 
 def accuracy(

@@ -41,9 +41,9 @@ from pipelines.evaluation.classifier import (
     ClassifierConfig,
     LabelledImages,
     RandomFeatures,
-    correct_predictions,
     embed_images,
     labelled_images,
+    predicted_classes,
     resize_images,
     save_classifier,
     train_classifier,
@@ -235,7 +235,8 @@ def train_judge(
 @dataclass
 class SeedScores:
     """One sampling seed's results: per test image, whether each classifier got it right; the
-    judge's verdict per generated image; and the feature-space figures."""
+    judge's verdict per generated image; and the feature-space figures. The ``predicted_*``
+    arrays hold the classes behind the verdicts (None where only the verdicts are known)."""
 
     seed: int
     generated_images: int
@@ -244,6 +245,9 @@ class SeedScores:
     on_real: np.ndarray  # bool per test image
     judged: np.ndarray  # bool per generated image
     quality: dict[str, float]
+    predicted_on_generated: np.ndarray | None = None  # class per test image
+    predicted_on_real: np.ndarray | None = None  # class per test image
+    predicted_judged: np.ndarray | None = None  # class per generated image
 
 
 def score_seed(
@@ -280,14 +284,20 @@ def score_seed(
         quality["precision"], quality["recall"] = precision_recall(
             test_features, generated_features, k=cfg.neighbours
         )
+    by_generated = predicted_classes(on_generated, test.images, among=sampled)
+    by_real = predicted_classes(on_real, test.images, among=sampled)
+    by_judge = predicted_classes(judge.model, generated.images, among=sampled)
     return SeedScores(
         seed=seed,
         generated_images=len(generated),
         real_train_images=len(matched),
-        on_generated=correct_predictions(on_generated, test.images, test.labels, among=sampled),
-        on_real=correct_predictions(on_real, test.images, test.labels, among=sampled),
-        judged=correct_predictions(judge.model, generated.images, generated.labels, among=sampled),
+        on_generated=by_generated == test.labels.numpy(),
+        on_real=by_real == test.labels.numpy(),
+        judged=by_judge == generated.labels.numpy(),
         quality=quality,
+        predicted_on_generated=by_generated,
+        predicted_on_real=by_real,
+        predicted_judged=by_judge,
     )
 
 
@@ -391,6 +401,7 @@ class SampleScores:
     judge: Judge | None = None
     left_out: list[str] = field(default_factory=list)  # sampled classes this corpus does not have
     features: str | None = None  # the network behind quality/* (the judge's, or random features)
+    predictions: Any = None  # a pyarrow Table, see ``prediction_table``
 
 
 def classification_metrics(
@@ -433,7 +444,8 @@ def classification_metrics(
     seed = judge_seed(cfg.seed, avoid_seed)
     judge = train_judge(pool, len(class_names), seed, evaluate, storage.join(out_dir, JUDGE))
     test_features = embed_images(judge.model, test.images)
-    judge_on_real = correct_predictions(judge.model, test.images, test.labels, among=sampled)
+    judge_on_test = predicted_classes(judge.model, test.images, among=sampled)
+    judge_on_real = judge_on_test == test.labels.numpy()
     real, num_classes = RealImages(pool, test), len(class_names)
     scores = [
         score_seed(evaluate, cfg.seed + i, images, real, judge, test_features, sampled, num_classes)
@@ -444,7 +456,58 @@ def classification_metrics(
     )
     metrics["cas/classes"] = len(sampled)
     metrics["cas/judge_train_images"] = len(pool)
-    return SampleScores(metrics, None, judge, left_out, features=judge.describe())
+    predictions = prediction_table(scores, generated, test, judge_on_test)
+    return SampleScores(
+        metrics, None, judge, left_out, features=judge.describe(), predictions=predictions
+    )
+
+
+PREDICTION_COLUMNS = ("sampling_seed", "classifier", "images", "key", "label", "predicted")
+
+
+def prediction_table(
+    scores: list[SeedScores],
+    generated: list[LabelledImages],
+    test: LabelledImages,
+    judge_on_test: np.ndarray,
+) -> Any:
+    """Every prediction behind the CAS figures, one row per (classifier, image), as a pyarrow
+    Table with the columns of ``PREDICTION_COLUMNS``:
+
+    - ``sampling_seed``: the seed of the samples the row belongs to (null for the judge's rows on
+      the test images: the judge does not depend on the samples);
+    - ``classifier``: ``generated`` (the CAS classifier trained on that seed's samples), ``real``
+      (its size-matched reference trained on real train images) or ``judge``;
+    - ``images``: ``test`` (a real test image, ``key`` its corpus key) or ``generated`` (a sample,
+      ``key`` its PNG file);
+    - ``label``: the image's class (a sample's: the class it was drawn for); ``predicted``: the
+      classifier's most probable class among the sampled classes.
+
+    Each accuracy is the mean of ``predicted == label`` over its rows."""
+    import pyarrow as pa
+
+    columns: dict[str, list] = {name: [] for name in PREDICTION_COLUMNS}
+
+    def add(seed, classifier, images, keys, labels, predicted) -> None:
+        columns["sampling_seed"] += [seed] * len(keys)
+        columns["classifier"] += [classifier] * len(keys)
+        columns["images"] += [images] * len(keys)
+        columns["key"] += list(keys)
+        columns["label"] += [int(v) for v in labels]
+        columns["predicted"] += [int(v) for v in predicted]
+
+    test_labels = test.labels.tolist()
+    add(None, "judge", "test", test.keys, test_labels, judge_on_test)
+    for seed_scores, images in zip(scores, generated):
+        seed = seed_scores.seed
+        add(seed, "generated", "test", test.keys, test_labels, seed_scores.predicted_on_generated)
+        add(seed, "real", "test", test.keys, test_labels, seed_scores.predicted_on_real)
+        judged = seed_scores.predicted_judged
+        add(seed, "judge", "generated", images.keys, images.labels.tolist(), judged)
+    types = {"sampling_seed": pa.int64(), "label": pa.int64(), "predicted": pa.int64()}
+    return pa.table(
+        {name: pa.array(v, types.get(name, pa.string())) for name, v in columns.items()}
+    )
 
 
 # Why an unlabelled corpus' evaluation has no CAS (the report and the evaluate manifest say it).

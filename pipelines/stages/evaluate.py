@@ -23,7 +23,9 @@ the classifier that rejection sampling picked the samples with), scores the samp
 the real test images and of the samples' precision and recall (``pipelines.evaluation.feature_space``).
 With ``evaluate.seeds`` > 1, sampling and CAS are repeated with further sampling seeds and the
 figures are means, with their standard deviation and range across seeds. Accuracies are among
-the sampled classes only, so sampling a subset of classes is still a fair comparison.
+the sampled classes only, so sampling a subset of classes is still a fair comparison. Every
+prediction behind the CAS figures (each classifier's class per image) is written to
+``predictions.parquet`` and logged to the stage's MLflow run, so they can be checked or sliced.
 
 An unlabelled corpus (no classes, unconditional priors) has no CAS, which needs labels; the
 manifest's ``cas_skipped`` and the report say so. Its samples get the feature-space figures alone,
@@ -38,6 +40,7 @@ and the report's sections written in ``pipelines.evaluation.sections``.
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
 import math
 import time
@@ -80,6 +83,8 @@ from vq_core.checkpoint import load_checkpoint
 
 log = logging.getLogger("vqpipe")
 
+PREDICTIONS = "predictions.parquet"  # per image, each CAS classifier's prediction
+
 
 def run(ctx: StageContext) -> EvaluateManifest:
     up = Upstream.read(ctx.cfg.output_dir)
@@ -102,6 +107,7 @@ def run(ctx: StageContext) -> EvaluateManifest:
     figures = Figures(recon_grid, counts, _training_curves(ctx, up, metrics))
     report = build_report(up, ctx.cfg.evaluate, metrics, figures, scores, notes)
     uris = _publish(ctx, report)
+    predictions = _write_predictions(ctx, scores)
     return EvaluateManifest(
         metrics=metrics,
         report=uris["markdown"],
@@ -110,6 +116,7 @@ def run(ctx: StageContext) -> EvaluateManifest:
         cas_skipped=scores.note,
         judge_seed=scores.judge.seed if scores.judge else None,
         feature_network=scores.features,
+        predictions=predictions,
     )
 
 
@@ -252,6 +259,22 @@ def _publish(ctx: StageContext, report: Report) -> dict[str, str]:
         for figure in section.figures:
             ctx.tracking.log_bytes(figure.png, f"report/{figure.filename}")
     return uris
+
+
+def _write_predictions(ctx: StageContext, scores: SampleScores) -> str | None:
+    """Write every classifier prediction behind the CAS figures (``PREDICTIONS``, a Parquet
+    table: ``pipelines.evaluation.metrics.prediction_table``) and log it; its URI, or None when
+    CAS did not run."""
+    if scores.predictions is None:
+        return None
+    import pyarrow.parquet as pq
+
+    buffer = io.BytesIO()
+    pq.write_table(scores.predictions, buffer)
+    uri = storage.join(ctx.stage_dir, PREDICTIONS)
+    storage.write_bytes(uri, buffer.getvalue())
+    ctx.tracking.log_bytes(buffer.getvalue(), PREDICTIONS)
+    return uri
 
 
 def _check_inputs(cfg) -> None:
