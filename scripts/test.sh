@@ -5,6 +5,6 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
 ruff check .
-# TEST_WORKERS=2 runs the tests on two workers, each test file whole on one of them (its
-# module-scoped pipeline run happens once); the default, 0, runs them in this process.
-python -m pytest -n "${TEST_WORKERS:-0}" --dist loadfile "$@"
+# Two pytest-xdist workers by default: each test file whole on one of them, and tests/cluster/
+# whole on one (tests/conftest.py); TEST_WORKERS=0 runs every test in this process.
+python -m pytest -n "${TEST_WORKERS:-2}" "$@"
