@@ -30,6 +30,7 @@ from pipelines.stage_manifests import (
 from pipelines.stages import evaluate, sample
 from pipelines.tokenizer import TokenizerIdentity, sha256_of
 from pipelines.tracking import Tracker
+from tests.pipelines import independent as ind
 from tests.pipelines.conftest import tiny_raw_config
 from tests.pipelines.stages.test_sample import CLASSES, make_context, write_upstream
 from vq_core.checkpoint import load_checkpoint
@@ -122,6 +123,13 @@ def evaluated(ray_local, corpus, tmp_path_factory):
     return cfg, tok, manifest, tracker, tracking.run_id
 
 
+def evaluate_bootstrap_samples(manifest) -> int:
+    """The bootstrap count the stage ran with (the config's default here)."""
+    from pipelines.config import EvaluateSection
+
+    return EvaluateSection().bootstrap_samples
+
+
 EXPECTED_METRICS = [
     "test/mse",
     "test/psnr",
@@ -153,13 +161,16 @@ def test_every_metric_present_and_finite(evaluated):
         assert name in metrics, name
         assert math.isfinite(metrics[name]), (name, metrics[name])
     assert metrics["test/psnr"] == pytest.approx(10 * math.log10(4 / metrics["test/mse"]))
+    # Each accuracy is the share of right predictions in evaluate's predictions table, recomputed.
+    table = ind.predictions(manifest.predictions)
+    recomputed = ind.cas_figures(table, CLASSES, evaluate_bootstrap_samples(manifest))
     for name in (
         "cas/generated_to_real",
         "cas/real_to_real",
         "cas/real_to_generated",
         "cas/judge_on_real",
     ):
-        assert 0.0 <= metrics[name] <= 1.0, name
+        assert metrics[name] == pytest.approx(recomputed[name], abs=1e-12), name
     assert metrics["cas/generated_images"] == 3 * len(CLASSES)
 
 
@@ -239,10 +250,13 @@ def test_per_class_accuracies_in_metrics_and_report(evaluated):
         for s in iter_code_samples([shard.uri for shard in tok.shards])
         if split_of(s["key"], cfg.data.validation_fraction, cfg.data.test_fraction) == "test"
     ]
+    recomputed = ind.cas_figures(
+        ind.predictions(manifest.predictions), CLASSES, evaluate_bootstrap_samples(manifest)
+    )
     for label in sorted(set(test_labels)):
         for name in ("generated_to_real", "real_to_real"):
-            value = m[f"cas/{name}/class/{CLASSES[label]}"]
-            assert 0.0 <= value <= 1.0
+            key = f"cas/{name}/class/{CLASSES[label]}"
+            assert m[key] == pytest.approx(recomputed[key], abs=1e-12), key
         assert f"| {CLASSES[label]} |" in report
     # The test images are weighted alike: the overall accuracy is the class-size-weighted mean.
     counts = np.bincount(test_labels, minlength=len(CLASSES))
