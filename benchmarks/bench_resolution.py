@@ -1,16 +1,23 @@
 """What each stage costs by image resolution: speed, memory per worker, bytes per image.
 
 For each resolution (32, 64, 128, 256 px by default) and each set of model sizes (``cluster``:
-``configs/cluster.yaml``'s autoencoder and priors; ``demo``: ``configs/demo.yaml``'s, for contrast),
-one fresh process per stage measures, on real photo crops (scikit-image's photographs, JPEG q90):
+``configs/cluster.yaml``'s autoencoder and priors; ``demo``: ``configs/demo.yaml``'s, for contrast;
+``tiny3``: ``configs/demo-three-level.yaml``'s small models with ``configs/ffhq-1024.yaml``'s
+three levels, downsample 2, 2 and 8, so 1024 px images give 32x32, 64x64 and 128x128 codes; or
+the path of any config file, whose ``train_vqvae.model`` and ``train_prior.<level>`` sections
+define the models), one fresh process per stage measures, on real photo crops (scikit-image's
+photographs, JPEG q90):
 
-- train_vqvae, train_prior top and bottom: images per second of an optimizer step at ``--batch``;
+- train_vqvae, and train_prior for each level of the autoencoder (``train_prior_top``,
+  ``train_prior_bottom``; ``train_prior_middle`` too with three levels; ``--stages train_prior``
+  is all of them): images per second of an optimizer step at ``--batch``;
   the bytes autograd saves per image (device independent); the peak-memory estimate per worker at
   the config's own batch and precision (``vq_core.memory``, the number a training stage logs and
   checks), with and without activation checkpointing;
 - tokenize: images per second of ``encode``, and code-shard bytes per image (the real shard format);
-- sample: seconds per image, top then bottom with the cached sampler, then decode, for one image
-  alone and per image in a batch of ``--sample-batch``;
+- sample: seconds per image, every level top down with the cached sampler (each prior conditioned
+  on the level above, ``vq_core.sampling.sample_levels``), then decode, for one image alone and
+  per image in a batch of ``--sample-batch`` (0: one image only);
 - the image cache: build seconds and bytes per image for both encodings, beside the JPEG bytes;
 - every process: its peak resident memory; with ``--device cuda`` also
   ``torch.cuda.max_memory_allocated``.
@@ -21,6 +28,8 @@ minutes); ``--sizes`` and ``--stages`` narrow it.
 
     python benchmarks/bench_resolution.py --sizes 32 64 128 256 --models cluster demo
     python benchmarks/bench_resolution.py --device cuda --precision bf16 --batch 16
+    python benchmarks/bench_resolution.py --models tiny3 --sizes 1024 --batch 1 --steps 1 \
+        --stages train_vqvae tokenize train_prior sample --sample-batch 2
 """
 
 from __future__ import annotations
@@ -39,8 +48,23 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIGS = {"cluster": ROOT / "configs" / "cluster.yaml", "demo": ROOT / "configs" / "demo.yaml"}
-STAGES = ("cache", "train_vqvae", "tokenize", "train_prior_top", "train_prior_bottom", "sample")
+# Each set of model sizes: a config file and overrides of it.
+TINY3_LEVELS = (
+    "[{name: top, downsample: 2, codebook_size: 32},"
+    " {name: middle, downsample: 2, codebook_size: 32},"
+    " {name: bottom, downsample: 8, codebook_size: 64}]"
+)
+CONFIGS = {
+    "cluster": (ROOT / "configs" / "cluster.yaml", ()),
+    "demo": (ROOT / "configs" / "demo.yaml", ()),
+    "tiny3": (
+        ROOT / "configs" / "demo-three-level.yaml",
+        (f"train_vqvae.model.levels={TINY3_LEVELS}",),
+    ),
+}
+# "train_prior" stands for train_prior_<level>, one stage per level of the autoencoder, top first.
+STAGES = ("cache", "train_vqvae", "tokenize", "train_prior", "sample")
+PRIOR_STAGE = "train_prior_"
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry")
 CLASSES = 4
 GIB = 2**30
@@ -83,12 +107,21 @@ def jpeg_bytes(image: np.ndarray) -> bytes:
 
 
 def model_sizes(models: str) -> dict:
-    """The autoencoder and prior sections of a config file, with the batches and precision."""
+    """The autoencoder and per-level prior sections of a config file (``models``: a name in
+    CONFIGS or a path), with the batches and precision, and the autoencoder's levels, top first
+    (name, downsample relative to the level below, codebook size)."""
     from pipelines.config import load_config
+    from vq_core.vqvae import VQVAE2Config
 
-    cfg = load_config(CONFIGS[models], ["output_dir=/tmp/unused", "data.source=/tmp/unused"])
-    priors = {level: cfg.train_prior.for_level(level) for level in ("top", "bottom")}
+    path, overrides = CONFIGS.get(models, (Path(models), ()))
+    cfg = load_config(path, ["output_dir=/tmp/unused", "data.source=/tmp/unused", *overrides])
+    if cfg.train_vqvae.kind != "vqvae2":
+        raise SystemExit(f"{models}: train_vqvae.kind must be vqvae2, got {cfg.train_vqvae.kind!r}")
+    specs = VQVAE2Config(**cfg.train_vqvae.model).level_specs()
+    levels = [spec.name for spec in specs]
+    priors = {level: cfg.train_prior.for_level(level, levels) for level in levels}
     return {
+        "levels": [(spec.name, spec.downsample, spec.codebook_size) for spec in specs],
         "autoencoder": dict(cfg.train_vqvae.model),
         "vqvae_batch": cfg.train_vqvae.batch_size,
         "vqvae_precision": cfg.train_vqvae.precision,
@@ -108,16 +141,25 @@ def autoencoder(sizes: dict):
     return VQVAE2(VQVAE2Config(**sizes["autoencoder"]))
 
 
-def prior(sizes: dict, level: str, image_size: int):
-    from vq_core.kinds import get_kind, prior_fields
+def code_maps(sizes: dict, image_size: int) -> dict[str, tuple[int, tuple[int, int]]]:
+    """Each level's (codebook size, code map shape) for image_size x image_size images, top
+    first: a level's factor is its own downsample times those of the levels below it."""
+    maps: dict[str, tuple[int, tuple[int, int]]] = {}
+    factor = 1
+    for name, downsample, codebook_size in reversed(sizes["levels"]):
+        factor *= downsample
+        maps[name] = (codebook_size, (image_size // factor,) * 2)
+    return dict(reversed(maps.items()))
 
-    ae = sizes["autoencoder"]
-    k_top, k_bottom = ae["codebook_size_top"], ae["codebook_size_bottom"]
-    top, bottom = (image_size // 8,) * 2, (image_size // 4,) * 2
-    if level == "top":
-        derived = prior_fields(k_top, top, CLASSES)
-    else:
-        derived = prior_fields(k_bottom, bottom, CLASSES, (k_top, top))
+
+def prior(sizes: dict, level: str, image_size: int):
+    """The prior of ``level``, conditioned on the class and on the level above it (if any)."""
+    from vq_core.kinds import get_kind, prior_conditions, prior_fields
+
+    maps = code_maps(sizes, image_size)
+    condition = prior_conditions(list(maps))[level]
+    num_codes, shape = maps[level]
+    derived = prior_fields(num_codes, shape, CLASSES, maps[condition] if condition else None)
     kind = get_kind(sizes["prior_kind"][level])
     return kind.model_class(kind.config(sizes["priors"][level], derived))
 
@@ -243,13 +285,12 @@ def stage_tokenize(args, size: int, sizes: dict) -> dict:
     x = images_batch(size, args.batch, device)
     model.encode(x)  # warm-up
     start = time.perf_counter()
-    top, bottom = model.encode(x)
+    maps = model.encode(x)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
     keys = [f"img{i:05d}" for i in range(args.batch)]
-    dtype = np.uint16
-    codes = {"top": top.cpu().numpy().astype(dtype), "bottom": bottom.cpu().numpy().astype(dtype)}
+    codes = {level: c.cpu().numpy().astype(np.uint16) for level, c in zip(model.levels, maps)}
     shard = shard_bytes(keys, [0] * args.batch, codes)
     return {
         "images_per_second": args.batch / seconds,
@@ -260,22 +301,27 @@ def stage_tokenize(args, size: int, sizes: dict) -> dict:
 def stage_sample(args, size: int, sizes: dict) -> dict:
     import torch
 
+    from vq_core.kinds import prior_conditions
+    from vq_core.sampling import sample_levels
+
     device = torch.device(args.device)
     decoder = autoencoder(sizes).to(device).eval()
-    top, bottom = prior(sizes, "top", size).to(device).eval(), prior(sizes, "bottom", size)
-    bottom = bottom.to(device).eval()
+    levels = [name for name, _, _ in sizes["levels"]]
+    priors = [
+        (level, condition, prior(sizes, level, size).to(device).eval())
+        for level, condition in prior_conditions(levels).items()
+    ]
     out = {}
-    for n, key in (
-        (1, "seconds_per_image_alone"),
-        (args.sample_batch, "seconds_per_image_batched"),
-    ):
+    runs = [(1, "seconds_per_image_alone")]
+    if args.sample_batch:
+        runs.append((args.sample_batch, "seconds_per_image_batched"))
+    for n, key in runs:
         labels = torch.arange(n, device=device) % CLASSES
         g = torch.Generator(device=device).manual_seed(0)
         start = time.perf_counter()
         with torch.no_grad():
-            t = top.sample(n, labels=labels, generator=g)
-            b = bottom.sample(n, labels=labels, condition=t, generator=g)
-            decoder.decode_codes((t, b))
+            codes = sample_levels(priors, n, labels, generator=g)
+            decoder.decode_codes(tuple(codes[level] for level in levels))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         out[key] = (time.perf_counter() - start) / n
@@ -334,8 +380,8 @@ def run_worker(job: dict) -> dict:
     torch.manual_seed(0)
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    if stage.startswith("train_prior_"):
-        figures = stage_train_prior(args, size, sizes, stage.rsplit("_", 1)[1])
+    if stage.startswith(PRIOR_STAGE):
+        figures = stage_train_prior(args, size, sizes, stage.removeprefix(PRIOR_STAGE))
     else:
         figures = globals()[f"stage_{stage}"](args, size, sizes)
     figures["peak_rss"] = peak_rss()
@@ -393,7 +439,8 @@ def print_table(models: str, stage: str, rows: dict[int, dict]) -> None:
     present = [c for c in COLUMNS if any(c in r for r in rows.values())]
     baseline = rows.get(min(rows), {})
     print(f"\n{models} sizes, {stage}")
-    print("| px | " + " | ".join(COLUMNS[c][0] for c in present) + " | vs 32 px (first column) |")
+    header = " | ".join(COLUMNS[c][0] for c in present)
+    print(f"| px | {header} | vs {min(rows)} px (first column) |")
     print("|---" * (len(present) + 2) + "|")
     for size, r in sorted(rows.items()):
         if "error" in r:
@@ -408,14 +455,52 @@ def print_table(models: str, stage: str, rows: dict[int, dict]) -> None:
         print(f"(estimates at the config's batch per worker: {sorted(batches)})")
 
 
+def model_stages(parser, models: str, stages: list[str]) -> list[str]:
+    """``stages`` for ``models``, with train_prior as one stage per level of its autoencoder."""
+    levels = [name for name, _, _ in model_sizes(models)["levels"]]
+    out = []
+    for stage in stages:
+        if stage == "train_prior":
+            out += [PRIOR_STAGE + level for level in levels]
+        elif stage.startswith(PRIOR_STAGE) and stage.removeprefix(PRIOR_STAGE) not in levels:
+            parser.error(f"{stage}: the {models} autoencoder's levels are {levels}")
+        elif stage not in STAGES and not stage.startswith(PRIOR_STAGE):
+            parser.error(
+                f"unknown stage {stage!r}; stages: {', '.join(STAGES)}, train_prior_<level>"
+            )
+        else:
+            out.append(stage)
+    return out
+
+
+def models_choice(value: str) -> str:
+    if value in CONFIGS or Path(value).is_file():
+        return value
+    raise argparse.ArgumentTypeError(f"{value!r} is neither one of {list(CONFIGS)} nor a file")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[32, 64, 128, 256])
-    parser.add_argument("--models", nargs="+", default=["cluster", "demo"], choices=CONFIGS)
-    parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=["cluster", "demo"],
+        type=models_choice,
+        help=f"sets of model sizes: {', '.join(CONFIGS)}, or config files",
+    )
+    parser.add_argument(
+        "--stages",
+        nargs="+",
+        default=list(STAGES),
+        help="cache, train_vqvae, tokenize, train_prior (one stage per level of the autoencoder), "
+        "sample; or train_prior_<level> for one level",
+    )
     parser.add_argument("--batch", type=int, default=2, help="batch of the timed steps")
     parser.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up")
-    parser.add_argument("--sample-batch", type=int, default=4)
+    parser.add_argument(
+        "--sample-batch", type=int, default=4, help="0: sample one image alone only"
+    )
     parser.add_argument("--cache-images", type=int, default=64)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument(
@@ -431,8 +516,9 @@ def main() -> None:
         print(json.dumps(run_worker(json.loads(args.worker))))
         return
     results: dict = {}
+    stages = {models: model_stages(parser, models, args.stages) for models in args.models}
     for models in args.models:
-        for stage in args.stages:
+        for stage in stages[models]:
             rows = {}
             for size in args.sizes:
                 start = time.perf_counter()
