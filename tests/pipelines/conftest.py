@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 from collections.abc import Iterator
@@ -146,6 +147,17 @@ def shared_run(ray_local, tmp_path_factory) -> SharedRun:
     root = tmp_path_factory.mktemp("shared")
     cfg = parse_config(shared_raw_config(str(root / "out"), str(root / "corpus")))
     return SharedRun(cfg, run_stages(cfg, run_name="first"), str(root))
+
+
+def digests(folder: str) -> dict[str, str]:
+    """sha256 of every file under ``folder``, by relative path."""
+    found = {}
+    for base, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(base, name)
+            with open(path, "rb") as f:
+                found[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
+    return found
 
 
 @contextlib.contextmanager

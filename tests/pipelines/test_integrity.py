@@ -17,6 +17,7 @@ import pytest
 
 from pipelines.errors import InputError, ManifestError, MissingInputError
 from pipelines.runner import run_stages
+from tests.pipelines.conftest import digests
 
 STAGES = ("train_vqvae", "tokenize", "train_prior", "sample", "evaluate")
 
@@ -24,17 +25,6 @@ STAGES = ("train_vqvae", "tokenize", "train_prior", "sample", "evaluate")
 @pytest.fixture
 def trained(shared_run):
     return shared_run.cfg, shared_run.manifests
-
-
-def digests(folder: str) -> dict[str, str]:
-    """sha256 of every file under ``folder``, by relative path."""
-    found = {}
-    for base, _, files in os.walk(folder):
-        for name in files:
-            path = os.path.join(base, name)
-            with open(path, "rb") as f:
-                found[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
-    return found
 
 
 @pytest.fixture

@@ -123,13 +123,6 @@ def evaluated(ray_local, corpus, tmp_path_factory):
     return cfg, tok, manifest, tracker, tracking.run_id
 
 
-def evaluate_bootstrap_samples(manifest) -> int:
-    """The bootstrap count the stage ran with (the config's default here)."""
-    from pipelines.config import EvaluateSection
-
-    return EvaluateSection().bootstrap_samples
-
-
 EXPECTED_METRICS = [
     "test/mse",
     "test/psnr",
@@ -155,7 +148,7 @@ EXPECTED_METRICS = [
 
 
 def test_every_metric_present_and_finite(evaluated):
-    _, _, manifest, _, _ = evaluated
+    cfg, _, manifest, _, _ = evaluated
     metrics = manifest.metrics
     for name in EXPECTED_METRICS:
         assert name in metrics, name
@@ -163,7 +156,7 @@ def test_every_metric_present_and_finite(evaluated):
     assert metrics["test/psnr"] == pytest.approx(10 * math.log10(4 / metrics["test/mse"]))
     # Each accuracy is the share of right predictions in evaluate's predictions table, recomputed.
     table = ind.predictions(manifest.predictions)
-    recomputed = ind.cas_figures(table, CLASSES, evaluate_bootstrap_samples(manifest))
+    recomputed = ind.cas_figures(table, CLASSES, cfg.evaluate.bootstrap_samples)
     for name in (
         "cas/generated_to_real",
         "cas/real_to_real",
@@ -251,7 +244,7 @@ def test_per_class_accuracies_in_metrics_and_report(evaluated):
         if split_of(s["key"], cfg.data.validation_fraction, cfg.data.test_fraction) == "test"
     ]
     recomputed = ind.cas_figures(
-        ind.predictions(manifest.predictions), CLASSES, evaluate_bootstrap_samples(manifest)
+        ind.predictions(manifest.predictions), CLASSES, cfg.evaluate.bootstrap_samples
     )
     for label in sorted(set(test_labels)):
         for name in ("generated_to_real", "real_to_real"):

@@ -22,7 +22,7 @@ from pipelines.manifest import read_manifest
 from pipelines.runner import run_stages
 from pipelines.stages import STAGES
 from tests.pipelines import independent as ind
-from tests.pipelines.conftest import restored
+from tests.pipelines.conftest import digests, restored
 
 UPSTREAM = ("train_vqvae", "tokenize", "train_prior")
 MANIFESTS = {spec.name: spec.manifest for spec in STAGES}
@@ -51,16 +51,6 @@ RERUNS = {
     "bootstrap_samples": (["evaluate.bootstrap_samples=200"], ["evaluate"]),
     "classifier_steps": (["evaluate.classifier_steps=2"], ["evaluate"]),
 }
-
-
-def digests(folder: str) -> dict[str, str]:
-    found = {}
-    for base, _, files in os.walk(folder):
-        for name in files:
-            path = os.path.join(base, name)
-            with open(path, "rb") as f:
-                found[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
-    return found
 
 
 def sample_images(output_dir: str) -> dict[str, bytes]:
