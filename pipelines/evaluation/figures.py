@@ -17,12 +17,14 @@ import io
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-from matplotlib.axes import Axes
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure as MplFigure
-from mlflow.tracking import MlflowClient
+
+if TYPE_CHECKING:  # imported where a figure is drawn: workers that import this module draw none
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure as MplFigure
+    from mlflow.tracking import MlflowClient
 
 History = list[tuple[int, float]]  # (step, value), sorted by step
 Histories = Mapping[str, History]
@@ -355,6 +357,9 @@ def _draw_usage(ax: Axes, level: str, counts: np.ndarray) -> None:
 
 
 def _new_figure(columns: int, rows: int) -> MplFigure:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure as MplFigure
+
     figure = MplFigure(
         figsize=(_PANEL_SIZE[0] * columns, _PANEL_SIZE[1] * rows + 0.4),
         dpi=_DPI,

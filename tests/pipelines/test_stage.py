@@ -20,6 +20,29 @@ def test_registry_is_ordered_so_upstream_stages_come_first():
     assert len(set(stage_names())) == len(STAGES)
 
 
+def test_the_registry_names_each_stage_after_its_module():
+    """``stage_names()`` is read without importing the stage modules, from the module names."""
+    assert stage_names() == tuple(spec.name for spec in STAGES)
+    assert [spec.run.__module__ for spec in STAGES] == [
+        f"pipelines.stages.{name}" for name in stage_names()
+    ]
+
+
+def test_importing_one_stage_imports_no_other(tmp_path):
+    """A Ray worker that unpickles one stage's function imports that stage alone: not the
+    others, nor the report's plotting library."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, pipelines.stages.train_prior as m\n"
+        "print(sorted(n for n in sys.modules if n.startswith(('pipelines.stages.', 'matplotlib'))"
+        " and n != m.__name__))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
 def test_each_stage_reads_its_own_section_and_declared_ones_exist():
     cfg = parse_config(tiny_raw_config("/tmp/out", "/tmp/corpus"))
     for spec in STAGES:
