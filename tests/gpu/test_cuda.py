@@ -140,7 +140,11 @@ def gpu_run(tmp_path_factory):
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     root = tmp_path_factory.mktemp("gpu")
     raw = tiny_raw_config(str(root / "out"), str(root / "corpus"))
-    raw["data"]["generate"] = {"images_per_class": 6, "classes": ["circle", "square"], "image_size": 16}
+    raw["data"]["generate"] = {
+        "images_per_class": 6,
+        "classes": ["circle", "square"],
+        "image_size": 16,
+    }
     raw["train_vqvae"] |= {"use_gpu": True, "precision": "bf16"}
     raw["tokenize"] |= {"gpus_per_actor": 1}
     cfg = parse_config(raw)
@@ -174,7 +178,11 @@ def test_a_batch_over_the_gpu_fails_before_training(tmp_path):
     from tests.pipelines.conftest import tiny_raw_config
 
     raw = tiny_raw_config(str(tmp_path / "out"), str(tmp_path / "corpus"))
-    raw["data"]["generate"] = {"images_per_class": 2, "classes": ["circle", "square"], "image_size": 16}
+    raw["data"]["generate"] = {
+        "images_per_class": 2,
+        "classes": ["circle", "square"],
+        "image_size": 16,
+    }
     # The paper's autoencoder at 256 px needs about 25 MiB per image: 10 million images do not fit.
     raw["data"]["image_size"] = 256
     raw["train_vqvae"] |= {"use_gpu": True, "batch_size": 10_000_000}

@@ -102,7 +102,9 @@ def tokenize_fixed_corpus(tmp_path: Path) -> TokenizeManifest:
     raw = tiny_raw_config(str(tmp_path / "out"), source)
     raw["data"] |= {"image_size": SIZE, "validation_fraction": 0.2, "test_fraction": 0.2}
     raw["tokenize"] |= {"checkpoint": pinned_tokenizer(tmp_path / "tokenizer.pt")}
-    return run_stages(parse_config(raw), stages=["tokenize"], run_name="golden")["tokenize"].manifest
+    return run_stages(parse_config(raw), stages=["tokenize"], run_name="golden")[
+        "tokenize"
+    ].manifest
 
 
 def shard_contents(manifest: TokenizeManifest) -> tuple[dict, dict]:

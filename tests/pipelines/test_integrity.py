@@ -47,16 +47,11 @@ def damage(tmp_path):
 
 
 def _stage_dirs(cfg) -> dict[str, dict[str, str]]:
-    return {
-        stage: digests(os.path.join(cfg.output_dir, stage))
-        for stage in STAGES
-    }
+    return {stage: digests(os.path.join(cfg.output_dir, stage)) for stage in STAGES}
 
 
 @pytest.mark.parametrize("how", ["changed", "truncated", "missing"])
-def test_a_damaged_code_shard_stops_train_prior_and_keeps_its_last_outputs(
-    trained, damage, how
-):
+def test_a_damaged_code_shard_stops_train_prior_and_keeps_its_last_outputs(trained, damage, how):
     cfg, manifests = trained
     shard = manifests["tokenize"].shards[0].uri
     before = _stage_dirs(cfg)
@@ -97,9 +92,7 @@ def test_a_tokenizer_checkpoint_changed_after_tokenize_stops_sampling(trained, d
     assert _stage_dirs(cfg) == before, "the last samples are kept"
 
 
-def test_a_manifest_of_another_format_version_is_refused_before_anything_runs(
-    trained, damage
-):
+def test_a_manifest_of_another_format_version_is_refused_before_anything_runs(trained, damage):
     cfg, _ = trained
     path = os.path.join(cfg.output_dir, "tokenize", "manifest.json")
     document = json.loads(Path(path).read_text())

@@ -250,7 +250,9 @@ def test_pipeline_with_a_pinned_tokenizer_samples_and_evaluates(
     sample = read_manifest(cfg.output_dir, SampleManifest)
     assert sample.checkpoint == pinned
     assert sample.samples == 2 * 2
-    report = storage.read_bytes(storage.join(storage.join(cfg.output_dir, "evaluate"), "report.md")).decode()
+    report = storage.read_bytes(
+        storage.join(storage.join(cfg.output_dir, "evaluate"), "report.md")
+    ).decode()
     assert f"pinned tokenizer {pinned}" in report
 
     # `vqpipe status` knows train_vqvae is not part of this pipeline.
@@ -326,7 +328,9 @@ def test_prior_trains_on_the_union_and_samples_the_merged_classes(two_corpora, p
         ("shapes_b", [1, 2], outs["b"].samples),
     ]
     assert trained.tokenizer.sha256 == _sha256(pinned)
-    assert not os.path.exists(storage.join(cfg.output_dir, "tokenize")), "the union needs no tokenize here"
+    assert not os.path.exists(storage.join(cfg.output_dir, "tokenize")), (
+        "the union needs no tokenize here"
+    )
     sample = read_manifest(cfg.output_dir, SampleManifest)
     assert list(sample.classes) == ["circle", "square", "triangle"]
     assert read_manifest(cfg.output_dir, TrainPriorManifest).corpora[1].name == "shapes_b"
@@ -350,7 +354,9 @@ def test_evaluate_after_a_union_scores_this_corpus_in_the_merged_classes(two_cor
     # circle was sampled (corpus A has it) but B has no real circle to test on.
     assert metrics["cas/classes"] == 2
     assert metrics["cas/real_test_images"] == outs["b"].splits["test"]
-    report = storage.read_bytes(storage.join(storage.join(cfg.output_dir, "evaluate"), "report.md")).decode()
+    report = storage.read_bytes(
+        storage.join(storage.join(cfg.output_dir, "evaluate"), "report.md")
+    ).decode()
     assert "left out of CAS, because the corpus has no images of them: circle" in report
 
 

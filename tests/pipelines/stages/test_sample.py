@@ -157,7 +157,9 @@ def test_samples_per_class_grids_and_mlflow(ray_local, corpus, tiny_config, tmp_
             image = np.asarray(Image.open(os.path.join(entry.dir, f)))
             assert image.shape == (16, 16, 3) and image.dtype == np.uint8
         assert os.path.isfile(entry.grid)
-        assert entry.grid == os.path.join(storage.join(cfg.output_dir, "sample"), f"grid-{name}.png")
+        assert entry.grid == os.path.join(
+            storage.join(cfg.output_dir, "sample"), f"grid-{name}.png"
+        )
     assert not os.path.exists(os.path.join(storage.join(cfg.output_dir, "sample"), "triangle"))
     artifacts = {
         a.path

@@ -101,7 +101,9 @@ def trained(ray_local, tmp_path_factory):
     tokenized = write_tokenized(cfg.output_dir)
     tracker = Tracker(f"sqlite:///{tmp}/mlflow.db", "test")
     with tracker.stage_run("train_prior") as tracking:
-        ctx = StageContext(cfg, "train_prior", storage.join(cfg.output_dir, "train_prior"), "fp", tracking)
+        ctx = StageContext(
+            cfg, "train_prior", storage.join(cfg.output_dir, "train_prior"), "fp", tracking
+        )
         manifest = train_prior.run(ctx)
     return cfg, tokenized, manifest, tracker.client, tracking.run_id
 
@@ -187,7 +189,9 @@ def test_rerun_reuses_finished_priors(trained):
     cfg, _, manifest, client, _ = trained
     tracker = Tracker(client.tracking_uri, "test")
     with tracker.stage_run("train_prior") as tracking:
-        ctx = StageContext(cfg, "train_prior", storage.join(cfg.output_dir, "train_prior"), "fp", tracking)
+        ctx = StageContext(
+            cfg, "train_prior", storage.join(cfg.output_dir, "train_prior"), "fp", tracking
+        )
         again = train_prior.run(ctx)  # no Ray Train run: both checkpoints are there
     assert again == manifest
 

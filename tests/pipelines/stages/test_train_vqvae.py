@@ -36,7 +36,9 @@ def run_stage(cfg, tmp_path, fingerprint: str):
     tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db", "test")
     outcome: object
     with tracker.stage_run("train_vqvae") as tracking:
-        ctx = StageContext(cfg, "train_vqvae", storage.join(cfg.output_dir, "train_vqvae"), fingerprint, tracking)
+        ctx = StageContext(
+            cfg, "train_vqvae", storage.join(cfg.output_dir, "train_vqvae"), fingerprint, tracking
+        )
         try:
             outcome = train_vqvae.run(ctx)
         except Exception as err:  # the interrupted attempt of the re-run test
