@@ -62,9 +62,10 @@ def competing_processes(count: int):
 
 def test_a_run_under_load_gives_the_same_codes_and_metrics(shared_run, tmp_path):
     """The shared run (its autoencoder on two DDP ranks: the per-rank reader and gradient
-    averaging too), then the same config in another folder with every core kept busy."""
+    averaging too), then the same config in another folder while a CPU-bound process competes
+    for the cores (one is enough: the suite's other xdist worker loads them too)."""
     first = shared_run.manifests
-    with competing_processes(os.cpu_count() or 2):
+    with competing_processes(1):
         second = _pipeline(shared_run.raw_config(str(tmp_path / "second")), "second")
 
     codes = _codes(first["tokenize"])
