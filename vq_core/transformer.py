@@ -3,8 +3,9 @@ one level, the second stage of DALL-E and of the image-token models after it (VQ
 LlamaGen), here with class labels in place of text.
 
 The h x w map is read as a sequence of P = h*w codes in raster order. The input at position p is
-the embedding of the code at p - 1 (at p = 0 a start token: the class's own, or one learned token
-for an unconditional prior), plus learned embeddings of p's row and column and, for a prior below
+the embedding of the code at p - 1 (at p = 0 a learned start token), plus learned embeddings of
+p's row and column, of the class (at every position, as the convolutional priors add a class bias
+in every block: on a toy it learned faster than a class start token alone) and, for a prior below
 the top, a projection of the condition features at p (the level above, through the condition
 stack every prior shares, upsampled to this grid). Causal self-attention then lets the output at p
 read the inputs at positions <= p, which hold exactly the codes before p, the class and the
@@ -144,17 +145,19 @@ class TransformerBlock(Recomputable):
 
 class TransformerPrior(CodePrior):
     """Decoder-only transformer prior: logits B x K x h x w over a code map, optionally
-    conditioned on a class label (the start token) and a coarser code map (added to every
-    position's input)."""
+    conditioned on a class label and a coarser code map (both added to every position's
+    input)."""
 
     config_class = TransformerPriorConfig
 
     def __init__(self, config: TransformerPriorConfig) -> None:
         super().__init__(config)
         c = config.channels
-        # One start token per class (one in all for an unconditional prior): the input at
-        # position 0, which every later position can attend to.
-        self.start_token = nn.Embedding(max(config.num_classes, 1), c)
+        # The input at position 0, where there is no code before.
+        self.start_token = nn.Parameter(torch.zeros(c))
+        self.class_embedding = None
+        if config.num_classes > 0:
+            self.class_embedding = nn.Embedding(config.num_classes, c)
         self.row_embedding = nn.Embedding(config.height, c)
         self.column_embedding = nn.Embedding(config.width, c)
         self.condition_projection = None
@@ -180,24 +183,25 @@ class TransformerPrior(CodePrior):
                 nn.init.normal_(module.weight, std=0.02)
             if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)
+        nn.init.normal_(self.start_token, std=0.02)
         for block in self.blocks:
             for projection in (block.attention.out, block.mlp[-1]):
                 nn.init.normal_(projection.weight, std=0.02 / math.sqrt(2 * len(self.blocks)))
 
-    def _start(self, context: PriorContext, batch: int) -> Tensor:
-        """B x 1 x C start tokens."""
-        labels = context.labels
-        if labels is None:
-            labels = torch.zeros(batch, dtype=torch.long, device=self.start_token.weight.device)
-        return self.start_token(labels)[:, None]
+    def _shared_inputs(self, context: PriorContext) -> Tensor | int:
+        """What every position's input gets: the B x 1 x C class embedding (0 without classes)."""
+        if self.class_embedding is None:
+            return 0
+        return self.class_embedding(context.labels)[:, None]
 
     def _sequence_inputs(self, x: Tensor, context: PriorContext) -> Tensor:
         """B x P x C inputs of a whole map from its B x C x h x w code embedding."""
         codes = x.flatten(2).transpose(1, 2)  # B x P x C, raster order
         # Shift right by one: position p reads the code at p - 1, position 0 the start token.
-        h = torch.cat([self._start(context, x.shape[0]), codes[:, :-1]], dim=1)
+        start = self.start_token.expand(x.shape[0], 1, -1)
+        h = torch.cat([start, codes[:, :-1]], dim=1)
         rows, cols = self.row_embedding.weight, self.column_embedding.weight
-        h = h + (rows[:, None] + cols[None, :]).flatten(0, 1)
+        h = h + (rows[:, None] + cols[None, :]).flatten(0, 1) + self._shared_inputs(context)
         if self.condition_projection is not None:
             h = h + self.condition_projection(context.condition.flatten(2).transpose(1, 2))
         return h
@@ -205,10 +209,11 @@ class TransformerPrior(CodePrior):
     def _step_inputs(self, context: PriorContext, cache: StepCache) -> Tensor:
         """B x 1 x C input at the cache's current position."""
         if cache.position == 0:
-            h = self._start(context, cache.batch)
+            h = self.start_token.expand(cache.batch, 1, -1)
         else:
             h = cache.store[(self, "previous")]  # the code observed at the position before
         h = h + self.row_embedding.weight[cache.row] + self.column_embedding.weight[cache.col]
+        h = h + self._shared_inputs(context)
         if self.condition_projection is not None:
             features = context.condition[:, :, cache.row, cache.col]
             h = h + self.condition_projection(features)[:, None]
