@@ -1,10 +1,18 @@
-"""Cached versus naive sampling of the PixelSNAIL priors: same model, weights and seed.
+"""Cached versus naive sampling of the PixelSNAIL and transformer priors: same model, weights and
+seed.
 
 Cases:
-  top-32      top prior at 32x32: attention, class-conditional (small widths, see flags)
-  bottom-64   bottom prior at 64x64: no attention, conditioned on a 32x32 top map and the class
+  top-32      PixelSNAIL top prior at 32x32: attention, class-conditional (small widths, see flags)
+  bottom-64   PixelSNAIL bottom prior at 64x64: no attention, conditioned on a 32x32 top map and
+              the class
   demo-top    the demo's top prior, as configs/demo.yaml builds it
   demo-bottom the demo's bottom prior (conditioned on the top map), as configs/demo.yaml builds it
+  transformer-top-32     transformer prior at 32x32, class-conditional (widths: the --tf-* flags)
+  transformer-bottom-64  transformer prior at 64x64, conditioned on a 32x32 top map and the class
+  demo-dalle  the transformer prior of configs/demo-dalle.yaml (8x8 dVAE codes)
+
+Each case reports seconds per batch, samples/s, tokens/s (codes drawn per second) and the cached
+sampler's speed-up over the naive one.
 
 The naive sampler runs one full forward pass per position, so its cost per step is constant.
 When a whole naive run would exceed --naive-budget-s (or --naive-max-steps), it is timed over
@@ -28,8 +36,17 @@ import torch
 
 from vq_core.pixelsnail import PixelSNAIL, PixelSNAILConfig
 from vq_core.sampling import draw_categorical, filter_logits, sample_codes
+from vq_core.transformer import TransformerPrior, TransformerPriorConfig
 
-CASES = ("top-32", "bottom-64", "demo-top", "demo-bottom")
+CASES = (
+    "top-32",
+    "bottom-64",
+    "demo-top",
+    "demo-bottom",
+    "transformer-top-32",
+    "transformer-bottom-64",
+    "demo-dalle",
+)
 NUM_CLASSES = 4
 
 
@@ -41,7 +58,7 @@ class Timing:
     codes: torch.Tensor
 
 
-def build_config(case: str, args: argparse.Namespace) -> PixelSNAILConfig:
+def build_config(case: str, args: argparse.Namespace) -> PixelSNAILConfig | TransformerPriorConfig:
     small = dict(
         channels=args.channels,
         num_blocks=args.num_blocks,
@@ -60,6 +77,22 @@ def build_config(case: str, args: argparse.Namespace) -> PixelSNAILConfig:
         )  # fmt: skip
     if case in ("demo-top", "demo-bottom"):
         return demo_config(case)
+    sizes = dict(
+        channels=args.tf_channels,
+        num_layers=args.tf_layers,
+        num_heads=args.tf_heads,
+        condition_channels=args.condition_channels,
+        condition_res_blocks=1,
+    )
+    if case == "transformer-top-32":
+        return TransformerPriorConfig(args.codes, 32, 32, num_classes=NUM_CLASSES, **sizes)
+    if case == "transformer-bottom-64":
+        return TransformerPriorConfig(
+            args.codes, 64, 64, num_classes=NUM_CLASSES,
+            condition_num_codes=args.codes, condition_height=32, condition_width=32, **sizes,
+        )  # fmt: skip
+    if case == "demo-dalle":
+        return demo_dalle_config()
     raise ValueError(f"unknown case {case!r}; expected one of {CASES}")
 
 
@@ -81,6 +114,32 @@ def demo_config(case: str) -> PixelSNAILConfig:
         condition_num_codes=top, condition_height=height // 8, condition_width=width // 8,
         **cfg.train_prior.bottom.model,
     )  # fmt: skip
+
+
+def demo_dalle_config() -> TransformerPriorConfig:
+    """The transformer prior of configs/demo-dalle.yaml, over its dVAE's codes."""
+    from pipelines.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo-dalle.yaml")
+    height, width = cfg.data.size_hw
+    model = cfg.train_vqvae.model
+    down = model["downsample"]
+    return TransformerPriorConfig(
+        model["codebook_size"], height // down, width // down,
+        num_classes=len(cfg.data.generate.classes), **cfg.train_prior.codes.model,
+    )  # fmt: skip
+
+
+def describe(config: PixelSNAILConfig | TransformerPriorConfig) -> str:
+    if isinstance(config, TransformerPriorConfig):
+        return (
+            f"transformer, channels={config.channels}, layers={config.num_layers}, "
+            f"heads={config.num_heads}"
+        )
+    return (
+        f"PixelSNAIL, channels={config.channels}, "
+        f"blocks={config.num_blocks}x{config.res_blocks}, attention={config.attention}"
+    )
 
 
 def clock(args: argparse.Namespace):
@@ -137,7 +196,8 @@ def time_naive(prior, labels, condition, args, device) -> Timing:
 def run_case(case: str, args: argparse.Namespace, device: torch.device) -> None:
     config = build_config(case, args)
     torch.manual_seed(args.seed)
-    prior = PixelSNAIL(config).to(device).eval()
+    model = TransformerPrior if isinstance(config, TransformerPriorConfig) else PixelSNAIL
+    prior = model(config).to(device).eval()
     g = torch.Generator().manual_seed(args.seed)
     labels = (torch.arange(args.batch) % NUM_CLASSES).to(device)
     condition = None
@@ -157,8 +217,7 @@ def run_case(case: str, args: argparse.Namespace, device: torch.device) -> None:
     if config.condition_num_codes:
         condition_size = f"{config.condition_height}x{config.condition_width}"
     print(
-        f"\n{case}: {size} codes, K={config.num_codes}, channels={config.channels}, "
-        f"blocks={config.num_blocks}x{config.res_blocks}, attention={config.attention}, "
+        f"\n{case}: {size} codes, K={config.num_codes}, {describe(config)}, "
         f"condition={condition_size}, {params:.2f}M parameters, batch {args.batch}"
     )
     for name, timing in (("cached", cached), ("naive", naive)):
@@ -167,9 +226,10 @@ def run_case(case: str, args: argparse.Namespace, device: torch.device) -> None:
             note = f"  (extrapolated from {timing.steps} of {timing.positions} steps)"
         rate = args.batch / timing.seconds
         per_step = timing.seconds / timing.positions * 1e3
+        tokens = rate * timing.positions
         print(
             f"  {name:7s} {timing.seconds:9.2f} s  {rate:9.3f} samples/s  "
-            f"{per_step:8.2f} ms/step{note}"
+            f"{tokens:10.1f} tokens/s  {per_step:8.2f} ms/step{note}"
         )
     flat_cached, flat_naive = cached.codes.flatten(1), naive.codes.flatten(1)
     same = torch.equal(flat_cached[:, : naive.steps], flat_naive[:, : naive.steps])
@@ -201,6 +261,10 @@ def main() -> None:
     small.add_argument("--num-heads", type=int, default=2)
     small.add_argument("--attention-channels", type=int, default=32)
     small.add_argument("--condition-channels", type=int, default=32)
+    tf = parser.add_argument_group("widths of transformer-top-32 and transformer-bottom-64")
+    tf.add_argument("--tf-channels", type=int, default=64)
+    tf.add_argument("--tf-layers", type=int, default=4)
+    tf.add_argument("--tf-heads", type=int, default=4)
     naive = parser.add_argument_group("naive runs")
     naive.add_argument("--naive-max-steps", type=int, default=1024)
     naive.add_argument(

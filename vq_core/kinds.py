@@ -121,6 +121,7 @@ KINDS: dict[str, ModelKind] = {
         ModelKind("dvae", "autoencoder", "vq_core.dvae:DiscreteVAE", ("codes",)),
         ModelKind("pixelsnail", "prior", "vq_core.pixelsnail:PixelSNAIL"),
         ModelKind("pixelcnn", "prior", "vq_core.pixelcnn:GatedPixelCNN"),
+        ModelKind("transformer", "prior", "vq_core.transformer:TransformerPrior"),
     )
 }
 

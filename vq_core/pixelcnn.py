@@ -42,14 +42,18 @@ def require_int(config: object, field: str, minimum: int) -> int:
     return value
 
 
-def check_prior_config(config: object) -> None:
-    """Validate the fields both prior configs share; errors name the field and its value."""
-    require_int(config, "num_codes", 2)
-    height, width = require_int(config, "height", 1), require_int(config, "width", 1)
-    require_int(config, "channels", 1)
+def check_kernel_size(config: object) -> None:
+    """Validate a convolutional prior's kernel_size: an odd integer >= 3."""
     kernel_size = require_int(config, "kernel_size", 3)
     if kernel_size % 2 == 0:
         raise ValueError(f"{type(config).__name__}.kernel_size must be odd, got {kernel_size}")
+
+
+def check_prior_config(config: object) -> None:
+    """Validate the fields every prior config shares; errors name the field and its value."""
+    require_int(config, "num_codes", 2)
+    height, width = require_int(config, "height", 1), require_int(config, "width", 1)
+    require_int(config, "channels", 1)
     require_int(config, "num_classes", 0)
     require_int(config, "condition_channels", 1)
     require_int(config, "condition_res_blocks", 0)
@@ -353,6 +357,7 @@ class GatedPixelCNNConfig:
 
     def __post_init__(self) -> None:
         check_prior_config(self)
+        check_kernel_size(self)
         require_int(self, "num_layers", 1)
 
 

@@ -25,6 +25,7 @@ from vq_core.pixelcnn import (
     CodePrior,
     GatedPixelCNNConfig,
     PriorContext,
+    check_kernel_size,
     check_prior_config,
     require_int,
 )
@@ -64,6 +65,7 @@ class PixelSNAILConfig:
 
     def __post_init__(self) -> None:
         check_prior_config(self)
+        check_kernel_size(self)
         for field in ("num_blocks", "res_blocks", "num_heads", "attention_channels"):
             require_int(self, field, 1)
         if not isinstance(self.attention, bool):

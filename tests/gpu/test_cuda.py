@@ -49,6 +49,7 @@ AUTOENCODER_PARAMS = {
 PRIOR_PARAMS = {
     "pixelsnail": {"channels": 16, "num_blocks": 1, "res_blocks": 1, "num_heads": 2},
     "pixelcnn": {"channels": 16},
+    "transformer": {"channels": 16, "num_layers": 1, "num_heads": 2},
 }
 
 

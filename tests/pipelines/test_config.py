@@ -46,6 +46,28 @@ def test_prior_sections_follow_the_autoencoder_levels():
         parse_config(minimal(train_prior={"codes": {"steps": 3}}))
 
 
+def test_a_transformer_prior_at_every_level_keeps_its_model_as_written():
+    # The bottom level's no-attention default is PixelSNAIL's alone: a transformer's model keeps
+    # the fields written, and a PixelSNAIL field is refused, naming the transformer's.
+    model = {"channels": 32, "num_layers": 2, "num_heads": 4}
+    cfg = parse_config(
+        minimal(
+            train_prior={
+                "top": {"kind": "transformer", "model": model},
+                "bottom": {"kind": "transformer", "model": model},
+            }
+        )
+    )
+    for level in ("top", "bottom"):
+        section = cfg.train_prior.for_level(level)
+        assert (section.kind, section.model) == ("transformer", model)
+    bad = {"codes": {"kind": "transformer", "model": {"attention": False}}}
+    with pytest.raises(
+        ConfigError, match=r"model\.attention is not a TransformerPriorConfig field.*num_layers"
+    ):
+        parse_config(minimal(train_vqvae={"kind": "dvae"}, train_prior=bad))
+
+
 @pytest.mark.parametrize("kind", ["vqvae2", "vqvae", "dvae"])
 def test_a_resolved_config_reads_back(kind):
     """The resolved config (every section, defaults included), as `vqpipe validate` shows it and

@@ -3,8 +3,9 @@
 The two-level VQ-VAE-2 (``configs/demo.yaml``) runs in test_end_to_end. Here each of the other
 demo configs is read from ``configs/``, shrunk (16x16 images, tiny models, a few steps) and run
 through train_vqvae -> tokenize -> train_prior -> sample -> evaluate on one shared generated
-corpus. The two VQ-VAE configs differ only in their prior, so the second one reuses the first
-one's autoencoder and codes: the runner skips those stages, as it would for a user.
+corpus. The two VQ-VAE configs differ only in their prior, and so do the two dVAE ones
+(``demo-dvae``, ``demo-dalle``): the second of each pair reuses the first one's autoencoder and
+codes, as the runner skips those stages for a user.
 """
 
 from __future__ import annotations
@@ -32,6 +33,15 @@ CLASSES = ["circle", "square", "triangle", "cross"]
 PER_CLASS = 6
 K = 16  # codebook size of every tiny autoencoder
 
+DVAE_MODEL = {
+    "channels": 16,
+    "res_blocks": 1,
+    "res_channels": 8,
+    "embed_dim": 8,
+    "codebook_size": K,
+    "downsample": 4,
+}
+
 # config file -> (autoencoder kind, prior kind, tiny model sections)
 FAMILIES = {
     "demo-vqvae-pixelcnn": (
@@ -49,15 +59,14 @@ FAMILIES = {
     "demo-dvae": (
         "dvae",
         "pixelsnail",
-        {
-            "channels": 16,
-            "res_blocks": 1,
-            "res_channels": 8,
-            "embed_dim": 8,
-            "codebook_size": K,
-            "downsample": 4,
-        },
+        DVAE_MODEL,
         {"channels": 16, "num_blocks": 1, "res_blocks": 1, "num_heads": 2, "dropout": 0.0},
+    ),
+    "demo-dalle": (
+        "dvae",
+        "transformer",
+        DVAE_MODEL,
+        {"channels": 16, "num_layers": 1, "num_heads": 2, "dropout": 0.0},
     ),
 }
 
@@ -98,7 +107,7 @@ def test_family_runs_every_stage(name, ray_local, shared_root):
     assert list(results) == list(stage_names())
     for spec in STAGES:
         assert read_manifest(cfg.output_dir, spec.manifest) == results[spec.name].manifest
-    if name == "demo-vqvae-pixelsnail" and results["train_vqvae"].skipped:
+    if name in ("demo-vqvae-pixelsnail", "demo-dalle") and results["train_vqvae"].skipped:
         assert results["tokenize"].skipped
     assert not results["train_prior"].skipped
 

@@ -14,6 +14,7 @@ from pipelines.tools.reconstruct import reconstruct_folder
 from pipelines.tracking import Tracker
 from vq_core.checkpoint import load_checkpoint, save_checkpoint
 from vq_core.pixelsnail import PixelSNAIL, PixelSNAILConfig
+from vq_core.transformer import TransformerPrior, TransformerPriorConfig
 from vq_core.vqvae import VQVAE2, VQVAE2Config
 
 
@@ -70,9 +71,8 @@ def test_tokenizer_round_trips_through_the_registry(tracker, tmp_path):
     assert summary["written"] == 1
 
 
-def test_prior_samples_codes_for_labels(tracker):
-    torch.manual_seed(0)
-    prior = PixelSNAIL(
+PRIORS = {
+    "pixelsnail": lambda: PixelSNAIL(
         PixelSNAILConfig(
             num_codes=8,
             height=2,
@@ -84,7 +84,19 @@ def test_prior_samples_codes_for_labels(tracker):
             attention_channels=8,
             num_classes=3,
         )
-    )
+    ),
+    "transformer": lambda: TransformerPrior(
+        TransformerPriorConfig(
+            num_codes=8, height=2, width=3, channels=8, num_layers=1, num_heads=2, num_classes=3
+        )
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(PRIORS))
+def test_prior_samples_codes_for_labels(tracker, kind):
+    torch.manual_seed(0)
+    prior = PRIORS[kind]()
     example = {"labels": np.zeros(1, dtype=np.int64)}
     with tracker.stage_run("train_prior") as tracking:
         uri = log_checkpoint_model(
@@ -93,7 +105,7 @@ def test_prior_samples_codes_for_labels(tracker):
             _bytes(prior),
             example,
             np.zeros((1, 2, 3), dtype=np.int64),
-            "test-prior-top",
+            f"test-prior-{kind}",
             name="prior-top",
         )
     loaded = mlflow.pyfunc.load_model(uri)

@@ -22,7 +22,7 @@ def test_every_kind_builds_its_class_from_its_config_class():
 
 def test_roles():
     assert kinds_of("autoencoder") == ("vqvae2", "vqvae", "dvae")
-    assert kinds_of("prior") == ("pixelsnail", "pixelcnn")
+    assert kinds_of("prior") == ("pixelsnail", "pixelcnn", "transformer")
     assert kind_of_class("PixelSNAIL").name == "pixelsnail"
 
 

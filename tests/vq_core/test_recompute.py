@@ -13,6 +13,7 @@ from vq_core.memory import saved_tensor_bytes
 from vq_core.pixelcnn import GatedPixelCNN, GatedPixelCNNConfig
 from vq_core.pixelsnail import PixelSNAIL, PixelSNAILConfig
 from vq_core.recompute import set_activation_checkpointing
+from vq_core.transformer import TransformerPrior, TransformerPriorConfig
 from vq_core.vqvae import VQVAE, VQVAE2, VQVAE2Config, VQVAEConfig
 
 
@@ -95,6 +96,12 @@ CASES = {
     ),
     "pixelcnn": lambda: _prior_case(
         GatedPixelCNN(GatedPixelCNNConfig(**PRIOR, num_layers=3)), False
+    ),
+    "transformer-bottom": lambda: _prior_case(
+        TransformerPrior(
+            TransformerPriorConfig(**PRIOR, **COND, num_layers=2, num_heads=2, dropout=0.3)
+        ),
+        True,
     ),
 }
 

@@ -10,6 +10,7 @@ import torch
 from vq_core.pixelcnn import GatedPixelCNN, GatedPixelCNNConfig
 from vq_core.pixelsnail import PixelSNAIL, PixelSNAILConfig
 from vq_core.sampling import sample_codes, sample_levels
+from vq_core.transformer import TransformerPrior, TransformerPriorConfig
 
 CLASSES = 3
 # (level, codebook size, map side, condition level): three levels, each map twice the side of the
@@ -49,6 +50,13 @@ def hierarchy(kind: str = "pixelsnail") -> list[tuple[str, str | None, torch.nn.
                     **fields,
                 )
             )
+        elif kind == "transformer":
+            prior = TransformerPrior(
+                TransformerPriorConfig(
+                    k, side, side, channels=16, num_layers=1, num_heads=2, dropout=0.1,
+                    condition_res_blocks=1, **fields,
+                )
+            )  # fmt: skip
         else:
             prior = GatedPixelCNN(
                 GatedPixelCNNConfig(k, side, side, channels=16, num_layers=2, **fields)
@@ -61,7 +69,7 @@ def labels(n: int = 3) -> torch.Tensor:
     return torch.arange(n) % CLASSES
 
 
-@pytest.mark.parametrize("kind", ["pixelsnail", "pixelcnn"])
+@pytest.mark.parametrize("kind", ["pixelsnail", "pixelcnn", "transformer"])
 def test_cached_sampling_matches_naive_at_every_level_of_three(kind):
     priors = hierarchy(kind)
     drawn = {}
