@@ -127,7 +127,10 @@ def dvae_schedule(
     """
     if total_steps <= 0:
         raise ValueError(f"total_steps must be > 0, got {total_steps}")
-    for name, fraction in (("anneal_fraction", anneal_fraction), ("warmup_fraction", warmup_fraction)):
+    for name, fraction in (
+        ("anneal_fraction", anneal_fraction),
+        ("warmup_fraction", warmup_fraction),
+    ):
         if not 0.0 <= fraction <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {fraction}")
     anneal_steps = max(1, round(anneal_fraction * total_steps))

@@ -15,13 +15,13 @@ from vq_core.checkpoint import load_checkpoint, save_checkpoint
 from vq_core.dvae import (
     DiscreteVAE,
     DiscreteVAEConfig,
+    dvae_schedule,
     gumbel_temperature,
     kl_to_uniform,
     kl_weight_schedule,
-    dvae_schedule,
-    scaled_kl_weight,
     logit_laplace_nll,
     map_pixels,
+    scaled_kl_weight,
     unmap_pixels,
 )
 
