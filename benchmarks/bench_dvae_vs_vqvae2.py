@@ -5,10 +5,11 @@ hubble_deep_field, immunohistochemistry, retina), cut into non-overlapping 32x32
 RGB tiles; every fifth tile is held out. Each model trains for the same number of Adam steps on
 the same batches, then the held-out tiles give the reconstruction MSE (images in [-1, 1], as the
 pipeline's holdout/mse) and code usage and perplexity per level (histogram over the whole held-out
-set). The dVAE runs the published schedules squeezed into the budget: temperature 1 -> 1/16 along
-a cosine over the first half, KL weight ramped from 0 along a cosine over the first 2%, final
-weight 6.6 scaled from the paper's sums to the per-value means the model uses (the MSE variant
-keeps the config's 1e-3; --kl-weight sets both).
+set). The dVAE runs the pipeline's schedules over the budget (`vq_core.dvae.dvae_schedule`):
+temperature 1 -> 1/16 along a cosine over the whole run, KL weight ramped from 0 along a cosine
+over the first tenth, final weight the model's default, the paper's 6.6 scaled from its sums to
+the per-value and per-position means the model uses (the MSE variant keeps 1e-3, chosen for
+squared errors in [-1, 1]; --kl-weight sets both).
 
     pip install scikit-image
     python benchmarks/bench_dvae_vs_vqvae2.py                 # 400 steps each
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from vq_core.dvae import DiscreteVAE, DiscreteVAEConfig, gumbel_temperature, kl_weight_schedule
+from vq_core.dvae import DiscreteVAE, DiscreteVAEConfig, dvae_schedule
 from vq_core.quantizer import code_statistics
 from vq_core.vqvae import VQVAE2, VQVAE2Config
 
@@ -63,11 +64,10 @@ def build(kind: str, args: argparse.Namespace) -> nn.Module:
         )
     reconstruction = kind.removeprefix("dvae-")
     kl_weight = args.kl_weight
-    if kl_weight is None:
-        # DALL-E's 6.6 weighs a KL summed over positions against a log-likelihood summed over
-        # pixel values; the model averages both, so the weight scales by positions per value.
-        # The MSE model keeps the config default, chosen for squared errors in [-1, 1].
-        kl_weight = 6.6 / (3 * 4 * 4) if reconstruction == "logit_laplace" else 1e-3
+    if kl_weight is None and reconstruction == "mse":
+        # The config's default is the paper's beta scaled for the logit-Laplace likelihood; the
+        # MSE model is not a likelihood, it keeps a weight chosen for squared errors in [-1, 1].
+        kl_weight = 1e-3
     return DiscreteVAE(
         DiscreteVAEConfig(
             **network,
@@ -89,9 +89,8 @@ def train(model: nn.Module, tiles: torch.Tensor, args: argparse.Namespace) -> fl
     for step in range(args.steps):
         batch = tiles[torch.randint(0, len(tiles), (args.batch,), generator=order)].to(device)
         if isinstance(model, DiscreteVAE):
-            temperature = gumbel_temperature(step, anneal_steps=max(args.steps // 2, 1))
-            kl_weight = kl_weight_schedule(
-                step, final=model.config.kl_weight, warmup_steps=max(args.steps // 50, 1)
+            temperature, kl_weight = dvae_schedule(
+                step, args.steps, kl_weight=model.config.kl_weight
             )
             loss = model(batch, temperature=temperature, kl_weight=kl_weight).loss
         else:
@@ -133,7 +132,8 @@ def main() -> None:
         "--kl-weight",
         type=float,
         default=None,
-        help="final dVAE KL weight (default: 6.6 scaled to means for logit-Laplace, 1e-3 for MSE)",
+        help="final dVAE KL weight (default: 6.6 / 48, the paper's scaled to means, for "
+        "logit-Laplace; 1e-3 for MSE)",
     )
     args = parser.parse_args()
 

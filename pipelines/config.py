@@ -255,22 +255,44 @@ class TrainVQVAESection(TrainingKnobs):
         description="dVAE only: Gumbel-softmax temperature reached at the end of the annealing "
         "(it starts at model.temperature).",
     )
+    temperature_anneal_fraction: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="dVAE only: fraction of the steps over which the Gumbel-softmax temperature "
+        "anneals from model.temperature to temperature_end (the paper's is 0.05 of 3 million "
+        "steps; over the whole of a short run measured better).",
+    )
+    kl_warmup_fraction: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="dVAE only: fraction of the steps over which the KL weight ramps up from 0 to "
+        "model.kl_weight.",
+    )
     temperature_anneal_steps: int | None = Field(
-        None, gt=0, description="dVAE only: steps of temperature annealing (default: all steps)."
+        None,
+        gt=0,
+        description="dVAE only: steps of temperature annealing, in place of "
+        "temperature_anneal_fraction.",
     )
     kl_warmup_steps: int | None = Field(
         None,
         ge=0,
-        description="dVAE only: steps over which the KL weight ramps up to model.kl_weight "
-        "(default: a tenth of the steps).",
+        description="dVAE only: steps of the KL weight's ramp, in place of kl_warmup_fraction.",
     )
 
     @model_validator(mode="after")
     def _check_model(self) -> TrainVQVAESection:
         _validate_model_section(self.kind, self.model, "train_vqvae.model")
         if self.kind != "dvae":
-            for name in ("temperature_anneal_steps", "kl_warmup_steps"):
-                if getattr(self, name) is not None:
+            for name in (
+                "temperature_anneal_steps",
+                "kl_warmup_steps",
+                "temperature_anneal_fraction",
+                "kl_warmup_fraction",
+            ):
+                if name in self.model_fields_set:
                     raise ValueError(
                         f"train_vqvae.{name} only applies to kind 'dvae', got kind {self.kind!r}"
                     )

@@ -9,7 +9,17 @@ their interface (levels, codebook_sizes, downsample, code_shape, encode, decode_
 The paper anneals the relaxation temperature from 1 to 1/16 and ramps the KL weight up early in
 training, both along cosine curves; `gumbel_temperature` and `kl_weight_schedule` give those
 schedules as functions of the step, and forward() takes both values as arguments so a training
-loop can pass them in.
+loop can pass them in. The paper's step counts (150,000 and 5,000 of 3 million) mean nothing for
+a run of a thousand steps: `dvae_schedule` expresses both as fractions of the run's length, so a
+short run anneals fully.
+
+The KL weight. The paper minimises a sum over pixel values of the reconstruction NLL plus beta
+(6.6) times a sum over latent positions of the KL. This model averages both terms instead (per
+value and per position), which divides the first by C x H x W and the second by
+(H / f) x (W / f); the same balance therefore needs kl_weight = beta / (C f^2)
+(`scaled_kl_weight`): 6.6 / 192 = 0.034 for RGB at f = 8, 6.6 / 48 = 0.1375 at f = 4. The
+config's default is that value, worked out from in_channels and downsample. The old default,
+1e-3, was 30-140 times smaller: the KL did nothing and the codebook collapsed to a few codes.
 
 Reconstruction is scored as in the paper by the logit-Laplace likelihood: pixels p in [0, 1] are
 first squeezed into [eps, 1 - eps] (eps = 0.1), because the density lives on the open interval
@@ -96,6 +106,51 @@ def kl_weight_schedule(step: int, *, final: float, warmup_steps: int = 5000) -> 
     return final * 0.5 * (1.0 - math.cos(math.pi * step / warmup_steps))
 
 
+def dvae_schedule(
+    step: int,
+    total_steps: int,
+    *,
+    kl_weight: float,
+    temperature_start: float = 1.0,
+    temperature_end: float = 1.0 / 16,
+    anneal_fraction: float = 1.0,
+    warmup_fraction: float = 0.1,
+) -> tuple[float, float]:
+    """(Gumbel temperature, KL weight) at `step` of a run of `total_steps`.
+
+    The temperature reaches `temperature_end` after `anneal_fraction` of the run, the KL weight
+    reaches `kl_weight` after `warmup_fraction` of it (0: from the first step). The paper's
+    proportions are 0.05 and 0.0017 of 3 million steps; in runs of a few thousand steps those
+    leave the KL ramp a handful of steps and the temperature at 1/16 for 95% of the run, which
+    measured no better, so the defaults spread the anneal over the whole run and ramp the KL over
+    its first tenth.
+    """
+    if total_steps <= 0:
+        raise ValueError(f"total_steps must be > 0, got {total_steps}")
+    for name, fraction in (
+        ("anneal_fraction", anneal_fraction),
+        ("warmup_fraction", warmup_fraction),
+    ):
+        if not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {fraction}")
+    anneal_steps = max(1, round(anneal_fraction * total_steps))
+    warmup_steps = round(warmup_fraction * total_steps)
+    temperature = gumbel_temperature(
+        step, start=temperature_start, end=temperature_end, anneal_steps=anneal_steps
+    )
+    return temperature, kl_weight_schedule(step, final=kl_weight, warmup_steps=warmup_steps)
+
+
+# The paper's KL weight, for a KL summed over positions against a NLL summed over pixel values.
+PAPER_KL_BETA = 6.6
+
+
+def scaled_kl_weight(in_channels: int, downsample: int, beta: float = PAPER_KL_BETA) -> float:
+    """The weight of the per-position mean KL that matches `beta` on summed terms, when the
+    reconstruction term is a mean per pixel value: beta x positions / values = beta / (C f^2)."""
+    return beta / (in_channels * downsample**2)
+
+
 # -------------------------------------------------------------------------------------------------
 # Model
 
@@ -125,9 +180,10 @@ class DiscreteVAEConfig:
     codebook_size: int = 8192
     downsample: int = 8
     temperature: float = 1.0
-    # The reconstruction term is a per-pixel mean and the KL a per-position mean in nats (up to
-    # log K), so the weight that balances them is small.
-    kl_weight: float = 1e-3
+    # None: the paper's beta (6.6) scaled to these per-value and per-position means,
+    # scaled_kl_weight(in_channels, downsample); filled in by __post_init__, so a saved config
+    # holds the number it trained with.
+    kl_weight: float | None = None
     reconstruction: str = "logit_laplace"
     hard: bool = False
 
@@ -142,6 +198,8 @@ class DiscreteVAEConfig:
             raise ValueError(f"downsample must be 4 or 8, got {self.downsample!r}")
         if not isinstance(self.temperature, (int, float)) or self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
+        if self.kl_weight is None:
+            self.kl_weight = scaled_kl_weight(self.in_channels, self.downsample)
         if not isinstance(self.kl_weight, (int, float)) or self.kl_weight < 0:
             raise ValueError(f"kl_weight must be >= 0, got {self.kl_weight!r}")
         if self.reconstruction not in RECONSTRUCTIONS:

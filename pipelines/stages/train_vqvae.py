@@ -43,7 +43,7 @@ from pipelines.training import (
     training_threads,
 )
 from vq_core.checkpoint import unwrap_model
-from vq_core.dvae import gumbel_temperature, kl_weight_schedule
+from vq_core.dvae import dvae_schedule as schedule_at
 from vq_core.kinds import autoencoder_fields, get_kind
 from vq_core.quantizer import code_statistics
 
@@ -59,13 +59,24 @@ def build_autoencoder(section: TrainVQVAESection, in_channels: int) -> nn.Module
 
 
 def dvae_schedule(section: TrainVQVAESection, config: Any, step: int) -> tuple[float, float]:
-    """(Gumbel temperature, KL weight) of a dVAE at ``step``: anneal the one, ramp up the other."""
-    anneal = section.temperature_anneal_steps or section.steps
-    warmup = section.kl_warmup_steps if section.kl_warmup_steps is not None else section.steps // 10
-    temperature = gumbel_temperature(
-        step, start=config.temperature, end=section.temperature_end, anneal_steps=anneal
+    """(Gumbel temperature, KL weight) of a dVAE at ``step``: the temperature anneals and the KL
+    weight ramps up over fractions of ``section.steps`` (or the absolute step counts, when set)."""
+    steps = section.steps
+    anneal = section.temperature_anneal_fraction
+    if section.temperature_anneal_steps is not None:
+        anneal = min(section.temperature_anneal_steps / steps, 1.0)
+    warmup = section.kl_warmup_fraction
+    if section.kl_warmup_steps is not None:
+        warmup = min(section.kl_warmup_steps / steps, 1.0)
+    return schedule_at(
+        step,
+        steps,
+        kl_weight=config.kl_weight,
+        temperature_start=config.temperature,
+        temperature_end=section.temperature_end,
+        anneal_fraction=anneal,
+        warmup_fraction=warmup,
     )
-    return temperature, kl_weight_schedule(step, final=config.kl_weight, warmup_steps=warmup)
 
 
 def autoencoder_loss(section: TrainVQVAESection, config: Any):

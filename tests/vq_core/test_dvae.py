@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -14,11 +15,13 @@ from vq_core.checkpoint import load_checkpoint, save_checkpoint
 from vq_core.dvae import (
     DiscreteVAE,
     DiscreteVAEConfig,
+    dvae_schedule,
     gumbel_temperature,
     kl_to_uniform,
     kl_weight_schedule,
     logit_laplace_nll,
     map_pixels,
+    scaled_kl_weight,
     unmap_pixels,
 )
 
@@ -380,3 +383,76 @@ def test_checkpoint_written_before_the_reconstruction_option_loads_as_mse():
         torch.testing.assert_close(loaded(x).reconstruction, model(x).reconstruction)
     # A model built today without saying otherwise uses the paper's likelihood.
     assert DiscreteVAEConfig().reconstruction == "logit_laplace"
+
+
+# -------------------------------------------------------------------------------------------------
+# Defaults that keep the codebook in use (the demo collapsed to a few codes with kl_weight 1e-3)
+
+
+def test_kl_weight_default_is_the_papers_beta_scaled_to_means():
+    # Summed terms: NLL over C*H*W values + 6.6 * KL over (H/f)*(W/f) positions. Divided by C*H*W,
+    # the mean KL per position weighs 6.6 / (C f^2).
+    assert scaled_kl_weight(3, 8) == pytest.approx(6.6 / 192)
+    assert scaled_kl_weight(3, 4) == pytest.approx(6.6 / 48)
+    assert scaled_kl_weight(1, 8, beta=2.0) == pytest.approx(2.0 / 64)
+    assert DiscreteVAEConfig(in_channels=3, downsample=8).kl_weight == pytest.approx(6.6 / 192)
+    assert DiscreteVAEConfig(in_channels=1, downsample=4).kl_weight == pytest.approx(6.6 / 16)
+    assert DiscreteVAEConfig(kl_weight=0.5).kl_weight == 0.5  # an explicit weight is kept
+
+    # The scaling makes the mean-based loss the paper's summed loss divided by C*H*W.
+    torch.manual_seed(0)
+    model = tiny_dvae(in_channels=3, downsample=4).eval()
+    x = make_shapes(2, size=16)
+    out = model(x)
+    values, positions = x[0].numel(), (16 // 4) ** 2
+    summed = out.terms["reconstruction"] * values + 6.6 * out.terms["kl"] * positions
+    torch.testing.assert_close(out.loss * values, summed)
+
+
+def test_schedules_reach_their_end_values_at_the_configured_fractions():
+    total = 1000
+    at = partial(dvae_schedule, total_steps=total, kl_weight=0.2)
+    assert at(0) == (1.0, 0.0)
+    temperature, weight = at(100)  # the default KL ramp: the first tenth
+    assert weight == pytest.approx(0.2) and temperature > 0.9
+    assert at(50)[1] == pytest.approx(0.1)
+    assert at(999)[0] == pytest.approx(1 / 16, rel=1e-3)  # the default anneal: the whole run
+    assert at(998)[0] > at(999)[0]
+    temperature, weight = at(250, anneal_fraction=0.25, warmup_fraction=0.02)
+    assert temperature == pytest.approx(1 / 16) and weight == pytest.approx(0.2)
+    assert at(20, warmup_fraction=0.02)[1] == pytest.approx(0.2)
+    assert at(124, anneal_fraction=0.25)[0] > at(125, anneal_fraction=0.25)[0] > 1 / 16
+    assert at(0, warmup_fraction=0.0)[1] == pytest.approx(0.2)
+    # A short run anneals fully, where the paper's 150,000 steps would leave it near 1.
+    assert dvae_schedule(99, 100, kl_weight=1.0)[0] < 0.07
+    assert gumbel_temperature(99) > 0.99
+    for bad in (dict(anneal_fraction=1.5), dict(warmup_fraction=-0.1)):
+        with pytest.raises(ValueError, match="fraction"):
+            at(0, **bad)
+    with pytest.raises(ValueError, match="total_steps"):
+        dvae_schedule(0, 0, kl_weight=1.0)
+
+
+def short_training_code_use(**config) -> float:
+    """Codes in use (argmax over 256 toy images) after 150 steps with the scaled schedules."""
+    torch.manual_seed(0)
+    x = make_shapes(256, size=16, seed=1)
+    model = tiny_dvae(**config)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    order = torch.Generator().manual_seed(0)
+    steps = 150
+    for step in range(steps):
+        temperature, kl_weight = dvae_schedule(step, steps, kl_weight=model.config.kl_weight)
+        batch = x[torch.randint(0, len(x), (32,), generator=order)]
+        optimizer.zero_grad()
+        model(batch, temperature=temperature, kl_weight=kl_weight).loss.backward()
+        optimizer.step()
+    (codes,) = model.encode(x)
+    return codes.unique().numel() / model.config.codebook_size
+
+
+def test_default_kl_weight_keeps_more_than_half_the_codebook_in_use():
+    # The old default, 1e-3, left 7 of 32 codes in use on this corpus; the paper's beta scaled to
+    # the means keeps 27.
+    assert short_training_code_use() > 0.5
+    assert short_training_code_use(kl_weight=1e-3) < 0.5
