@@ -292,7 +292,9 @@ class TrainVQVAESection(TrainingKnobs):
                 "temperature_anneal_fraction",
                 "kl_warmup_fraction",
             ):
-                if name in self.model_fields_set:
+                # A value other than the default: a resolved config, dumped and read back,
+                # carries the defaults of every key.
+                if getattr(self, name) != type(self).model_fields[name].default:
                     raise ValueError(
                         f"train_vqvae.{name} only applies to kind 'dvae', got kind {self.kind!r}"
                     )
