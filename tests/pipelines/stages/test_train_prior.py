@@ -94,6 +94,12 @@ def trained(ray_local, tmp_path_factory):
     raw["data"] |= {"validation_fraction": VALIDATION, "test_fraction": TEST}
     # The top prior trains on two DDP ranks: gradients, barriers and rank-0 evaluation together.
     raw["train_prior"]["top"] |= {"num_workers": 2, "cpus_per_worker": 0.5}
+    # Priors of different kinds in one stage: the bottom one is a transformer, conditioned on the
+    # top codes like any other kind.
+    raw["train_prior"]["bottom"] |= {
+        "kind": "transformer",
+        "model": {"channels": 16, "num_layers": 1, "num_heads": 2, "dropout": 0.0},
+    }
     # A learning rate at which the four steps learn some of the codes' structure.
     for level in ("top", "bottom"):
         raw["train_prior"][level]["lr"] = 1e-2
@@ -120,11 +126,14 @@ def heldout_codes(tokenized: TokenizeManifest) -> dict[str, np.ndarray]:
 def test_both_priors_train_and_their_checkpoints_load(trained):
     _, _, manifest, _, _ = trained
     assert manifest.levels == ["top", "bottom"]
-    for level in ("top", "bottom"):
+    for level, kind, model_class in (
+        ("top", "pixelsnail", "PixelSNAIL"),
+        ("bottom", "transformer", "TransformerPrior"),
+    ):
         prior = manifest.priors[level]
-        assert prior.kind == "pixelsnail" and prior.steps == STEPS
+        assert prior.kind == kind and prior.steps == STEPS
         model, extra = load_checkpoint(prior.checkpoint)
-        assert type(model).__name__ == "PixelSNAIL"
+        assert type(model).__name__ == model_class
         assert extra["level"] == level and extra["step"] == STEPS
         assert (model.config.num_codes, model.config.num_classes) == (K, len(CLASSES))
         for name in ("validation_bits_per_code", "train_bits_per_code"):
@@ -145,7 +154,7 @@ def test_bottom_prior_is_conditioned_on_the_top_codes(trained):
     c = bottom.config
     assert (c.height, c.width) == (4, 4)
     assert (c.condition_num_codes, c.condition_height, c.condition_width) == (K, 2, 2)
-    assert c.attention is False  # train_prior.bottom.model says so
+    assert (c.num_layers, c.num_heads) == (1, 2)  # train_prior.bottom.model says so
     # The condition reaches the logits: another top map gives another distribution.
     codes = torch.zeros(1, 4, 4, dtype=torch.long)
     labels = torch.zeros(1, dtype=torch.long)
