@@ -237,7 +237,6 @@ def test_rejection_keeps_per_class_and_reports_acceptance(ray_local, corpus, tin
         stats = entry.rejection
         assert stats.drawn == 5 and stats.kept == 2
         assert stats.acceptance_rate == pytest.approx(0.4)
-        assert 0.0 <= stats.drawn_classified_as_class <= 1.0
         # The kept files, scored again by the saved classifier, are in decreasing confidence and
         # are the ones the statistics describe (which k of the draws they are: the test below).
         label = CLASSES.index(name)
@@ -268,10 +267,11 @@ def test_rejection_keeps_exactly_the_most_confident_draws(tmp_path):
         ["sample.per_class=3", "sample.rejection.enabled=true"],
     ).sample
     confidences = [0.30, 0.90, 0.10, 0.55, 0.90, 0.20, 0.70, 0.05]
-    output = generation.ClassOutput(str(tmp_path / "stage"), "circle", 0, cfg, (4, 4, 3))
+    predicted = [2, 2, 0, 1, 2, 3, 2, 1]  # the classifier's class of each draw; circle is 2
+    output = generation.ClassOutput(str(tmp_path / "stage"), "circle", 2, cfg, (4, 4, 3))
     for draw in [5, 1, 7, 0, 4, 2, 6, 3]:
         image = np.full((4, 4, 3), 10 * draw, dtype=np.uint8)
-        output.add(draw, encode_png(image), confidences[draw], predicted=0)
+        output.add(draw, encode_png(image), confidences[draw], predicted=predicted[draw])
     entry = output.finish()
 
     kept = [int(read_png(entry.dir, f)[0, 0, 0, 0]) // 10 for f in png_files(entry.dir)]
@@ -281,6 +281,7 @@ def test_rejection_keeps_exactly_the_most_confident_draws(tmp_path):
     assert stats.min_confidence_kept == pytest.approx(0.70)
     assert stats.mean_confidence_kept == pytest.approx((0.90 + 0.90 + 0.70) / 3)
     assert stats.mean_confidence_drawn == pytest.approx(np.mean(confidences))
+    assert stats.drawn_classified_as_class == pytest.approx(4 / 8)  # draws 0, 1, 4 and 6
 
 
 def test_single_level_model_and_resume(ray_local, corpus, tiny_config):
