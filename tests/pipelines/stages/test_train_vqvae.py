@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 
 import numpy as np
@@ -19,6 +18,7 @@ from pipelines.stage import StageContext
 from pipelines.stages import train_vqvae
 from pipelines.tracking import Tracker
 from pipelines.training import OPTIMIZER_FILE
+from tests.pipelines import independent as ind
 from tests.pipelines.conftest import tiny_raw_config
 from vq_core.checkpoint import load_checkpoint
 from vq_core.dvae import DiscreteVAE, DiscreteVAEConfig
@@ -95,11 +95,28 @@ def test_manifest_describes_the_model(trained):
     assert manifest.image_size == [16, 16] and manifest.channels == 3
     assert manifest.class_names == sorted(CLASSES)
     assert manifest.steps == STEPS
-    metrics = manifest.metrics
-    assert math.isfinite(metrics["validation/mse"])
-    for level in ("top", "bottom"):
-        assert 0 < metrics[f"validation/usage/{level}"] <= 1
-        assert 1 <= metrics[f"validation/perplexity/{level}"] <= 16
+
+
+def test_validation_figures_are_the_final_model_on_the_validation_images(trained):
+    """Recomputed from the corpus on disk and the published checkpoint, with numpy: the
+    validation split (every image of it fits the held-out batches), the reconstruction error and
+    each level's codebook use."""
+    cfg, manifest, _, _, _ = trained
+    images = ind.corpus_images(cfg.data.source)
+    keys = ind.splits(images, cfg.data)["validation"]
+    assert 0 < len(keys) <= cfg.train_vqvae.holdout_batches * cfg.train_vqvae.batch_size
+    model = ind.load_model(manifest.checkpoint)
+    x = ind.to_input(np.stack([images[k].pixels for k in keys]))
+    with torch.no_grad():
+        codes = model.encode(x)
+        out = model.decode_codes(codes).numpy().astype(np.float64)
+    mse = float(np.mean((np.clip(out, -1, 1) - x.numpy().astype(np.float64)) ** 2))
+    published = manifest.metrics
+    assert published["validation/mse"] == pytest.approx(mse, rel=1e-4)
+    for level, level_codes in zip(("top", "bottom"), codes):
+        _, usage, perplexity = ind.histogram_figures(level_codes.numpy(), 16)
+        assert published[f"validation/usage/{level}"] == pytest.approx(usage), level
+        assert published[f"validation/perplexity/{level}"] == pytest.approx(perplexity), level
 
 
 def test_reconstruction_grid_shows_originals_above_reconstructions(trained):
