@@ -18,10 +18,13 @@ checkpoint intervals, a quarter of it) differ.
 
 Equal wall-clock: before training, the stage's own memory probe (``pipelines.stages.train_prior.
 memory_probes``: the model, a batch of codes as the workers read it and the stage's loss) times
-a few Adam steps of each kind in this process, with the torch threads a local training worker gets;
-each kind then trains ``--budget-s / seconds per step`` steps. The same probe gives the training
-memory per image (``pipelines.sizing.estimate``: activations and workspace per sample; the weights,
-gradients and Adam moments are listed apart, as fixed bytes).
+a few Adam steps of each kind in this process, the kinds in turn; each kind then trains
+``--budget-s / seconds per step`` steps. A step's seconds are its CPU seconds on ``--threads``
+torch threads (default 1, which every prior's training also gets, ``train_prior.codes.
+torch_threads``): on one core of its own that is its wall-clock, and on a shared machine it does
+not swing with the neighbours' load as wall-clock does. The same probe gives the training memory
+per image (``pipelines.sizing.estimate``: activations and workspace per sample; the weights,
+gradients and Adam moments are batch independent and kept apart).
 
 Figures per kind: parameters, seconds per step, steps, validation bits per code at the selected
 step (train_prior manifest), the evaluate stage's CAS ratio (generated->real over the size-matched
@@ -118,39 +121,50 @@ def manifest(output: Path, stage: str) -> dict:
     return json.loads(path.read_text())
 
 
-def probe_figures(config: Path, steps: int) -> dict:
-    """Parameters, seconds per training step and memory per image of the config's prior, from
-    the train_prior stage's own memory probe."""
+def probe_figures(configs: dict[str, Path], steps: int, threads: int) -> dict[str, dict]:
+    """Per kind: parameters, seconds per training step and memory per image of the config's
+    prior, from the train_prior stage's own memory probe.
+
+    A step's cost is its CPU seconds on ``threads`` torch threads (with one thread, its wall-clock
+    on a core of its own): on a shared machine, wall-clock swings with the neighbours' load while
+    CPU seconds do not. The kinds take their steps in turn, so a swing that remains reaches all."""
     import torch
 
     from pipelines.config import load_config
     from pipelines.sizing import estimate
     from pipelines.stages.train_prior import memory_probes
 
-    (probe,) = memory_probes(load_config(str(config)))
-    # What a local training worker gets (pipelines.training.training_threads).
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // probe.knobs.num_workers))
+    torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model = probe.build().train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=probe.knobs.lr)
-    batch = probe.make_batch(probe.knobs.batch_size)
-    times = []
-    for step in range(steps + 2):  # two warm-up steps
-        started = time.perf_counter()
-        loss, _ = probe.loss_fn(model, batch, step)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - started)
-    memory = estimate(probe)
-    return {
-        "params": sum(p.numel() for p in model.parameters()),
-        "step_seconds": float(np.median(times[2:])),
-        "batch_size": probe.knobs.batch_size,
-        "memory_per_image": memory.per_sample_bytes,
-        "memory_fixed": memory.fixed_bytes,
-        "memory_peak": memory.peak_bytes,
+    probes = {kind: memory_probes(load_config(str(path)))[0] for kind, path in configs.items()}
+    models = {kind: probe.build().train() for kind, probe in probes.items()}
+    optimizers = {
+        kind: torch.optim.Adam(models[kind].parameters(), lr=probe.knobs.lr)
+        for kind, probe in probes.items()
     }
+    batches = {kind: probe.make_batch(probe.knobs.batch_size) for kind, probe in probes.items()}
+    times: dict[str, list[float]] = {kind: [] for kind in probes}
+    for step in range(steps + 2):  # two warm-up steps
+        for kind, probe in probes.items():
+            started = time.process_time()
+            loss, _ = probe.loss_fn(models[kind], batches[kind], step)
+            loss.backward()
+            optimizers[kind].step()
+            optimizers[kind].zero_grad(set_to_none=True)
+            times[kind].append((time.process_time() - started) / threads)
+    figures = {}
+    for kind, probe in probes.items():
+        memory = estimate(probe)
+        figures[kind] = {
+            "params": sum(p.numel() for p in models[kind].parameters()),
+            "step_seconds": float(np.median(times[kind][2:])),
+            "batch_size": probe.knobs.batch_size,
+            "threads": threads,
+            "memory_per_image": memory.per_sample_bytes,
+            "memory_fixed": memory.fixed_bytes,
+            "memory_peak": memory.peak_bytes,
+        }
+    return figures
 
 
 def bench_corpus(corpus: str, args: argparse.Namespace) -> None:
@@ -168,18 +182,21 @@ def bench_corpus(corpus: str, args: argparse.Namespace) -> None:
         f"[{corpus}] {tok['samples']} images tokenized; {time.time() - started:.0f} s", flush=True
     )
 
-    configs, probes = {}, {}
+    configs = {}
     for kind in args.kinds:
         raw = json.loads(json.dumps(base))
         raw["output_dir"] = str(root / kind)
-        raw["train_prior"] = {"codes": kind_section(kind)}
+        raw["train_prior"] = {"codes": {**kind_section(kind), "torch_threads": args.threads}}
         configs[kind] = raw
-        probes[kind] = probe_figures(
-            write_config(raw, tokenizer / "probe" / kind), args.probe_steps
-        )
+    probes = probe_figures(
+        {kind: write_config(raw, tokenizer / "probe" / kind) for kind, raw in configs.items()},
+        args.probe_steps,
+        args.threads,
+    )
+    for kind, figures in probes.items():
         print(
-            f"[{corpus}] {kind}: {probes[kind]['params'] / 1e6:.2f}M parameters, "
-            f"{probes[kind]['step_seconds']:.3f} s/step at batch {probes[kind]['batch_size']}",
+            f"[{corpus}] {kind}: {figures['params'] / 1e6:.2f}M parameters, "
+            f"{figures['step_seconds']:.3f} s/step at batch {figures['batch_size']}",
             flush=True,
         )
 
@@ -287,6 +304,12 @@ def main() -> None:
         help="training seconds per kind (steps = budget / measured seconds per step)",
     )
     parser.add_argument("--probe-steps", type=int, default=5, help="timed steps per kind")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads of the probe and of each prior's training (train_prior.*.torch_threads)",
+    )
     parser.add_argument("--report", action="store_true", help="only print finished runs' figures")
     args = parser.parse_args()
     args.output = args.output.resolve()
