@@ -167,6 +167,30 @@ def probe_figures(configs: dict[str, Path], steps: int, threads: int) -> dict[st
     return figures
 
 
+def sampling_seconds(config: Path, threads: int) -> float:
+    """CPU seconds (on ``threads`` threads) of the prior drawing ``sample.batch_size`` code maps,
+    one class each in turn, at ``sample.temperature``, with its sampling cache: the prior's part
+    of the sample stage, which the stage's wall-clock mixes with decoding and the machine's load.
+    The weights do not change the work, so the probe's untrained model stands in."""
+    import torch
+
+    from pipelines.config import load_config
+    from pipelines.stages.train_prior import memory_probes
+
+    cfg = load_config(str(config))
+    (probe,) = memory_probes(cfg)
+    torch.set_num_threads(threads)
+    model = probe.build().eval()
+    n = cfg.sample.batch_size
+    labels = torch.arange(n) % max(1, model.config.num_classes)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        model.sample(2, labels=labels[:2], temperature=cfg.sample.temperature, generator=generator)
+        started = time.process_time()
+        model.sample(n, labels=labels, temperature=cfg.sample.temperature, generator=generator)
+    return (time.process_time() - started) / threads
+
+
 def bench_corpus(corpus: str, args: argparse.Namespace) -> None:
     root = args.output / corpus
     data = corpus_data(corpus, root / "corpus")
@@ -188,20 +212,40 @@ def bench_corpus(corpus: str, args: argparse.Namespace) -> None:
         raw["output_dir"] = str(root / kind)
         raw["train_prior"] = {"codes": {**kind_section(kind), "torch_threads": args.threads}}
         configs[kind] = raw
+    # A kind that finished in an earlier run keeps the figures (and steps) it trained with.
+    done = {
+        kind: json.loads((root / kind / "bench.json").read_text())
+        for kind in args.kinds
+        if (root / kind / "bench.json").exists()
+    }
+    todo = [kind for kind in args.kinds if kind not in done]
     probes = probe_figures(
-        {kind: write_config(raw, tokenizer / "probe" / kind) for kind, raw in configs.items()},
+        {kind: write_config(configs[kind], tokenizer / "probe" / kind) for kind in todo},
         args.probe_steps,
         args.threads,
     )
+    probes = {kind: done.get(kind) or probes[kind] for kind in args.kinds}
+    for kind, figures in probes.items():
+        if "sample_cpu_seconds" not in figures:
+            figures["sample_cpu_seconds"] = sampling_seconds(
+                write_config(configs[kind], tokenizer / "probe" / kind), args.threads
+            )
+            figures["sample_batch"] = configs[kind]["sample"]["batch_size"]
+            if kind in done:
+                (root / kind / "bench.json").write_text(json.dumps(figures, indent=1))
     for kind, figures in probes.items():
         print(
             f"[{corpus}] {kind}: {figures['params'] / 1e6:.2f}M parameters, "
-            f"{figures['step_seconds']:.3f} s/step at batch {figures['batch_size']}",
+            f"{figures['step_seconds']:.3f} s/step at batch {figures['batch_size']}, "
+            f"{figures['sample_cpu_seconds']:.2f} s to sample a batch",
             flush=True,
         )
 
     for kind in args.kinds:
         output = root / kind
+        if kind in done:
+            print(f"[{corpus}] {kind}: finished in an earlier run, {done[kind]['steps']} steps")
+            continue
         steps = max(4, int(args.budget_s / probes[kind]["step_seconds"]))
         every = max(1, math.ceil(steps / 4))
         section = configs[kind]["train_prior"]["codes"]
@@ -246,6 +290,7 @@ def figures_of(output: Path) -> dict:
         "recognition": m.get("cas/recognition_ratio", float("nan")),
         "samples_per_second": sample["samples"] / sample["sampling_seconds"],
         "samples": sample["samples"],
+        "samples_per_cpu_second": bench["sample_batch"] / bench["sample_cpu_seconds"],
     }
 
 
@@ -266,13 +311,14 @@ def report(args: argparse.Namespace) -> None:
         )
         print(
             f"{'kind':<12}{'params':>8}{'s/step':>8}{'steps':>7}{'val bits':>10}"
-            f"{'CAS ratio [95% CI]':>24}{'recog.':>8}{'samples/s':>11}{'MiB/image':>11}"
+            f"{'CAS ratio [95% CI]':>24}{'recog.':>8}{'samples/s':>11}{'prior/s':>9}{'MiB/image':>11}"
         )
         for kind, r in rows.items():
             print(
                 f"{kind:<12}{r['params'] / 1e6:>7.2f}M{r['step_seconds']:>8.3f}{r['steps']:>7d}"
                 f"{r['bits']:>10.3f}{r['cas']:>9.3f} [{r['cas_low']:.3f}, {r['cas_high']:.3f}]"
                 f"{r['recognition']:>8.3f}{r['samples_per_second']:>11.1f}"
+                f"{r['samples_per_cpu_second']:>9.1f}"
                 f"{r['memory_per_image'] / 2**20:>11.2f}"
             )
         base = rows.get(BASELINE)
@@ -284,7 +330,9 @@ def report(args: argparse.Namespace) -> None:
                 continue
             print(
                 f"  {kind:<12}bits {r['bits'] - base['bits']:+.3f}, CAS ratio "
-                f"{r['cas'] - base['cas']:+.3f}, samples/s x{r['samples_per_second'] / base['samples_per_second']:.2f}, "
+                f"{r['cas'] - base['cas']:+.3f}, samples/s "
+                f"x{r['samples_per_second'] / base['samples_per_second']:.2f} (stage), "
+                f"x{r['samples_per_cpu_second'] / base['samples_per_cpu_second']:.2f} (prior), "
                 f"memory/image x{r['memory_per_image'] / base['memory_per_image']:.2f}, "
                 f"step time x{r['step_seconds'] / base['step_seconds']:.2f}"
             )
