@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import mlflow
@@ -109,6 +110,17 @@ def default_tracking_uri(output_dir: str) -> str:
             "the workers: set mlflow.tracking_uri (e.g. http://mlflow:5000)"
         )
     return "sqlite:///" + os.path.join(os.path.abspath(output_dir), "mlflow.db")
+
+
+def local_artifact_location(tracking_uri: str) -> str | None:
+    """Where a new experiment of a SQLite store keeps its artifacts: ``mlartifacts/`` beside the
+    database file, so a local run's MLflow records and files stay together in its output_dir
+    (MLflow's own default is ``./mlruns`` in whatever directory the command ran from). None for
+    a tracking server, which decides for itself."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    database = os.path.abspath(tracking_uri[len("sqlite:///") :])
+    return Path(os.path.dirname(database), "mlartifacts").as_uri()
 
 
 def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -271,7 +283,10 @@ class Tracker:
             found.experiment_id
             if found
             else self._retry(
-                "creating the experiment", lambda: self.client.create_experiment(experiment)
+                "creating the experiment",
+                lambda: self.client.create_experiment(
+                    experiment, artifact_location=local_artifact_location(tracking_uri)
+                ),
             )
         )
         self.parent_run_id: str | None = None
