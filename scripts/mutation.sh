@@ -13,7 +13,8 @@
 # the plain function followed by `name = decorator(name)`; only a lone @staticmethod /
 # @classmethod (which mutmut mutates itself) and property setters are left as they are.
 # At the end it prints mutmut's per-mutant results; `survived` ones need a sharper test or a
-# reason why they are harmless. Needs mutmut in the environment: .venv/bin/pip install "mutmut>=3.3".
+# reason why they are harmless (MUTATION_KEEP=1 keeps the scratch copy, to `mutmut show` one).
+# Needs mutmut in the environment: .venv/bin/pip install "mutmut>=3.3".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -103,9 +104,14 @@ TOML
   echo "== $target"
   (cd "$scratch" && "$MUTMUT" run --max-children "${MUTATION_JOBS:-2}" >/dev/null 2>&1 || true)
   (cd "$scratch" && "$MUTMUT" results --all true) | tee "mutation-$target.txt"
-  echo "-- $target: $(grep -c ': killed' "mutation-$target.txt" || true) killed," \
-    "$(grep -c ': survived' "mutation-$target.txt" || true) survived," \
-    "$(wc -l < "mutation-$target.txt") mutants (mutation-$target.txt)"
-  rm -rf "$scratch"
+  echo "-- $target: $(wc -l < "mutation-$target.txt") mutants:" \
+    "$(sed 's/.*: //' "mutation-$target.txt" | sort | uniq -c | awk '{$1=$1; print}' | paste -sd,)" \
+    "(mutation-$target.txt)"
+  if [ -n "${MUTATION_KEEP:-}" ]; then
+    # Keep the scratch copy to read a mutant: cd there, then mutmut show <mutant name>.
+    echo "-- $target: scratch copy kept in $scratch"
+  else
+    rm -rf "$scratch"
+  fi
   trap - EXIT
 done

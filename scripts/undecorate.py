@@ -61,7 +61,9 @@ class _Undecorate(cst.CSTTransformer):
         body = updated.body
         if not isinstance(body, cst.IndentedBlock):
             return updated
-        return updated.with_changes(body=body.with_changes(body=self._rewrite_body(list(body.body))))
+        return updated.with_changes(
+            body=body.with_changes(body=self._rewrite_body(list(body.body)))
+        )
 
 
 def main(paths: list[str]) -> None:
@@ -72,7 +74,9 @@ def main(paths: list[str]) -> None:
         module = module.visit(transformer)
         with open(path, "w", encoding="utf-8") as f:
             f.write(module.code)
-        print(f"{path}: decorators applied after the definition of {', '.join(transformer.rewritten) or 'nothing'}")
+        print(
+            f"{path}: decorators applied after the definition of {', '.join(transformer.rewritten) or 'nothing'}"
+        )
 
 
 if __name__ == "__main__":
