@@ -1,24 +1,38 @@
 #!/usr/bin/env bash
 # Mutation testing (mutmut) of the code whose faults the unit tests must catch: the vector
-# quantizer, and the cached sampler with the causal convolutions (the priors' masks).
+# quantizer, the cached sampler with the causal convolutions (the priors' masks), the keys (split
+# and hash order), the code shards, the CAS statistics and the metric code of evaluate.
 #
-#   scripts/mutation.sh [quantizer|sampling]...   # default: both, one after another
+#   scripts/mutation.sh [quantizer|sampling|keys|shards|cas|metrics]...   # default: all, in turn
 #
-# Each target runs in a scratch copy of vq_core/ and tests/vq_core/ (mutmut rewrites the code it
-# mutates), against that target's own test files only, one thread per test process. At the end
-# it prints mutmut's per-mutant results; `survived` ones need a sharper test or a reason why they
-# are harmless. Needs mutmut in the environment: .venv/bin/pip install "mutmut>=3.3".
+# Each target runs in a scratch copy of vq_core/, pipelines/ and tests/ (mutmut rewrites the code
+# it mutates), against that target's own fast test files only (no test that starts Ray: mutmut
+# forks a process per mutant, and a Ray per mutant would cost minutes each), one thread per test
+# process. mutmut leaves decorated functions (@torch.no_grad(), @property, ...) unmutated and has
+# no setting for it, so scripts/undecorate.py first rewrites, in the scratch copy only, each one as
+# the plain function followed by `name = decorator(name)`; only a lone @staticmethod /
+# @classmethod (which mutmut mutates itself) and property setters are left as they are.
+# At the end it prints mutmut's per-mutant results; `survived` ones need a sharper test or a
+# reason why they are harmless (MUTATION_KEEP=1 keeps the scratch copy, to `mutmut show` one).
+# Needs mutmut in the environment: .venv/bin/pip install "mutmut>=3.3".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 PYTHON=${PYTHON:-$ROOT/.venv/bin/python}
 MUTMUT=${MUTMUT:-$(dirname "$PYTHON")/mutmut}
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+# The tests of the pipelines' target files that start Ray (the ray_local fixture, or a stage run).
+NO_RAY="not folder_webdataset_and_parquet and not class_names_for_webdataset and not parquet_without_key"
+NO_RAY+=" and not grey_and_rgb and not split_is_deterministic and not bad_input and not a_bad_image"
+NO_RAY+=" and not resume_keys and not code_dataset_streams and not readers_skip_removed"
+NO_RAY+=" and not raw_batches and not cache_holds and not each_epoch and not batches_mix"
+NO_RAY+=" and not tokenize_manifest and not shard_member_names and not a_code_map and not cas_trains"
 
 targets=("$@")
-[ ${#targets[@]} -eq 0 ] && targets=(quantizer sampling)
+[ ${#targets[@]} -eq 0 ] && targets=(quantizer sampling keys shards cas metrics)
 
 for target in "${targets[@]}"; do
+  covered=false
   case "$target" in
     quantizer)
       files='"vq_core/quantizer.py"'
@@ -38,30 +52,66 @@ for target in "${targets[@]}"; do
         "tests/vq_core/test_pixelsnail.py"'
       deselect='"not learns and not uses_the_top_codes"'
       ;;
+    keys)
+      # The split of a key and the hash order: the golden splits and hashes, the key tests of
+      # the corpus, the split-reading tests of the shards and of the epoch reader.
+      files='"pipelines/data/keys.py"'
+      tests='"tests/pipelines/test_golden.py", "tests/pipelines/data/test_corpus.py",
+        "tests/pipelines/data/test_shards.py",
+        "tests/pipelines/data/test_epochs.py"'
+      deselect="\"$NO_RAY\""
+      ;;
+    shards)
+      files='"pipelines/data/shards.py"'
+      tests='"tests/pipelines/data/test_shards.py", "tests/pipelines/data/test_epochs.py"'
+      deselect="\"$NO_RAY\""
+      ;;
+    cas)
+      files='"pipelines/evaluation/cas.py"'
+      tests='"tests/pipelines/evaluation/test_cas.py"'
+      deselect='""'
+      ;;
+    metrics)
+      # The metric code of evaluate: the figures computed from scores and counts (metrics.py)
+      # and the feature-space figures. Only the lines these tests run are mutated (the rest of
+      # metrics.py trains a judge or reads a corpus through Ray, and is checked end to end by
+      # tests/pipelines/stages/test_evaluate.py and test_published_figures.py).
+      files='"pipelines/evaluation/metrics.py", "pipelines/evaluation/feature_space.py"'
+      tests='"tests/pipelines/evaluation/test_metrics.py",
+        "tests/pipelines/evaluation/test_feature_space.py"'
+      deselect="\"$NO_RAY and not on_demo_images\""
+      covered=true
+      ;;
     *)
-      echo "unknown target $target (expected quantizer or sampling)" >&2
+      echo "unknown target $target (expected quantizer, sampling, keys, shards, cas or metrics)" >&2
       exit 2
       ;;
   esac
   scratch=$(mktemp -d)
   trap 'rm -rf "$scratch"' EXIT
-  mkdir -p "$scratch/tests"
-  cp -r vq_core "$scratch/"
-  cp -r tests/vq_core "$scratch/tests/"
-  touch "$scratch/tests/__init__.py"
+  cp -r vq_core pipelines tests "$scratch/"
+  find "$scratch" -name __pycache__ -prune -exec rm -rf {} +
+  # shellcheck disable=SC2046  # the target's files, one word each
+  (cd "$scratch" && "$PYTHON" "$ROOT/scripts/undecorate.py" $(echo "$files" | tr -d '",'))
   cat > "$scratch/pyproject.toml" <<TOML
 [tool.mutmut]
-source_paths = ["vq_core/"]
+source_paths = ["vq_core/", "pipelines/"]
 only_mutate = [$files]
+mutate_only_covered_lines = $covered
 pytest_add_cli_args_test_selection = [$tests]
 pytest_add_cli_args = ["-q", "-p", "no:cacheprovider", "-k", $deselect]
 TOML
   echo "== $target"
   (cd "$scratch" && "$MUTMUT" run --max-children "${MUTATION_JOBS:-2}" >/dev/null 2>&1 || true)
   (cd "$scratch" && "$MUTMUT" results --all true) | tee "mutation-$target.txt"
-  echo "-- $target: $(grep -c ': killed' "mutation-$target.txt" || true) killed," \
-    "$(grep -c ': survived' "mutation-$target.txt" || true) survived," \
-    "$(wc -l < "mutation-$target.txt") mutants (mutation-$target.txt)"
-  rm -rf "$scratch"
+  echo "-- $target: $(wc -l < "mutation-$target.txt") mutants:" \
+    "$(sed 's/.*: //' "mutation-$target.txt" | sort | uniq -c | awk '{$1=$1; print}' | paste -sd,)" \
+    "(mutation-$target.txt)"
+  if [ -n "${MUTATION_KEEP:-}" ]; then
+    # Keep the scratch copy to read a mutant: cd there, then mutmut show <mutant name>.
+    echo "-- $target: scratch copy kept in $scratch"
+  else
+    rm -rf "$scratch"
+  fi
   trap - EXIT
 done

@@ -12,13 +12,25 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from pipelines.config import DataSection, parse_config
-from pipelines.data.keys import key_hash, sanitize_key, split_mask, split_of, unit_hashes
+from pipelines.data.keys import (
+    check_split_fractions,
+    in_key_set,
+    key_hash,
+    key_hashes,
+    sanitize_key,
+    smallest_by_key_hash,
+    split_mask,
+    split_of,
+    split_of_hash,
+    unit_hashes,
+)
 from pipelines.runner import run_stages
 from pipelines.stage_manifests import TokenizeManifest
 from tests.pipelines.conftest import tiny_raw_config
@@ -66,6 +78,95 @@ def test_key_hashes_and_sanitized_keys():
     spec = golden("splits.json")
     assert {k: key_hash(k) for k in spec["key_hash"]} == spec["key_hash"]
     assert {raw: sanitize_key(raw) for raw in spec["sanitize_key"]} == spec["sanitize_key"]
+
+
+def _independent_unit_hash(key: str) -> float:
+    """The documented position of a key in [0, 1): the first 8 bytes of its sha1, big-endian."""
+    return int(hashlib.sha1(key.encode()).hexdigest()[:16], 16) / 2.0**64
+
+
+def _independent_key_hash(key: str) -> int:
+    return int(hashlib.blake2b(key.encode(), digest_size=8).hexdigest(), 16)
+
+
+def test_split_bands_are_half_open_test_first_then_validation():
+    # [0, test) is test, [test, test + validation) validation, the rest train: a hash exactly on
+    # a boundary belongs to the band above it, in the scalar and in the vectorised path.
+    t, v = 0.25, 0.5
+    hashes = np.array([0.0, 0.2, 0.25, 0.5, 0.75, 0.9])
+    expected = ["test", "test", "validation", "validation", "train", "train"]
+    assert [split_of_hash(h, v, t) for h in hashes] == expected
+    for split in ("train", "validation", "test"):
+        mask = split_mask(hashes, split, v, t)
+        assert mask.tolist() == [e == split for e in expected], split
+    everything = split_mask(hashes, "all", v, t)
+    assert everything.dtype == np.bool_ and everything.tolist() == [True] * len(hashes)
+    with pytest.raises(
+        ValueError, match=r"split must be one of \('train', 'validation', 'test', 'all'\)"
+    ):
+        split_mask(hashes, "ALL", v, t)
+    keys = [f"img{i}" for i in range(50)]
+    assert unit_hashes(keys).dtype == np.float64
+    assert unit_hashes(keys).tolist() == [_independent_unit_hash(k) for k in keys]
+
+
+def test_split_fractions_are_checked_with_a_message_naming_the_fraction():
+    for validation, test in ((0.0, 0.0), (0.5, 0.49), (0.999, 0.0), (0.0, 0.999)):
+        check_split_fractions(validation, test)
+    for validation, test, message in (
+        (-0.1, 0.2, r"the validation fraction must be in \[0, 1\), got -0.1"),
+        (1.0, 0.0, r"the validation fraction must be in \[0, 1\), got 1.0"),
+        (0.2, -0.1, r"the test fraction must be in \[0, 1\), got -0.1"),
+        (0.0, 1.0, r"the test fraction must be in \[0, 1\), got 1.0"),
+        (
+            0.5,
+            0.5,
+            r"validation fraction 0.5 \+ test fraction 0.5 leave no training images; their "
+            r"sum must be below 1",
+        ),
+        (0.9, 0.3, "leave no training images"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            check_split_fractions(validation, test)
+        with pytest.raises(ValueError, match=message):
+            split_of("a/key", validation, test)
+
+
+def test_a_key_is_made_of_its_non_empty_path_components():
+    assert sanitize_key("/a//b/./c/") == "a/b/c"
+    assert sanitize_key("a\\..\\b") == "a/b"
+    for raw in ("", "/", "./..", "\\"):
+        with pytest.raises(ValueError, match=re.escape(f"cannot make a key from {raw!r}")):
+            sanitize_key(raw)
+
+
+def test_hash_order_subsets_and_key_sets_follow_the_blake2b_hash():
+    keys = [f"class{i % 3}/{i:04d}" for i in range(40)]
+    by_hash = sorted(keys, key=_independent_key_hash)
+    items = [(k, i) for i, k in enumerate(keys)]
+    # The smallest hashes, in hash order, whatever the arrival order and however often the
+    # streaming buffer (twice the limit) is pruned.
+    for limit in (1, 3, 7, 40, 100):
+        expected = [(k, keys.index(k)) for k in by_hash[:limit]]
+        assert smallest_by_key_hash(items, limit) == expected, limit
+        assert smallest_by_key_hash(list(reversed(items)), limit) == expected, limit
+    with pytest.raises(ValueError, match="limit must be positive, got 0"):
+        smallest_by_key_hash(items, 0)
+    # A finished-key set: sorted unique uint64 hashes; membership is exact for these keys.
+    done = keys[:10] + keys[:3]
+    stored = key_hashes(done)
+    assert stored.dtype == np.uint64
+    assert stored.tolist() == sorted({_independent_key_hash(k) for k in done})
+    probe = keys[5:15] + ["never/seen"]
+    assert in_key_set(stored, probe).tolist() == [k in done for k in probe]
+    # Hashes above and below every stored one are outside the set too.
+    assert in_key_set(key_hashes([by_hash[20]]), by_hash).tolist() == [
+        k == by_hash[20] for k in by_hash
+    ]
+    assert in_key_set(stored, done).all()  # the smallest stored hash included
+    for empty in (in_key_set(stored, []), in_key_set(key_hashes([]), probe)):
+        assert empty.dtype == np.bool_ and not empty.any()  # a mask, usable as an index
+    assert len(in_key_set(key_hashes([]), probe)) == len(probe)
 
 
 # ---------------------------------------------------------------------------------- tokenize

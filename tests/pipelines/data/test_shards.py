@@ -24,6 +24,7 @@ from pipelines.data.shards import (
     iter_manifest_samples,
     key_index_uri,
     list_shards,
+    read_code_map,
     read_first_sample,
     read_key_index,
     read_raw_shards,
@@ -251,3 +252,27 @@ def test_raw_batches_give_keys_and_the_levels_asked_for(tmp_path, ray_local):
     assert sorted(found) == ["bottom", "top"]
     np.testing.assert_array_equal(found["bottom"], codes["bottom"])
     assert found["top"].dtype == np.uint8
+
+
+def test_shard_members_are_read_only_dated_zero_and_refuse_dotted_names():
+    # Reproducible bytes: every member has mode 0o444 and mtime 0, whatever the clock says.
+    codes = {"top": np.arange(8, dtype=np.uint8).reshape(2, 2, 2)}
+    data = shard_bytes(["a/x", "b.c/y"], [0, 1], codes)
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        members = tar.getmembers()
+    assert [m.name for m in members] == ["a/x.top.npy", "a/x.cls", "b.c/y.top.npy", "b.c/y.cls"]
+    assert {(m.mode, m.mtime) for m in members} == {(0o444, 0)}
+    for level in ("to.p", ""):
+        with pytest.raises(ValueError, match="level names become file suffixes"):
+            shard_bytes(["a"], None, {level: codes["top"][:1]})
+    with pytest.raises(ValueError, match="a shard needs at least one level of codes"):
+        shard_bytes(["a"], None, {})
+    with pytest.raises(ValueError, match="'b/x.y' has a dot in its last component"):
+        shard_bytes(["b/x.y"], None, {"top": codes["top"][:1]})
+
+
+def test_a_stored_code_map_is_never_unpickled():
+    buffer = io.BytesIO()
+    np.save(buffer, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match="allow_pickle"):
+        read_code_map(buffer.getvalue())
