@@ -381,7 +381,7 @@ def _spread_over_seeds(scores: list[SeedScores], judge_on_real: float) -> dict[s
         per_seed["cas/recognition_ratio"] = [
             v / judge_on_real for v in per_seed["cas/real_to_generated"]
         ]
-    for name in ("fid", "precision", "recall"):
+    for name in ("fid", "fid_real_train", "precision", "recall"):
         if all(name in s.quality for s in scores):
             per_seed[f"quality/{name}"] = [s.quality[name] for s in scores]
     return {

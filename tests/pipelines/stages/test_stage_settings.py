@@ -304,7 +304,7 @@ def test_seeds_repeat_cas_over_more_samples(shared_run, reruns, shared_images):
     assert published == pytest.approx(recomputed, rel=1e-12, abs=1e-12)
     for name in ("cas/generated_to_real", "cas/real_to_real", "cas/real_to_generated"):
         assert {f"{name}/std", f"{name}/min", f"{name}/max"} <= set(recomputed)
-    for name in ("quality/fid", "quality/precision", "quality/recall"):
+    for name in ("quality/fid", "quality/fid_real_train", "quality/precision", "quality/recall"):
         spread = [rerun.metrics[f"{name}/{stat}"] for stat in ("min", "max", "std")]
         assert spread[0] <= rerun.metrics[name] <= spread[1] and spread[2] >= 0
     unchanged(rerun, shared_run, ("test/",))
