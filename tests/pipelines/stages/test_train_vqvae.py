@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
@@ -261,6 +262,29 @@ def test_dvae_loss_follows_the_temperature_and_kl_schedules():
     assert float(end["train/temperature"]) == pytest.approx(0.25)
     assert float(start["train/kl_weight"]) == 0.0
     assert float(end["train/kl_weight"]) == pytest.approx(model.config.kl_weight)
+
+
+def test_dvae_schedules_follow_the_configured_fractions_of_the_run():
+    """The temperature anneals over temperature_anneal_fraction of the steps and the KL weight
+    ramps up over kl_warmup_fraction, both along half a cosine (the midpoint is half way)."""
+    section = TrainVQVAESection(
+        kind="dvae",
+        model={"codebook_size": 8, "kl_weight": 0.4},
+        steps=200,
+        temperature_end=0.25,
+        temperature_anneal_fraction=0.5,
+        kl_warmup_fraction=0.2,
+    )
+    config = DiscreteVAEConfig(in_channels=3, **section.model)
+
+    def at(step):
+        return train_vqvae.dvae_schedule(section, config, step)
+
+    assert at(0) == pytest.approx((1.0, 0.0))
+    assert at(20) == pytest.approx((0.25 + 0.75 * (1 + math.cos(math.pi * 0.2)) / 2, 0.2))
+    assert at(50) == pytest.approx((0.625, 0.4))
+    assert at(100) == pytest.approx((0.25, 0.4))
+    assert at(199) == pytest.approx((0.25, 0.4))
 
 
 def test_dvae_schedule_knobs_are_refused_for_vq_models():
