@@ -49,6 +49,15 @@ def check_kernel_size(config: object) -> None:
         raise ValueError(f"{type(config).__name__}.kernel_size must be odd, got {kernel_size}")
 
 
+def check_dropout(config: object) -> None:
+    """Validate a prior's dropout: a number in [0, 1)."""
+    dropout = config.dropout
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):
+        raise ValueError(f"{type(config).__name__}.dropout must be a number, got {dropout!r}")
+    if not 0 <= dropout < 1:
+        raise ValueError(f"{type(config).__name__}.dropout must be in [0, 1), got {dropout}")
+
+
 def check_prior_config(config: object) -> None:
     """Validate the fields every prior config shares; errors name the field and its value."""
     require_int(config, "num_codes", 2)

@@ -25,6 +25,7 @@ from vq_core.pixelcnn import (
     CodePrior,
     GatedPixelCNNConfig,
     PriorContext,
+    check_dropout,
     check_kernel_size,
     check_prior_config,
     require_int,
@@ -77,10 +78,7 @@ class PixelSNAILConfig:
                 f"PixelSNAILConfig.attention_channels ({self.attention_channels}) must be a "
                 f"multiple of num_heads ({self.num_heads})"
             )
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)):
-            raise ValueError(f"PixelSNAILConfig.dropout must be a number, got {self.dropout!r}")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"PixelSNAILConfig.dropout must be in [0, 1), got {self.dropout}")
+        check_dropout(self)
 
 
 class GatedResidual(Recomputable):

@@ -30,6 +30,7 @@ from vq_core.pixelcnn import (
     CodePrior,
     GatedPixelCNNConfig,
     PriorContext,
+    check_dropout,
     check_prior_config,
     require_int,
 )
@@ -76,14 +77,7 @@ class TransformerPriorConfig:
                 "TransformerPriorConfig.tie_embeddings must be True or False, "
                 f"got {self.tie_embeddings!r}"
             )
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)):
-            raise ValueError(
-                f"TransformerPriorConfig.dropout must be a number, got {self.dropout!r}"
-            )
-        if not 0 <= self.dropout < 1:
-            raise ValueError(
-                f"TransformerPriorConfig.dropout must be in [0, 1), got {self.dropout}"
-            )
+        check_dropout(self)
 
 
 class CausalSelfAttention(nn.Module):

@@ -151,8 +151,9 @@ def test_deep_enough_stack_has_no_blind_spot():
     assert_no_blind_spot(pixelcnn(num_layers=3, kernel_size=5))
 
 
-def test_labels_and_condition_reach_every_position():
-    prior = pixelcnn(True).eval()
+def assert_labels_and_condition_reach_every_position(prior) -> None:
+    """Another label, or another condition map, moves the logits at every position."""
+    prior.eval()
     codes = torch.randint(0, K, (1, H, W))
     labels, condition = conditioning(prior, 1)
     with torch.no_grad():
@@ -161,6 +162,10 @@ def test_labels_and_condition_reach_every_position():
         other_condition = prior(codes, labels, (condition + 1) % 5)
     assert ((other_label - logits).abs().amax(dim=1) > 1e-6).all()
     assert ((other_condition - logits).abs().amax(dim=1) > 1e-6).all()
+
+
+def test_labels_and_condition_reach_every_position():
+    assert_labels_and_condition_reach_every_position(pixelcnn(True))
 
 
 # --------------------------------------------------------------------------- shapes and loss
