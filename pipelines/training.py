@@ -51,8 +51,8 @@ from pipelines.config import RaySection, TrainingKnobs
 from pipelines.data import storage
 from pipelines.data.epochs import EpochReader
 from pipelines.errors import CapacityError
-from pipelines.ray_compat import ControllerCallback, WorkerGroupStartupTimeoutError
 from pipelines.tracking import TrackingContext
+from pipelines.train_control import ProgressBoard, ResourceWait, board_name
 from vq_core.checkpoint import unwrap_model
 from vq_core.recompute import set_activation_checkpointing
 
@@ -89,24 +89,6 @@ REPORT_SECONDS = 1.0
 POLL_SECONDS = 0.5
 
 
-@ray.remote(num_cpus=0)
-class _ProgressBoard:
-    """The latest progress rank 0 reported: {"step": int, "figures": {name: value}}."""
-
-    def __init__(self) -> None:
-        self.latest: dict[str, Any] | None = None
-
-    def put(self, state: dict[str, Any]) -> None:
-        self.latest = state
-
-    def get(self) -> dict[str, Any] | None:
-        return self.latest
-
-
-def _board_name(run_name: str) -> str:
-    return f"vqpipe-progress-{run_name}"
-
-
 @contextmanager
 def _shown_progress(run_name: str, label: str, knobs: TrainingKnobs) -> Iterator[None]:
     """Show the progress of Ray Train run ``run_name`` on the console while the block runs."""
@@ -116,8 +98,8 @@ def _shown_progress(run_name: str, label: str, knobs: TrainingKnobs) -> Iterator
         return
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    board = _ProgressBoard.options(
-        name=_board_name(run_name),
+    board = ProgressBoard.options(
+        name=board_name(run_name),
         scheduling_strategy=NodeAffinitySchedulingStrategy(
             ray.get_runtime_context().get_node_id(), soft=True
         ),
@@ -161,7 +143,7 @@ class _ProgressReport:
         if rank != 0:
             return
         try:
-            self.board = ray.get_actor(_board_name(ray.train.get_context().get_experiment_name()))
+            self.board = ray.get_actor(board_name(ray.train.get_context().get_experiment_name()))
         except Exception:  # no console follows this run (library use, quiet)
             self.board = None
 
@@ -183,57 +165,20 @@ class _ProgressReport:
 # -------------------------------------------------------------------------------------------------
 # Driver side
 
-# How long Ray Train waits for room for a worker group, in seconds: the setting that Ray's own
-# startup-timeout error tells users to change (the test of pipelines.ray_compat checks the name).
-WORKER_GROUP_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
-
-
-class _ResourceWait(ControllerCallback):
-    """Bounds how long Ray Train's controller waits for room for the workers.
-
-    Left alone, the controller waits a minute for a placement group of all workers, gives up on
-    it and asks again, forever: a run whose cluster lost too many nodes hangs. This callback runs
-    in the controller: it sets that wait to ``seconds`` and turns its first expiry, at the start
-    or after a lost worker, into a ``CapacityError`` that ends the run.
-    """
-
-    def __init__(self, seconds: float, section: str, knobs: TrainingKnobs):
-        self.seconds, self.section, self.knobs = seconds, section, knobs
-
-    def after_controller_start(self, train_run_context) -> None:
-        # Read by each worker group the controller creates (this process is the controller's own).
-        os.environ[WORKER_GROUP_START_TIMEOUT_ENV] = str(self.seconds)
-
-    def after_controller_state_update(self, previous_state, current_state) -> None:
-        error = getattr(current_state, "training_failed_error", None)
-        if isinstance(getattr(error, "controller_failure", None), WorkerGroupStartupTimeoutError):
-            raise CapacityError(self.message())
-
-    def message(self) -> str:
-        knobs, section = self.knobs, self.section
-        per_worker = _worker_resources(knobs)
-        wanted = {k: v * knobs.num_workers for k, v in per_worker.items()}
-        total, free = ray.cluster_resources(), ray.available_resources()
-        nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
-        return (
-            f"{section}: the Ray cluster could not place {knobs.num_workers} training worker(s) "
-            f"of {_resources(per_worker)} each ({_resources(wanted)} in all) within "
-            f"ray.resource_wait_seconds={self.seconds:g}; it has "
-            f"{_resources({k: total.get(k, 0.0) for k in wanted})} on {nodes} alive node(s), "
-            f"{_resources({k: free.get(k, 0.0) for k in wanted})} free. Add nodes, lower "
-            f"{section}.num_workers or {section}.cpus_per_worker, or raise "
-            "ray.resource_wait_seconds. The checkpoints written are kept: the same config "
-            "submitted again once the cluster has room resumes from the last one"
-        )
-
 
 def _worker_resources(knobs: TrainingKnobs) -> dict[str, float]:
     """What one training worker reserves."""
     return {"CPU": knobs.cpus_per_worker} | ({"GPU": 1.0} if knobs.use_gpu else {})
 
 
-def _resources(amounts: Mapping[str, float]) -> str:
-    return ", ".join(f"{v:g} {k}" for k, v in amounts.items())
+def controller_callbacks(
+    resource_wait_seconds: float, section: str, knobs: TrainingKnobs
+) -> list[ResourceWait]:
+    """The callbacks of a run's controller: plain values only, so that the controller's process
+    imports nothing heavy to unpickle them (pipelines.train_control)."""
+    return [
+        ResourceWait(resource_wait_seconds, section, knobs.num_workers, _worker_resources(knobs))
+    ]
 
 
 def run_trainer(
@@ -273,7 +218,7 @@ def run_trainer(
             storage_path=ray_dir,
             failure_config=FailureConfig(max_failures=knobs.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
-            callbacks=[_ResourceWait(resource_wait_seconds, section, knobs)],
+            callbacks=controller_callbacks(resource_wait_seconds, section, knobs),
         ),
         datasets=dict(datasets or {}),
     )

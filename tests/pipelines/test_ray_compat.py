@@ -62,7 +62,7 @@ def test_a_module_missing_from_ray_fails_with_the_versions(monkeypatch):
 def test_the_wait_setting_is_the_variable_ray_train_reads():
     from ray.train.v2._internal.constants import WORKER_GROUP_START_TIMEOUT_S_ENV_VAR
 
-    from pipelines.training import WORKER_GROUP_START_TIMEOUT_ENV
+    from pipelines.train_control import WORKER_GROUP_START_TIMEOUT_ENV
 
     assert WORKER_GROUP_START_TIMEOUT_ENV == WORKER_GROUP_START_TIMEOUT_S_ENV_VAR
 

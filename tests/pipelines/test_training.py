@@ -25,6 +25,7 @@ from pipelines.training import (
     load_final_model,
     run_trainer,
 )
+from tests.pipelines.conftest import tiny_raw_config
 from vq_core.checkpoint import load_checkpoint
 from vq_core.pixelcnn import GatedPixelCNN, GatedPixelCNNConfig, bits_per_code
 from vq_core.recompute import Recomputable
@@ -196,3 +197,35 @@ def test_steps_count_optimizer_steps_of_accumulated_micro_batches(ray_local, rea
     # Three optimizer steps of two micro-batches each: six batches of the first epoch read.
     assert meta.step == 3
     assert (meta.epoch, meta.epoch_batch) == (0, 6)
+
+
+def test_the_controller_and_progress_board_import_neither_torch_nor_mlflow(tmp_path):
+    """Ray starts a process for each training run's controller and, on the console, one for its
+    progress board; each imports what it unpickles. Kept free of torch, MLflow and the config
+    models, they start in a fraction of the time."""
+    import subprocess
+    import sys
+
+    from ray import cloudpickle
+
+    from pipelines.training import controller_callbacks
+
+    knobs = parse_config(tiny_raw_config(str(tmp_path), str(tmp_path))).train_prior.sections()[
+        "top"
+    ]
+    callbacks = tmp_path / "callbacks.pkl"
+    callbacks.write_bytes(cloudpickle.dumps(controller_callbacks(30.0, "train_prior.top", knobs)))
+    probe = (
+        "import pickle, sys\n"
+        f"callbacks = pickle.loads(open({str(callbacks)!r}, 'rb').read())\n"
+        "import pipelines.train_control\n"
+        "heavy = ('torch', 'mlflow', 'pipelines.config', 'pipelines.training', 'vq_core')\n"
+        "print(sorted(n for n in sys.modules if n.split('.')[0] in heavy or n in heavy))\n"
+        "print(callbacks[0].num_workers, callbacks[0].per_worker)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=os.getcwd()
+    )
+    imported, resources = out.stdout.strip().splitlines()
+    assert imported == "[]"
+    assert resources == "1 {'CPU': 1.0}"
