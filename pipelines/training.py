@@ -171,6 +171,11 @@ def _worker_resources(knobs: TrainingKnobs) -> dict[str, float]:
     return {"CPU": knobs.cpus_per_worker} | ({"GPU": 1.0} if knobs.use_gpu else {})
 
 
+# Ray Train's switch for the actor that watches the workers' nodes for drains (preemptions); read
+# by the controller, which inherits it from this process.
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+
+
 def controller_callbacks(
     resource_wait_seconds: float, section: str, knobs: TrainingKnobs
 ) -> list[ResourceWait]:
@@ -192,6 +197,7 @@ def run_trainer(
     resource_wait_seconds: float,
     datasets: Mapping[str, Any] | None = None,
     label: str | None = None,
+    local_ray: bool = False,
 ):
     """Run one Ray Train job and return its ``ray.train.Result`` (with a final checkpoint).
 
@@ -200,8 +206,13 @@ def run_trainer(
     Its progress shows on the console under ``label`` (default: the stage folder's name).
     ``section`` is where ``knobs`` sit in the config (``train_vqvae``, ``train_prior.top``).
     Workers that the cluster cannot place within ``resource_wait_seconds``, at the start or
-    after a lost worker, fail the run with a ``CapacityError``.
+    after a lost worker, fail the run with a ``CapacityError``. ``local_ray``: the Ray is one
+    started in this process (``is_local_ray``).
     """
+    if local_ray:
+        # A Ray started in this process is one node that no autoscaler drains: Ray Train's
+        # preemption watcher, an actor process of its own in every run, has nothing to watch.
+        os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
     ray_dir = storage.join(stage_dir, "ray")
     if not storage.is_url(ray_dir):
         ray_dir = os.path.abspath(ray_dir)  # Ray Train wants an absolute local path

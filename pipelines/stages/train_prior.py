@@ -254,6 +254,7 @@ def _train_one(
         label=f"{ctx.stage} {plan.level}",
         section=f"{ctx.stage}.{plan.level}",
         resource_wait_seconds=ctx.cfg.ray.resource_wait_seconds,
+        local_ray=is_local_ray(ctx.cfg.ray),
     )
     return load_final_model(result, prefer_best=True)
 

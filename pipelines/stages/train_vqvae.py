@@ -285,6 +285,7 @@ def _train(ctx: StageContext, holdout: np.ndarray) -> tuple[nn.Module, Checkpoin
         knobs=section,
         section=ctx.stage,
         resource_wait_seconds=cfg.ray.resource_wait_seconds,
+        local_ray=is_local_ray(cfg.ray),
     )
     return load_final_model(result)
 

@@ -11,6 +11,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from ray._private.state import actors as ray_actors
 from torch import nn
 
 from pipelines.config import PriorSection, parse_config
@@ -184,6 +185,7 @@ def test_steps_count_optimizer_steps_of_accumulated_micro_batches(ray_local, rea
         max_failures=0,
         cpus_per_worker=0.5,
     )
+    before = set(ray_actors())
     result = run_trainer(
         _accumulating_loop,
         {"knobs": knobs, "data": reader},
@@ -192,11 +194,17 @@ def test_steps_count_optimizer_steps_of_accumulated_micro_batches(ray_local, rea
         knobs=knobs,
         section="train_prior.top",
         resource_wait_seconds=120,
+        local_ray=True,
     )
     _, meta = load_final_model(result)
     # Three optimizer steps of two micro-batches each: six batches of the first epoch read.
     assert meta.step == 3
     assert (meta.epoch, meta.epoch_batch) == (0, 6)
+    # On a Ray of this process, the run started no preemption watcher: it would watch a node
+    # that nothing drains, in a process of its own.
+    started = [a["ActorClassName"] for a in ray_actors().values() if a["ActorID"] not in before]
+    assert "TrainController" in started and "RayTrainWorker" in started
+    assert not [name for name in started if "Preemption" in name], started
 
 
 def test_the_controller_and_progress_board_import_neither_torch_nor_mlflow(tmp_path):
