@@ -288,6 +288,9 @@ class MlflowServer:
 def start_mlflow(root: Path, s3: S3Server) -> MlflowServer:
     port = free_port()
     env = base_env(root / "home") | s3.env() | {"MLFLOW_S3_ENDPOINT_URL": s3.endpoint}
+    # The server's job runner (GenAI evaluation jobs, which the pipeline never submits) starts
+    # five consumer processes that each import MLflow and poll for the server's lifetime.
+    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
     service = Service(
         name="mlflow server",
         cmd=[

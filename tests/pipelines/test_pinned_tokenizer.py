@@ -28,7 +28,8 @@ from pipelines.errors import InputError, MissingInputError, UserError
 from pipelines.manifest import read_manifest
 from pipelines.mlflow_models import log_checkpoint_model
 from pipelines.runner import run_stages
-from pipelines.stage_manifests import SampleManifest, TokenizeManifest, TrainPriorManifest
+from pipelines.stage_manifests import SampleManifest, TokenizeManifest
+from pipelines.stages import train_prior as train_prior_stage
 from pipelines.tracking import Tracker
 from tests.pipelines.conftest import tiny_raw_config
 from vq_core.checkpoint import save_checkpoint
@@ -312,33 +313,12 @@ def test_union_of_two_corpora_prefixes_keys_and_merges_classes(two_corpora):
     assert seen == {("circle", 0), ("square", 1), ("triangle", 2)}
 
 
-def test_prior_trains_on_the_union_and_samples_the_merged_classes(two_corpora, pinned):
-    root, outs, corpus_b = two_corpora
-    cfg = _cfg(
-        root / "out_union",
-        corpus_b,  # required by the config; the priors' codes come from train_prior.shards
-        pinned,
-        [f"train_prior.shards=[{root / 'out_a'}, {root / 'out_b' / 'tokenize'}]"],
-    )
-    outcomes = run_stages(cfg, stages=["train_prior", "sample"])
-    trained = outcomes["train_prior"].manifest
-    assert trained.class_names == ["circle", "square", "triangle"]
-    assert [(c.name, c.labels, c.samples) for c in trained.corpora] == [
-        ("shapes_a", [0, 1], outs["a"].samples),
-        ("shapes_b", [1, 2], outs["b"].samples),
-    ]
-    assert trained.tokenizer.sha256 == _sha256(pinned)
-    assert not os.path.exists(storage.join(cfg.output_dir, "tokenize")), (
-        "the union needs no tokenize here"
-    )
-    sample = read_manifest(cfg.output_dir, SampleManifest)
-    assert list(sample.classes) == ["circle", "square", "triangle"]
-    assert read_manifest(cfg.output_dir, TrainPriorManifest).corpora[1].name == "shapes_b"
-
-
-def test_evaluate_after_a_union_scores_this_corpus_in_the_merged_classes(two_corpora):
-    """Priors trained on corpora A and B, evaluated in B's output_dir: B's test codes go to the
-    priors under their merged labels, and CAS tests on the sampled classes B has images of."""
+def test_priors_train_on_the_union_and_evaluate_scores_this_corpus_in_the_merged_classes(
+    two_corpora, pinned
+):
+    """Priors trained on corpora A and B from B's output_dir, then sampled and evaluated there:
+    the priors learn the merged classes, B's test codes go to them under their merged labels, and
+    CAS tests on the sampled classes B has images of."""
     root, outs, corpus_b = two_corpora
     cfg = _cfg(
         root / "out_b",  # tokenize is done here already, with this config's tokenize section
@@ -348,6 +328,15 @@ def test_evaluate_after_a_union_scores_this_corpus_in_the_merged_classes(two_cor
     )
     done = run_stages(cfg, stages=["tokenize", "train_prior", "sample", "evaluate"])
     assert done["tokenize"].skipped
+    trained = done["train_prior"].manifest
+    assert trained.class_names == ["circle", "square", "triangle"]
+    assert [(c.name, c.labels, c.samples) for c in trained.corpora] == [
+        ("shapes_a", [0, 1], outs["a"].samples),
+        ("shapes_b", [1, 2], outs["b"].samples),
+    ]
+    assert trained.tokenizer.sha256 == _sha256(pinned)
+    assert list(done["sample"].manifest.classes) == ["circle", "square", "triangle"]
+
     metrics = done["evaluate"].manifest.metrics
     assert metrics["test/code_maps"] == outs["b"].splits["test"]
     assert all(np.isfinite(metrics[f"test/bits_per_code/{level}"]) for level in ("top", "bottom"))
@@ -358,6 +347,21 @@ def test_evaluate_after_a_union_scores_this_corpus_in_the_merged_classes(two_cor
         storage.join(storage.join(cfg.output_dir, "evaluate"), "report.md")
     ).decode()
     assert "left out of CAS, because the corpus has no images of them: circle" in report
+
+
+def test_a_union_trained_elsewhere_needs_no_tokenize_there(two_corpora):
+    """Priors on the union in an output_dir of their own: they read the code datasets the
+    entries name, and nothing makes tokenize run in that folder."""
+    root, outs, corpus_b = two_corpora
+    entries = f"[{root / 'out_a'}, {root / 'out_b' / 'tokenize'}]"
+    cfg = _cfg(root / "out_union", corpus_b, outs["b"].tokenizer.checkpoint,
+               [f"train_prior.shards={entries}"])  # fmt: skip
+    assert train_prior_stage._upstream_for(cfg) == ()
+    union = train_prior_stage.code_union(cfg)
+    assert union.class_names == ("circle", "square", "triangle")
+    assert [m.samples for m in union.members] == [outs["a"].samples, outs["b"].samples]
+    train_prior_stage._check_inputs(cfg)
+    assert not os.path.exists(storage.join(cfg.output_dir, "tokenize"))
 
 
 def test_union_refuses_code_datasets_of_another_tokenizer(two_corpora, tmp_path):
