@@ -65,107 +65,6 @@ def corpus(tmp_path_factory):
     return str(root)
 
 
-@pytest.fixture(scope="module")
-def trained(ray_local, corpus, tmp_path_factory):
-    """A job interrupted right after its step-3 checkpoint, then run again, as the runner would.
-
-    Returns (config, manifest, MLflow client, run id of the interrupted attempt, run id of the
-    attempt that finished); each attempt logs to its own stage run.
-    """
-    tmp = tmp_path_factory.mktemp("vqvae")
-    raw = tiny_raw_config(str(tmp / "out"), corpus)
-    # No retries inside the job, so the injected failure ends the first attempt.
-    raw["train_vqvae"] |= {"fail_at_step": EVERY, "max_failures": 0}
-    cfg = parse_config(raw)
-    first, _, first_run = run_stage(cfg, tmp, "fp")
-    assert injected(first), f"the first attempt should end with the injected fault, got {first!r}"
-    assert not os.path.exists(os.path.join(storage.join(cfg.output_dir, "train_vqvae"), "model.pt"))
-    manifest, client, run_id = run_stage(cfg, tmp, "fp")
-    if isinstance(manifest, Exception):
-        raise manifest
-    return cfg, manifest, client, first_run, run_id
-
-
-def test_model_checkpoint_loads_and_encodes(trained):
-    _, manifest, _, _, _ = trained
-    model, extra = load_checkpoint(manifest.checkpoint)
-    assert type(model).__name__ == "VQVAE2"
-    assert extra["step"] == STEPS
-    assert extra["class_names"] == sorted(CLASSES)
-    images = np.random.default_rng(0).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
-    top, bottom = model.encode(to_model_input(images))
-    assert top.shape == (3, 2, 2) and bottom.shape == (3, 4, 4)
-    assert int(top.max()) < 16 and int(bottom.max()) < 16
-
-
-def test_manifest_describes_the_model(trained):
-    _, manifest, _, _, _ = trained
-    assert manifest.model == "vqvae2"
-    assert manifest.levels == ["top", "bottom"]
-    assert manifest.codebook_sizes == {"top": 16, "bottom": 16}
-    assert manifest.code_shapes == {"top": [2, 2], "bottom": [4, 4]}
-    assert manifest.image_size == [16, 16] and manifest.channels == 3
-    assert manifest.class_names == sorted(CLASSES)
-    assert manifest.steps == STEPS
-
-
-def test_validation_figures_are_the_final_model_on_the_validation_images(trained):
-    """Recomputed from the corpus on disk and the published checkpoint, with numpy: the
-    validation split (every image of it fits the held-out batches), the reconstruction error and
-    each level's codebook use."""
-    cfg, manifest, _, _, _ = trained
-    images = ind.corpus_images(cfg.data.source)
-    keys = ind.splits(images, cfg.data)["validation"]
-    assert 0 < len(keys) <= cfg.train_vqvae.holdout_batches * cfg.train_vqvae.batch_size
-    model = ind.load_model(manifest.checkpoint)
-    x = ind.to_input(np.stack([images[k].pixels for k in keys]))
-    with torch.no_grad():
-        codes = model.encode(x)
-        out = model.decode_codes(codes).numpy().astype(np.float64)
-    mse = float(np.mean((np.clip(out, -1, 1) - x.numpy().astype(np.float64)) ** 2))
-    published = manifest.metrics
-    assert published["validation/mse"] == pytest.approx(mse, rel=1e-4)
-    for level, level_codes in zip(("top", "bottom"), codes):
-        _, usage, perplexity = ind.histogram_figures(level_codes.numpy(), 16)
-        assert published[f"validation/usage/{level}"] == pytest.approx(usage), level
-        assert published[f"validation/perplexity/{level}"] == pytest.approx(perplexity), level
-
-
-def test_reconstruction_grid_shows_originals_above_reconstructions(trained):
-    cfg, manifest, _, _, _ = trained
-    grid = np.asarray(Image.open(manifest.artifacts["reconstructions"]))
-    n = cfg.train_vqvae.grid_images
-    # Two rows of n 16 x 16 tiles with 2-pixel gaps.
-    assert grid.shape == (2 * 18 + 2, n * 18 + 2, 3)
-
-
-def test_mlflow_runs_have_step_and_holdout_metrics_and_artifacts(trained):
-    _, _, client, first_run, run_id = trained
-    # Logged at the global step: the interrupted attempt up to its checkpoint, the rest after.
-    assert metric_steps(client, first_run, "train/loss") == [2]
-    assert metric_steps(client, first_run, "validation/mse") == [3]
-    assert metric_steps(client, run_id, "train/loss") == [4, 6]
-    assert metric_steps(client, run_id, "train/perplexity/top") == [4, 6]
-    assert metric_steps(client, run_id, "validation/mse") == [6]
-    assert metric_steps(client, run_id, "validation/usage/bottom") == [6]
-    artifacts = {a.path for a in client.list_artifacts(run_id)}
-    assert "reconstructions.png" in artifacts
-    assert [a.path for a in client.list_artifacts(run_id, "model")] == ["model/model.pt"]
-    png = client.download_artifacts(run_id, "reconstructions.png")
-    assert Image.open(png).size[1] == 2 * 18 + 2
-
-
-def test_rerun_continues_from_the_checkpoint_instead_of_restarting(trained):
-    cfg, _, client, _, run_id = trained
-    history = client.get_metric_history(run_id, "resumed_at_step")
-    assert [(m.step, m.value) for m in history] == [(EVERY, float(EVERY))]
-    # Adam's state came back too: its step count covers both attempts.
-    ray_dir = os.path.join(storage.join(cfg.output_dir, "train_vqvae"), "ray", "train_vqvae-fp")
-    final = os.path.join(ray_dir, f"step-{STEPS:08d}", OPTIMIZER_FILE)
-    state = torch.load(final, weights_only=True)["state"]
-    assert {int(s["step"]) for s in state.values()} == {STEPS}
-
-
 def loop_that_saves_each_ranks_quantizers(dump_dir: str):
     """train_vqvae's worker loop, after which every rank saves its quantizers' state (codebook and
     EMA statistics) to ``dump_dir/rank-<rank>.pt``: rank 0 alone writes checkpoints, so the other
@@ -192,38 +91,133 @@ def loop_that_saves_each_ranks_quantizers(dump_dir: str):
     return loop
 
 
-def test_two_ranks_keep_identical_codebooks_and_restart_from_the_last_checkpoint(
-    ray_local, corpus, tiny_config, tmp_path, monkeypatch
-):
-    # Two DDP ranks, each on its own shard of the data: the quantizers' EMA statistics and data
-    # initialisation are all-reduced, so both ranks must end with the same codebooks. Both ranks
-    # also fail after the step-3 checkpoint; FailureConfig lets Ray Train start a new worker
-    # group inside the same job, which resumes from that checkpoint.
-    cfg = tiny_config(
-        corpus,
-        [
-            "train_vqvae.num_workers=2",
-            "train_vqvae.cpus_per_worker=0.5",
-            "train_vqvae.batch_size=4",
-            f"train_vqvae.fail_at_step={EVERY}",
-            "train_vqvae.max_failures=1",
-        ],
-    )
-    dump_dir = tmp_path / "ranks"
-    dump_dir.mkdir()
-    monkeypatch.setattr(
-        train_vqvae, "train_loop_per_worker", loop_that_saves_each_ranks_quantizers(str(dump_dir))
-    )
-    manifest, client, run_id = run_stage(cfg, tmp_path, "fp-restart")
-    assert isinstance(manifest, train_vqvae.TrainVQVAEManifest), manifest
+@pytest.fixture(scope="module")
+def trained(ray_local, corpus, tmp_path_factory):
+    """A job on two DDP ranks interrupted right after its step-3 checkpoint, then run again, as
+    the runner would; after training, each rank of the attempt that finished saves its
+    quantizers' state to ``<tmp>/ranks/rank-<rank>.pt``.
+
+    Returns (config, manifest, MLflow client, run id of the interrupted attempt, run id of the
+    attempt that finished, the folder of the ranks' quantizers); each attempt logs to its own
+    stage run.
+    """
+    tmp = tmp_path_factory.mktemp("vqvae")
+    raw = tiny_raw_config(str(tmp / "out"), corpus)
+    # Two ranks, each on its own part of the data; no retries inside the job, so the injected
+    # failure ends the first attempt. Batches of 4 give each rank batches of its half of the
+    # train split; two of them hold the whole validation split.
+    raw["train_vqvae"] |= {
+        "num_workers": 2,
+        "cpus_per_worker": 0.5,
+        "batch_size": 4,
+        "holdout_batches": 2,
+        "fail_at_step": EVERY,
+        "max_failures": 0,
+    }
+    cfg = parse_config(raw)
+    ranks = tmp / "ranks"
+    ranks.mkdir()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(
+            train_vqvae, "train_loop_per_worker", loop_that_saves_each_ranks_quantizers(str(ranks))
+        )
+        first, _, first_run = run_stage(cfg, tmp, "fp")
+        assert injected(first), f"the first attempt should end with the fault, got {first!r}"
+        model_file = os.path.join(storage.join(cfg.output_dir, "train_vqvae"), "model.pt")
+        assert not os.path.exists(model_file)
+        manifest, client, run_id = run_stage(cfg, tmp, "fp")
+    if isinstance(manifest, Exception):
+        raise manifest
+    return cfg, manifest, client, first_run, run_id, ranks
+
+
+def test_model_checkpoint_loads_and_encodes(trained):
+    _, manifest, _, _, _, _ = trained
+    model, extra = load_checkpoint(manifest.checkpoint)
+    assert type(model).__name__ == "VQVAE2"
+    assert extra["step"] == STEPS
+    assert extra["class_names"] == sorted(CLASSES)
+    images = np.random.default_rng(0).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
+    top, bottom = model.encode(to_model_input(images))
+    assert top.shape == (3, 2, 2) and bottom.shape == (3, 4, 4)
+    assert int(top.max()) < 16 and int(bottom.max()) < 16
+
+
+def test_manifest_describes_the_model(trained):
+    _, manifest, _, _, _, _ = trained
+    assert manifest.model == "vqvae2"
+    assert manifest.levels == ["top", "bottom"]
+    assert manifest.codebook_sizes == {"top": 16, "bottom": 16}
+    assert manifest.code_shapes == {"top": [2, 2], "bottom": [4, 4]}
+    assert manifest.image_size == [16, 16] and manifest.channels == 3
+    assert manifest.class_names == sorted(CLASSES)
     assert manifest.steps == STEPS
+
+
+def test_validation_figures_are_the_final_model_on_the_validation_images(trained):
+    """Recomputed from the corpus on disk and the published checkpoint, with numpy: the
+    validation split (every image of it fits the held-out batches), the reconstruction error and
+    each level's codebook use."""
+    cfg, manifest, _, _, _, _ = trained
+    images = ind.corpus_images(cfg.data.source)
+    keys = ind.splits(images, cfg.data)["validation"]
+    assert 0 < len(keys) <= cfg.train_vqvae.holdout_batches * cfg.train_vqvae.batch_size
+    model = ind.load_model(manifest.checkpoint)
+    x = ind.to_input(np.stack([images[k].pixels for k in keys]))
+    with torch.no_grad():
+        codes = model.encode(x)
+        out = model.decode_codes(codes).numpy().astype(np.float64)
+    mse = float(np.mean((np.clip(out, -1, 1) - x.numpy().astype(np.float64)) ** 2))
+    published = manifest.metrics
+    assert published["validation/mse"] == pytest.approx(mse, rel=1e-4)
+    for level, level_codes in zip(("top", "bottom"), codes):
+        _, usage, perplexity = ind.histogram_figures(level_codes.numpy(), 16)
+        assert published[f"validation/usage/{level}"] == pytest.approx(usage), level
+        assert published[f"validation/perplexity/{level}"] == pytest.approx(perplexity), level
+
+
+def test_reconstruction_grid_shows_originals_above_reconstructions(trained):
+    cfg, manifest, _, _, _, _ = trained
+    grid = np.asarray(Image.open(manifest.artifacts["reconstructions"]))
+    n = cfg.train_vqvae.grid_images
+    # Two rows of n 16 x 16 tiles with 2-pixel gaps.
+    assert grid.shape == (2 * 18 + 2, n * 18 + 2, 3)
+
+
+def test_mlflow_runs_have_step_and_holdout_metrics_and_artifacts(trained):
+    _, _, client, first_run, run_id, _ = trained
+    # Logged at the global step: the interrupted attempt up to its checkpoint, the rest after.
+    assert metric_steps(client, first_run, "train/loss") == [2]
+    assert metric_steps(client, first_run, "validation/mse") == [3]
+    assert metric_steps(client, run_id, "train/loss") == [4, 6]
+    assert metric_steps(client, run_id, "train/perplexity/top") == [4, 6]
+    assert metric_steps(client, run_id, "validation/mse") == [6]
+    assert metric_steps(client, run_id, "validation/usage/bottom") == [6]
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert "reconstructions.png" in artifacts
+    assert [a.path for a in client.list_artifacts(run_id, "model")] == ["model/model.pt"]
+    png = client.download_artifacts(run_id, "reconstructions.png")
+    assert Image.open(png).size[1] == 2 * 18 + 2
+
+
+def test_rerun_continues_from_the_checkpoint_instead_of_restarting(trained):
+    cfg, _, client, _, run_id, _ = trained
     history = client.get_metric_history(run_id, "resumed_at_step")
     assert [(m.step, m.value) for m in history] == [(EVERY, float(EVERY))]
-    # Step 2 came before the failure and was not trained (or logged) again.
-    assert metric_steps(client, run_id, "train/loss") == [2, 4, 6]
+    # Adam's state came back too: its step count covers both attempts.
+    ray_dir = os.path.join(storage.join(cfg.output_dir, "train_vqvae"), "ray", "train_vqvae-fp")
+    final = os.path.join(ray_dir, f"step-{STEPS:08d}", OPTIMIZER_FILE)
+    state = torch.load(final, weights_only=True)["state"]
+    assert {int(s["step"]) for s in state.values()} == {STEPS}
 
-    rank0 = torch.load(dump_dir / "rank-0.pt", weights_only=True)
-    rank1 = torch.load(dump_dir / "rank-1.pt", weights_only=True)
+
+def test_two_ranks_end_with_identical_codebooks_after_resuming(trained):
+    # The quantizers' EMA statistics and data initialisation are all-reduced, so both ranks must
+    # end with the same codebooks, the published ones, though each trained on its own data and
+    # both resumed from the step-3 checkpoint.
+    _, manifest, _, _, _, ranks = trained
+    rank0 = torch.load(ranks / "rank-0.pt", weights_only=True)
+    rank1 = torch.load(ranks / "rank-1.pt", weights_only=True)
     published, _ = load_checkpoint(manifest.checkpoint)
     saved = published.state_dict()
     for level in ("top", "bottom"):
