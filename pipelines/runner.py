@@ -246,11 +246,12 @@ def _run_stage(
     fp: str,
     manifest_fp: str,
 ) -> StageOutcome:
-    ensure_ray(cfg)
     if spec.check_inputs is not None:
         # Upstream files that may have changed since they were written (a shard, a checkpoint)
-        # are checked before the stage's last outputs are cleared for this run.
+        # are checked before the stage's last outputs are cleared for this run, and before Ray
+        # starts: a bad input or setting fails in a moment.
         spec.check_inputs(cfg)
+    ensure_ray(cfg)
     _prepare_stage_dir(stage_dir, fp, forced)
     started = time.time()
     with tracker.stage_run(spec.name) as tracking:

@@ -160,6 +160,8 @@ def test_a_failing_stage_says_so_and_where_the_logs_are(first_run, config):
     done = _cli("sample", path, "--force", "--set", "sample.classes=[hexagon]")
     assert done.returncode == 2
     assert "sample: failed after " in done.stdout
+    # The setting is checked before Ray starts (a local Ray names its dashboard when it does).
+    assert "Ray dashboard: " in first_run.stdout and "Ray dashboard: " not in done.stdout
     assert "hexagon" in done.stderr
     assert f"logs are in {os.path.join(output_dir, 'logs')}" in done.stderr
 
