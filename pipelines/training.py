@@ -176,6 +176,24 @@ def _worker_resources(knobs: TrainingKnobs) -> dict[str, float]:
 PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 
 
+@contextmanager
+def _preemption_watcher_off(local_ray: bool) -> Iterator[None]:
+    """On a Ray started in this process, turn Ray Train's preemption watcher off for the run
+    started in the block (the controller reads the switch from this process' environment when
+    the run starts); a setting of the user's stays, and so does any other run's environment.
+
+    Such a Ray is one node that no autoscaler drains: the watcher, an actor process of its own in
+    every run, would have nothing to watch."""
+    if not local_ray or PREEMPTION_WATCHER_ENV in os.environ:
+        yield
+        return
+    os.environ[PREEMPTION_WATCHER_ENV] = "0"
+    try:
+        yield
+    finally:
+        os.environ.pop(PREEMPTION_WATCHER_ENV, None)
+
+
 def controller_callbacks(
     resource_wait_seconds: float, section: str, knobs: TrainingKnobs
 ) -> list[ResourceWait]:
@@ -209,10 +227,6 @@ def run_trainer(
     after a lost worker, fail the run with a ``CapacityError``. ``local_ray``: the Ray is one
     started in this process (``is_local_ray``).
     """
-    if local_ray:
-        # A Ray started in this process is one node that no autoscaler drains: Ray Train's
-        # preemption watcher, an actor process of its own in every run, has nothing to watch.
-        os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
     ray_dir = storage.join(stage_dir, "ray")
     if not storage.is_url(ray_dir):
         ray_dir = os.path.abspath(ray_dir)  # Ray Train wants an absolute local path
@@ -239,7 +253,7 @@ def run_trainer(
     )
     label = label or os.path.basename(stage_dir.rstrip("/"))
     try:
-        with _shown_progress(name, label, knobs):
+        with _shown_progress(name, label, knobs), _preemption_watcher_off(local_ray):
             result = trainer.fit()
     except ControllerError as err:
         if isinstance(err.controller_failure, CapacityError):
