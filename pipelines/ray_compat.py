@@ -8,6 +8,15 @@ stage waits for room for its workers (``ray.resource_wait_seconds``):
   worker group that never started;
 - ``WorkerGroupStartupTimeoutError``: what the controller records when that wait expires.
 
+Nor for leaving out the helper actors Ray Train starts in every run, each a process of its own,
+where the run has no use for them (``pipelines.training.LeanTorchTrainer``):
+
+- ``DatasetsCallback``: starts a ``DatasetManager`` actor to hand out Ray Data shards, even to a
+  run given no datasets;
+- ``PlacementGroupCleanerCallback``: starts a detached actor that removes the run's placement
+  group should the controller die while the Ray it ran on lives on;
+- ``DataParallelTrainer._create_default_callbacks``: where the trainer lists them.
+
 Names under ``ray.*._internal`` are not API and can move in any minor release. They are resolved
 here, when this module is imported, so that a Ray without them fails at once, naming the version
 found and the versions vqpipe is tested with, rather than in the middle of a training run. No other
@@ -31,6 +40,13 @@ NEWEST_RAY = "2.60"
 INTERNALS = {
     "ControllerCallback": "ray.train.v2._internal.execution.callback",
     "WorkerGroupStartupTimeoutError": "ray.train.v2._internal.exceptions",
+    "DatasetsCallback": "ray.train.v2._internal.callbacks.datasets",
+    "PlacementGroupCleanerCallback": "ray.train.v2._internal.callbacks.placement_group_callback",
+}
+
+# name -> the Ray class whose private method it is
+METHODS = {
+    "_create_default_callbacks": "ray.train.v2.api.data_parallel_trainer.DataParallelTrainer"
 }
 
 
@@ -49,8 +65,13 @@ def resolve(name: str, module: str) -> Any:
 
 
 def resolve_internals() -> dict[str, Any]:
-    """Every name in ``INTERNALS``, resolved."""
-    return {name: resolve(name, module) for name, module in INTERNALS.items()}
+    """Every name in ``INTERNALS``, resolved, and every method of ``METHODS`` checked to exist."""
+    resolved = {name: resolve(name, module) for name, module in INTERNALS.items()}
+    for method, owner in METHODS.items():
+        module, cls = owner.rsplit(".", 1)
+        if not callable(getattr(resolve(cls, module), method, None)):
+            resolve(method, owner)  # no such module: raises, naming the method and the Ray found
+    return resolved
 
 
 def _next_minor(version: str) -> str:
@@ -61,3 +82,5 @@ def _next_minor(version: str) -> str:
 _resolved = resolve_internals()
 ControllerCallback = _resolved["ControllerCallback"]
 WorkerGroupStartupTimeoutError = _resolved["WorkerGroupStartupTimeoutError"]
+DatasetsCallback = _resolved["DatasetsCallback"]
+PlacementGroupCleanerCallback = _resolved["PlacementGroupCleanerCallback"]

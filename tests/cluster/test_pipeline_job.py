@@ -178,6 +178,10 @@ def test_ddp_workers_ran_on_two_nodes(pipeline_job, ray_cluster):
     workers = [a for a in actors if a.get("class_name") == "RayTrainWorker"]
     nodes = {a["node_id"] for a in workers if a.get("node_id")}
     assert len(nodes) >= 2, [(a["class_name"], a.get("node_id")) for a in workers]
+    # On a cluster a run keeps its placement-group cleaner (the controller can die while the
+    # cluster lives on); no run was given Ray Data datasets, so none started a dataset manager.
+    started = {a.get("class_name") for a in actors}
+    assert "PlacementGroupCleaner" in started and "DatasetManager" not in started, started
 
 
 def test_mlflow_runs_metrics_and_artifacts(pipeline_job, mlflow_server, s3_server):

@@ -74,3 +74,13 @@ def test_the_supported_range_is_the_one_pyproject_pins():
     oldest, below = pins.groups()
     major, minor = ray_compat.NEWEST_RAY.split(".")
     assert (oldest, below) == (ray_compat.OLDEST_RAY, f"{major}.{int(minor) + 1}")
+
+
+def test_a_private_method_missing_from_its_class_fails_with_the_versions(monkeypatch):
+    # LeanTorchTrainer overrides the method where Ray Train lists a run's helper actors.
+    owner = ray_compat.METHODS["_create_default_callbacks"]
+    module, cls = owner.rsplit(".", 1)
+    monkeypatch.delattr(getattr(importlib.import_module(module), cls), "_create_default_callbacks")
+    with pytest.raises(UnsupportedRayError) as info:
+        ray_compat.resolve_internals()
+    check_message(str(info.value), "_create_default_callbacks")

@@ -1,6 +1,11 @@
-"""The whole pipeline on an unlabelled corpus (a flat folder of PNGs): real local Ray, real shards,
-real MLflow store. Tokenize writes codes without a class, the priors are unconditional, sample
-draws sample.per_class images in all, evaluate reports what needs no labels and why CAS is absent."""
+"""The whole pipeline on an unlabelled corpus at the paper's resolution: a flat folder of 256x256
+PNGs, as FFHQ is, through the real runner with a real local Ray, real shards and a real MLflow store.
+
+Tokenize writes codes without a class, the priors are unconditional, sample draws sample.per_class
+images in all, evaluate reports what needs no labels and why CAS is absent. At 256x256 (tiny
+models, a few images and steps) every stage's shapes hold (32x32 top and 64x64 bottom codes,
+256-pixel samples), so that a shape, dtype or memory mistake that only shows at high resolution
+fails here rather than on a cluster, and the training cache holds the files, not their pixels."""
 
 from __future__ import annotations
 
@@ -8,13 +13,16 @@ import os
 import re
 import tarfile
 
+import numpy as np
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
+from PIL import Image
 
 from jobs.cli import main as cli_main
 from pipelines.config import parse_config
 from pipelines.data.code_union import unite
+from pipelines.data.image_cache import cache_directory
 from pipelines.data.shards import code_dataset, read_key_index
 from pipelines.errors import ConfigError
 from pipelines.runner import run_stages
@@ -24,22 +32,58 @@ from tests.pipelines.data.test_unlabelled_corpus import write_flat_folder
 from vq_core.checkpoint import load_checkpoint
 
 IMAGES = 40
-COUNT = 6  # sample.per_class: for an unlabelled corpus, the images drawn in all
+SIZE = 256
+COUNT = 4  # sample.per_class: for an unlabelled corpus, the images drawn in all
 
 
 @pytest.fixture(scope="module")
 def unlabelled_run(ray_local, tmp_path_factory):
     """Every stage once on a flat folder, then again (all skipped); the config file's path too."""
     root = tmp_path_factory.mktemp("unlabelled")
-    source = write_flat_folder(root / "flat", IMAGES)
+    source = write_flat_folder(root / "flat", IMAGES, SIZE)
     raw = tiny_raw_config(str(root / "out"), source)
-    raw["sample"]["per_class"] = COUNT
+    raw["data"]["image_size"] = SIZE
+    raw["train_vqvae"]["model"] |= {"channels": 8, "res_channels": 4}
+    few_steps = {"steps": 2, "batch_size": 2, "eval_every": 2, "checkpoint_every": 2}
+    raw["train_vqvae"] |= few_steps
+    for level in ("top", "bottom"):
+        raw["train_prior"][level]["model"]["channels"] = 8
+        raw["train_prior"][level] |= few_steps
+    raw["sample"] = {"per_class": COUNT, "batch_size": 4}
+    raw["evaluate"] |= {"batch_size": 2, "classifier_steps": 2}
     config = root / "config.yaml"
     config.write_text(yaml.safe_dump(raw))
     cfg = parse_config(raw)
     first = run_stages(cfg, run_name="first")
     second = run_stages(cfg, run_name="second")
     return cfg, first, second, str(config)
+
+
+def test_every_stage_runs_at_256_with_the_code_maps_of_its_downsampling(unlabelled_run):
+    _, first, _, _ = unlabelled_run
+    assert list(first) == list(stage_names())
+    vq = first["train_vqvae"].manifest
+    assert vq.image_size == [SIZE, SIZE]
+    assert vq.code_shapes == {"top": [32, 32], "bottom": [64, 64]}
+    tok = first["tokenize"].manifest
+    assert tok.samples == IMAGES and tok.code_shapes == vq.code_shapes
+    for row in code_dataset(tok, "all").take(2):
+        assert np.asarray(row["top"]).shape == (32, 32)
+        assert np.asarray(row["bottom"]).shape == (64, 64)
+
+
+def test_the_training_cache_holds_the_files_not_their_pixels(unlabelled_run):
+    cfg, _, _, _ = unlabelled_run
+    directory = cache_directory(cfg.data, cfg.output_dir)
+    parquet = [f for f in os.listdir(directory) if f.endswith(".parquet")]
+    cached = sum(os.path.getsize(os.path.join(directory, f)) for f in parquet)
+    corpus = sum(
+        os.path.getsize(os.path.join(cfg.data.source, f))
+        for f in os.listdir(cfg.data.source)
+        if f.endswith(".png")
+    )
+    assert cached <= 1.2 * corpus + 16384
+    assert cached < IMAGES * SIZE * SIZE * 3 / 2  # well under half the decoded pixels
 
 
 def test_tokenize_writes_codes_without_a_class(unlabelled_run):
@@ -81,8 +125,10 @@ def test_sample_draws_the_configured_number_of_images(unlabelled_run):
     assert sample.samples == COUNT
     assert list(sample.classes) == ["unconditional"]
     entry = sample.classes["unconditional"]
-    pngs = [f for f in os.listdir(entry.dir) if f.endswith(".png")]
+    pngs = sorted(f for f in os.listdir(entry.dir) if f.endswith(".png"))
     assert len(pngs) == COUNT
+    image = np.asarray(Image.open(os.path.join(entry.dir, pngs[0])))
+    assert image.shape == (SIZE, SIZE, 3) and image.dtype == np.uint8
     assert os.path.isfile(entry.grid)
     assert "unlabelled" in sample.summary()
 

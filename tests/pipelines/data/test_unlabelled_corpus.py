@@ -27,19 +27,20 @@ from tests.pipelines.conftest import tiny_raw_config
 SIZE = 16
 
 
-def _png(index: int) -> bytes:
-    image = render_image(("circle", "square")[index % 2], SIZE, np.random.default_rng(index))
+def _png(index: int, size: int = SIZE) -> bytes:
+    image = render_image(("circle", "square")[index % 2], size, np.random.default_rng(index))
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG")
     return buffer.getvalue()
 
 
-def write_flat_folder(root, count: int) -> str:
-    """``count`` PNGs directly in ``root`` (img-000.png, ...), no subfolder."""
+def write_flat_folder(root, count: int, size: int = SIZE) -> str:
+    """``count`` PNGs of ``size`` pixels a side directly in ``root`` (img-000.png, ...), no
+    subfolder."""
     os.makedirs(root, exist_ok=True)
     for i in range(count):
         with open(os.path.join(root, f"img-{i:03d}.png"), "wb") as f:
-            f.write(_png(i))
+            f.write(_png(i, size))
     return str(root)
 
 
