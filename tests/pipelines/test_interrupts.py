@@ -50,8 +50,8 @@ def test_reclaim_changes_nothing_outside_the_cli():
 
 
 class _TrainerThatTakesSigint:
-    """Stands in for Ray Train's TorchTrainer: its fit() sets a SIGINT handler, as Ray Train's
-    does (to abort the run's controller), and leaves it set."""
+    """Stands in for the trainer run_trainer builds (a TorchTrainer): its fit() sets a SIGINT
+    handler, as Ray Train's does (to abort the run's controller), and leaves it set."""
 
     def __init__(self, *args, **kwargs):
         pass
@@ -62,7 +62,7 @@ class _TrainerThatTakesSigint:
 
 
 def test_a_training_run_leaves_ctrl_c_to_the_cli(monkeypatch, tmp_path):
-    monkeypatch.setattr(training, "TorchTrainer", _TrainerThatTakesSigint)
+    monkeypatch.setattr(training, "LeanTorchTrainer", _TrainerThatTakesSigint)
     knobs = PriorSection(steps=2, batch_size=2)
     with interrupts.stop_on_signals():
         training.run_trainer(
