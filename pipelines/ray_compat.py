@@ -56,12 +56,16 @@ def resolve(name: str, module: str) -> Any:
     try:
         return getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as err:
-        raise UnsupportedRayError(
-            f"vqpipe needs {module}.{name} from Ray Train, and the installed Ray "
-            f"{ray.__version__} does not have it ({type(err).__name__}: {err}). vqpipe supports "
-            f"Ray {OLDEST_RAY} to {NEWEST_RAY}: install one of those "
-            f'(pip install "ray[default,train,data]>={OLDEST_RAY},<{_next_minor(NEWEST_RAY)}")'
-        ) from err
+        raise _unsupported(f"{module}.{name}", f"{type(err).__name__}: {err}") from err
+
+
+def _unsupported(what: str, detail: str) -> UnsupportedRayError:
+    """The error for a Ray that lacks ``what``: the Ray found and the releases vqpipe supports."""
+    return UnsupportedRayError(
+        f"vqpipe needs {what} from Ray Train, and the installed Ray {ray.__version__} does not "
+        f"have it ({detail}). vqpipe supports Ray {OLDEST_RAY} to {NEWEST_RAY}: install one of "
+        f'those (pip install "ray[default,train,data]>={OLDEST_RAY},<{_next_minor(NEWEST_RAY)}")'
+    )
 
 
 def resolve_internals() -> dict[str, Any]:
@@ -70,7 +74,7 @@ def resolve_internals() -> dict[str, Any]:
     for method, owner in METHODS.items():
         module, cls = owner.rsplit(".", 1)
         if not callable(getattr(resolve(cls, module), method, None)):
-            resolve(method, owner)  # no such module: raises, naming the method and the Ray found
+            raise _unsupported(f"{owner}.{method}", f"{cls} has no method {method}")
     return resolved
 
 

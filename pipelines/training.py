@@ -205,10 +205,12 @@ class LeanTorchTrainer(TorchTrainer):
       (the training stages read their data themselves, ``EpochReader``);
     - a placement-group cleaner, detached, that removes the run's reserved resources should the
       controller die while the Ray it ran on lives on: left out when ``local_ray``, a Ray started
-      in this process that ends with it.
+      in this process that ends with it;
+    - a preemption watcher, that watches the workers' nodes for drains: left out when
+      ``local_ray`` too (``_preemption_watcher_off``).
 
     On a small run each costs about as much CPU time as the run's controller (1 to 2.5
-    CPU-seconds to start); on a cluster the cleaner stays.
+    CPU-seconds to start); on a cluster the cleaner and the watcher stay.
     """
 
     def __init__(self, *args: Any, local_ray: bool = False, **kwargs: Any) -> None:
@@ -217,10 +219,15 @@ class LeanTorchTrainer(TorchTrainer):
         if local_ray:
             left_out.append(PlacementGroupCleanerCallback)
         self._left_out = tuple(left_out)
+        self._local_ray = local_ray
 
     def _create_default_callbacks(self) -> list[Any]:
         callbacks = super()._create_default_callbacks()
         return [cb for cb in callbacks if not isinstance(cb, self._left_out)]
+
+    def fit(self) -> Any:
+        with _preemption_watcher_off(self._local_ray):
+            return super().fit()
 
 
 def controller_callbacks(
@@ -283,7 +290,7 @@ def run_trainer(
     )
     label = label or os.path.basename(stage_dir.rstrip("/"))
     try:
-        with _shown_progress(name, label, knobs), _preemption_watcher_off(local_ray):
+        with _shown_progress(name, label, knobs):
             result = trainer.fit()
     except ControllerError as err:
         if isinstance(err.controller_failure, CapacityError):
