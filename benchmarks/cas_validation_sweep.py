@@ -13,6 +13,11 @@ the validation split's.
 
 A setting is comma-separated ``sample.*`` keys (without the ``sample.`` prefix); ``--set`` applies
 config overrides to every setting (e.g. ``evaluate.classifier_steps=400``).
+
+``--setting reconstructions`` scores the tokenizer instead of a prior: in place of samples, the
+autoencoder's reconstructions of the very real train images that the real-to-real classifier of
+each seed trains on (as many per class as a setting draws). Its ratio is what a perfect prior over
+these codes would reach, so it tells whether the prior or the tokenizer holds the figure back.
 """
 
 from __future__ import annotations
@@ -44,17 +49,22 @@ def main() -> None:
     results = []
     for setting in args.setting:
         overrides = list(args.set)
-        for item in setting.split(","):
-            overrides.append(f"sample.{item.strip()}")
+        if setting != "reconstructions":
+            overrides += [f"sample.{item.strip()}" for item in setting.split(",")]
         cfg = load_config(args.config, overrides)
-        trained = require_manifest(cfg.output_dir, TrainPriorManifest)
         tok = require_manifest(cfg.output_dir, TokenizeManifest)
-        classes = list(trained.class_names)
-        draws = draws_per_class(cfg.sample, classes)
         name = setting.replace("=", "").replace(",", "_").replace(".", "")
-        sets = []
         started = time.time()
-        for offset in range(args.seeds):
+        if setting == "reconstructions":  # needs the tokenize stage only
+            classes = list(tok.class_names)
+            draws = draws_per_class(cfg.sample, classes)
+            sets = reconstructions(cfg, tok, classes, draws, args.seeds)
+        else:
+            trained = require_manifest(cfg.output_dir, TrainPriorManifest)
+            classes = list(trained.class_names)
+            draws = draws_per_class(cfg.sample, classes)
+            sets = []
+        for offset in range(0 if sets else args.seeds):
             seed = cfg.sample.seed + offset
             where = storage.join(cfg.output_dir, "cas-sweep", name, f"seed-{seed}")
             ctx = StageContext(cfg, "sample", where, "sweep", TrackingContext("sqlite://", None))
@@ -87,6 +97,42 @@ def main() -> None:
     out = storage.join(load_config(args.config).output_dir, "cas-sweep", "results.yaml")
     previous = yaml.safe_load(storage.read_bytes(out)) if storage.exists(out) else []
     storage.write_bytes(out, yaml.safe_dump(previous + results).encode())
+
+
+def reconstructions(cfg, tok, classes: list[str], draws: int, seeds: int) -> list:
+    """Per seed, the autoencoder's reconstructions of the real train images that seed's
+    real-to-real classifier trains on (``matched_subset`` with the same pool and salt as
+    ``score_seed``), written as PNGs per class like a sample stage's."""
+    import torch
+
+    from pipelines.data import storage
+    from pipelines.data.corpus import open_corpus
+    from pipelines.data.images import encode_png, to_uint8
+    from pipelines.evaluation.cas import matched_subset
+    from pipelines.evaluation.classifier import labelled_images
+    from pipelines.tools.reconstruct import load_autoencoder
+
+    model, _ = load_autoencoder(tok.checkpoint)
+    model.eval()
+    pool = labelled_images(open_corpus(cfg.data).dataset("train"), cfg.evaluate.max_images)
+    wanted = [tok.class_names.index(c) for c in classes]
+    pool = pool.subset(torch.isin(pool.labels, torch.tensor(wanted)))
+    sets = []
+    for offset in range(seeds):
+        seed = cfg.seed + offset
+        chosen = matched_subset(pool, {label: draws for label in wanted}, salt=seed)
+        with torch.inference_mode():
+            recon = model.decode_codes(model.encode(chosen.images)).clamp(-1, 1)
+        where = storage.join(cfg.output_dir, "cas-sweep", "reconstructions", f"seed-{seed}")
+        dirs = {}
+        for key, label, pixels in zip(chosen.keys, chosen.labels.tolist(), to_uint8(recon)):
+            name = tok.class_names[label]
+            dirs[name] = storage.join(where, name)
+            storage.write_bytes(
+                storage.join(dirs[name], key.replace("/", "_") + ".png"), encode_png(pixels)
+            )
+        sets.append((seed, dirs))
+    return sets
 
 
 if __name__ == "__main__":
