@@ -235,9 +235,10 @@ def _train_one(
         label_maps=union.shard_label_maps(),
         labelled=union.labelled,
     )
+    local_ray = is_local_ray(ctx.cfg.ray)
     loop_config = {
         "data": data,
-        "threads": training_threads(plan.knobs, is_local_ray(ctx.cfg.ray)),
+        "threads": training_threads(plan.knobs, local_ray),
         "plan": plan,
         "heldout": ray.put(heldout) if len(heldout["label"]) else None,
         "tracking": ctx.tracking,
@@ -254,7 +255,7 @@ def _train_one(
         label=f"{ctx.stage} {plan.level}",
         section=f"{ctx.stage}.{plan.level}",
         resource_wait_seconds=ctx.cfg.ray.resource_wait_seconds,
-        local_ray=is_local_ray(ctx.cfg.ray),
+        local_ray=local_ray,
     )
     return load_final_model(result, prefer_best=True)
 

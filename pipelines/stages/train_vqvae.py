@@ -267,9 +267,10 @@ def _train(ctx: StageContext, holdout: np.ndarray) -> tuple[nn.Module, Checkpoin
         shuffle_buffer=section.shuffle_buffer,
         augment=cfg.data.augment,
     )
+    local_ray = is_local_ray(cfg.ray)
     loop_config = {
         "data": data,
-        "threads": training_threads(section, is_local_ray(cfg.ray)),
+        "threads": training_threads(section, local_ray),
         "section": section,
         "channels": cfg.data.channels,
         "holdout": ray.put(holdout) if len(holdout) else None,
@@ -285,7 +286,7 @@ def _train(ctx: StageContext, holdout: np.ndarray) -> tuple[nn.Module, Checkpoin
         knobs=section,
         section=ctx.stage,
         resource_wait_seconds=cfg.ray.resource_wait_seconds,
-        local_ray=is_local_ray(cfg.ray),
+        local_ray=local_ray,
     )
     return load_final_model(result)
 
