@@ -447,7 +447,7 @@ def read_raw_shards(uris: Sequence[str], *, include_paths: bool = False):
 
 
 def _decode_sample(
-    sample: dict[str, Any], levels: Sequence[str] | None, labelled: bool = True
+    sample: dict[str, Any], levels: Sequence[str] | None, labelled: bool
 ) -> dict[str, Any]:
     """Raw WebDataset fields -> {key, label, <level>: array}; numpy only, never pickle. Unlabelled
     samples (``labelled`` false) get label -1."""

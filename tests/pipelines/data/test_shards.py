@@ -32,8 +32,10 @@ from pipelines.data.shards import (
     removed_table_bytes,
     sample_codes,
     shard_bytes,
+    shard_name,
     write_shard,
 )
+from pipelines.errors import InputError
 
 
 def test_code_dtype_is_the_smallest_unsigned_type_that_holds_k():
@@ -44,6 +46,8 @@ def test_code_dtype_is_the_smallest_unsigned_type_that_holds_k():
     assert code_dtype(65537) == np.uint32
     with pytest.raises(ValueError, match="at least one code"):
         code_dtype(0)
+    with pytest.raises(ValueError, match="codebook of 4294967297 codes does not fit in uint32"):
+        code_dtype(2**32 + 1)
 
 
 def _samples(count: int, seed: int = 0, prefix: str = "img"):
@@ -217,6 +221,17 @@ def test_shard_names_tell_shards_from_their_key_indexes_and_leftovers(tmp_path):
     assert not is_shard(key_index_uri(info.uri))
     assert not is_shard(info.uri + ".5e6f7a8b" + storage.TMP_SUFFIX)
     assert not is_shard(str(tmp_path / "shard-00000.tar"))  # a WebDataset tar, not a code shard
+    # The name is the first 12 hex digits of the SHA-1 of the keys, one per line, in order.
+    assert shard_name(["circle/00000", "circle/00001", "square/00000"]) == "codes-22c006218456.tar"
+    assert key_index_uri("s3://b/run/tokenize/codes-22c006218456.tar") == (
+        "s3://b/run/tokenize/codes-22c006218456.keys.parquet"
+    )
+    with pytest.raises(ValueError, match="'s3://b/x.parquet' is not a shard"):
+        key_index_uri("s3://b/x.parquet")
+    # A shard of a subfolder is another set's: not listed with this folder's.
+    nested = write_shard(str(tmp_path / "more"), keys[:1], labels[:1], {"top": codes["top"][:1]})
+    assert list_shards(str(tmp_path)) == [info.uri]
+    assert list_shards(str(tmp_path / "more")) == [nested.uri]
 
 
 def test_first_sample_of_a_code_shard_or_a_foreign_webdataset_tar(tmp_path):
@@ -243,6 +258,32 @@ def test_first_sample_of_a_code_shard_or_a_foreign_webdataset_tar(tmp_path):
     assert read_first_sample(str(empty)) is None
 
 
+def test_member_names_split_at_the_first_dot_of_their_last_component(tmp_path):
+    """A tar member's key and field, split as WebDataset splits them: keys with no folder or with
+    a dot in a folder read back whole; a tar made by other tools may hold folder entries and files
+    that are no sample's field, and they are no samples."""
+    codes = {"top": np.zeros((3, 1, 1), np.uint8)}
+    shard = write_shard(str(tmp_path), ["img7", "a/b.c/y", "a/z"], [0, 1, 2], codes)
+    assert read_shard_keys(shard.uri) == ["img7", "a/b.c/y", "a/z"]
+
+    npy = io.BytesIO()
+    np.save(npy, np.ones((2, 2), np.uint8))
+    foreign = tmp_path / "made-by-tar.tar"
+    members = [("v1.0", None), ("v1.0/README", b"x"), ("v1.0/.cls", b"1")]
+    members += [("v1.0/s.codes.npy", npy.getvalue())]
+    with tarfile.open(foreign, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            if data is None:
+                info.type = tarfile.DIRTYPE
+            else:
+                info.size = len(data)
+            tar.addfile(info, io.BytesIO(data) if data else None)
+    key, fields = read_first_sample(str(foreign))
+    assert key == "v1.0/s" and list(fields) == ["codes.npy"]
+    assert read_shard_keys(str(foreign)) == ["v1.0/s"]
+
+
 def test_raw_batches_give_keys_and_the_levels_asked_for(tmp_path, ray_local):
     keys, labels, codes = _samples(4)
     info = write_shard(str(tmp_path), keys, labels, codes)
@@ -257,15 +298,17 @@ def test_raw_batches_give_keys_and_the_levels_asked_for(tmp_path, ray_local):
 def test_shard_members_are_read_only_dated_zero_and_refuse_dotted_names():
     # Reproducible bytes: every member has mode 0o444 and mtime 0, whatever the clock says.
     codes = {"top": np.arange(8, dtype=np.uint8).reshape(2, 2, 2)}
-    data = shard_bytes(["a/x", "b.c/y"], [0, 1], codes)
+    data = shard_bytes(["a/x", "a/b.c/y"], [0, 1], codes)  # a dot in a folder is fine
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
         members = tar.getmembers()
-    assert [m.name for m in members] == ["a/x.top.npy", "a/x.cls", "b.c/y.top.npy", "b.c/y.cls"]
+    assert [m.name for m in members] == [
+        "a/x.top.npy", "a/x.cls", "a/b.c/y.top.npy", "a/b.c/y.cls"
+    ]  # fmt: skip
     assert {(m.mode, m.mtime) for m in members} == {(0o444, 0)}
     for level in ("to.p", ""):
         with pytest.raises(ValueError, match="level names become file suffixes"):
             shard_bytes(["a"], None, {level: codes["top"][:1]})
-    with pytest.raises(ValueError, match="a shard needs at least one level of codes"):
+    with pytest.raises(ValueError, match="^a shard needs at least one level of codes$"):
         shard_bytes(["a"], None, {})
     with pytest.raises(ValueError, match="'b/x.y' has a dot in its last component"):
         shard_bytes(["b/x.y"], None, {"top": codes["top"][:1]})
@@ -276,3 +319,50 @@ def test_a_stored_code_map_is_never_unpickled():
     np.save(buffer, np.array([{"a": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(ValueError, match="allow_pickle"):
         read_code_map(buffer.getvalue())
+
+
+def test_the_plain_reader_skips_removed_keys_of_their_own_shard_only(tmp_path):
+    """``iter_code_samples`` without Ray (what ``vqpipe decode`` checks and the unions read): a
+    removed key is skipped in the shard it was removed from, in any folder, and read in another."""
+    keys, labels, codes = _samples(4, seed=2)
+    old = write_shard(str(tmp_path / "run" / "tokenize"), keys, labels, codes)
+    other = write_shard(str(tmp_path / "elsewhere"), keys[2:3], labels[2:3],
+                        {k: v[2:3] for k, v in codes.items()})  # fmt: skip
+    removed = {old.name: frozenset({keys[1]}), "codes-000000000000.tar": frozenset({keys[2]})}
+    read = list(iter_code_samples([old.uri, other.uri], ["top", "bottom"], removed=removed))
+    # keys[1] only is skipped, and the samples after it still come; keys[2] twice (both live).
+    assert [s["key"] for s in read] == [keys[0], keys[2], keys[3], keys[2]]
+    assert [s["label"] for s in read] == [labels[0], labels[2], labels[3], labels[2]]
+    np.testing.assert_array_equal(read[2]["bottom"], codes["bottom"][3])
+
+
+def test_unlabelled_shards_read_with_label_minus_one_and_labelled_reading_names_the_sample(
+    tmp_path,
+):
+    keys, _, codes = _samples(3, seed=3)
+    info = write_shard(str(tmp_path), keys, None, codes)
+    assert info.class_counts == {}
+    index = read_key_index(info.uri)
+    assert index.schema.field("label").type == "int64"  # null labels, still typed
+    assert index.to_pydict() == {"key": keys, "label": [None] * 3, "source": [""] * 3}
+    assert read_key_index(info.uri, columns=["key"]).column_names == ["key"]
+
+    read = list(iter_code_samples([info.uri], ["top", "bottom"], labelled=False))
+    assert [(s["key"], s["label"]) for s in read] == [(k, -1) for k in keys]
+    np.testing.assert_array_equal(read[1]["top"], codes["top"][1])
+    with pytest.raises(ValueError, match=f"sample '{keys[0]}' in {info.uri} has no .cls"):
+        next(iter_code_samples([info.uri], ["top", "bottom"]))
+
+
+def test_the_plain_reader_refuses_samples_of_other_levels_naming_them(tmp_path):
+    keys, labels, codes = _samples(2, seed=4)
+    info = write_shard(str(tmp_path), keys, labels, codes)
+    with pytest.raises(InputError) as err:
+        next(iter_code_samples([info.uri], ["codes"]))
+    assert str(err.value) == (
+        f"sample '{keys[0]}' in {info.uri} holds the code levels ['bottom', 'top'], but its set "
+        "of code shards (its tokenizer) has the levels ['codes']: these shards were not written "
+        "by that tokenizer"
+    )
+    # Without levels, whatever levels each sample holds.
+    assert sorted(next(iter_code_samples([info.uri]))) == ["bottom", "key", "label", "top"]
