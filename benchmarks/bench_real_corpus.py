@@ -25,7 +25,11 @@ bits per code and the codes in use per level out of the codebook size.
     python benchmarks/bench_real_corpus.py digits --set sample.temperature=1.0   # an experiment
 
 ``--set`` passes overrides to ``vqpipe run`` and is printed with the figures: a run with overrides
-is no longer "the demo config with only the data keys changed".
+is no longer "the demo config with only the data keys changed". ``--config`` starts from another
+config than the demo's (its data keys are replaced the same way), e.g. the photo-tile recipe:
+
+    python benchmarks/bench_real_corpus.py photos --config configs/photo-tiles.yaml \
+        --output runs/bench-photo-tiles
 """
 
 from __future__ import annotations
@@ -99,10 +103,10 @@ def write_corpus(corpus: dict[str, list[np.ndarray]], root: Path) -> dict[str, i
     return counts
 
 
-def write_config(output: Path, corpus: Path) -> Path:
-    """configs/demo.yaml with its data source replaced by ``corpus`` (nothing generated) and its
-    output in ``output``; every other key is the demo's."""
-    raw = yaml.safe_load(DEMO.read_text())
+def write_config(output: Path, corpus: Path, base: Path = DEMO) -> Path:
+    """``base`` (configs/demo.yaml) with its data source replaced by ``corpus`` (nothing
+    generated) and its output in ``output``; every other key is the base config's."""
+    raw = yaml.safe_load(base.read_text())
     raw["output_dir"] = str(output)
     raw["data"]["source"] = str(corpus)
     raw["data"].pop("generate", None)
@@ -204,6 +208,9 @@ def main() -> None:
         help="an override for vqpipe run (then it is no longer the demo config)",
     )
     parser.add_argument("--force", nargs="*", metavar="STAGE", help="passed to vqpipe run")
+    parser.add_argument(
+        "--config", type=Path, default=DEMO, help="the config whose data keys are replaced"
+    )
     args = parser.parse_args()
 
     output = (args.output or ROOT / "runs" / f"bench-real-{args.corpus}").resolve()
@@ -214,8 +221,8 @@ def main() -> None:
         print(
             f"corpus {args.corpus}: {sum(counts.values())} images in {len(counts)} classes {counts}"
         )
-        config = write_config(output, output / "corpus")
-        print(f"config: {config} (configs/demo.yaml, data.source replaced, data.generate removed)")
+        config = write_config(output, output / "corpus", args.config)
+        print(f"config: {config} ({args.config}, data.source replaced, data.generate removed)")
         if args.prepare:
             return
         command = [*vqpipe(), "run", str(config)]
