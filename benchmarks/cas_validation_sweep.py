@@ -121,8 +121,13 @@ def reconstructions(cfg, tok, classes: list[str], draws: int, seeds: int) -> lis
     for offset in range(seeds):
         seed = cfg.seed + offset
         chosen = matched_subset(pool, {label: draws for label in wanted}, salt=seed)
-        with torch.inference_mode():
-            recon = model.decode_codes(model.encode(chosen.images)).clamp(-1, 1)
+        with torch.inference_mode():  # in batches, as the sample stage decodes
+            recon = torch.cat(
+                [
+                    model.decode_codes(model.encode(batch)).clamp(-1, 1)
+                    for batch in chosen.images.split(cfg.sample.batch_size)
+                ]
+            )
         where = storage.join(cfg.output_dir, "cas-sweep", "reconstructions", f"seed-{seed}")
         dirs = {}
         for key, label, pixels in zip(chosen.keys, chosen.labels.tolist(), to_uint8(recon)):
