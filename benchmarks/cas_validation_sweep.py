@@ -55,21 +55,21 @@ def main() -> None:
         tok = require_manifest(cfg.output_dir, TokenizeManifest)
         name = setting.replace("=", "").replace(",", "_").replace(".", "")
         started = time.time()
+        sets = []
         if setting == "reconstructions":  # needs the tokenize stage only
-            classes = list(tok.class_names)
-            draws = draws_per_class(cfg.sample, classes)
-            sets = reconstructions(cfg, tok, classes, draws, args.seeds)
+            draws = draws_per_class(cfg.sample, list(tok.class_names))
+            sets = reconstructions(cfg, tok, draws, args.seeds)
         else:
             trained = require_manifest(cfg.output_dir, TrainPriorManifest)
             classes = list(trained.class_names)
             draws = draws_per_class(cfg.sample, classes)
-            sets = []
-        for offset in range(0 if sets else args.seeds):
-            seed = cfg.sample.seed + offset
-            where = storage.join(cfg.output_dir, "cas-sweep", name, f"seed-{seed}")
-            ctx = StageContext(cfg, "sample", where, "sweep", TrackingContext("sqlite://", None))
-            entries = draw_samples(ctx, trained, prior_order(trained), classes, seed, draws)
-            sets.append((seed, {c: e.dir for c, e in entries.items()}))
+            for offset in range(args.seeds):
+                seed = cfg.sample.seed + offset
+                where = storage.join(cfg.output_dir, "cas-sweep", name, f"seed-{seed}")
+                tracking = TrackingContext("sqlite://", None)
+                ctx = StageContext(cfg, "sample", where, "sweep", tracking)
+                entries = draw_samples(ctx, trained, prior_order(trained), classes, seed, draws)
+                sets.append((seed, {c: e.dir for c, e in entries.items()}))
         sampled = time.time() - started
         where = storage.join(cfg.output_dir, "cas-sweep", name, "evaluate")
         avoid = cfg.sample.seed if cfg.sample.rejection.enabled else None
@@ -99,10 +99,10 @@ def main() -> None:
     storage.write_bytes(out, yaml.safe_dump(previous + results).encode())
 
 
-def reconstructions(cfg, tok, classes: list[str], draws: int, seeds: int) -> list:
-    """Per seed, the autoencoder's reconstructions of the real train images that seed's
-    real-to-real classifier trains on (``matched_subset`` with the same pool and salt as
-    ``score_seed``), written as PNGs per class like a sample stage's."""
+def reconstructions(cfg, tok, draws: int, seeds: int) -> list:
+    """Per seed, the autoencoder's reconstructions of ``draws`` real train images of each class:
+    those that seed's real-to-real classifier trains on (``matched_subset`` with the same pool and
+    salt as ``score_seed``), written as PNGs per class like a sample stage's."""
     import torch
 
     from pipelines.data import storage
@@ -115,12 +115,10 @@ def reconstructions(cfg, tok, classes: list[str], draws: int, seeds: int) -> lis
     model, _ = load_autoencoder(tok.checkpoint)
     model.eval()
     pool = labelled_images(open_corpus(cfg.data).dataset("train"), cfg.evaluate.max_images)
-    wanted = [tok.class_names.index(c) for c in classes]
-    pool = pool.subset(torch.isin(pool.labels, torch.tensor(wanted)))
     sets = []
     for offset in range(seeds):
         seed = cfg.seed + offset
-        chosen = matched_subset(pool, {label: draws for label in wanted}, salt=seed)
+        chosen = matched_subset(pool, dict.fromkeys(range(len(tok.class_names)), draws), salt=seed)
         with torch.inference_mode():  # in batches, as the sample stage decodes
             recon = torch.cat(
                 [
