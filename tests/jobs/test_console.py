@@ -1,7 +1,8 @@
 """What `vqpipe run` prints: a line per stage, progress, a summary; Ray's logs in <output_dir>/logs.
 
 The CLI runs as a user runs it, in its own process with its stdout and stderr to pipes (not a
-terminal), on a tiny generated corpus with a real local Ray.
+terminal), on a tiny generated corpus with a real local Ray: the session's shared run
+(tests/conftest.py) is such a run, and the commands that redo a stage run on a copy of it.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,7 +23,7 @@ import pytest
 from pipelines import console, logs
 from pipelines.console import Console
 from pipelines.stages import STAGES
-from tests.pipelines.conftest import tiny_raw_config
+from tests.pipelines.conftest import SHARED_CLASSES, SHARED_CORRUPT, SHARED_PER_CLASS, vqpipe
 
 # What Ray's C++ core prints on the driver's stderr (once per process) when Ray Data starts an
 # actor pool: its constructor arguments are object refs and its actors restartable.
@@ -40,47 +42,31 @@ RAY_NOISE = (
 BF16_WARNING = "precision bf16 applies on GPU only"
 
 
-def _cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "RAY_DEDUP_LOGS": "1"}
-    done = subprocess.run(
-        [sys.executable, "-m", "jobs.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-    )
-    return done
+@pytest.fixture(scope="module")
+def first_run(shared_run):
+    """What `vqpipe run` printed in the shared run (tests/conftest.py): four classes of six images
+    and two corrupt files, bf16 asked of both priors (on CPU each warns once)."""
+    return shared_run.console
 
 
 @pytest.fixture(scope="module")
-def config(tmp_path_factory):
+def config(shared_run, tmp_path_factory):
+    """The shared run's finished stages copied to another output_dir, with their config, for the
+    commands below to redo stages on (its MLflow store and logs start empty); (path, output_dir)."""
     root = tmp_path_factory.mktemp("console")
-    raw = tiny_raw_config(str(root / "out"), str(root / "corpus"))
-    raw["data"]["generate"] = {
-        "images_per_class": 6,
-        "classes": ["circle", "square"],
-        "image_size": 16,
-        "corrupt_files": 2,
-    }
-    raw["ray"] = {"num_cpus": 2, "object_store_memory": 256 * 1024**2}
-    # On CPU each prior's training warns that bf16 is GPU-only: one warning, twice in the stage.
-    for level in ("top", "bottom"):
-        raw["train_prior"][level]["precision"] = "bf16"
-    path = root / "config.yaml"
-    path.write_text(json.dumps(raw))
-    return str(path), raw["output_dir"]
+    output_dir = str(root / "out")
+    shutil.copytree(
+        shared_run.cfg.output_dir,
+        output_dir,
+        ignore=shutil.ignore_patterns("mlflow.db", "mlartifacts", "logs"),
+    )
+    path = root / "config.json"
+    path.write_text(json.dumps(shared_run.raw_config(output_dir)))
+    return str(path), output_dir
 
 
-@pytest.fixture(scope="module")
-def first_run(config):
-    path, _ = config
-    done = _cli("run", path)
-    assert done.returncode == 0, done.stdout + done.stderr
-    return done
-
-
-def test_each_stage_has_a_start_line_and_a_summary(first_run, config):
-    _, output_dir = config
+def test_each_stage_has_a_start_line_and_a_summary(first_run, shared_run):
+    output_dir = shared_run.cfg.output_dir
     lines = first_run.stdout.splitlines()
     assert (
         lines[0]
@@ -108,12 +94,13 @@ def test_training_and_tokenize_show_plain_progress_lines(first_run):
     assert steps == sorted(steps) and steps[-1] == 6, out
     match = re.search(r"^  tokenize  images (\d+)/(\d+) \(100%\)  shards (\d+)", out, re.MULTILINE)
     assert match, out
-    assert match[1] == match[2] == "14"  # 2 classes x 6 images and the 2 bad files
+    images = len(SHARED_CLASSES) * SHARED_PER_CLASS + SHARED_CORRUPT  # the bad files counted
+    assert match[1] == match[2] == str(images)
     assert "\x1b[" not in out  # no terminal control codes in a pipe
 
 
-def test_ray_logs_go_to_the_log_folder_not_the_console(first_run, config):
-    _, output_dir = config
+def test_ray_logs_go_to_the_log_folder_not_the_console(first_run, shared_run):
+    output_dir = shared_run.cfg.output_dir
     console = first_run.stdout + first_run.stderr
     for noise in RAY_NOISE:
         assert noise not in console, noise
@@ -148,7 +135,7 @@ def test_a_repeated_warning_is_shown_once_with_its_count(first_run):
 
 def test_verbose_shows_rays_logs_on_the_console(first_run, config):
     path, _ = config
-    done = _cli("--verbose", "tokenize", path, "--force")
+    done = vqpipe("--verbose", "tokenize", path, "--force")
     assert done.returncode == 0, done.stdout + done.stderr
     console = done.stdout + done.stderr
     assert "Execution plan of Dataset" in console
@@ -157,7 +144,7 @@ def test_verbose_shows_rays_logs_on_the_console(first_run, config):
 
 def test_a_failing_stage_says_so_and_where_the_logs_are(first_run, config):
     path, output_dir = config
-    done = _cli("sample", path, "--force", "--set", "sample.classes=[hexagon]")
+    done = vqpipe("sample", path, "--force", "--set", "sample.classes=[hexagon]")
     assert done.returncode == 2
     assert "sample: failed after " in done.stdout
     # The setting is checked before Ray starts (a local Ray names its dashboard when it does).
@@ -185,17 +172,20 @@ def test_a_failing_stage_says_so_and_where_the_logs_are(first_run, config):
 def test_a_signal_stops_sampling_at_once(first_run, config, tmp_path, signum, command):
     path, output_dir = config
     log = os.path.join(output_dir, "logs", "vqpipe.log")
-    logged_before = os.path.getsize(log)
+    logged_before = os.path.getsize(log) if os.path.exists(log) else 0
+    per_class = 500  # minutes of sampling
+    draws = per_class * len(SHARED_CLASSES)
     with open(tmp_path / "out", "w") as out, open(tmp_path / "err", "w") as err:
         run = subprocess.Popen(
             [sys.executable, "-m", "jobs.cli", command[0], path, *command[1:]]
-            + ["--set", "sample.per_class=500"],  # minutes of sampling
+            + ["--set", f"sample.per_class={per_class}"]
+            + ["--set", "sample.rejection.enabled=false"],
             stdout=out,
             stderr=err,
             env={**os.environ, "RAY_DEDUP_LOGS": "1"},
         )
         try:
-            _wait_for_log_line(run, log, logged_before, r"sample: \d+ of 1000 draws")
+            _wait_for_log_line(run, log, logged_before, rf"sample: \d+ of {draws} draws")
             run.send_signal(signum)
             sent = time.monotonic()
             run.wait(timeout=60)

@@ -1,4 +1,5 @@
-"""Shared fixtures for the pipeline tests: one real local Ray per session, tiny configs."""
+"""Helpers of the pipeline tests: tiny configs, the shared run's config and helpers (its fixtures,
+with the session's local Ray, are in tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -6,32 +7,14 @@ import contextlib
 import hashlib
 import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
 
 from pipelines.config import PipelineConfig, parse_config
-
-
-@pytest.fixture(scope="session")
-def ray_local():
-    """A real local Ray (2 CPUs, no dashboard), shared by every pipeline test of the session."""
-    import ray
-
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    if not ray.is_initialized():
-        ray.init(
-            num_cpus=2,
-            include_dashboard=False,
-            object_store_memory=256 * 1024**2,
-            log_to_driver=False,
-        )
-    from ray.data import DataContext
-
-    DataContext.get_current().enable_progress_bars = False
-    yield ray
-    ray.shutdown()
 
 
 def _tiny_prior(**model) -> dict:
@@ -99,9 +82,11 @@ def tiny_config(tmp_path):
 
 # The shared run: one pipeline run of the session that the tests which only read a finished run's
 # outputs share (tests/pipelines/test_end_to_end.py, test_integrity.py, test_reproducible.py,
-# evaluation/test_published_figures.py, stages/test_stage_settings.py). Four classes of six
-# images and two corrupt files; rejection sampling on, so that every section a stage can read is
-# read; the models registered; the autoencoder on two DDP ranks.
+# evaluation/test_published_figures.py, stages/test_stage_settings.py, and what
+# tests/jobs/test_console.py reads of its console). Four classes of six images and two corrupt
+# files; rejection sampling on, so that every section a stage can read is read; the models
+# registered; the autoencoder on two DDP ranks; bf16 asked of the priors (on CPU each warns once).
+# It runs as a user runs it: `vqpipe run` in its own process, with its own local Ray.
 SHARED_CLASSES = ["circle", "cross", "square", "triangle"]
 SHARED_PER_CLASS = 6
 SHARED_CORRUPT = 2
@@ -116,18 +101,36 @@ def shared_raw_config(output_dir: str, source: str) -> dict:
         "corrupt_files": SHARED_CORRUPT,
     }
     raw["train_vqvae"] |= {"num_workers": 2, "cpus_per_worker": 0.5}
+    for level in ("top", "bottom"):
+        raw["train_prior"][level]["precision"] = "bf16"
     raw["sample"]["rejection"] = {"enabled": True, "keep_fraction": 0.5, "classifier_steps": 3}
     raw["mlflow"] = {"registered_models": {"autoencoder": "e2e-tokenizer", "prior": "e2e-prior"}}
+    # The local Ray of `vqpipe run`; a run in this process uses the session's (ray_local).
+    raw["ray"] = {"num_cpus": 2, "object_store_memory": 256 * 1024**2}
     return raw
+
+
+def vqpipe(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``python -m jobs.cli ARGS`` in its own process, stdout and stderr to pipes (not a terminal),
+    Ray's repeated worker lines folded as a user's console has them."""
+    return subprocess.run(
+        [sys.executable, "-m", "jobs.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "RAY_DEDUP_LOGS": "1"},
+    )
 
 
 @dataclass
 class SharedRun:
-    """The shared run: its config, the outcome of each stage and the folder it lives in."""
+    """The shared run: its config, the outcome of each stage, the folder it lives in, and what
+    `vqpipe run` printed (``console``: its exit status, stdout and stderr)."""
 
     cfg: PipelineConfig
     outcomes: dict
     root: str
+    console: subprocess.CompletedProcess
 
     @property
     def manifests(self) -> dict:
@@ -138,15 +141,20 @@ class SharedRun:
         return shared_raw_config(output_dir, self.cfg.data.source)
 
 
-@pytest.fixture(scope="session")
-def shared_run(ray_local, tmp_path_factory) -> SharedRun:
-    """Every stage once on the shared config. Tests must leave its outputs as they found them:
-    a test that changes them wraps the change in ``restored(shared_run, stages)``."""
-    from pipelines.runner import run_stages
+@contextlib.contextmanager
+def competing_processes(count: int) -> Iterator[None]:
+    """CPU-bound processes, ``count`` of them, for as long as the block runs.
 
-    root = tmp_path_factory.mktemp("shared")
-    cfg = parse_config(shared_raw_config(str(root / "out"), str(root / "corpus")))
-    return SharedRun(cfg, run_stages(cfg, run_name="first"), str(root))
+    At the niceness Ray gives its workers (15): a fair competitor, not one that starves them.
+    """
+    busy = "import os; os.nice(max(0, 15 - os.nice(0)))\nwhile True: pass"
+    spinners = [subprocess.Popen([sys.executable, "-c", busy]) for _ in range(count)]
+    try:
+        yield
+    finally:
+        for process in spinners:
+            process.kill()
+            process.wait()
 
 
 def digests(folder: str) -> dict[str, str]:

@@ -4,7 +4,9 @@ local Ray, real shards and a real MLflow SQLite store."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import os
 import re
 
@@ -28,7 +30,12 @@ from pipelines.errors import InputError, MissingInputError, UserError
 from pipelines.manifest import read_manifest
 from pipelines.mlflow_models import log_checkpoint_model
 from pipelines.runner import run_stages
-from pipelines.stage_manifests import SampleManifest, TokenizeManifest
+from pipelines.stage_manifests import (
+    EvaluateManifest,
+    SampleManifest,
+    TokenizeManifest,
+    TrainPriorManifest,
+)
 from pipelines.stages import train_prior as train_prior_stage
 from pipelines.tracking import Tracker
 from tests.pipelines.conftest import tiny_raw_config
@@ -236,34 +243,6 @@ def test_bad_tokenizer_or_corpus_is_refused_before_anything_is_written(
     assert not out.exists(), "nothing may be written for a bad tokenizer or corpus"
 
 
-def test_pipeline_with_a_pinned_tokenizer_samples_and_evaluates(
-    tmp_path, corpus_a, pinned, ray_local, capsys
-):
-    raw = tiny_raw_config(str(tmp_path / "out"), corpus_a)
-    raw["tokenize"]["checkpoint"] = pinned
-    config = tmp_path / "pinned.yaml"
-    config.write_text(yaml.safe_dump(raw))
-    assert main(["-q", "run", str(config)]) == 0, capsys.readouterr().err
-    out = capsys.readouterr().out
-    assert "train_vqvae" not in out and "evaluate" in out
-    cfg = parse_config(raw)
-    assert not os.path.exists(storage.join(cfg.output_dir, "train_vqvae"))
-    sample = read_manifest(cfg.output_dir, SampleManifest)
-    assert sample.checkpoint == pinned
-    assert sample.samples == 2 * 2
-    report = storage.read_bytes(
-        storage.join(storage.join(cfg.output_dir, "evaluate"), "report.md")
-    ).decode()
-    assert f"pinned tokenizer {pinned}" in report
-
-    # `vqpipe status` knows train_vqvae is not part of this pipeline.
-    assert main(["status", str(config)]) == 0
-    status = capsys.readouterr().out
-    assert re.search(r"train_vqvae\s+disabled", status)
-    for stage in ("tokenize", "train_prior", "sample", "evaluate"):
-        assert re.search(rf"{stage}\s+done", status), status
-
-
 @pytest.fixture(scope="module")
 def two_corpora(tmp_path_factory, corpus_a, pinned, ray_local):
     """Corpus A (circle, square) and corpus B (square, triangle: the same keys for square)
@@ -313,31 +292,67 @@ def test_union_of_two_corpora_prefixes_keys_and_merges_classes(two_corpora):
     assert seen == {("circle", 0), ("square", 1), ("triangle", 2)}
 
 
+@pytest.fixture(scope="module")
+def union_run(two_corpora, pinned):
+    """`vqpipe -q run` from B's output_dir with the priors on corpora A and B: a pipeline with a
+    pinned tokenizer (no train_vqvae), tokenize done there already, then train_prior, sample and
+    evaluate; then `vqpipe status`. Returns (config, raw config, run's stdout, status's stdout)."""
+    root, outs, corpus_b = two_corpora
+    raw = tiny_raw_config(str(root / "out_b"), corpus_b)
+    raw["tokenize"]["checkpoint"] = outs["b"].tokenizer.checkpoint
+    raw["train_prior"]["shards"] = [str(root / "out_a"), str(root / "out_b")]
+    raw["sample"]["per_class"] = 4
+    config = root / "union.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    printed = []
+    for argv in (["-q", "run", str(config)], ["status", str(config)]):
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(argv)
+        assert code == 0, out.getvalue() + err.getvalue()
+        printed.append(out.getvalue())
+    return parse_config(raw), raw, *printed
+
+
+def test_pipeline_with_a_pinned_tokenizer_samples_and_evaluates(union_run, pinned):
+    cfg, _, out, status = union_run
+    assert "train_vqvae" not in out and "evaluate" in out
+    assert not os.path.exists(storage.join(cfg.output_dir, "train_vqvae"))
+    sample = read_manifest(cfg.output_dir, SampleManifest)
+    assert sample.checkpoint == pinned
+    assert sample.samples == 4 * 3  # per_class x the merged classes
+    report = storage.read_bytes(
+        storage.join(storage.join(cfg.output_dir, "evaluate"), "report.md")
+    ).decode()
+    assert f"pinned tokenizer {pinned}" in report
+    # `vqpipe status` knows train_vqvae is not part of this pipeline.
+    assert re.search(r"train_vqvae\s+disabled", status)
+    for stage in ("tokenize", "train_prior", "sample", "evaluate"):
+        assert re.search(rf"{stage}\s+done", status), status
+
+
 def test_priors_train_on_the_union_and_evaluate_scores_this_corpus_in_the_merged_classes(
-    two_corpora, pinned
+    two_corpora, union_run, pinned
 ):
     """Priors trained on corpora A and B from B's output_dir, then sampled and evaluated there:
     the priors learn the merged classes, B's test codes go to them under their merged labels, and
     CAS tests on the sampled classes B has images of."""
-    root, outs, corpus_b = two_corpora
-    cfg = _cfg(
-        root / "out_b",  # tokenize is done here already, with this config's tokenize section
-        corpus_b,
-        outs["b"].tokenizer.checkpoint,
-        [f"train_prior.shards=[{root / 'out_a'}, {root / 'out_b'}]", "sample.per_class=4"],
-    )
-    done = run_stages(cfg, stages=["tokenize", "train_prior", "sample", "evaluate"])
-    assert done["tokenize"].skipped
-    trained = done["train_prior"].manifest
+    _, outs, _ = two_corpora
+    cfg, _, out, _ = union_run
+    # Done by two_corpora, with this config's tokenize section: the run's summary says skipped.
+    assert re.search(r"^  tokenize +skipped ", out, re.MULTILINE), out
+    trained = read_manifest(cfg.output_dir, TrainPriorManifest)
     assert trained.class_names == ["circle", "square", "triangle"]
     assert [(c.name, c.labels, c.samples) for c in trained.corpora] == [
         ("shapes_a", [0, 1], outs["a"].samples),
         ("shapes_b", [1, 2], outs["b"].samples),
     ]
     assert trained.tokenizer.sha256 == _sha256(pinned)
-    assert list(done["sample"].manifest.classes) == ["circle", "square", "triangle"]
+    assert list(read_manifest(cfg.output_dir, SampleManifest).classes) == [
+        "circle", "square", "triangle",
+    ]  # fmt: skip
 
-    metrics = done["evaluate"].manifest.metrics
+    metrics = read_manifest(cfg.output_dir, EvaluateManifest).metrics
     assert metrics["test/code_maps"] == outs["b"].splits["test"]
     assert all(np.isfinite(metrics[f"test/bits_per_code/{level}"]) for level in ("top", "bottom"))
     # circle was sampled (corpus A has it) but B has no real circle to test on.

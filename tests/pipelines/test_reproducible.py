@@ -1,25 +1,15 @@
-"""The same config and seed give the same codes and metrics, whatever else runs on the machine."""
+"""The same config and seed give the same codes and metrics, whatever else runs on the machine,
+in its own process or in another."""
 
 from __future__ import annotations
 
-import contextlib
-import os
-import subprocess
-import sys
-
 import numpy as np
 
-from pipelines.config import parse_config
 from pipelines.data.shards import iter_code_samples
-from pipelines.runner import run_stages
 from tests.pipelines.conftest import SHARED_CLASSES, SHARED_PER_CLASS
 
 # Figures that measure the machine rather than the models.
 TIMINGS = ("seconds", "images_per_second", "evaluate/seconds")
-
-
-def _pipeline(raw: dict, name: str) -> dict:
-    return {s: o.manifest for s, o in run_stages(parse_config(raw), run_name=name).items()}
 
 
 def _codes(tokenized) -> dict[str, tuple]:
@@ -44,31 +34,12 @@ def _figures(manifests: dict) -> dict[str, float]:
     return figures
 
 
-@contextlib.contextmanager
-def competing_processes(count: int):
-    """CPU-bound processes, ``count`` of them, for as long as the block runs.
-
-    At the niceness Ray gives its workers (15): a fair competitor, not one that starves them.
-    """
-    busy = "import os; os.nice(max(0, 15 - os.nice(0)))\nwhile True: pass"
-    spinners = [subprocess.Popen([sys.executable, "-c", busy]) for _ in range(count)]
-    try:
-        yield
-    finally:
-        for process in spinners:
-            process.kill()
-            process.wait()
-
-
-def test_a_run_under_load_gives_the_same_codes_and_metrics(shared_run, tmp_path):
-    """The shared run (its autoencoder on two DDP ranks: the per-rank reader and gradient
-    averaging too), then the same config in another folder while other work competes for the
-    cores: under pytest-xdist the other workers' tests, which keep the cores busy (each runs Ray
-    jobs of its own); run alone, a CPU-bound process."""
+def test_a_run_under_load_gives_the_same_codes_and_metrics(shared_run, shared_rerun):
+    """The shared run (`vqpipe run` in its own process; its autoencoder on two DDP ranks: the
+    per-rank reader and gradient averaging too), then the same config in another folder, in
+    this process, while other work competes for the cores (``shared_rerun``)."""
     first = shared_run.manifests
-    others = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) - 1
-    with competing_processes(0 if others else 1):
-        second = _pipeline(shared_run.raw_config(str(tmp_path / "second")), "second")
+    second = {stage: outcome.manifest for stage, outcome in shared_rerun.items()}
 
     codes = _codes(first["tokenize"])
     assert len(codes) == SHARED_PER_CLASS * len(SHARED_CLASSES)
