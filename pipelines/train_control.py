@@ -86,3 +86,26 @@ class ResourceWait(ControllerCallback):
             "ray.resource_wait_seconds. The checkpoints written are kept: the same config "
             "submitted again once the cluster has room resumes from the last one"
         )
+
+
+# The key of the one entry of the config that Ray Train hands the controller and each worker.
+LOOP_PAYLOAD = "vqpipe.loop"
+
+
+def pack_loop(loop: Any, config: dict[str, Any]) -> dict[str, bytes]:
+    """The training loop and its config as bytes: the controller passes them on unread.
+
+    Ray Train's controller unpickles the loop and its config to hand them to the workers; the
+    loop's module and the config's values (readers, tracking, models' settings) import torch,
+    MLflow and the pipeline's config models, in a process that never uses them."""
+    from ray import cloudpickle
+
+    return {LOOP_PAYLOAD: cloudpickle.dumps((loop, config))}
+
+
+def run_packed_loop(config: dict[str, bytes]) -> None:
+    """The ``train_loop_per_worker`` of every run: unpacks ``pack_loop``'s bytes and runs the loop."""
+    import pickle
+
+    loop, loop_config = pickle.loads(config[LOOP_PAYLOAD])
+    loop(loop_config)

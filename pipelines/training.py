@@ -53,7 +53,13 @@ from pipelines.data.epochs import EpochReader
 from pipelines.errors import CapacityError
 from pipelines.ray_compat import DatasetsCallback, PlacementGroupCleanerCallback
 from pipelines.tracking import TrackingContext
-from pipelines.train_control import ProgressBoard, ResourceWait, board_name
+from pipelines.train_control import (
+    ProgressBoard,
+    ResourceWait,
+    board_name,
+    pack_loop,
+    run_packed_loop,
+)
 from vq_core.checkpoint import unwrap_model
 from vq_core.recompute import set_activation_checkpointing
 
@@ -267,8 +273,8 @@ def run_trainer(
     if not storage.is_url(ray_dir):
         ray_dir = os.path.abspath(ray_dir)  # Ray Train wants an absolute local path
     trainer = LeanTorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=loop_config,
+        run_packed_loop,
+        train_loop_config=pack_loop(train_loop_per_worker, loop_config),
         scaling_config=ScalingConfig(
             num_workers=knobs.num_workers,
             use_gpu=knobs.use_gpu,

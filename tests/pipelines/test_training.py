@@ -240,3 +240,46 @@ def test_the_controller_and_progress_board_import_neither_torch_nor_mlflow(tmp_p
     imported, resources = out.stdout.strip().splitlines()
     assert imported == "[]"
     assert resources == "1 {'CPU': 1.0}"
+
+
+def test_the_controller_unpickles_the_loop_and_its_config_without_importing_them(tmp_path):
+    """Ray Train's controller unpickles a run's loop and config to pass them to the workers. A
+    stage's loop and config (its section's settings, a data reader, the tracking context) come
+    from modules that import torch, MLflow and the config models: packed, they reach the
+    controller as bytes, and the workers unpack them."""
+    import subprocess
+    import sys
+
+    from ray import cloudpickle
+
+    from pipelines.stages import train_prior
+    from pipelines.tracking import TrackingContext
+    from pipelines.train_control import pack_loop, run_packed_loop
+
+    cfg = parse_config(tiny_raw_config(str(tmp_path), str(tmp_path)))
+    config = {
+        "knobs": cfg.train_prior.sections()["top"],
+        "tracking": TrackingContext("sqlite:///x.db"),
+    }
+    packed = tmp_path / "packed.pkl"
+    packed.write_bytes(
+        cloudpickle.dumps((run_packed_loop, pack_loop(train_prior.train_loop_per_worker, config)))
+    )
+    probe = (
+        "import pickle, sys\n"
+        f"loop, config = pickle.loads(open({str(packed)!r}, 'rb').read())\n"
+        "heavy = ('torch', 'mlflow', 'pipelines.config', 'pipelines.training', 'vq_core')\n"
+        "print(sorted(n for n in sys.modules if n.split('.')[0] in heavy or n in heavy))\n"
+        "print(loop.__name__, sorted(config))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=os.getcwd()
+    )
+    imported, unpacked = out.stdout.strip().splitlines()
+    assert imported == "[]"
+    assert unpacked == "run_packed_loop ['vqpipe.loop']"
+
+    # A worker's unpacking gives the loop its config (cloudpickle copies the closure: it writes).
+    got = tmp_path / "got.pkl"
+    run_packed_loop(pack_loop(lambda c: got.write_bytes(cloudpickle.dumps(c)), config))
+    assert cloudpickle.loads(got.read_bytes()) == config
