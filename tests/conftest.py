@@ -11,12 +11,6 @@ import pytest
 # last step by up to 2 s; the suite has dozens of them. Set before any Ray starts, so that the
 # controllers of this process' Ray and of the `vqpipe` processes the tests start inherit it.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
-# Ray starts a pool of idle worker processes when a driver connects and starts another each time
-# one is taken, most of which the tests never use: with the pool off, a process starts when a task
-# or actor needs one. A tiny `vqpipe run` takes about 5 % less CPU time (73 against 77 CPU-seconds,
-# all its processes) and 6 to 12 s less on a busy 2-core machine.
-os.environ.setdefault("RAY_enable_worker_prestart", "0")
-os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
 
 
 # The test files that use the shared_run fixture.
