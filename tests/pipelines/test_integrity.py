@@ -1,7 +1,7 @@
 """Integrity checks, each triggered: inputs that changed after a stage wrote them are refused with
 the documented error, and nothing already written is lost.
 
-On the session's shared pipeline run (tests/pipelines/conftest.py), each test damages one of its
+On the session's shared pipeline run (tests/conftest.py), each test damages one of its
 files the way a user or a bucket could, runs the stage that reads it, and puts the file back.
 """
 

@@ -1,6 +1,6 @@
 """Every user setting of sample and evaluate changes what it should, and nothing upstream.
 
-Through the real runner on the shared run (tests/pipelines/conftest.py): the shared config with
+Through the real runner on the shared run (tests/conftest.py): the shared config with
 one setting overridden (as ``--set`` does), the sample or evaluate stage re-run, its outputs read,
 then the stage folders put back. Re-running with the original settings gives the shared run's
 images and figures byte for byte, so every difference below is the setting's doing.
