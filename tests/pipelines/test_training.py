@@ -210,34 +210,50 @@ def test_steps_count_optimizer_steps_of_accumulated_micro_batches(ray_local, rea
     assert started == ["RayTrainWorker", "SynchronizationActor", "TrainController"]
 
 
-def test_the_controller_and_progress_board_import_neither_torch_nor_mlflow(tmp_path):
-    """Ray starts a process for each training run's controller and, on the console, one for its
-    progress board; each imports what it unpickles. Kept free of torch, MLflow and the config
-    models, they start in a fraction of the time."""
+# What a process of the controller's kind must not import to unpickle its share of a run.
+HEAVY = ("torch", "mlflow", "pipelines.config", "pipelines.training", "vq_core")
+
+
+def _unpickled_in_a_fresh_process(obj: object, tmp_path, then: str, show: str) -> tuple[str, str]:
+    """Pickle ``obj``, load it as ``loaded`` in a fresh Python, run ``then``; return the HEAVY
+    modules that process imported (as printed) and what ``show`` printed."""
     import subprocess
     import sys
 
     from ray import cloudpickle
 
+    path = tmp_path / "pickled.pkl"
+    path.write_bytes(cloudpickle.dumps(obj))
+    probe = (
+        "import pickle, sys\n"
+        f"loaded = pickle.loads(open({str(path)!r}, 'rb').read())\n"
+        f"{then}\n"
+        f"heavy = {HEAVY!r}\n"
+        "print(sorted(n for n in sys.modules if n.split('.')[0] in heavy or n in heavy))\n"
+        f"print({show})"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=os.getcwd()
+    )
+    imported, shown = out.stdout.strip().splitlines()
+    return imported, shown
+
+
+def test_the_controller_and_progress_board_import_neither_torch_nor_mlflow(tmp_path):
+    """Ray starts a process for each training run's controller and, on the console, one for its
+    progress board; each imports what it unpickles. Kept free of torch, MLflow and the config
+    models, they start in a fraction of the time."""
     from pipelines.training import controller_callbacks
 
     knobs = parse_config(tiny_raw_config(str(tmp_path), str(tmp_path))).train_prior.sections()[
         "top"
     ]
-    callbacks = tmp_path / "callbacks.pkl"
-    callbacks.write_bytes(cloudpickle.dumps(controller_callbacks(30.0, "train_prior.top", knobs)))
-    probe = (
-        "import pickle, sys\n"
-        f"callbacks = pickle.loads(open({str(callbacks)!r}, 'rb').read())\n"
-        "import pipelines.train_control\n"
-        "heavy = ('torch', 'mlflow', 'pipelines.config', 'pipelines.training', 'vq_core')\n"
-        "print(sorted(n for n in sys.modules if n.split('.')[0] in heavy or n in heavy))\n"
-        "print(callbacks[0].num_workers, callbacks[0].per_worker)"
+    imported, resources = _unpickled_in_a_fresh_process(
+        controller_callbacks(30.0, "train_prior.top", knobs),
+        tmp_path,
+        then="import pipelines.train_control",
+        show="loaded[0].num_workers, loaded[0].per_worker",
     )
-    out = subprocess.run(
-        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=os.getcwd()
-    )
-    imported, resources = out.stdout.strip().splitlines()
     assert imported == "[]"
     assert resources == "1 {'CPU': 1.0}"
 
@@ -247,9 +263,6 @@ def test_the_controller_unpickles_the_loop_and_its_config_without_importing_them
     stage's loop and config (its section's settings, a data reader, the tracking context) come
     from modules that import torch, MLflow and the config models: packed, they reach the
     controller as bytes, and the workers unpack them."""
-    import subprocess
-    import sys
-
     from ray import cloudpickle
 
     from pipelines.stages import train_prior
@@ -261,21 +274,12 @@ def test_the_controller_unpickles_the_loop_and_its_config_without_importing_them
         "knobs": cfg.train_prior.sections()["top"],
         "tracking": TrackingContext("sqlite:///x.db"),
     }
-    packed = tmp_path / "packed.pkl"
-    packed.write_bytes(
-        cloudpickle.dumps((run_packed_loop, pack_loop(train_prior.train_loop_per_worker, config)))
+    imported, unpacked = _unpickled_in_a_fresh_process(
+        (run_packed_loop, pack_loop(train_prior.train_loop_per_worker, config)),
+        tmp_path,
+        then="loop, config = loaded",
+        show="loop.__name__, sorted(config)",
     )
-    probe = (
-        "import pickle, sys\n"
-        f"loop, config = pickle.loads(open({str(packed)!r}, 'rb').read())\n"
-        "heavy = ('torch', 'mlflow', 'pipelines.config', 'pipelines.training', 'vq_core')\n"
-        "print(sorted(n for n in sys.modules if n.split('.')[0] in heavy or n in heavy))\n"
-        "print(loop.__name__, sorted(config))"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=os.getcwd()
-    )
-    imported, unpacked = out.stdout.strip().splitlines()
     assert imported == "[]"
     assert unpacked == "run_packed_loop ['vqpipe.loop']"
 
