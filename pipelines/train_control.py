@@ -73,6 +73,10 @@ class ResourceWait(ControllerCallback):
 
     def message(self) -> str:
         section, per_worker = self.section, self.per_worker
+        # A run that trains several levels in turn names each one's section: "a / b".
+        sections = section.split(" / ")
+        workers = " / ".join(f"{s}.num_workers" for s in sections)
+        cpus = " / ".join(f"{s}.cpus_per_worker" for s in sections)
         wanted = {k: v * self.num_workers for k, v in per_worker.items()}
         total, free = ray.cluster_resources(), ray.available_resources()
         nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
@@ -82,7 +86,7 @@ class ResourceWait(ControllerCallback):
             f"ray.resource_wait_seconds={self.seconds:g}; it has "
             f"{describe({k: total.get(k, 0.0) for k in wanted})} on {nodes} alive node(s), "
             f"{describe({k: free.get(k, 0.0) for k in wanted})} free. Add nodes, lower "
-            f"{section}.num_workers or {section}.cpus_per_worker, or raise "
+            f"{workers} or {cpus}, or raise "
             "ray.resource_wait_seconds. The checkpoints written are kept: the same config "
             "submitted again once the cluster has room resumes from the last one"
         )

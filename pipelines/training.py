@@ -27,7 +27,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from functools import partial
 from typing import Any
 
@@ -70,6 +70,10 @@ OPTIMIZER_FILE = "optimizer.pt"
 # The weights with the best held-out score so far (when the stage selects on one), kept in every
 # checkpoint so that resuming does not forget them.
 BEST_FILE = "best.pt"
+# The checkpoint metadata (``ray.train.Checkpoint.get_metadata``) naming the level whose model a
+# checkpoint holds (None for a one-model run): a run that trains the levels in turn resumes each
+# from its own checkpoints only.
+LEVEL_KEY = "level"
 
 # loss_fn(model, batch, step) -> (loss to back-propagate, named scalars to log). `model` is what
 # prepare_model returned: call it (not its methods) so DDP sees the forward pass.
@@ -97,8 +101,10 @@ POLL_SECONDS = 0.5
 
 
 @contextmanager
-def _shown_progress(run_name: str, label: str, knobs: TrainingKnobs) -> Iterator[None]:
-    """Show the progress of Ray Train run ``run_name`` on the console while the block runs."""
+def _shown_progress(run_name: str, phases: list[tuple[str, TrainingKnobs]]) -> Iterator[None]:
+    """Show the progress of Ray Train run ``run_name`` on the console while the block runs: a bar
+    per phase (``(label, knobs)``: one per model the run trains, in order), each shown from the
+    moment rank 0 reports that phase's label (or the first one's, for a run of one)."""
     shown = console.current()
     if shown.quiet:
         yield
@@ -112,41 +118,67 @@ def _shown_progress(run_name: str, label: str, knobs: TrainingKnobs) -> Iterator
         ),
     ).remote()
     stop = threading.Event()
-    images_per_step = knobs.batch_size * knobs.num_workers
-    # Rates from the first step on: starting the workers is not training time.
-    with shown.progress(
-        label, knobs.steps, "step", "img/s", images_per_step, rate_from_start=False
-    ) as bar:
+    labels = [label for label, _ in phases]
+    bars = ExitStack()
+    current: dict[str, Any] = {"index": -1, "bar": None}
 
-        def show_latest() -> None:
-            try:
-                state = ray.get(board.get.remote(), timeout=10)
-            except Exception:  # the board is gone or slow: try again next time
-                return
-            if state:
-                bar.update(done=state["step"], **state["figures"])
+    def open_phase(index: int) -> None:
+        """Close the bars before phase ``index`` and show its own."""
+        while current["index"] < index:
+            if current["bar"] is not None:
+                bars.close()
+            current["index"] += 1
+            label, knobs = phases[current["index"]]
+            images_per_step = knobs.batch_size * knobs.num_workers
+            # Rates from the first step on: starting the workers is not training time.
+            current["bar"] = bars.enter_context(
+                shown.progress(
+                    label, knobs.steps, "step", "img/s", images_per_step, rate_from_start=False
+                )
+            )
 
-        def follow() -> None:
-            while not stop.wait(POLL_SECONDS):
-                show_latest()
+    lock = threading.Lock()
 
-        thread = threading.Thread(target=follow, name=f"progress-{label}", daemon=True)
-        thread.start()
+    def show_latest() -> None:
         try:
-            yield
-        finally:
-            stop.set()
-            thread.join()
+            state = ray.get(board.get.remote(), timeout=10)
+        except Exception:  # the board is gone or slow: try again next time
+            return
+        if not state:
+            return
+        phase = state.get("phase")
+        index = labels.index(phase) if phase in labels else 0
+        with lock:
+            if index < current["index"]:
+                return  # a late report of a phase already closed
+            open_phase(index)
+            current["bar"].update(done=state["step"], **state["figures"])
+
+    def follow() -> None:
+        while not stop.wait(POLL_SECONDS):
             show_latest()
-            ray.kill(board)
+
+    with lock:
+        open_phase(0)
+    thread = threading.Thread(target=follow, name=f"progress-{labels[0]}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        show_latest()
+        bars.close()
+        ray.kill(board)
 
 
 class _ProgressReport:
     """Rank 0's side: the latest step and training loss to the driver's board, if it has one."""
 
-    def __init__(self, rank: int):
+    def __init__(self, rank: int, phase: str | None = None):
         self.board = None
         self.last = 0.0
+        self.phase = phase
         if rank != 0:
             return
         try:
@@ -164,7 +196,7 @@ class _ProgressReport:
         if name is not None:
             figures[name.removeprefix("train/").removeprefix("train_")] = means[name]
         try:
-            self.board.put.remote({"step": step, "figures": figures})
+            self.board.put.remote({"phase": self.phase, "step": step, "figures": figures})
         except Exception:  # progress is best effort
             self.board = None
 
@@ -257,14 +289,17 @@ def run_trainer(
     resource_wait_seconds: float,
     datasets: Mapping[str, Any] | None = None,
     label: str | None = None,
+    phases: list[tuple[str, TrainingKnobs]] | None = None,
     local_ray: bool = False,
 ):
     """Run one Ray Train job and return its ``ray.train.Result`` (with a final checkpoint).
 
     The run lives at ``<stage_dir>/ray/<name>``: running again with the same name after an
     interruption makes Ray Train hand the latest checkpoint to the loop, which resumes from it.
-    Its progress shows on the console under ``label`` (default: the stage folder's name).
-    ``section`` is where ``knobs`` sit in the config (``train_vqvae``, ``train_prior.top``).
+    Its progress shows on the console under ``label`` (default: the stage folder's name); a run
+    that trains several models in turn names them in ``phases`` instead (``(label, knobs)`` each,
+    the label being what ``fit(progress_phase=)`` reports). ``knobs`` sets the workers, and
+    ``section`` is where they sit in the config (``train_vqvae``, ``train_prior.top``).
     Workers that the cluster cannot place within ``resource_wait_seconds``, at the start or
     after a lost worker, fail the run with a ``CapacityError``. ``local_ray``: the Ray is one
     started in this process (``is_local_ray``).
@@ -290,13 +325,13 @@ def run_trainer(
         datasets=dict(datasets or {}),
         local_ray=local_ray,
     )
+    phases = phases or [(label or os.path.basename(stage_dir.rstrip("/")), knobs)]
     log.info(
-        "%s: %d step(s) on %d worker(s), checkpoints under %s",
-        *(name, knobs.steps, knobs.num_workers, ray_dir),
+        "%s: %s step(s) on %d worker(s), checkpoints under %s",
+        *(name, " + ".join(str(k.steps) for _, k in phases), knobs.num_workers, ray_dir),
     )
-    label = label or os.path.basename(stage_dir.rstrip("/"))
     try:
-        with _shown_progress(name, label, knobs):
+        with _shown_progress(name, phases):
             result = trainer.fit()
     except ControllerError as err:
         if isinstance(err.controller_failure, CapacityError):
@@ -426,13 +461,19 @@ def _save(
 
 
 def _restore(
-    model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device, best: _Best
-) -> tuple[int, dict[str, int]]:
-    """Load the latest Ray Train checkpoint, if any, into model and optimizer; returns its step
-    and where in the data it was (epoch, batches of that epoch done)."""
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    best: _Best,
+    level: str | None,
+) -> tuple[int, dict[str, int], bytes | None]:
+    """Load the latest Ray Train checkpoint, if any and if it is of this ``level``'s model (a run
+    that trains several levels in turn checkpoints each), into model and optimizer; returns its
+    step, where in the data it was (epoch, batches of that epoch done) and its chosen weights
+    (``_chosen_file``)."""
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return 0, {"epoch": 0, "epoch_batch": 0}
+    if checkpoint is None or checkpoint.get_metadata().get(LEVEL_KEY) != level:
+        return 0, {"epoch": 0, "epoch_batch": 0}, None
     bare = unwrap_model(model)
     with checkpoint.as_directory() as directory:
         # The expected config guards against resuming from a run of a different model.
@@ -448,7 +489,16 @@ def _restore(
             )
         )
         best.restore(directory, device)
-    return meta.trained_step(), {"epoch": meta.epoch, "epoch_batch": meta.epoch_batch}
+        chosen = _chosen_file(directory)
+    return meta.trained_step(), {"epoch": meta.epoch, "epoch_batch": meta.epoch_batch}, chosen
+
+
+def _chosen_file(directory: str) -> bytes:
+    """What ``load_final_model(prefer_best=True)`` would load from this checkpoint folder: the
+    best weights when the run selects on a score, else the last ones (a vq_core checkpoint)."""
+    best = os.path.join(directory, BEST_FILE)
+    with open(best if os.path.exists(best) else os.path.join(directory, MODEL_FILE), "rb") as f:
+        return f.read()
 
 
 class _Window:
@@ -505,6 +555,7 @@ class _Loop:
         channels_last: bool,
         checkpoint_meta: CheckpointMeta,
         select_metric: str | None,
+        progress_phase: str | None = None,
     ):
         context = ray.train.get_context()
         self.rank = context.get_world_rank()
@@ -536,13 +587,17 @@ class _Loop:
         self.train_means: dict[str, float] = {}
         self.evaluation: dict[str, float] = {}
         self.window_started = time.perf_counter()
-        self.report_progress = _ProgressReport(self.rank)
+        self.report_progress = _ProgressReport(self.rank, progress_phase)
+        # The latest checkpoint's chosen weights (rank 0): what the run gives for this model.
+        self.chosen: bytes | None = None
         # Where in the data the next step's batch comes from; saved in checkpoints.
         self.position = {"epoch": 0, "epoch_batch": 0}
 
     def resume(self) -> int:
         """Restore the latest checkpoint, if any; returns the step to continue from."""
-        step, self.position = _restore(self.model, self.optimizer, self.device, self.best)
+        step, self.position, self.chosen = _restore(
+            self.model, self.optimizer, self.device, self.best, self.meta.level
+        )
         if step:
             log.info("rank %d resumes at step %d of %d", self.rank, step, self.knobs.steps)
             self.tracking.log_metrics({f"{self.prefix}resumed_at_step": step}, step=step)
@@ -596,7 +651,7 @@ class _Loop:
         meta = self.meta.model_copy(
             update={**self.position, "trained_steps": step, "stale_evaluations": self.best.stale}
         )
-        _report(self.model, self.optimizer, self.rank, metrics, meta, self.best)
+        self.chosen = _report(self.model, self.optimizer, self.rank, metrics, meta, self.best)
 
     def should_stop(self) -> bool:
         """After an evaluation step: whether ``early_stopping`` evaluations in a row missed the
@@ -679,7 +734,8 @@ def fit(
     seed: int = 0,
     select_metric: str | None = None,
     threads: int | None = None,
-) -> None:
+    progress_phase: str | None = None,
+) -> bytes | None:
     """Train ``model`` for ``knobs.steps`` optimizer steps on this worker's batches of ``data``,
     or fewer when ``knobs.early_stopping`` evaluations in a row miss the best ``select_metric``.
 
@@ -688,7 +744,13 @@ def fit(
     MLflow and writes checkpoints. Metrics are logged as ``<metric_prefix><name>`` at the global step.
     With ``select_metric`` (a key of evaluate_fn's result, lower is better), checkpoints also keep
     the weights that scored best on it, for ``load_final_model(prefer_best=True)``. ``threads``
-    sets torch's intra-op threads (see ``training_threads``).
+    sets torch's intra-op threads (see ``training_threads``); ``progress_phase``, the label the
+    console's bar of this model has (``run_trainer(phases=)``).
+
+    A run may call it for several models in turn, each with its own ``checkpoint_meta.level``:
+    each resumes from the run's latest checkpoint only if that checkpoint is of its level.
+    Returns, on rank 0, what the final checkpoint holds for ``load_final_model(prefer_best=True)``
+    (the vq_core checkpoint bytes of the selected or last weights); None on the other ranks.
     """
     if threads is not None:
         torch.set_num_threads(threads)
@@ -702,16 +764,18 @@ def fit(
         channels_last=channels_last,
         checkpoint_meta=checkpoint_meta or CheckpointMeta(),
         select_metric=select_metric,
+        progress_phase=progress_phase,
     )
     start_step = loop.resume()
     # Different noise per rank and per attempt (dropout, Gumbel), reproducible for a given run.
     torch.manual_seed(seed + 1000 * loop.rank + start_step)
 
     if start_step and knobs.early_stopping and loop.should_stop():
-        return  # the checkpoint resumed from is where an earlier attempt stopped early
+        return loop.chosen  # the checkpoint resumed from is where an earlier attempt stopped early
     _train_epochs(loop, data, dtypes, start_step)
     # Metrics queued while the tracking server was unreachable leave with this process.
     loop.tracking.flush(raise_on_failure=False)
+    return loop.chosen
 
 
 def _train_epochs(
@@ -784,17 +848,25 @@ def _report(
     metrics: dict[str, float],
     meta: CheckpointMeta,
     best: _Best,
-) -> None:
+) -> bytes | None:
+    """Report ``metrics`` with a checkpoint (written by rank 0); returns, on rank 0, the
+    checkpoint's chosen weights (``_chosen_file``)."""
     step = int(metrics["step"])
     if rank != 0:
         # Every rank must call report (it is a barrier); the weights are the same on all ranks.
         ray.train.report(metrics, checkpoint=None)
-        return
+        return None
     with tempfile.TemporaryDirectory() as directory:
         meta = meta.model_copy(update={"step": step, "metrics": metrics})
         _save(model, optimizer, directory, meta, best)
+        checkpoint = ray.train.Checkpoint.from_directory(directory)
+        checkpoint.set_metadata({LEVEL_KEY: meta.level})
+        chosen = _chosen_file(directory)
         ray.train.report(
             metrics,
-            checkpoint=ray.train.Checkpoint.from_directory(directory),
-            checkpoint_dir_name=f"step-{step:08d}",
+            checkpoint=checkpoint,
+            checkpoint_dir_name=f"{meta.level}-step-{step:08d}"
+            if meta.level
+            else f"step-{step:08d}",
         )
+    return chosen

@@ -50,7 +50,6 @@ from pipelines.tokenizer import read_tokenizer, tracking_uri_for
 from pipelines.training import (
     fit,
     is_local_ray,
-    load_final_model,
     publish_model,
     run_trainer,
     take_columns,
@@ -167,30 +166,47 @@ def evaluate_prior(
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    plan: PriorPlan = config["plan"]
+    """Train the priors of ``config["priors"]`` in turn in this worker group, each with its own
+    checkpoints; rank 0 publishes each finished prior to its file. A prior an earlier attempt of
+    the run published is skipped, so a restarted run goes on with the prior it was training."""
+    rank = ray.train.get_context().get_world_rank()
+    for prior in config["priors"]:
+        if storage.exists(prior["uri"]):
+            continue
+        chosen = _fit_prior(prior, config)
+        if rank == 0:
+            if chosen is None:
+                raise RuntimeError(f"the {prior['plan'].level} prior ended without a checkpoint")
+            model, meta = load_with_meta(chosen, map_location="cpu")
+            publish_model(model, prior["uri"], meta)
+
+
+def _fit_prior(prior: dict[str, Any], config: dict[str, Any]) -> bytes | None:
+    plan: PriorPlan = prior["plan"]
     torch.manual_seed(config["seed"])  # same initial weights on every rank
     model = model_from_config(plan.model_name, plan.model_config)
     num_classes = model.config.num_classes
     evaluate_fn = None
-    if config["heldout"] is not None:
-        heldout = ray.get(config["heldout"])
+    if prior["heldout"] is not None:
+        heldout = ray.get(prior["heldout"])
         evaluate_fn = partial(
             evaluate_prior, heldout=heldout, plan=plan, batch_size=plan.knobs.batch_size
         )
-    fit(
+    return fit(
         model,
         prior_loss(plan, num_classes),
         plan.knobs,
-        data=config["data"],
-        threads=config["threads"],
+        data=prior["data"],
+        threads=prior["threads"],
         evaluate_fn=evaluate_fn,
         tracking=config["tracking"],
         metric_prefix=f"{plan.level}/",
-        dtypes=config["dtypes"],
+        dtypes=prior["dtypes"],
         checkpoint_meta=CheckpointMeta(level=plan.level, condition=plan.condition),
         seed=config["seed"],
         # Small corpora overfit a prior quickly: keep the weights with the best validation score.
         select_metric="validation_bits_per_code",
+        progress_phase=_label(plan),
     )
 
 
@@ -212,52 +228,90 @@ def read_heldout(union: CodeUnion, plans: list[PriorPlan]) -> dict[str, np.ndarr
     return heldout
 
 
-def _train_one(
+def _label(plan: PriorPlan) -> str:
+    return f"train_prior {plan.level}"
+
+
+def _workers(knobs: PriorSection) -> tuple:
+    """What a Ray Train run asks of the cluster for a prior: priors asking the same share a run."""
+    return (knobs.num_workers, knobs.cpus_per_worker, knobs.use_gpu, knobs.max_failures)
+
+
+def run_groups(plans: list[PriorPlan]) -> list[list[PriorPlan]]:
+    """The priors in Ray Train runs: consecutive levels whose settings ask for the same workers
+    train in one run, one after the other (one worker group started, not one per level)."""
+    groups: list[list[PriorPlan]] = []
+    for plan in plans:
+        if groups and _workers(groups[-1][-1].knobs) == _workers(plan.knobs):
+            groups[-1].append(plan)
+        else:
+            groups.append([plan])
+    return groups
+
+
+def _prior_uri(ctx: StageContext, plan: PriorPlan) -> str:
+    return storage.join(ctx.stage_dir, f"{plan.level}.pt")
+
+
+def _train_group(
     ctx: StageContext,
-    plan: PriorPlan,
+    group: list[PriorPlan],
+    todo: list[PriorPlan],
     union: CodeUnion,
     heldout: dict[str, np.ndarray],
-) -> tuple[nn.Module, CheckpointMeta]:
-    columns = _columns(plan)
-    count = plan.knobs.holdout_batches * plan.knobs.batch_size
-    heldout = {c: heldout[c][:count] for c in columns}
+) -> None:
+    """Train the priors ``todo`` of ``group`` in one Ray Train run; each lands in its file. The
+    run is named after the whole group, so a re-run with fewer priors left resumes it."""
     tokenized = union.first
-    data = EpochReader.for_code_shards(
-        union.shard_uris(),
-        list(tokenized.levels),
-        "train",
-        validation_fraction=tokenized.validation_fraction,
-        test_fraction=tokenized.test_fraction,
-        seed=ctx.cfg.seed,
-        shuffle_buffer=plan.knobs.shuffle_buffer,
-        columns=tuple(columns),
-        removed=union.removed(),
-        label_maps=union.shard_label_maps(),
-        labelled=union.labelled,
-    )
     local_ray = is_local_ray(ctx.cfg.ray)
-    loop_config = {
-        "data": data,
-        "threads": training_threads(plan.knobs, local_ray),
-        "plan": plan,
-        "heldout": ray.put(heldout) if len(heldout["label"]) else None,
-        "tracking": ctx.tracking,
-        "seed": ctx.cfg.seed,
-        "dtypes": {c: torch.int64 for c in columns},
-    }
-    preflight(memory_probe(plan), ctx.tracking)
-    result = run_trainer(
+    priors = []
+    for plan in todo:
+        columns = _columns(plan)
+        count = plan.knobs.holdout_batches * plan.knobs.batch_size
+        held = {c: heldout[c][:count] for c in columns}
+        data = EpochReader.for_code_shards(
+            union.shard_uris(),
+            list(tokenized.levels),
+            "train",
+            validation_fraction=tokenized.validation_fraction,
+            test_fraction=tokenized.test_fraction,
+            seed=ctx.cfg.seed,
+            shuffle_buffer=plan.knobs.shuffle_buffer,
+            columns=tuple(columns),
+            removed=union.removed(),
+            label_maps=union.shard_label_maps(),
+            labelled=union.labelled,
+        )
+        priors.append(
+            {
+                "plan": plan,
+                "uri": _prior_uri(ctx, plan),
+                "data": data,
+                "threads": training_threads(plan.knobs, local_ray),
+                "heldout": ray.put(held) if len(held["label"]) else None,
+                "dtypes": {c: torch.int64 for c in columns},
+            }
+        )
+        log.info("train_prior: training the %s prior (%s)", plan.level, plan.knobs.kind)
+        preflight(memory_probe(plan), ctx.tracking)
+    levels = "-".join(p.level for p in group)
+    run_trainer(
         train_loop_per_worker,
-        loop_config,
-        name=f"{ctx.stage}-{plan.level}-{ctx.fingerprint}",
+        {"priors": priors, "tracking": ctx.tracking, "seed": ctx.cfg.seed},
+        name=f"{ctx.stage}-{levels}-{ctx.fingerprint}",
         stage_dir=ctx.stage_dir,
-        knobs=plan.knobs,
-        label=f"{ctx.stage} {plan.level}",
-        section=f"{ctx.stage}.{plan.level}",
+        knobs=todo[0].knobs,
+        phases=[(_label(p), p.knobs) for p in todo],
+        section=" / ".join(f"{ctx.stage}.{p.level}" for p in todo),
         resource_wait_seconds=ctx.cfg.ray.resource_wait_seconds,
         local_ray=local_ray,
     )
-    return load_final_model(result, prefer_best=True)
+    for plan in todo:
+        if not storage.exists(_prior_uri(ctx, plan)):
+            raise RuntimeError(
+                f"train_prior: the Ray Train run ended without the {plan.level} prior at "
+                f"{_prior_uri(ctx, plan)}"
+            )
 
 
 def _probe_codes(plan: PriorPlan, n: int) -> dict[str, torch.Tensor]:
@@ -346,27 +400,11 @@ def _log_prior(ctx: StageContext, plan: PriorPlan, checkpoint: bytes) -> str | N
     )
 
 
-def _train_or_reuse(
-    ctx: StageContext,
-    union: CodeUnion,
-    plan: PriorPlan,
-    plans: list[PriorPlan],
-    heldout: dict | None,
-) -> tuple[PriorEntry, dict | None]:
-    """Train one prior, or reuse the one an interrupted run finished; returns its manifest entry
-    and the held-out codes (read on first use, shared by the priors)."""
-    uri = storage.join(ctx.stage_dir, f"{plan.level}.pt")
-    if storage.exists(uri):
-        # Written only once that prior finished: an earlier attempt died on a later prior.
-        log.info("train_prior: reusing the finished %s prior at %s", plan.level, uri)
-        data = storage.read_bytes(uri)
-        _, meta = load_with_meta(data)
-    else:
-        log.info("train_prior: training the %s prior (%s)", plan.level, plan.knobs.kind)
-        if heldout is None:
-            heldout = read_heldout(union, plans)
-        model, meta = _train_one(ctx, plan, union, heldout)
-        data = publish_model(model, uri, meta)
+def _entry(ctx: StageContext, plan: PriorPlan) -> PriorEntry:
+    """Log a finished prior's file to MLflow (and register it); its manifest entry."""
+    uri = _prior_uri(ctx, plan)
+    data = storage.read_bytes(uri)
+    _, meta = load_with_meta(data)
     ctx.tracking.log_bytes(data, f"priors/{plan.level}.pt")
     registered = _log_prior(ctx, plan, data)
     metrics = meta.metrics
@@ -382,7 +420,7 @@ def _train_or_reuse(
         registered_model=registered,
     )
     log.info("train_prior: %s prior %s", plan.level, entry.model_dump())
-    return entry, heldout
+    return entry
 
 
 def _is_this_run(entry: str, output_dir: str) -> bool:
@@ -449,10 +487,21 @@ def run(ctx: StageContext) -> TrainPriorManifest:
     if not union.labelled:
         log.info("train_prior: the codes are unlabelled; the priors train unconditionally")
     plans = plan_priors(tokenized, ctx.cfg.train_prior, num_classes=len(union.class_names))
-    heldout = None
-    priors: dict[str, PriorEntry] = {}
+    # A prior's file is written only once it finished: an earlier attempt died on a later one.
+    finished = {p.level for p in plans if storage.exists(_prior_uri(ctx, p))}
     for plan in plans:
-        priors[plan.level], heldout = _train_or_reuse(ctx, union, plan, plans, heldout)
+        if plan.level in finished:
+            log.info(
+                "train_prior: reusing the finished %s prior at %s",
+                *(plan.level, _prior_uri(ctx, plan)),
+            )
+    if len(finished) < len(plans):
+        heldout = read_heldout(union, plans)
+        for group in run_groups(plans):
+            todo = [p for p in group if p.level not in finished]
+            if todo:
+                _train_group(ctx, group, todo, union, heldout)
+    priors = {plan.level: _entry(ctx, plan) for plan in plans}
     return TrainPriorManifest(
         levels=[p.level for p in plans],
         priors=priors,

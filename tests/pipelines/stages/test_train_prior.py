@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -203,6 +204,98 @@ def test_rerun_reuses_finished_priors(trained):
         )
         again = train_prior.run(ctx)  # no Ray Train run: both checkpoints are there
     assert again == manifest
+
+
+def run_dirs(cfg) -> list[str]:
+    return sorted(os.listdir(os.path.join(cfg.output_dir, "train_prior", "ray")))
+
+
+def test_levels_asking_for_other_workers_train_in_runs_of_their_own(trained):
+    cfg, *_ = trained
+    # top: two workers of half a CPU; bottom: one of one CPU.
+    assert run_dirs(cfg) == ["train_prior-bottom-fp", "train_prior-top-fp"]
+
+
+def _run_priors(tmp, fail_at_step: int, max_failures: int):
+    """train_prior, both levels on the same one worker (one Ray Train run), the bottom prior's
+    worker failing after ``fail_at_step``; ``max_failures`` restarts allowed. Returns (config,
+    manifest or the error, MLflow client, stage run id)."""
+    raw = tiny_raw_config(str(tmp / "out"), str(tmp / "unused-corpus"))
+    raw["data"] |= {"validation_fraction": VALIDATION, "test_fraction": TEST}
+    for level in ("top", "bottom"):
+        raw["train_prior"][level]["max_failures"] = max_failures
+    raw["train_prior"]["bottom"]["fail_at_step"] = fail_at_step
+    cfg = parse_config(raw)
+    write_tokenized(cfg.output_dir)
+    tracker = Tracker(f"sqlite:///{tmp}/mlflow.db", "test")
+    with tracker.stage_run("train_prior") as tracking:
+        ctx = StageContext(
+            cfg, "train_prior", storage.join(cfg.output_dir, "train_prior"), "fp", tracking
+        )
+        try:
+            outcome = train_prior.run(ctx)
+        except Exception as err:
+            outcome = err
+    return cfg, outcome, tracker.client, tracking.run_id
+
+
+def test_levels_share_one_run_and_a_restart_goes_on_with_the_level_it_was_training(
+    ray_local, tmp_path
+):
+    cfg, manifest, client, run_id = _run_priors(tmp_path, fail_at_step=2, max_failures=1)
+    if isinstance(manifest, Exception):
+        raise manifest
+    assert run_dirs(cfg) == ["train_prior-top-bottom-fp"]
+
+    def steps(name: str) -> list[int]:
+        return sorted(m.step for m in client.get_metric_history(run_id, name))
+
+    # The bottom prior's worker failed after its step 2 (checkpointed): the restarted worker
+    # resumed the bottom prior there, and trained the finished top prior no more.
+    assert steps("bottom/resumed_at_step") == [2]
+    assert steps("top/resumed_at_step") == []
+    assert steps("top/train_bits_per_code") == [2, 4]  # [2, 2, 4, 4] had it trained again
+    assert steps("bottom/train_bits_per_code") == [2, 4]
+    for level in ("top", "bottom"):
+        entry = manifest.priors[level]
+        assert entry.trained_steps == STEPS
+        model, extra = load_checkpoint(entry.checkpoint)
+        assert extra["level"] == level
+
+
+def test_a_level_never_resumes_from_another_levels_checkpoint(ray_local, tmp_path):
+    # The bottom prior fails at its step 1, before a checkpoint of its own: the run's latest
+    # checkpoint is the top prior's last. The restarted bottom prior starts afresh (and fails at
+    # step 1 again) instead of loading the top prior's weights.
+    cfg, outcome, _, _ = _run_priors(tmp_path, fail_at_step=1, max_failures=1)
+    assert isinstance(outcome, Exception)
+    assert "fault injected after step 1" in str(outcome), outcome
+    assert os.path.exists(os.path.join(cfg.output_dir, "train_prior", "top.pt"))
+    assert not os.path.exists(os.path.join(cfg.output_dir, "train_prior", "bottom.pt"))
+
+
+@pytest.mark.parametrize(
+    ("bottom", "groups"),
+    [
+        ({}, [["top", "bottom"]]),
+        ({"num_workers": 2}, [["top"], ["bottom"]]),
+        ({"cpus_per_worker": 2}, [["top"], ["bottom"]]),
+        ({"max_failures": 5}, [["top"], ["bottom"]]),
+        # Settings of the model and of its training do not split the run.
+        (
+            {"lr": 0.1, "steps": 9, "batch_size": 3, "kind": "pixelcnn", "model": {}},
+            [["top", "bottom"]],
+        ),
+    ],
+)
+def test_levels_asking_for_the_same_workers_share_a_run(bottom, groups):
+    raw = tiny_raw_config("out", "corpus")
+    raw["train_prior"]["bottom"] |= bottom
+    section = parse_config(raw).train_prior
+    plans = train_prior.plan_priors_for(
+        ["top", "bottom"], {"top": K, "bottom": K}, {"top": [2, 2], "bottom": [4, 4]}, section, 4
+    )
+    assert [[p.level for p in group] for group in train_prior.run_groups(plans)] == groups
 
 
 # -------------------------------------------------------------------------------------------------
