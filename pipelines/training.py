@@ -667,12 +667,17 @@ class _Loop:
         """Log, evaluate and checkpoint when due; evaluation and checkpoints are not step time.
         Returns True when early stopping ends training at this step (after a checkpoint)."""
         knobs = self.knobs
+        # Logged first: an evaluation keeps the training means of its own step with the weights
+        # it selects (not the previous window's, nor none at the first evaluation).
+        logged = _due(step, knobs.log_every, knobs.steps)
+        if logged:
+            self.log(step)
         paused = time.perf_counter()
         evaluated = self.evaluate_fn is not None and _due(step, knobs.eval_every, knobs.steps)
         if evaluated and self.rank == 0:
             self.evaluate(step)
         stop = evaluated and knobs.early_stopping > 0 and self.should_stop()
-        if _due(step, knobs.log_every, knobs.steps) or stop:
+        if stop and not logged:
             self.window_started += time.perf_counter() - paused
             paused = time.perf_counter()
             self.log(step)

@@ -93,8 +93,17 @@ def trained(ray_local, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("prior")
     raw = tiny_raw_config(str(tmp / "out"), str(tmp / "unused-corpus"))
     raw["data"] |= {"validation_fraction": VALIDATION, "test_fraction": TEST}
-    # The top prior trains on two DDP ranks: gradients, barriers and rank-0 evaluation together.
-    raw["train_prior"]["top"] |= {"num_workers": 2, "cpus_per_worker": 0.5}
+    # Both priors train on two DDP ranks (gradients, barriers and rank-0 evaluation together), in
+    # one Ray Train run (they ask for the same workers). Each level's worker fails once, after its
+    # step 2 (checkpointed), and the run restarts: a restarted level resumes from its own
+    # checkpoint, never from the other level's, and a finished level is not trained again.
+    for level in ("top", "bottom"):
+        raw["train_prior"][level] |= {
+            "num_workers": 2,
+            "cpus_per_worker": 0.5,
+            "fail_at_step": 2,
+            "max_failures": 2,
+        }
     # Priors of different kinds in one stage: the bottom one is a transformer, conditioned on the
     # top codes like any other kind.
     raw["train_prior"]["bottom"] |= {
@@ -195,6 +204,14 @@ def test_mlflow_has_per_level_metrics_and_checkpoints(trained):
     assert names == {"priors/top.pt", "priors/bottom.pt"}
 
 
+def test_the_manifest_has_the_figures_of_the_selected_step(trained):
+    _, _, manifest, client, run_id = trained
+    for level, prior in manifest.priors.items():
+        for name in ("validation_bits_per_code", "train_bits_per_code"):
+            logged = {m.step: m.value for m in client.get_metric_history(run_id, f"{level}/{name}")}
+            assert getattr(prior, name) == pytest.approx(logged[prior.selected_step]), name
+
+
 def test_rerun_reuses_finished_priors(trained):
     cfg, _, manifest, client, _ = trained
     tracker = Tracker(client.tracking_uri, "test")
@@ -206,72 +223,24 @@ def test_rerun_reuses_finished_priors(trained):
     assert again == manifest
 
 
-def run_dirs(cfg) -> list[str]:
-    return sorted(os.listdir(os.path.join(cfg.output_dir, "train_prior", "ray")))
-
-
-def test_levels_asking_for_other_workers_train_in_runs_of_their_own(trained):
-    cfg, *_ = trained
-    # top: two workers of half a CPU; bottom: one of one CPU.
-    assert run_dirs(cfg) == ["train_prior-bottom-fp", "train_prior-top-fp"]
-
-
-def _run_priors(tmp, fail_at_step: int, max_failures: int):
-    """train_prior, both levels on the same one worker (one Ray Train run), the bottom prior's
-    worker failing after ``fail_at_step``; ``max_failures`` restarts allowed. Returns (config,
-    manifest or the error, MLflow client, stage run id)."""
-    raw = tiny_raw_config(str(tmp / "out"), str(tmp / "unused-corpus"))
-    raw["data"] |= {"validation_fraction": VALIDATION, "test_fraction": TEST}
-    for level in ("top", "bottom"):
-        raw["train_prior"][level]["max_failures"] = max_failures
-    raw["train_prior"]["bottom"]["fail_at_step"] = fail_at_step
-    cfg = parse_config(raw)
-    write_tokenized(cfg.output_dir)
-    tracker = Tracker(f"sqlite:///{tmp}/mlflow.db", "test")
-    with tracker.stage_run("train_prior") as tracking:
-        ctx = StageContext(
-            cfg, "train_prior", storage.join(cfg.output_dir, "train_prior"), "fp", tracking
-        )
-        try:
-            outcome = train_prior.run(ctx)
-        except Exception as err:
-            outcome = err
-    return cfg, outcome, tracker.client, tracking.run_id
-
-
-def test_levels_share_one_run_and_a_restart_goes_on_with_the_level_it_was_training(
-    ray_local, tmp_path
-):
-    cfg, manifest, client, run_id = _run_priors(tmp_path, fail_at_step=2, max_failures=1)
-    if isinstance(manifest, Exception):
-        raise manifest
-    assert run_dirs(cfg) == ["train_prior-top-bottom-fp"]
+def test_levels_asking_for_the_same_workers_share_a_run_that_resumes_each_level(trained):
+    cfg, _, manifest, client, run_id = trained
+    assert sorted(os.listdir(os.path.join(cfg.output_dir, "train_prior", "ray"))) == [
+        "train_prior-top-bottom-fp"
+    ]
 
     def steps(name: str) -> list[int]:
         return sorted(m.step for m in client.get_metric_history(run_id, name))
 
-    # The bottom prior's worker failed after its step 2 (checkpointed): the restarted worker
-    # resumed the bottom prior there, and trained the finished top prior no more.
+    # Attempt 1: the top prior fails after step 2. Attempt 2 resumes it at step 2 and finishes it;
+    # the bottom prior starts afresh (the attempt's checkpoint is the top prior's) and fails after
+    # its step 2. Attempt 3 skips the finished top prior and resumes the bottom one at step 2.
+    assert steps("top/resumed_at_step") == [2]
     assert steps("bottom/resumed_at_step") == [2]
-    assert steps("top/resumed_at_step") == []
     assert steps("top/train_bits_per_code") == [2, 4]  # [2, 2, 4, 4] had it trained again
     assert steps("bottom/train_bits_per_code") == [2, 4]
     for level in ("top", "bottom"):
-        entry = manifest.priors[level]
-        assert entry.trained_steps == STEPS
-        model, extra = load_checkpoint(entry.checkpoint)
-        assert extra["level"] == level
-
-
-def test_a_level_never_resumes_from_another_levels_checkpoint(ray_local, tmp_path):
-    # The bottom prior fails at its step 1, before a checkpoint of its own: the run's latest
-    # checkpoint is the top prior's last. The restarted bottom prior starts afresh (and fails at
-    # step 1 again) instead of loading the top prior's weights.
-    cfg, outcome, _, _ = _run_priors(tmp_path, fail_at_step=1, max_failures=1)
-    assert isinstance(outcome, Exception)
-    assert "fault injected after step 1" in str(outcome), outcome
-    assert os.path.exists(os.path.join(cfg.output_dir, "train_prior", "top.pt"))
-    assert not os.path.exists(os.path.join(cfg.output_dir, "train_prior", "bottom.pt"))
+        assert manifest.priors[level].trained_steps == STEPS
 
 
 @pytest.mark.parametrize(
