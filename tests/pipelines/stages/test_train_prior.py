@@ -94,15 +94,18 @@ def trained(ray_local, tmp_path_factory):
     raw = tiny_raw_config(str(tmp / "out"), str(tmp / "unused-corpus"))
     raw["data"] |= {"validation_fraction": VALIDATION, "test_fraction": TEST}
     # Both priors train on two DDP ranks (gradients, barriers and rank-0 evaluation together), in
-    # one Ray Train run (they ask for the same workers). Each level's worker fails once, after its
-    # step 2 (checkpointed), and the run restarts: a restarted level resumes from its own
-    # checkpoint, never from the other level's, and a finished level is not trained again.
+    # one Ray Train run (they ask for the same workers). Each level's workers fail after its step
+    # 2 (checkpointed), and the run restarts: a restarted level resumes from its own checkpoint,
+    # never from the other level's, and a finished level is not trained again. (A rank that fails
+    # while rank 0 still writes the step-2 checkpoint can end the attempt before Ray Train has
+    # it: that attempt restarts from the checkpoint before, and fails at step 2 again. Hence the
+    # failures allowed beyond the two injected.)
     for level in ("top", "bottom"):
         raw["train_prior"][level] |= {
             "num_workers": 2,
             "cpus_per_worker": 0.5,
             "fail_at_step": 2,
-            "max_failures": 2,
+            "max_failures": 6,
         }
     # Priors of different kinds in one stage: the bottom one is a transformer, conditioned on the
     # top codes like any other kind.
@@ -197,9 +200,9 @@ def test_mlflow_has_per_level_metrics_and_checkpoints(trained):
     def steps(name: str) -> list[int]:
         return sorted(m.step for m in client.get_metric_history(run_id, name))
 
-    for level in ("top", "bottom"):
-        assert steps(f"{level}/validation_bits_per_code") == [2, 4]
-        assert steps(f"{level}/train_bits_per_code") == [2, 4]
+    for level in ("top", "bottom"):  # step 2 again where an attempt lost its step-2 checkpoint
+        assert set(steps(f"{level}/validation_bits_per_code")) == {2, 4}
+        assert set(steps(f"{level}/train_bits_per_code")) == {2, 4}
     names = {a.path for a in client.list_artifacts(run_id, "priors")}
     assert names == {"priors/top.pt", "priors/bottom.pt"}
 
@@ -232,13 +235,14 @@ def test_levels_asking_for_the_same_workers_share_a_run_that_resumes_each_level(
     def steps(name: str) -> list[int]:
         return sorted(m.step for m in client.get_metric_history(run_id, name))
 
-    # Attempt 1: the top prior fails after step 2. Attempt 2 resumes it at step 2 and finishes it;
-    # the bottom prior starts afresh (the attempt's checkpoint is the top prior's) and fails after
-    # its step 2. Attempt 3 skips the finished top prior and resumes the bottom one at step 2.
-    assert steps("top/resumed_at_step") == [2]
-    assert steps("bottom/resumed_at_step") == [2]
-    assert steps("top/train_bits_per_code") == [2, 4]  # [2, 2, 4, 4] had it trained again
-    assert steps("bottom/train_bits_per_code") == [2, 4]
+    # The top prior fails after step 2; the restart resumes it there and finishes it. The bottom
+    # prior starts afresh (the attempt's checkpoint is the top prior's) and fails after its step
+    # 2; the next attempt skips the finished top prior and resumes the bottom one at step 2.
+    assert set(steps("top/resumed_at_step")) == {2}
+    assert set(steps("bottom/resumed_at_step")) == {2}
+    # Each level's last step trained once: a level finished is not trained again.
+    assert steps("top/train_bits_per_code").count(STEPS) == 1
+    assert steps("bottom/train_bits_per_code").count(STEPS) == 1
     for level in ("top", "bottom"):
         assert manifest.priors[level].trained_steps == STEPS
 
