@@ -25,15 +25,16 @@ WORKER_GROUP_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 
 @ray.remote(num_cpus=0)
 class ProgressBoard:
-    """The latest progress rank 0 reported: {"step": int, "figures": {name: value}}."""
+    """The latest progress rank 0 reported for each phase of a run (each model it trains):
+    {phase: {"phase": phase, "step": int, "figures": {name: value}}}."""
 
     def __init__(self) -> None:
-        self.latest: dict[str, Any] | None = None
+        self.latest: dict[str | None, dict[str, Any]] = {}
 
     def put(self, state: dict[str, Any]) -> None:
-        self.latest = state
+        self.latest[state.get("phase")] = state
 
-    def get(self) -> dict[str, Any] | None:
+    def get(self) -> dict[str | None, dict[str, Any]]:
         return self.latest
 
 

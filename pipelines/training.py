@@ -141,18 +141,17 @@ def _shown_progress(run_name: str, phases: list[tuple[str, TrainingKnobs]]) -> I
 
     def show_latest() -> None:
         try:
-            state = ray.get(board.get.remote(), timeout=10)
+            states = ray.get(board.get.remote(), timeout=10)
         except Exception:  # the board is gone or slow: try again next time
             return
-        if not state:
-            return
-        phase = state.get("phase")
-        index = labels.index(phase) if phase in labels else 0
+        # The latest report of each phase: a phase's bar closes at its own last report, not at
+        # whichever step the driver saw before the next phase's reports replaced it.
+        reported = {labels.index(p) if p in labels else 0: state for p, state in states.items()}
         with lock:
-            if index < current["index"]:
-                return  # a late report of a phase already closed
-            open_phase(index)
-            current["bar"].update(done=state["step"], **state["figures"])
+            for index in sorted(i for i in reported if i >= current["index"]):
+                open_phase(index)
+                state = reported[index]
+                current["bar"].update(done=state["step"], **state["figures"])
 
     def follow() -> None:
         while not stop.wait(POLL_SECONDS):
@@ -696,7 +695,9 @@ class _Loop:
         if _due(step, knobs.checkpoint_every, knobs.steps) or stop:
             self.checkpoint(step)
         self.window_started += time.perf_counter() - paused
-        self.report_progress(step, knobs.steps, self.train_means)
+        # The step early stopping ends at is this model's last: reported whatever the time since
+        # the last report, so that its bar ends there.
+        self.report_progress(step, step if stop else knobs.steps, self.train_means)
         if knobs.fail_at_step == step and start_step < step:
             raise InjectedFailure(f"fault injected after step {step} (fail_at_step)")
         return stop
