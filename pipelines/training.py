@@ -369,9 +369,7 @@ def load_final_model(result, prefer_best: bool = False) -> tuple[nn.Module, Chec
     on one (``fit(select_metric=...)``); their metadata names the step they come from.
     """
     with result.checkpoint.as_directory() as directory:
-        best = os.path.join(directory, BEST_FILE)
-        path = best if prefer_best and os.path.exists(best) else os.path.join(directory, MODEL_FILE)
-        return load_with_meta(path)
+        return load_with_meta(_final_file(directory, prefer_best))
 
 
 def publish_model(model: nn.Module, uri: str, meta: CheckpointMeta) -> bytes:
@@ -492,11 +490,16 @@ def _restore(
     return meta.trained_step(), {"epoch": meta.epoch, "epoch_batch": meta.epoch_batch}, chosen
 
 
-def _chosen_file(directory: str) -> bytes:
-    """What ``load_final_model(prefer_best=True)`` would load from this checkpoint folder: the
-    best weights when the run selects on a score, else the last ones (a vq_core checkpoint)."""
+def _final_file(directory: str, prefer_best: bool) -> str:
+    """The weights file of a checkpoint folder: with ``prefer_best``, the best weights when the
+    run selected on a score, else the last ones (a vq_core checkpoint)."""
     best = os.path.join(directory, BEST_FILE)
-    with open(best if os.path.exists(best) else os.path.join(directory, MODEL_FILE), "rb") as f:
+    return best if prefer_best and os.path.exists(best) else os.path.join(directory, MODEL_FILE)
+
+
+def _chosen_file(directory: str) -> bytes:
+    """What ``load_final_model(prefer_best=True)`` would load from this checkpoint folder."""
+    with open(_final_file(directory, prefer_best=True), "rb") as f:
         return f.read()
 
 
