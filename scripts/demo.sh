@@ -4,6 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p runs
+# Let Python keep the bytecode it compiles in .venv (see setup.sh): no process compiles a module twice.
+unset PYTHONDONTWRITEBYTECODE
 echo "Setting up .venv (log: runs/setup.log)"
 if ! bash scripts/setup.sh > runs/setup.log 2>&1; then
   cat runs/setup.log

@@ -10,11 +10,16 @@ if [ ! -x .venv/bin/python ]; then
 fi
 . .venv/bin/activate
 python -m pip install --quiet --upgrade pip
-# pip byte-compiles what it installs one file at a time; compileall does it on every core.
+# Bytecode: where Python may write it (PYTHONDONTWRITEBYTECODE unset, its default), each module is
+# compiled on its first import, once, and only the modules a run imports (a fraction of what is
+# installed); so pip installs without compiling. Where it may not, every process would compile
+# every module it imports, so all of the environment is compiled here, on every core.
 if ! python -c "import torch" >/dev/null 2>&1; then
   python -m pip install --quiet --no-compile "${TORCH_SPEC:-torch==2.13.0}"
 fi
 python -m pip install --quiet --no-compile -e ".[test]"
-# As pip does, a file that does not compile (a template, an example for another Python) is left.
-python -m compileall -q -j 0 "$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
-  >/dev/null || true
+if [ -n "${PYTHONDONTWRITEBYTECODE:-}" ]; then
+  # As pip does, a file that does not compile (a template, an example for another Python) is left.
+  python -m compileall -q -j 0 "$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
+    >/dev/null || true
+fi

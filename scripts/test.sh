@@ -2,6 +2,8 @@
 # Set up, lint, then run the test suite (slow and GPU tests are skipped; see docs/development.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Let Python keep the bytecode it compiles in .venv (see setup.sh): no process compiles a module twice.
+unset PYTHONDONTWRITEBYTECODE
 bash scripts/setup.sh
 . .venv/bin/activate
 ruff check .
