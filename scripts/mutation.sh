@@ -39,7 +39,16 @@ for target in "${targets[@]}"; do
       # mutmut gives each mutant the tests that called its function in-process, so mutants of
       # the all-reduce and shared-draw paths (run only in the two-process test's children) can
       # show as survived: rerun those by hand with MUTANT_UNDER_TEST=<name> pytest <that test>
-      # in the scratch copy's mutants/ folder.
+      # in the scratch copy's mutants/ folder. Done so, the survivors of _all_reduce_sum,
+      # _shared_generator, _register_state, _sync_state_from_rank0 and _sample_global_rows are
+      # equivalent for a user: the reduce op left to its default (SUM); another range or dtype
+      # spelling of the drawn seed; other constants mixing (seed, step, stream) into the shared
+      # generator (other draws, still the same on every rank and on resume); the flag that skips
+      # the rank-0 broadcast after the first step (a broadcast per step of equal states);
+      # randint's low bound left to its default; noise subtracted instead of added (the same
+      # distribution); the noise scale's branch for a single draw (unreachable: one row drawn
+      # with replacement means an empty batch, refused before). device= dropped or None: equal
+      # on CPU, covered by the gpu tests.
       tests='"tests/vq_core/test_quantizer.py", "tests/vq_core/test_quantizer_distributed.py"'
       deselect='""'
       ;;
