@@ -35,7 +35,7 @@ SCOPE_SECONDS = {
     "tests/pipelines/test_families.py": 130,
     "tests/pipelines/test_pinned_tokenizer.py": 90,
     "tests/pipelines/test_three_levels.py": 85,
-    "tests/pipelines/test_growing_corpus.py": 80,
+    "tests/pipelines/test_growing_corpus.py": 55,
     "tests/pipelines/test_unlabelled.py": 75,
     "tests/pipelines/stages/test_train_prior.py": 60,
     "tests/pipelines/evaluation/test_metrics.py": 55,
