@@ -56,9 +56,18 @@ for target in "${targets[@]}"; do
       # sampling.py holds the causal convolutions (the masks of both priors); the priors'
       # causality and cached-sampling tests are what catch their faults. The priors' learning
       # tests take minutes each and catch nothing the others miss.
+      # Survivors, each equivalent for every input the priors and samplers pass: dim=+1 for
+      # dim=-1 and defaulted dims in filter_logits / draw_categorical (their inputs are N x K);
+      # shape[+2:] for shape[-2:] of 4-D tensors; the cache's start row and column (set before
+      # every step); the fast path for one position taken less often (the general path gives
+      # the same values); write extents that slicing clamps back, and empty writes; a larger
+      # step buffer; one column more from StepCache.column (cached == naive still holds);
+      # sample_codes' early check of top_k / top_p skipped (filter_logits refuses them at the
+      # first step, before anything is returned); sample_levels' method left to the default
+      # (both methods draw the same codes); device= dropped or None (the gpu tests).
       files='"vq_core/sampling.py"'
-      tests='"tests/vq_core/test_sampling.py", "tests/vq_core/test_pixelcnn.py",
-        "tests/vq_core/test_pixelsnail.py"'
+      tests='"tests/vq_core/test_sampling.py", "tests/vq_core/test_sampling_levels.py",
+        "tests/vq_core/test_pixelcnn.py", "tests/vq_core/test_pixelsnail.py"'
       deselect='"not learns and not uses_the_top_codes"'
       ;;
     keys)

@@ -156,3 +156,30 @@ def test_a_level_drawn_before_its_condition_or_unknown_settings_are_refused():
         sample_levels([top, middle, bottom], 2, labels(2), settings={"lowest": {"top_k": 1}})
     with pytest.raises(ValueError, match="level 'top' is listed twice"):
         sample_levels([top, top], 2, labels(2))
+
+
+def test_labels_go_to_the_class_conditional_levels_only():
+    # A one-class top prior (a corpus of a single class still has labels) over an unconditional
+    # bottom one: the labels reach the top prior, and the bottom one, which refuses labels, gets
+    # none.
+    torch.manual_seed(0)
+    top = GatedPixelCNN(GatedPixelCNNConfig(5, 2, 2, channels=8, num_layers=1, num_classes=1))
+    bottom = GatedPixelCNN(
+        GatedPixelCNNConfig(
+            6, 4, 4, channels=8, num_layers=1, condition_num_codes=5, condition_height=2,
+            condition_width=2, condition_channels=8, condition_res_blocks=1,
+        )
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="unconditional"):
+        sample_codes(bottom, 2, torch.zeros(2, dtype=torch.long), torch.zeros(2, 2, 2))
+    ones = torch.zeros(2, dtype=torch.long)
+    codes = sample_levels(
+        [("top", None, top), ("bottom", "top", bottom)],
+        2,
+        ones,
+        generator=torch.Generator().manual_seed(1),
+    )
+    generator = torch.Generator().manual_seed(1)
+    first = sample_codes(top, 2, ones, generator=generator)
+    second = sample_codes(bottom, 2, None, first, generator=generator)
+    assert torch.equal(codes["top"], first) and torch.equal(codes["bottom"], second)
