@@ -590,7 +590,8 @@ class _Loop:
         self.evaluation: dict[str, float] = {}
         self.window_started = time.perf_counter()
         self.report_progress = _ProgressReport(self.rank, progress_phase)
-        # The latest checkpoint's chosen weights (rank 0): what the run gives for this model.
+        # The chosen weights of the checkpoint the run ends at or resumed from (rank 0): what the
+        # run gives for this model.
         self.chosen: bytes | None = None
         # Where in the data the next step's batch comes from; saved in checkpoints.
         self.position = {"epoch": 0, "epoch_batch": 0}
@@ -647,13 +648,17 @@ class _Loop:
             step=step,
         )
 
-    def checkpoint(self, step: int) -> None:
+    def checkpoint(self, step: int, last: bool) -> None:
+        """Report a checkpoint of ``step``; at the ``last`` step, keep its chosen weights, which
+        ``fit`` returns (rank 0 reads them back from the folder only then)."""
         metrics = {"step": step, **self.train_means, **self.evaluation}
         # trained_steps survives in the selected weights' metadata, whose step is the one selected.
         meta = self.meta.model_copy(
             update={**self.position, "trained_steps": step, "stale_evaluations": self.best.stale}
         )
-        self.chosen = _report(self.model, self.optimizer, self.rank, metrics, meta, self.best)
+        chosen = _report(self.model, self.optimizer, self.rank, metrics, meta, self.best, last)
+        if last:
+            self.chosen = chosen
 
     def should_stop(self) -> bool:
         """After an evaluation step: whether ``early_stopping`` evaluations in a row missed the
@@ -696,7 +701,7 @@ class _Loop:
             )
             self.tracking.log_metrics({f"{self.prefix}early_stopped_at_step": step}, step=step)
         if _due(step, knobs.checkpoint_every, knobs.steps) or stop:
-            self.checkpoint(step)
+            self.checkpoint(step, last=stop or step == knobs.steps)
         self.window_started += time.perf_counter() - paused
         # The step early stopping ends at is this model's last: reported whatever the time since
         # the last report, so that its bar ends there.
@@ -857,9 +862,10 @@ def _report(
     metrics: dict[str, float],
     meta: CheckpointMeta,
     best: _Best,
+    read_chosen: bool,
 ) -> bytes | None:
-    """Report ``metrics`` with a checkpoint (written by rank 0); returns, on rank 0, the
-    checkpoint's chosen weights (``_chosen_file``)."""
+    """Report ``metrics`` with a checkpoint (written by rank 0); returns, on rank 0 and with
+    ``read_chosen``, the checkpoint's chosen weights (``_chosen_file``), else None."""
     step = int(metrics["step"])
     if rank != 0:
         # Every rank must call report (it is a barrier); the weights are the same on all ranks.
@@ -870,7 +876,7 @@ def _report(
         _save(model, optimizer, directory, meta, best)
         checkpoint = ray.train.Checkpoint.from_directory(directory)
         checkpoint.set_metadata({LEVEL_KEY: meta.level})
-        chosen = _chosen_file(directory)
+        chosen = _chosen_file(directory) if read_chosen else None
         ray.train.report(
             metrics,
             checkpoint=checkpoint,
