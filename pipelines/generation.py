@@ -294,8 +294,10 @@ def _generate(
     priors: list[dict[str, Any]],
     classifier_uri: str | None,
     image_shape: tuple[int, int, int],
+    label: str = "sample",
 ) -> dict[str, ClassSamples]:
-    """Run the batches on an actor pool; write each class's files; return its manifest entries."""
+    """Run the batches on an actor pool; write each class's files; return its manifest entries.
+    ``label`` names the progress bar."""
     import ray
 
     cfg = ctx.cfg.sample
@@ -323,7 +325,7 @@ def _generate(
             )
     done = 0
     total = sum(b.count for b in batches)
-    with console.current().progress("sample", total, "images") as progress:
+    with console.current().progress(label, total, "images") as progress:
         for rows in dataset.iter_batches(batch_size=None, batch_format="numpy"):
             for name, draw, png, confidence, predicted in zip(
                 rows["class_name"], rows["draw"], rows["png"], rows["confidence"], rows["predicted"]
@@ -331,7 +333,7 @@ def _generate(
                 outputs[str(name)].add(int(draw), bytes(png), float(confidence), int(predicted))
             done += len(rows["draw"])
             progress.update(done=done)
-            log.info("sample: %d of %d draws", done, total)
+            log.info("%s: %d of %d draws", label, done, total)
     entries = {}
     for name, output in outputs.items():
         entries[name] = output.finish()
@@ -470,5 +472,10 @@ def draw_samples(
         image_shape = (*trained.image_size, trained.channels)
         autoencoder = read_identified(trained.tokenizer, tracking_uri_for(ctx.cfg))
         check_autoencoder_levels(autoencoder, trained)
-        entries.update(_generate(ctx, batches, autoencoder, priors, classifier_uri, image_shape))
+        # The sample stage's bar is "sample"; another stage drawing more sets (evaluate's further
+        # seeds) names itself and the seed, so that its console does not seem to run sample again.
+        label = "sample" if ctx.stage == "sample" else f"{ctx.stage} seed {seed}"
+        entries.update(
+            _generate(ctx, batches, autoencoder, priors, classifier_uri, image_shape, label)
+        )
     return {name: entries[name] for name in classes}

@@ -9,13 +9,16 @@ images and figures byte for byte, so every difference below is the setting's doi
 from __future__ import annotations
 
 import hashlib
+import io
 import os
+import re
 from dataclasses import dataclass
 
 import numpy as np
 import pytest
 import torch
 
+from pipelines import console
 from pipelines.config import parse_config
 from pipelines.evaluation.classifier import load_classifier
 from pipelines.manifest import read_manifest
@@ -85,6 +88,7 @@ class Rerun:
     evaluate_files: set[str]
     judge: bytes
     drawn_by_evaluate: dict[str, bytes]  # evaluate/samples-<seed>/<class>/<file>.png
+    console: str  # what the re-run printed to a console that is not a terminal
 
     @property
     def metrics(self) -> dict[str, float]:
@@ -110,7 +114,9 @@ class Reruns:
             out = cfg.output_dir
             with restored(shared, ["sample", "evaluate"]):
                 force = stages if not overrides else ()
-                outcomes = run_stages(cfg, stages, force=force, run_name=f"setting-{name}")
+                shown = io.StringIO()
+                with console.active(console.Console(shown, live=False)):
+                    outcomes = run_stages(cfg, stages, force=force, run_name=f"setting-{name}")
                 manifests = {stage: read_manifest(out, MANIFESTS[stage]) for stage in MANIFESTS}
                 with open(os.path.join(out, "evaluate", "judge.pt"), "rb") as f:
                     judge = f.read()
@@ -123,6 +129,7 @@ class Reruns:
                     set(digests(os.path.join(out, "evaluate"))),
                     judge,
                     drawn_by_evaluate(os.path.join(out, "evaluate")),
+                    shown.getvalue(),
                 )
         return self.done[name]
 
@@ -286,6 +293,10 @@ def test_seeds_repeat_cas_over_more_samples(shared_run, reruns, shared_images):
     rerun = reruns["seeds"]
     seed = shared_run.cfg.sample.seed
     assert rerun.metrics["cas/seeds"] == 2
+    # Its console names the stage and the seed it draws for, not the sample stage.
+    bars = re.findall(r"^  (\S.*?)  images \d+/(\d+) \(100%\)", rerun.console, re.MULTILINE)
+    # (the draws: 4 classes x per_class 2, each kept one of 1 / keep_fraction 0.5 = 2)
+    assert bars == [(f"evaluate seed {seed + 1}", "16")], rerun.console
     assert {int(s) for s in rerun.table["sampling_seed"] if s is not None} == {seed, seed + 1}
     drawn = {f for f in rerun.drawn_by_evaluate if f.startswith(f"samples-{seed + 1}/")}
     assert len(drawn) == len(rerun.drawn_by_evaluate) == 8
