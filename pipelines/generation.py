@@ -294,7 +294,7 @@ def _generate(
     priors: list[dict[str, Any]],
     classifier_uri: str | None,
     image_shape: tuple[int, int, int],
-    label: str = "sample",
+    label: str,
 ) -> dict[str, ClassSamples]:
     """Run the batches on an actor pool; write each class's files; return its manifest entries.
     ``label`` names the progress bar."""

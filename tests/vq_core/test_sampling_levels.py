@@ -170,16 +170,16 @@ def test_labels_go_to_the_class_conditional_levels_only():
             condition_width=2, condition_channels=8, condition_res_blocks=1,
         )
     )  # fmt: skip
+    only_class = torch.zeros(2, dtype=torch.long)
     with pytest.raises(ValueError, match="unconditional"):
-        sample_codes(bottom, 2, torch.zeros(2, dtype=torch.long), torch.zeros(2, 2, 2))
-    ones = torch.zeros(2, dtype=torch.long)
+        sample_codes(bottom, 2, only_class, torch.zeros(2, 2, 2))
     codes = sample_levels(
         [("top", None, top), ("bottom", "top", bottom)],
         2,
-        ones,
+        only_class,
         generator=torch.Generator().manual_seed(1),
     )
     generator = torch.Generator().manual_seed(1)
-    first = sample_codes(top, 2, ones, generator=generator)
+    first = sample_codes(top, 2, only_class, generator=generator)
     second = sample_codes(bottom, 2, None, first, generator=generator)
     assert torch.equal(codes["top"], first) and torch.equal(codes["bottom"], second)
