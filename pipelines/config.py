@@ -484,13 +484,19 @@ class RejectionSection(Section):
 
 class LevelSampling(Section):
     """How one level's codes are drawn, where it differs from the sample section's settings: a
-    key left unset (None) takes the stage's ``temperature``, ``top_k`` or ``top_p``. To turn the
-    stage's top_k or top_p off at one level, give that level ``top_p: 1.0`` or a ``top_k`` of at
-    least the level's codebook size."""
+    key left unset (None) takes the stage's ``temperature``, ``top_k``, ``top_p`` or
+    ``guidance``. To turn the stage's top_k or top_p off at one level, give that level
+    ``top_p: 1.0`` or a ``top_k`` of at least the level's codebook size, and ``guidance: 1.0``
+    to draw it without guidance."""
 
     temperature: float | None = Field(None, gt=0)
     top_k: int | None = Field(None, ge=1)
     top_p: float | None = Field(None, gt=0, le=1.0)
+    guidance: float | None = Field(None, ge=0, allow_inf_nan=False)
+
+
+# What a level's draw is set by: the sample section's keys that sample.levels may override.
+LEVEL_SETTINGS = ("temperature", "top_k", "top_p", "guidance")
 
 
 class SampleSection(Section):
@@ -511,6 +517,15 @@ class SampleSection(Section):
     temperature: float = Field(1.0, gt=0)
     top_k: int | None = Field(None, ge=1)
     top_p: float | None = Field(None, gt=0, le=1.0)
+    guidance: float = Field(
+        1.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="Classifier-free guidance scale: each step draws from u + guidance * (c - u) "
+        "over the unconditional (u) and class-conditional (c) logits. 1 is the plain "
+        "class-conditional draw; above 1 needs priors trained with "
+        "train_prior.<level>.model.label_dropout > 0, and costs two passes per step.",
+    )
     method: SamplingMethod = DEFAULT_METHOD
     seed: int = 0
     cpus_per_worker: float = Field(
@@ -521,16 +536,16 @@ class SampleSection(Section):
     levels: dict[str, LevelSampling] = Field(
         default_factory=dict,
         description="Per code level (by name), sampling settings that replace the stage's "
-        "temperature, top_k and top_p for that level's prior, e.g. {bottom: {temperature: 0.9}}. "
-        "Levels not listed, and keys not set, use the stage's.",
+        "temperature, top_k, top_p and guidance for that level's prior, e.g. "
+        "{bottom: {temperature: 0.9}}. Levels not listed, and keys not set, use the stage's.",
     )
 
     def for_level(self, level: str) -> dict[str, Any]:
-        """The temperature, top_k and top_p that ``level``'s codes are drawn with."""
+        """The temperature, top_k, top_p and guidance that ``level``'s codes are drawn with."""
         own = self.levels.get(level, LevelSampling())
         return {
             key: getattr(self, key) if getattr(own, key) is None else getattr(own, key)
-            for key in ("temperature", "top_k", "top_p")
+            for key in LEVEL_SETTINGS
         }
 
     def check_levels(self, levels: list[str] | tuple[str, ...], source: str) -> None:

@@ -350,6 +350,42 @@ def sampling_settings(cfg: SampleSection, levels: list[str]) -> dict[str, Any]:
     return {"method": cfg.method, "levels": {level: cfg.for_level(level) for level in levels}}
 
 
+def check_guidance(cfg: SampleSection, trained: TrainPriorManifest) -> None:
+    """Raise ConfigError for a level drawn with classifier-free guidance (guidance != 1) whose
+    prior cannot be guided: it must be class-conditional and trained with label dropout, which
+    gives it the "no class" label the guided draw contrasts the class with."""
+    from vq_core.checkpoint import load_checkpoint
+
+    for level in trained.levels:
+        guidance = cfg.for_level(level)["guidance"]
+        if guidance == 1:
+            continue
+        own = cfg.levels.get(level)
+        key = "sample.guidance"
+        if own is not None and own.guidance is not None:
+            key = f"sample.levels.{level}.guidance"
+        if not trained.labelled:
+            raise ConfigError(
+                f"{key}={guidance} guides the {level} codes towards their class, but the corpus "
+                "has no labels (the priors are unconditional); leave guidance at 1.0"
+            )
+        prior, _ = load_checkpoint(storage.read_bytes(trained.priors[level].checkpoint))
+        if prior.config.num_classes == 0:
+            raise ConfigError(
+                f"{key}={guidance} guides the {level} codes towards their class, but the {level} "
+                f"prior is unconditional (the corpus has one class, {trained.class_names}); "
+                "leave guidance at 1.0"
+            )
+        if prior.null_label is None:
+            raise ConfigError(
+                f"{key}={guidance} needs the {level} prior to be trained with label dropout, but "
+                f"it was trained with label_dropout={prior.config.label_dropout} "
+                f"(num_classes={prior.config.num_classes}); set "
+                f"train_prior.{level}.model.label_dropout (0.1 is usual) and redo train_prior, "
+                "or leave guidance at 1.0"
+            )
+
+
 def check_autoencoder_levels(autoencoder: bytes, trained: TrainPriorManifest) -> None:
     """Raise InputError unless the autoencoder that decodes the samples encodes the levels the
     priors draw, in the same order."""

@@ -186,6 +186,7 @@ class LevelSettings(ManifestModel):
     temperature: float
     top_k: int | None
     top_p: float | None
+    guidance: float = 1.0  # classifier-free guidance (1: none; manifests before it had none)
 
 
 class SampleSettings(ManifestModel):
@@ -198,6 +199,7 @@ class SampleSettings(ManifestModel):
     seed: int
     rejection: dict[str, Any]
     levels: dict[str, LevelSettings] = {}  # level -> what it was drawn with, top first
+    guidance: float = 1.0  # the stage's (1: none; manifests before it had none)
 
 
 class SampleManifest(StageManifest):

@@ -64,6 +64,15 @@ def check_prior_config(config: object) -> None:
     height, width = require_int(config, "height", 1), require_int(config, "width", 1)
     require_int(config, "channels", 1)
     require_int(config, "num_classes", 0)
+    label_dropout = config.label_dropout
+    if isinstance(label_dropout, bool) or not isinstance(label_dropout, (int, float)):
+        raise ValueError(
+            f"{type(config).__name__}.label_dropout must be a number, got {label_dropout!r}"
+        )
+    if not 0 <= label_dropout < 1:
+        raise ValueError(
+            f"{type(config).__name__}.label_dropout must be in [0, 1), got {label_dropout}"
+        )
     require_int(config, "condition_channels", 1)
     require_int(config, "condition_res_blocks", 0)
     if require_int(config, "condition_num_codes", 0) > 0:
@@ -76,6 +85,15 @@ def check_prior_config(config: object) -> None:
                 f"{type(config).__name__}: the condition map ({cond_height}x{cond_width}) must "
                 f"divide the code map ({height}x{width}) evenly in both directions"
             )
+
+
+def class_rows(config: object) -> int:
+    """Rows of a prior's class embedding: one per class and, when the prior trains with label
+    dropout, one more for the "no class" label (``num_classes``) that the dropped labels become.
+    0 for an unconditional prior, on which label_dropout has no effect."""
+    if config.num_classes == 0:
+        return 0
+    return config.num_classes + (1 if config.label_dropout > 0 else 0)
 
 
 def _as_index_tensor(value: object, what: str, device: torch.device) -> Tensor:
@@ -137,12 +155,13 @@ class ConditionStack(nn.Module):
 
 
 class BlockConditioning(nn.Module):
-    """Adds a block's class bias (an embedding of the label) and a 1x1 projection of the condition
-    features to its pre-activations. Absent parts cost nothing."""
+    """Adds a block's class bias (an embedding of the label; ``class_rows`` labels, see
+    ``class_rows``) and a 1x1 projection of the condition features to its pre-activations. Absent
+    parts cost nothing."""
 
-    def __init__(self, channels: int, num_classes: int, condition_channels: int) -> None:
+    def __init__(self, channels: int, class_rows: int, condition_channels: int) -> None:
         super().__init__()
-        self.class_embedding = nn.Embedding(num_classes, channels) if num_classes > 0 else None
+        self.class_embedding = nn.Embedding(class_rows, channels) if class_rows > 0 else None
         self.condition = (
             PointwiseConv(condition_channels, channels, bias=False) if condition_channels else None
         )
@@ -201,6 +220,13 @@ class CodePrior(nn.Module):
             )
 
     @property
+    def null_label(self) -> int | None:
+        """The "no class" label of a class-conditional prior trained with label dropout
+        (``num_classes``), which classifier-free guidance samples with; None for other priors."""
+        cfg = self.config
+        return cfg.num_classes if cfg.num_classes > 0 and cfg.label_dropout > 0 else None
+
+    @property
     def condition_channels(self) -> int:
         """Channels of the condition features the blocks receive (0 without a condition map)."""
         return self.config.condition_channels if self.condition_stack is not None else 0
@@ -245,7 +271,8 @@ class CodePrior(nn.Module):
                 raise ValueError(
                     f"labels must have shape ({batch},), one per sample, got {tuple(labels.shape)}"
                 )
-            _check_range(labels, "labels", cfg.num_classes)
+            # A prior trained with label dropout also takes its "no class" label, num_classes.
+            _check_range(labels, "labels", class_rows(cfg))
         elif labels is not None:
             raise ValueError("this prior is unconditional (num_classes=0) but labels were given")
 
@@ -269,6 +296,12 @@ class CodePrior(nn.Module):
     # ----------------------------------------------------------------- training
 
     def _context(self, labels: Tensor | None, condition: Tensor | None) -> PriorContext:
+        if labels is not None and self.training and self.null_label is not None:
+            # Label dropout: in training, each image's label becomes "no class" with probability
+            # label_dropout, so the one network also learns the unconditional distribution that
+            # classifier-free guidance contrasts the class-conditional one with.
+            dropped = torch.rand(labels.shape, device=labels.device) < self.config.label_dropout
+            labels = labels.masked_fill(dropped, self.null_label)
         features = None if self.condition_stack is None else self.condition_stack(condition)
         return PriorContext(labels=labels, condition=features)
 
@@ -301,9 +334,11 @@ class CodePrior(nn.Module):
         top_p: float | None = None,
         generator: torch.Generator | None = None,
         method: str = DEFAULT_METHOD,
+        guidance: float = 1.0,
     ) -> Tensor:
         """n code maps (n x h x w long). method="cached" (default) reuses earlier positions'
-        activations; "naive" runs a full forward pass per position. Both give the same codes."""
+        activations; "naive" runs a full forward pass per position. Both give the same codes.
+        guidance != 1 is classifier-free guidance (see ``vq_core.sampling.sample_codes``)."""
         return sample_codes(
             self,
             n,
@@ -314,6 +349,7 @@ class CodePrior(nn.Module):
             top_p=top_p,
             generator=generator,
             method=method,
+            guidance=guidance,
         )
 
     def begin_sampling(self, n: int, labels: Tensor | None, condition: Tensor | None) -> StepCache:
@@ -358,6 +394,7 @@ class GatedPixelCNNConfig:
     num_layers: int = 8
     kernel_size: int = 5
     num_classes: int = 0
+    label_dropout: float = 0.0
     condition_num_codes: int = 0
     condition_height: int = 0
     condition_width: int = 0
@@ -385,7 +422,7 @@ class GatedLayer(Recomputable):
         channels: int,
         kernel_size: int,
         first: bool,
-        num_classes: int,
+        class_rows: int,
         condition_channels: int,
     ) -> None:
         super().__init__()
@@ -398,11 +435,9 @@ class GatedLayer(Recomputable):
         self.horizontal = CausalConv2d(channels, 2 * channels, (1, half + 1), "horizontal" + strict)
         self.vertical_to_horizontal = PointwiseConv(2 * channels, 2 * channels)
         self.horizontal_out = PointwiseConv(channels, channels)
-        self.vertical_conditioning = BlockConditioning(
-            2 * channels, num_classes, condition_channels
-        )
+        self.vertical_conditioning = BlockConditioning(2 * channels, class_rows, condition_channels)
         self.horizontal_conditioning = BlockConditioning(
-            2 * channels, num_classes, condition_channels
+            2 * channels, class_rows, condition_channels
         )
 
     @recomputed
@@ -445,7 +480,7 @@ class GatedPixelCNN(CodePrior):
         super().__init__(config)
         c = config.channels
         self.layers = nn.ModuleList(
-            GatedLayer(c, config.kernel_size, i == 0, config.num_classes, self.condition_channels)
+            GatedLayer(c, config.kernel_size, i == 0, class_rows(config), self.condition_channels)
             for i in range(config.num_layers)
         )
         self.head = nn.Sequential(

@@ -28,6 +28,7 @@ from vq_core.pixelcnn import (
     check_dropout,
     check_kernel_size,
     check_prior_config,
+    class_rows,
     require_int,
 )
 from vq_core.recompute import Recomputable, recomputed
@@ -57,6 +58,7 @@ class PixelSNAILConfig:
     attention_channels: int = 128
     dropout: float = 0.1
     num_classes: int = 0
+    label_dropout: float = 0.0
     condition_num_codes: int = 0
     condition_height: int = 0
     condition_width: int = 0
@@ -91,7 +93,7 @@ class GatedResidual(Recomputable):
         conv: Callable[[int, int], nn.Module],
         aux_channels: int,
         dropout: float,
-        num_classes: int,
+        class_rows: int,
         condition_channels: int,
     ) -> None:
         super().__init__()
@@ -99,7 +101,7 @@ class GatedResidual(Recomputable):
         self.aux = PointwiseConv(aux_channels, channels) if aux_channels else None
         self.dropout = nn.Dropout(dropout)
         self.conv_out = conv(channels, 2 * channels)
-        self.conditioning = BlockConditioning(2 * channels, num_classes, condition_channels)
+        self.conditioning = BlockConditioning(2 * channels, class_rows, condition_channels)
 
     @recomputed
     def forward(
@@ -180,7 +182,7 @@ class AttentionBlock(Recomputable):
             PointwiseConv,
             config.attention_channels,
             config.dropout,
-            config.num_classes,
+            class_rows(config),
             condition_channels,
         )
 
@@ -214,7 +216,7 @@ class PixelSNAILBlock(nn.Module):
 
         common = dict(
             dropout=config.dropout,
-            num_classes=config.num_classes,
+            class_rows=class_rows(config),
             condition_channels=condition_channels,
         )
         self.vertical = nn.ModuleList(

@@ -193,6 +193,37 @@ def check_filter_args(temperature: float, top_k: int | None, top_p: float | None
         raise ValueError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
 
 
+def check_guidance(guidance: float) -> None:
+    """Raise ValueError unless `guidance` is a finite number >= 0."""
+    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)):
+        raise ValueError(f"guidance must be a number >= 0, got {guidance!r}")
+    if not (guidance >= 0 and math.isfinite(guidance)):
+        raise ValueError(f"guidance must be a finite number >= 0, got {guidance!r}")
+
+
+def guided_batch(
+    prior: nn.Module, labels: Tensor | None, condition: Tensor | None, guidance: float
+) -> tuple[Tensor, Tensor | None]:
+    """The labels and condition of a classifier-free guided draw: the n samples twice, first with
+    their labels, then with the prior's "no class" label. ValueError naming the guidance when the
+    prior has no such label (it is unconditional, or was trained without label dropout)."""
+    null = getattr(prior, "null_label", None)
+    if labels is None or null is None:
+        why = (
+            "is unconditional (num_classes=0)"
+            if labels is None
+            else "was trained without label dropout (label_dropout=0), so it has no "
+            "'no class' label to contrast the class with"
+        )
+        raise ValueError(
+            f"guidance={guidance} needs a class-conditional prior trained with label_dropout > 0; "
+            f"this prior {why}. Sample with guidance=1.0, or train the prior with label_dropout "
+            "(0.1 is usual)"
+        )
+    both = torch.cat([labels, torch.full_like(labels, null)])
+    return both, None if condition is None else torch.cat([condition, condition])
+
+
 def filter_logits(
     logits: Tensor,
     temperature: float = 1.0,
@@ -242,8 +273,16 @@ def sample_codes(
     generator: torch.Generator | None = None,
     method: str = DEFAULT_METHOD,
     return_logits: bool = False,
+    guidance: float = 1.0,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Draw n code maps (n x h x w long) from `prior` in raster order.
+
+    `guidance` other than 1 is classifier-free guidance (Ho & Salimans 2022): each step's logits
+    become u + guidance * (c - u), c the class-conditional logits and u those of the prior's "no
+    class" label, which a prior trained with label dropout has. guidance > 1 sharpens the draw
+    towards what sets the class apart, 0 ignores the class; 1 (the default) is the plain
+    class-conditional draw, and only it runs one pass per step instead of two (the conditional
+    and unconditional batches run as one batch of 2n).
 
     `prior` is a vq_core prior: called as prior(codes, labels, condition) for logits, and
     providing the step protocol check_conditioning / begin_sampling / sampling_step / observe.
@@ -258,15 +297,20 @@ def sample_codes(
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n (the number of samples) must be an integer >= 1, got {n!r}")
     check_filter_args(temperature, top_k, top_p)
+    check_guidance(guidance)
     labels, condition = prior.check_conditioning(labels, condition, n)
+    guided = guidance != 1
+    if guided:
+        labels, condition = guided_batch(prior, labels, condition, guidance)
+    batch = 2 * n if guided else n
     height, width = prior.config.height, prior.config.width
     device = next(iter(prior.parameters())).device
 
     was_training = prior.training
     prior.eval()
     try:
-        codes = torch.zeros(n, height, width, dtype=torch.long, device=device)
-        cache = prior.begin_sampling(n, labels, condition) if method == "cached" else None
+        codes = torch.zeros(batch, height, width, dtype=torch.long, device=device)
+        cache = prior.begin_sampling(batch, labels, condition) if method == "cached" else None
         step_logits = []
         for row in range(height):
             for col in range(width):
@@ -274,9 +318,14 @@ def sample_codes(
                     logits = prior(codes, labels, condition)[:, :, row, col]
                 else:
                     logits = prior.sampling_step(cache, row, col)
+                if guided:
+                    conditional, unconditional = logits.float().chunk(2)
+                    logits = unconditional + guidance * (conditional - unconditional)
                 drawn = draw_categorical(
                     filter_logits(logits, temperature, top_k, top_p), generator
                 )
+                if guided:
+                    drawn = drawn.repeat(2)  # both halves continue from the same code
                 codes[:, row, col] = drawn
                 if cache is not None:
                     prior.observe(cache, drawn)
@@ -285,8 +334,8 @@ def sample_codes(
     finally:
         prior.train(was_training)
     if return_logits:
-        return codes, torch.stack(step_logits, dim=1)
-    return codes
+        return codes[:n], torch.stack(step_logits, dim=1)
+    return codes[:n]
 
 
 def sample_levels(
@@ -304,7 +353,7 @@ def sample_levels(
     condition level before it: the top prior sees the class only, every other one also the codes
     just drawn for its condition level (VQ-VAE-2: top, then bottom given top; any depth alike).
     ``labels`` go to the priors that are class-conditional. ``settings`` gives each level's
-    temperature, top_k and top_p (a level not in it draws with the defaults). The levels draw
+    temperature, top_k, top_p and guidance (a level not in it draws with the defaults). The levels draw
     from ``generator`` one after the other, so a seed fixes the whole hierarchy, and each level
     draws exactly what ``sample_codes`` draws for it with either method.
     """

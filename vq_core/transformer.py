@@ -32,6 +32,7 @@ from vq_core.pixelcnn import (
     PriorContext,
     check_dropout,
     check_prior_config,
+    class_rows,
     require_int,
 )
 from vq_core.recompute import Recomputable, recomputed
@@ -56,6 +57,7 @@ class TransformerPriorConfig:
     dropout: float = 0.1
     tie_embeddings: bool = True
     num_classes: int = 0
+    label_dropout: float = 0.0
     condition_num_codes: int = 0
     condition_height: int = 0
     condition_width: int = 0
@@ -151,7 +153,7 @@ class TransformerPrior(CodePrior):
         self.start_token = nn.Parameter(torch.zeros(c))
         self.class_embedding = None
         if config.num_classes > 0:
-            self.class_embedding = nn.Embedding(config.num_classes, c)
+            self.class_embedding = nn.Embedding(class_rows(config), c)
         self.row_embedding = nn.Embedding(config.height, c)
         self.column_embedding = nn.Embedding(config.width, c)
         self.condition_projection = None

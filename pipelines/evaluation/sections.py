@@ -273,12 +273,12 @@ def _samples_section(
 def _sampling_settings(sample: SampleManifest) -> str:
     settings = sample.settings
     shown = settings.model_dump(exclude={"rejection", "levels"})
-    stage = (settings.temperature, settings.top_k, settings.top_p)
+    stage = (settings.temperature, settings.top_k, settings.top_p, settings.guidance)
     # The levels drawn otherwise than the stage's settings say (sample.levels).
     own = [
         f"{level} " + ", ".join(f"{k}={v}" for k, v in drawn.model_dump().items())
         for level, drawn in settings.levels.items()
-        if (drawn.temperature, drawn.top_k, drawn.top_p) != stage
+        if (drawn.temperature, drawn.top_k, drawn.top_p, drawn.guidance) != stage
     ]
     return (
         f"{sample.samples} samples; settings: "

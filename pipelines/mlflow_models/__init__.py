@@ -21,7 +21,7 @@ log = logging.getLogger("vqpipe")
 
 CHECKPOINT_ARTIFACT = "checkpoint"
 # The inference-time params each flavor reads, with their defaults.
-PARAMS: dict[str, dict[str, Any]] = {"prior": {"seed": 0, "temperature": 1.0}}
+PARAMS: dict[str, dict[str, Any]] = {"prior": {"seed": 0, "temperature": 1.0, "guidance": 1.0}}
 _CODE = os.path.dirname(os.path.abspath(__file__))
 
 

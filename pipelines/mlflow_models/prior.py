@@ -2,9 +2,10 @@
 
 Input: ``{"labels": int64 N}``, plus ``{"condition": int64 N x h' x w'}`` for a prior conditioned
 on a coarser code map (every prior below the top takes the codes of the level above it: the
-bottom prior of a two-level VQ-VAE-2 the top codes). Params: ``seed`` and
-``temperature``, with their defaults in ``pipelines.mlflow_models.PARAMS`` (the signature declares
-those; MLflow drops any other). Output: int64 codes N x h x w.
+bottom prior of a two-level VQ-VAE-2 the top codes). Params: ``seed``, ``temperature`` and
+``guidance`` (classifier-free guidance, for a prior trained with label dropout), with their
+defaults in ``pipelines.mlflow_models.PARAMS`` (the signature declares those; MLflow drops any
+other). Output: int64 codes N x h x w.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class PriorSampler(mlflow.pyfunc.PythonModel):
             labels=labels if self.model.config.num_classes > 0 else None,
             condition=None if condition is None else torch.as_tensor(np.asarray(condition)).long(),
             temperature=float(params["temperature"]),
+            guidance=float(params["guidance"]),
             generator=generator,
         )
         return codes.numpy().astype(np.int64)

@@ -15,6 +15,7 @@ import time
 from pipelines.config import PipelineConfig
 from pipelines.data import storage
 from pipelines.generation import (
+    check_guidance,
     check_path_safe,
     done_uri,
     draw_samples,
@@ -79,6 +80,7 @@ def run(ctx: StageContext) -> SampleManifest:
         temperature=cfg.temperature,
         top_k=cfg.top_k,
         top_p=cfg.top_p,
+        guidance=cfg.guidance,
         method=cfg.method,
         seed=cfg.seed,
         rejection=cfg.rejection.model_dump(mode="json"),
@@ -103,6 +105,7 @@ def _check_inputs(cfg: PipelineConfig) -> None:
     trained = require_manifest(cfg.output_dir, TrainPriorManifest)
     resolve_classes(cfg.sample.classes, trained.class_names)
     draws_per_class(cfg.sample, trained.class_names)
+    check_guidance(cfg.sample, trained)
     read_identified(trained.tokenizer, tracking_uri_for(cfg))
 
 

@@ -85,7 +85,8 @@ def tiny_config(tmp_path):
 # evaluation/test_published_figures.py, stages/test_stage_settings.py, and what
 # tests/jobs/test_console.py reads of its console). Four classes of six images and two corrupt
 # files; rejection sampling on, so that every section a stage can read is read; the models
-# registered; the autoencoder on two DDP ranks; bf16 asked of the priors (on CPU each warns once).
+# registered; the autoencoder on two DDP ranks; bf16 asked of the priors (on CPU each warns once);
+# label dropout in the top prior's training.
 # It runs as a user runs it: `vqpipe run` in its own process, with its own local Ray.
 SHARED_CLASSES = ["circle", "cross", "square", "triangle"]
 SHARED_PER_CLASS = 6
@@ -103,6 +104,9 @@ def shared_raw_config(output_dir: str, source: str) -> dict:
     raw["train_vqvae"] |= {"num_workers": 2, "cpus_per_worker": 0.5}
     for level in ("top", "bottom"):
         raw["train_prior"][level]["precision"] = "bf16"
+    # The top prior learns a "no class" label too (label dropout), so that its draws can be
+    # guided; the bottom one does not, so that guiding it is refused.
+    raw["train_prior"]["top"]["model"]["label_dropout"] = 0.1
     raw["sample"]["rejection"] = {"enabled": True, "keep_fraction": 0.5, "classifier_steps": 3}
     raw["mlflow"] = {"registered_models": {"autoencoder": "e2e-tokenizer", "prior": "e2e-prior"}}
     # The local Ray of `vqpipe run`; a run in this process uses the session's (ray_local).

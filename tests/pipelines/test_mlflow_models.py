@@ -122,3 +122,32 @@ def test_prior_samples_codes_for_labels(tracker, kind):
 def test_unknown_registered_model_is_named(tracker):
     with pytest.raises(InputError, match="models:/nothing-here/3"):
         resolve_checkpoint("models:/nothing-here/3")
+
+
+def test_a_registered_prior_takes_the_guidance_param(tracker):
+    torch.manual_seed(0)
+    config = TransformerPriorConfig(
+        num_codes=8, height=2, width=3, channels=8, num_layers=1, num_heads=2, num_classes=3,
+        label_dropout=0.1,
+    )  # fmt: skip
+    prior = TransformerPrior(config)
+    torch.nn.init.normal_(prior.class_embedding.weight, std=3.0)  # make the class matter
+    with tracker.stage_run("train_prior") as tracking:
+        uri = log_checkpoint_model(
+            tracking,
+            "prior",
+            _bytes(prior),
+            {"labels": np.zeros(1, dtype=np.int64)},
+            np.zeros((1, 2, 3), dtype=np.int64),
+            "test-prior-guided",
+            name="prior-top",
+        )
+    loaded = mlflow.pyfunc.load_model(uri)
+    labels = np.array([0, 1, 2, 2], dtype=np.int64)
+    guided = loaded.predict({"labels": labels}, params={"seed": 5, "guidance": 0.0})
+    # Guidance 0 ignores the class: the draws of the "no class" label (3), by the model itself.
+    expected = prior.sample(
+        4, labels=torch.full((4,), 3), generator=torch.Generator().manual_seed(5)
+    )
+    np.testing.assert_array_equal(guided, expected.numpy())
+    assert not np.array_equal(loaded.predict({"labels": labels}, params={"seed": 5}), guided)

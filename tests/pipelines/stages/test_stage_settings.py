@@ -20,6 +20,7 @@ import torch
 
 from pipelines import console
 from pipelines.config import parse_config
+from pipelines.errors import ConfigError
 from pipelines.evaluation.classifier import load_classifier
 from pipelines.manifest import read_manifest
 from pipelines.runner import run_stages
@@ -47,6 +48,7 @@ RERUNS = {
         ["sample"],
     ),
     "bottom_top_k": (["sample.levels.bottom.top_k=1"], ["sample"]),
+    "top_guidance": (["sample.levels.top.guidance=3.0"], ["sample"]),
     "seeds": (["evaluate.seeds=2"], ["evaluate"]),
     "neighbours": (["evaluate.neighbours=1"], ["evaluate"]),
     "max_images": (["evaluate.max_images=3"], ["evaluate"]),
@@ -261,6 +263,34 @@ def test_a_level_filter_changes_the_images_but_not_as_the_stages_filter(reruns, 
     assert rerun.images != reruns["top_k"].images  # not greedy at both levels
     settings = rerun.manifests["sample"].settings.levels
     assert (settings["bottom"].top_k, settings["top"].top_k) == (1, None)
+
+
+def test_guidance_changes_the_images_of_the_level_trained_for_it(reruns, shared_images):
+    """The shared run's top prior was trained with label dropout: guiding its draws changes every
+    class's images, and the manifest says which level was guided."""
+    rerun = reruns["top_guidance"]
+    levels = rerun.manifests["sample"].settings.levels
+    assert {level: s.guidance for level, s in levels.items()} == {"top": 3.0, "bottom": 1.0}
+    assert rerun.manifests["sample"].settings.guidance == 1.0  # the stage's own setting
+    assert set(rerun.images) == set(shared_images)
+    changed, same = by_class(rerun.images), by_class(shared_images)
+    for name_ in changed:
+        assert changed[name_] != same[name_], name_
+
+
+def test_guiding_a_prior_trained_without_label_dropout_is_refused_first(shared_run):
+    """The bottom prior has no "no class" label: sample.guidance (every level) is refused before
+    anything is drawn, naming the setting, the level and the fix, and the samples stay."""
+    out = shared_run.cfg.output_dir
+    cfg = parse_config(shared_run.raw_config(out), ["sample.guidance=2.0"])
+    before = digests(os.path.join(out, "sample"))
+    with pytest.raises(
+        ConfigError,
+        match=r"sample\.guidance=2\.0 needs the bottom prior to be trained with label dropout, "
+        r"but it was trained with label_dropout=0\.0 .*train_prior\.bottom\.model\.label_dropout",
+    ):
+        run_stages(cfg, ["sample"], run_name="refused-guidance")
+    assert digests(os.path.join(out, "sample")) == before
 
 
 # ------------------------------------------------------------------------------------------------
