@@ -102,8 +102,10 @@ def test_the_config_has_a_prior_section_per_level_with_the_defaults_of_its_place
     assert cfg.train_prior.for_level("top").model["attention"] is True
     # As `vqpipe validate` prints it and runs log it, the config reads back the same.
     assert parse_config(cfg.model_dump(mode="json")) == cfg
-    assert cfg.sample.for_level("middle") == {"temperature": 0.5, "top_k": 4, "top_p": None}
-    assert cfg.sample.for_level("bottom") == {"temperature": 1.0, "top_k": None, "top_p": None}
+    middle = {"temperature": 0.5, "top_k": 4, "top_p": None, "guidance": 1.0}
+    assert cfg.sample.for_level("middle") == middle
+    bottom = {"temperature": 1.0, "top_k": None, "top_p": None, "guidance": 1.0}
+    assert cfg.sample.for_level("bottom") == bottom
 
 
 def test_vqpipe_validate_shows_each_levels_section(capsys):
@@ -115,7 +117,7 @@ def test_vqpipe_validate_shows_each_levels_section(capsys):
     assert shown["train_prior"]["middle"]["model"]["attention"] is False
     assert shown["train_prior"]["top"]["model"]["attention"] is True
     assert shown["sample"]["levels"] == {
-        "bottom": {"temperature": 1.0, "top_k": None, "top_p": None}
+        "bottom": {"temperature": 1.0, "top_k": None, "top_p": None, "guidance": None}
     }
     assert [spec["name"] for spec in shown["train_vqvae"]["model"]["levels"]] == LEVELS
 
@@ -235,9 +237,9 @@ def test_samples_are_drawn_top_down_with_each_levels_settings_and_decode_to_imag
     assert sample.levels == LEVELS and list(sample.priors) == LEVELS
     drawn = {level: s.model_dump() for level, s in sample.settings.levels.items()}
     assert drawn == {
-        "top": {"temperature": 1.0, "top_k": None, "top_p": None},
-        "middle": {"temperature": 0.5, "top_k": 4, "top_p": None},
-        "bottom": {"temperature": 1.0, "top_k": None, "top_p": None},
+        "top": {"temperature": 1.0, "top_k": None, "top_p": None, "guidance": 1.0},
+        "middle": {"temperature": 0.5, "top_k": 4, "top_p": None, "guidance": 1.0},
+        "bottom": {"temperature": 1.0, "top_k": None, "top_p": None, "guidance": 1.0},
     }
     for name, entry in sample.classes.items():
         pngs = sorted(f for f in os.listdir(entry.dir) if f.endswith(".png"))
