@@ -385,7 +385,8 @@ class CodePrior(nn.Module):
 class GatedPixelCNNConfig:
     """Gated PixelCNN sizes. Vertical kernels are (k//2 + 1) x k and horizontal ones
     1 x (k//2 + 1) for kernel_size k. num_classes=0 means unconditional; condition_num_codes=0
-    means no condition map."""
+    means no condition map. label_dropout > 0 replaces that fraction of the training labels with
+    a "no class" label, which classifier-free guidance samples against."""
 
     num_codes: int
     height: int

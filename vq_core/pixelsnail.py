@@ -44,7 +44,9 @@ class PixelSNAILConfig:
     stream and, if `attention`, one causal self-attention. Vertical convolutions are
     (k//2 + 1) x k and horizontal ones (k//2 + 1) x (k//2 + 1) for kernel_size k.
     attention_channels is the query/key/value width summed over the heads. num_classes=0 means
-    unconditional; condition_num_codes=0 means no condition map."""
+    unconditional; condition_num_codes=0 means no condition map. label_dropout > 0 replaces that
+    fraction of the training labels with a "no class" label, which classifier-free guidance
+    samples against."""
 
     num_codes: int
     height: int

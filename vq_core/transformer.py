@@ -45,7 +45,8 @@ class TransformerPriorConfig:
     of the num_layers blocks has an MLP of mlp_ratio x channels hidden units. dropout applies to
     the inputs, the attention weights and each residual branch. tie_embeddings makes the output
     head's weight the code embedding. num_classes=0 means unconditional; condition_num_codes=0
-    means no condition map."""
+    means no condition map. label_dropout > 0 replaces that fraction of the training labels with
+    a "no class" label, which classifier-free guidance samples against."""
 
     num_codes: int
     height: int
