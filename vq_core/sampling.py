@@ -353,9 +353,9 @@ def sample_levels(
     condition level before it: the top prior sees the class only, every other one also the codes
     just drawn for its condition level (VQ-VAE-2: top, then bottom given top; any depth alike).
     ``labels`` go to the priors that are class-conditional. ``settings`` gives each level's
-    temperature, top_k, top_p and guidance (a level not in it draws with the defaults). The levels draw
-    from ``generator`` one after the other, so a seed fixes the whole hierarchy, and each level
-    draws exactly what ``sample_codes`` draws for it with either method.
+    temperature, top_k, top_p and guidance (a level not in it draws with the defaults). The levels
+    draw from ``generator`` one after the other, so a seed fixes the whole hierarchy, and each
+    level draws exactly what ``sample_codes`` draws for it with either method.
     """
     settings = settings or {}
     unknown = sorted(set(settings) - {level for level, _, _ in priors})
