@@ -350,7 +350,7 @@ def sampling_settings(cfg: SampleSection, levels: list[str]) -> dict[str, Any]:
     return {"method": cfg.method, "levels": {level: cfg.for_level(level) for level in levels}}
 
 
-def check_guidance(cfg: SampleSection, trained: TrainPriorManifest) -> None:
+def check_priors_take_guidance(cfg: SampleSection, trained: TrainPriorManifest) -> None:
     """Raise ConfigError for a level drawn with classifier-free guidance (guidance != 1) whose
     prior cannot be guided: it must be class-conditional and trained with label dropout, which
     gives it the "no class" label the guided draw contrasts the class with."""

@@ -49,13 +49,13 @@ def check_kernel_size(config: object) -> None:
         raise ValueError(f"{type(config).__name__}.kernel_size must be odd, got {kernel_size}")
 
 
-def check_dropout(config: object) -> None:
-    """Validate a prior's dropout: a number in [0, 1)."""
-    dropout = config.dropout
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):
-        raise ValueError(f"{type(config).__name__}.dropout must be a number, got {dropout!r}")
-    if not 0 <= dropout < 1:
-        raise ValueError(f"{type(config).__name__}.dropout must be in [0, 1), got {dropout}")
+def check_dropout(config: object, field: str = "dropout") -> None:
+    """Validate a prior's dropout rate ``field`` (dropout, label_dropout): a number in [0, 1)."""
+    rate = getattr(config, field)
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)):
+        raise ValueError(f"{type(config).__name__}.{field} must be a number, got {rate!r}")
+    if not 0 <= rate < 1:
+        raise ValueError(f"{type(config).__name__}.{field} must be in [0, 1), got {rate}")
 
 
 def check_prior_config(config: object) -> None:
@@ -64,15 +64,7 @@ def check_prior_config(config: object) -> None:
     height, width = require_int(config, "height", 1), require_int(config, "width", 1)
     require_int(config, "channels", 1)
     require_int(config, "num_classes", 0)
-    label_dropout = config.label_dropout
-    if isinstance(label_dropout, bool) or not isinstance(label_dropout, (int, float)):
-        raise ValueError(
-            f"{type(config).__name__}.label_dropout must be a number, got {label_dropout!r}"
-        )
-    if not 0 <= label_dropout < 1:
-        raise ValueError(
-            f"{type(config).__name__}.label_dropout must be in [0, 1), got {label_dropout}"
-        )
+    check_dropout(config, "label_dropout")
     require_int(config, "condition_channels", 1)
     require_int(config, "condition_res_blocks", 0)
     if require_int(config, "condition_num_codes", 0) > 0:
@@ -224,7 +216,7 @@ class CodePrior(nn.Module):
         """The "no class" label of a class-conditional prior trained with label dropout
         (``num_classes``), which classifier-free guidance samples with; None for other priors."""
         cfg = self.config
-        return cfg.num_classes if cfg.num_classes > 0 and cfg.label_dropout > 0 else None
+        return cfg.num_classes if class_rows(cfg) > cfg.num_classes else None
 
     @property
     def condition_channels(self) -> int:

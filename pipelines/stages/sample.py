@@ -15,8 +15,8 @@ import time
 from pipelines.config import PipelineConfig
 from pipelines.data import storage
 from pipelines.generation import (
-    check_guidance,
     check_path_safe,
+    check_priors_take_guidance,
     done_uri,
     draw_samples,
     draws_per_class,
@@ -105,7 +105,7 @@ def _check_inputs(cfg: PipelineConfig) -> None:
     trained = require_manifest(cfg.output_dir, TrainPriorManifest)
     resolve_classes(cfg.sample.classes, trained.class_names)
     draws_per_class(cfg.sample, trained.class_names)
-    check_guidance(cfg.sample, trained)
+    check_priors_take_guidance(cfg.sample, trained)
     read_identified(trained.tokenizer, tracking_uri_for(cfg))
 
 
