@@ -25,12 +25,14 @@ from __future__ import annotations
 import io
 import sys
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict
-from torch import nn
 
-from vq_core.checkpoint import PathOrBuffer, load_checkpoint, save_checkpoint
+if TYPE_CHECKING:
+    from torch import nn
+
+    from vq_core.checkpoint import PathOrBuffer
 
 
 class CheckpointMeta(BaseModel):
@@ -90,12 +92,16 @@ def load_with_meta(
     path_or_buffer: PathOrBuffer | bytes, **kwargs: Any
 ) -> tuple[nn.Module, CheckpointMeta]:
     """``vq_core.checkpoint.load_checkpoint`` (same arguments) with its extra as metadata."""
+    from vq_core.checkpoint import load_checkpoint
+
     model, extra = load_checkpoint(path_or_buffer, **kwargs)
     return model, CheckpointMeta.from_extra(extra)
 
 
 def save_with_meta(model: nn.Module, path_or_buffer: PathOrBuffer, meta: CheckpointMeta) -> None:
     """``vq_core.checkpoint.save_checkpoint`` with ``meta`` as its extra."""
+    from vq_core.checkpoint import save_checkpoint
+
     save_checkpoint(model, path_or_buffer, extra=meta.to_extra())
 
 

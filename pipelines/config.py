@@ -27,13 +27,12 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from pipelines.errors import ConfigError
-from vq_core.kinds import get_kind, kinds_of
-from vq_core.sampling import DEFAULT_METHOD, METHODS
+from vq_core.kinds import DEFAULT_SAMPLING_METHOD, SAMPLING_METHODS, get_kind, kinds_of
 
 # The kinds a config may name, from vq_core's table of model kinds.
 AutoencoderKind = Literal[kinds_of("autoencoder")]  # type: ignore[valid-type]
 PriorKind = Literal[kinds_of("prior")]  # type: ignore[valid-type]
-SamplingMethod = Literal[METHODS]  # type: ignore[valid-type]
+SamplingMethod = Literal[SAMPLING_METHODS]  # type: ignore[valid-type]
 
 
 def _absolute(uri: str) -> str:
@@ -526,7 +525,7 @@ class SampleSection(Section):
         "class-conditional draw; above 1 needs priors trained with "
         "train_prior.<level>.model.label_dropout > 0, and costs two passes per step.",
     )
-    method: SamplingMethod = DEFAULT_METHOD
+    method: SamplingMethod = DEFAULT_SAMPLING_METHOD
     seed: int = 0
     cpus_per_worker: float = Field(
         1.0, gt=0, description="CPUs reserved by each sampling actor (fractions allowed)."

@@ -10,13 +10,14 @@ The models follow the pipeline's order: train_vqvae, tokenize, train_prior, samp
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
-
-from torch import nn
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from pipelines.data.shards import CodeShards
 from pipelines.manifest import ManifestModel, StageManifest, format_metrics
 from pipelines.tokenizer import TokenizerIdentity
+
+if TYPE_CHECKING:
+    from torch import nn
 
 # How many bad inputs a tokenize manifest names (all of them are in its bad-inputs table).
 BAD_KEYS_IN_MANIFEST = 100

@@ -6,37 +6,48 @@ PixelCNN, a decoder-only transformer) with cached sampling, and one checkpoint f
 them. No Ray, MLflow or webdataset in here: the library can be used, read and tested on its own.
 """
 
-from vq_core.checkpoint import load_checkpoint, model_from_config, save_checkpoint
-from vq_core.dvae import DiscreteVAE, DiscreteVAEConfig
-from vq_core.pixelcnn import GatedPixelCNN, GatedPixelCNNConfig, bits_per_code
-from vq_core.pixelsnail import PixelSNAIL, PixelSNAILConfig
-from vq_core.quantizer import QuantizerOutput, VectorQuantizer
-from vq_core.sampling import draw_categorical, filter_logits, sample_codes, sample_levels
-from vq_core.transformer import TransformerPrior, TransformerPriorConfig
-from vq_core.vqvae import VQVAE, VQVAE2, AutoencoderOutput, VQVAE2Config, VQVAEConfig
+import importlib
 
-__all__ = [
-    "VQVAE",
-    "VQVAE2",
-    "AutoencoderOutput",
-    "DiscreteVAE",
-    "DiscreteVAEConfig",
-    "GatedPixelCNN",
-    "GatedPixelCNNConfig",
-    "PixelSNAIL",
-    "PixelSNAILConfig",
-    "QuantizerOutput",
-    "TransformerPrior",
-    "TransformerPriorConfig",
-    "VQVAE2Config",
-    "VQVAEConfig",
-    "VectorQuantizer",
-    "bits_per_code",
-    "draw_categorical",
-    "filter_logits",
-    "load_checkpoint",
-    "model_from_config",
-    "sample_codes",
-    "sample_levels",
-    "save_checkpoint",
-]
+# name -> the module that defines it. Imported on first use (PEP 562), so that a process which
+# reads only the torch-free tables (``vq_core.kinds``: a config being parsed, a Ray Data task
+# decoding images) does not pay for importing torch and every model.
+_EXPORTS = {
+    "load_checkpoint": "vq_core.checkpoint",
+    "model_from_config": "vq_core.checkpoint",
+    "save_checkpoint": "vq_core.checkpoint",
+    "DiscreteVAE": "vq_core.dvae",
+    "DiscreteVAEConfig": "vq_core.dvae",
+    "GatedPixelCNN": "vq_core.pixelcnn",
+    "GatedPixelCNNConfig": "vq_core.pixelcnn",
+    "bits_per_code": "vq_core.pixelcnn",
+    "PixelSNAIL": "vq_core.pixelsnail",
+    "PixelSNAILConfig": "vq_core.pixelsnail",
+    "QuantizerOutput": "vq_core.quantizer",
+    "VectorQuantizer": "vq_core.quantizer",
+    "draw_categorical": "vq_core.sampling",
+    "filter_logits": "vq_core.sampling",
+    "sample_codes": "vq_core.sampling",
+    "sample_levels": "vq_core.sampling",
+    "TransformerPrior": "vq_core.transformer",
+    "TransformerPriorConfig": "vq_core.transformer",
+    "VQVAE": "vq_core.vqvae",
+    "VQVAE2": "vq_core.vqvae",
+    "AutoencoderOutput": "vq_core.vqvae",
+    "VQVAE2Config": "vq_core.vqvae",
+    "VQVAEConfig": "vq_core.vqvae",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'vq_core' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -30,6 +30,11 @@ AUTOENCODER_DERIVED = frozenset({"in_channels"})
 PRIOR_DERIVED = frozenset({"num_codes", "height", "width", "num_classes"})
 CONDITION_DERIVED = frozenset({"condition_num_codes", "condition_height", "condition_width"})
 
+# How a prior draws its codes (``vq_core.sampling``): "cached" computes each step from what the
+# steps before left behind, "naive" runs the whole map every step; both draw the same codes.
+SAMPLING_METHODS = ("cached", "naive")
+DEFAULT_SAMPLING_METHOD = "cached"  # the same codes as "naive", in far fewer operations
+
 
 @dataclass(frozen=True)
 class ModelKind:

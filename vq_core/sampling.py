@@ -26,11 +26,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vq_core.kinds import DEFAULT_SAMPLING_METHOD, SAMPLING_METHODS
+
 # (row_start, row_stop, col_start, col_stop): the part of the map a step computes.
 Region = tuple[int, int, int, int]
 
-METHODS = ("cached", "naive")
-DEFAULT_METHOD = "cached"  # the same codes as "naive", in far fewer operations
+METHODS = SAMPLING_METHODS
+DEFAULT_METHOD = DEFAULT_SAMPLING_METHOD
 
 
 def crop(t: Tensor, region: Region | None) -> Tensor:

@@ -6,6 +6,7 @@ same step, or the ranks' collectives (gradient all-reduce, report barriers) woul
 
 from __future__ import annotations
 
+import ast
 import os
 
 import numpy as np
@@ -256,6 +257,25 @@ def test_the_controller_and_progress_board_import_neither_torch_nor_mlflow(tmp_p
     )
     assert imported == "[]"
     assert resources == "1 {'CPU': 1.0}"
+
+
+def test_the_ray_data_tasks_import_neither_torch_nor_mlflow(tmp_path):
+    """Ray Data runs the corpus' decoding, the image cache's parts and tokenize's shard writing as
+    tasks, in worker processes of their own (on a cluster, a fresh set for every job and node):
+    each imports what it unpickles. Kept free of torch and MLflow, such a worker starts in a
+    fraction of the time; only the encoder and sampler actors need torch."""
+    from pipelines.data.corpus import _decode_batch
+    from pipelines.data.image_cache import _build_part
+    from pipelines.data.shards import _decode_code_batch
+    from pipelines.stages.tokenize import _write_batch
+
+    tasks = [_decode_batch, _build_part, _decode_code_batch, _write_batch]
+    imported, names = _unpickled_in_a_fresh_process(
+        tasks, tmp_path, then="", show="[f.__name__ for f in loaded]"
+    )
+    # The config models read vq_core's table of kinds (torch-free), and nothing else of vq_core.
+    assert ast.literal_eval(imported) == ["pipelines.config", "vq_core", "vq_core.kinds"]
+    assert names == str([f.__name__ for f in tasks])
 
 
 def test_the_controller_unpickles_the_loop_and_its_config_without_importing_them(tmp_path):

@@ -83,3 +83,26 @@ def test_each_finer_level_is_conditioned_on_the_level_before_it():
     assert prior_conditions(("codes",)) == {"codes": None}
     with pytest.raises(ValueError, match=r"distinct code level names, got \['a', 'a'\]"):
         prior_conditions(["a", "a"])
+
+
+def test_the_package_exports_load_on_first_use_and_the_table_needs_no_torch():
+    """``from vq_core import VQVAE2`` works as for any package, while a process that reads only
+    the table of kinds (a config being parsed, a Ray Data task) never imports torch."""
+    import subprocess
+    import sys
+
+    import vq_core
+
+    for name in vq_core.__all__:
+        value = getattr(vq_core, name)
+        assert value.__module__.startswith("vq_core."), name
+        assert getattr(sys.modules[value.__module__], name) is value, name
+    with pytest.raises(AttributeError, match="no attribute 'VQVAE3'"):
+        vq_core.VQVAE3  # noqa: B018
+    probe = (
+        "import sys, vq_core, vq_core.kinds\n"
+        "vq_core.kinds.get_kind('pixelsnail')\n"
+        "print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
