@@ -19,22 +19,26 @@ import io
 import json
 import logging
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import mlflow
 import numpy as np
-from mlflow.entities import Metric, Param
-from mlflow.exceptions import MlflowException
-from mlflow.tracking import MlflowClient
 
 from pipelines.data import storage
 from pipelines.errors import ConfigError, UserError
+
+if TYPE_CHECKING:
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+# MLflow is imported where it is used: a DDP rank other than 0 carries a TrackingContext but never
+# logs, and its process should not pay for importing MLflow (about a second).
 
 log = logging.getLogger("vqpipe")
 
@@ -74,7 +78,9 @@ def _retry_seconds() -> float:
 
 
 def _transient(exc: Exception) -> bool:
-    if isinstance(exc, MlflowException):
+    # Not an MLflow error if this process never imported MLflow.
+    errors = sys.modules.get("mlflow.exceptions")
+    if errors is not None and isinstance(exc, errors.MlflowException):
         return exc.error_code not in PERMANENT_ERRORS
     return isinstance(exc, (OSError, ConnectionError, TimeoutError))
 
@@ -148,12 +154,16 @@ class TrackingContext:
         return self.run_id is not None
 
     def client(self) -> MlflowClient:
+        from mlflow.tracking import MlflowClient
+
         return MlflowClient(tracking_uri=self.tracking_uri)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         """Send ``metrics`` (with any still pending); while the server is away, keep them queued."""
         if not self.enabled:
             return
+        from mlflow.entities import Metric
+
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
         pending = _PENDING.setdefault((self.tracking_uri, self.run_id), [])
@@ -216,6 +226,8 @@ class TrackingContext:
     def log_params(self, params: Mapping[str, Any]) -> None:
         if not self.enabled:
             return
+        from mlflow.entities import Param
+
         flat = flatten(params)
         items = [Param(k, v) for k, v in flat.items()]
         client = self.client()
@@ -273,6 +285,9 @@ class Tracker:
     """Driver-side: creates the pipeline's parent run and its stage child runs."""
 
     def __init__(self, tracking_uri: str, experiment: str):
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
         self.tracking_uri = tracking_uri
         self.client = MlflowClient(tracking_uri=tracking_uri)
         mlflow.set_tracking_uri(tracking_uri)

@@ -278,6 +278,25 @@ def test_the_ray_data_tasks_import_neither_torch_nor_mlflow(tmp_path):
     assert names == str([f.__name__ for f in tasks])
 
 
+def test_a_rank_that_does_not_log_never_imports_mlflow(tmp_path):
+    """Every DDP rank unpickles its stage's tracking context, and rank 0 alone logs with it; the
+    other ranks' processes (and a run without tracking) never import MLflow."""
+    from pipelines.tracking import TrackingContext
+
+    imported, enabled = _unpickled_in_a_fresh_process(
+        TrackingContext(f"sqlite:///{tmp_path}/mlflow.db", run_id=None),
+        tmp_path,
+        then=(
+            "import pipelines.stages.train_prior, pipelines.stages.train_vqvae\n"
+            "loaded.log_metrics({'train/loss': 1.0}, step=1)\n"
+            "loaded.flush()"
+        ),
+        show="loaded.enabled",
+    )
+    assert "mlflow" not in ast.literal_eval(imported) and "torch" in ast.literal_eval(imported)
+    assert enabled == "False"
+
+
 def test_the_controller_unpickles_the_loop_and_its_config_without_importing_them(tmp_path):
     """Ray Train's controller unpickles a run's loop and config to pass them to the workers. A
     stage's loop and config (its section's settings, a data reader, the tracking context) come
